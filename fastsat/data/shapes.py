@@ -1,0 +1,234 @@
+"""Synthetic *shapes*: the built-in, download-free data set with exact masks and boxes.
+
+Each image shows one shape (the class) with a random colour, scale, position and rotation, drawn
+over a textured, cluttered background (smooth colour noise, a sinusoidal grating, pixel noise and a
+few small distractor bars/dots). The class is carried by the shape's outline only: its colour is
+drawn relative to the background, independently of the class, and every shape is shown at every
+rotation, so classes differ by geometry, not orientation or colour.
+
+The shape is drawn last, so its segmentation mask is exactly the set of pixels painted with the
+shape's colour, and the box is the tight box of the mask. Generation is vectorised in torch over
+chunks of images; every chunk has its own seed derived from ``seed``, so
+``shapes(n, seed=s)`` is a prefix of ``shapes(m, seed=s)`` for ``n < m`` and results do not depend
+on the thread count.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .dataset import AnnotatedDataset, boxes_from_masks
+
+__all__ = ["SHAPE_NAMES", "default_cache_dir", "generate_shapes", "shapes"]
+
+#: Class names, in label order. ``num_classes=k`` uses the first k.
+SHAPE_NAMES = (
+    "disk",
+    "ring",
+    "square",
+    "triangle",
+    "star",
+    "plus",
+    "crescent",
+    "half-disk",
+    "bar",
+    "L",
+    "frame",
+    "T",
+)
+
+# Bump when the generator's output changes, so stale cache files are never read.
+_VERSION = 1
+# Images per chunk: 512, fewer for large images to bound memory (about 4M pixels per chunk);
+# fixed per image size so that chunk boundaries (hence seeds) do not depend on n.
+_CHUNK_PIXELS = 1 << 22
+
+
+def default_cache_dir() -> Path:
+    """``$FASTSAT_CACHE`` if set, else ``~/.cache/fastsat``."""
+    return Path(os.environ.get("FASTSAT_CACHE") or Path.home() / ".cache" / "fastsat")
+
+
+def _inside_one(kind: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Whether local coordinates (u, v) (float32, any shape) lie inside shape ``kind``.
+
+    Coordinates are in the shape's frame, where every shape fits in the unit disk.
+    """
+    name = SHAPE_NAMES[kind]
+    au, av = u.abs(), v.abs()
+    r2 = u * u + v * v
+    cheb = torch.maximum(au, av)
+    if name == "disk":
+        return r2 <= 0.8**2
+    if name == "ring":
+        return (r2 <= 0.9**2) & (r2 >= 0.5**2)
+    if name == "square":
+        return cheb <= 0.68
+    if name == "triangle":  # equilateral, circumradius 0.95: three half-planes at apothem 0.475
+        inside = torch.ones_like(u, dtype=torch.bool)
+        for k in range(3):
+            ang = math.pi / 2 + 2 * math.pi * k / 3
+            inside &= (u * math.cos(ang) + v * math.sin(ang)) <= 0.475
+        return inside
+    if name == "star":  # 5 points: the radius is a triangle wave in the angle, 0.42 to 1.0
+        phase = torch.atan2(v, u) * (5 / (2 * math.pi)) % 1.0
+        radius = 0.42 + 0.58 * (1 - (2 * phase - 1).abs())
+        return r2 <= radius * radius
+    if name == "plus":
+        return ((au <= 0.26) & (av <= 0.9)) | ((av <= 0.26) & (au <= 0.9))
+    if name == "crescent":
+        return (r2 <= 0.9**2) & ((u - 0.45) ** 2 + v * v > 0.7**2)
+    if name == "half-disk":
+        return ((u * u + (v + 0.35) ** 2) <= 0.95**2) & (v >= -0.35)
+    if name == "bar":
+        return (au <= 0.95) & (av <= 0.3)
+    if name == "L":
+        return (cheb <= 0.7) & ((u <= -0.2) | (v <= -0.2))
+    if name == "frame":
+        return (cheb <= 0.8) & (cheb >= 0.45)
+    # "T"
+    return ((au <= 0.8) & (v >= 0.35) & (v <= 0.8)) | ((au <= 0.22) & (v >= -0.8) & (v <= 0.35))
+
+
+def _inside(kind: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Shape masks: bool (B, H, W) from kind int64 (B,) and local coordinates u, v float32 (B, H, W)."""
+    out = torch.zeros_like(u, dtype=torch.bool)
+    for k in kind.unique().tolist():
+        idx = (kind == k).nonzero().squeeze(1)
+        out[idx] = _inside_one(k, u[idx], v[idx])
+    return out
+
+
+def _chunk(count: int, size: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Generate ``count`` images; returns uint8 (count, 3, size, size), int64 labels, bool masks."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=g)
+
+    # Balanced labels within the chunk, in random order.
+    labels = (torch.arange(count) % num_classes)[torch.randperm(count, generator=g)]
+    coords = torch.arange(size, dtype=torch.float32) + 0.5  # pixel centres
+    ys, xs = coords.view(1, size, 1), coords.view(1, 1, size)
+
+    # Background: base colour + smooth colour noise + grating + pixel noise.
+    base = 0.2 + 0.6 * rand(count, 3, 1, 1)
+    smooth = F.interpolate(rand(count, 3, 4, 4) - 0.5, size=(size, size), mode="bicubic", align_corners=False)
+    freq = (1.5 + 4.0 * rand(count, 1, 1)) * (2 * math.pi / size)
+    ori = rand(count, 1, 1) * math.pi
+    grating = torch.sin(freq * (xs * torch.cos(ori) + ys * torch.sin(ori)) + 2 * math.pi * rand(count, 1, 1))
+    image = base + 0.35 * smooth + 0.08 * grating.unsqueeze(1) * rand(count, 3, 1, 1)
+    image += 0.03 * torch.randn(count, 3, size, size, generator=g)
+
+    # Clutter: 4 small bars or dots in random colours (thin and small next to the shapes).
+    for _ in range(4):
+        cx, cy = size * rand(count, 1, 1), size * rand(count, 1, 1)
+        ang = math.pi * rand(count, 1, 1)
+        du, dv = xs - cx, ys - cy
+        along = du * torch.cos(ang) + dv * torch.sin(ang)
+        across = -du * torch.sin(ang) + dv * torch.cos(ang)
+        length = size * (0.05 + 0.2 * rand(count, 1, 1))
+        width = size * (0.02 + 0.03 * rand(count, 1, 1))
+        blob = (along.abs() <= length) & (across.abs() <= width)
+        image = torch.where(blob.unsqueeze(1), rand(count, 3, 1, 1), image)
+
+    # The shape: radius 22-42% of the image side, fully inside, any rotation.
+    radius = size * (0.22 + 0.2 * rand(count, 1, 1))
+    cx = radius + (size - 2 * radius) * rand(count, 1, 1)
+    cy = radius + (size - 2 * radius) * rand(count, 1, 1)
+    theta = 2 * math.pi * rand(count, 1, 1)
+    du, dv = (xs - cx) / radius, (ys - cy) / radius
+    u = du * torch.cos(theta) + dv * torch.sin(theta)
+    v = -du * torch.sin(theta) + dv * torch.cos(theta)
+    mask = _inside(labels, u, v).unsqueeze(1)
+    # Colour contrasts with the base: each channel moves 0.3-0.55 away from it, towards the side
+    # with more room; the direction is per channel, so the hue is random and class-independent.
+    away = torch.where(base < 0.5, 1.0, -1.0)
+    colour = (base + away * (0.3 + 0.25 * rand(count, 3, 1, 1))).clamp(0, 1)
+    shading = 1 + 0.1 * grating.unsqueeze(1)  # mild texture on the shape too
+    image = torch.where(mask, colour * shading, image)
+
+    images = image.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+    return images, labels, mask
+
+
+def generate_shapes(n: int, *, size: int = 32, num_classes: int = 10, seed: int = 0) -> AnnotatedDataset:
+    """Generate the shapes data in memory (no cache). See :func:`shapes` for the arguments."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive int, got {n!r}")
+    if not isinstance(size, int) or size < 8:
+        raise ValueError(f"size: expected an int >= 8 (pixels), got {size!r}")
+    if not isinstance(num_classes, int) or not 2 <= num_classes <= len(SHAPE_NAMES):
+        raise ValueError(f"num_classes: expected an int in [2, {len(SHAPE_NAMES)}], got {num_classes!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    chunk = max(16, min(512, _CHUNK_PIXELS // (size * size)))
+    images, labels, masks = [], [], []
+    for index, start in enumerate(range(0, n, chunk)):
+        # Always generate a full chunk (then truncate) so that a prefix of the data does not
+        # depend on n; labels are balanced within each full chunk.
+        imgs, labs, msks = _chunk(chunk, size, num_classes, seed * 1_000_003 + index)
+        take = min(chunk, n - start)
+        images.append(imgs[:take])
+        labels.append(labs[:take])
+        masks.append(msks[:take])
+    masks_t = torch.cat(masks)
+    return AnnotatedDataset(
+        torch.cat(images),
+        torch.cat(labels),
+        classes=SHAPE_NAMES[:num_classes],
+        boxes=boxes_from_masks(masks_t),
+        masks=masks_t,
+    )
+
+
+def shapes(
+    n: int,
+    *,
+    size: int = 32,
+    num_classes: int = 10,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None | bool = None,
+) -> AnnotatedDataset:
+    """The built-in synthetic shapes data: ``n`` images with labels, exact masks and tight boxes.
+
+    Args:
+        n: number of images.
+        size: image side in pixels (images are ``size`` x ``size``; 32, 64 and 224 are typical).
+        num_classes: number of shape classes, 2 to 12 (default 10); names in ``SHAPE_NAMES``.
+        seed: generator seed; the same arguments always give the same data, and
+            ``shapes(n, seed=s)`` is the first ``n`` images of ``shapes(m, seed=s)`` for ``m > n``.
+            Use different seeds for training and test data.
+        cache_dir: directory of the on-disk cache; None uses :func:`default_cache_dir`
+            (``$FASTSAT_CACHE`` or ``~/.cache/fastsat``), False disables caching. Cache files are
+            written atomically (temporary file + ``os.replace``); an unreadable one is regenerated.
+
+    Returns:
+        :class:`AnnotatedDataset` with images uint8 (n, 3, size, size), labels int64 (n,),
+        boxes int64 (n, 4) (half-open pixel coordinates, tight box of the mask), masks bool
+        (n, 1, size, size). ``dataset[i]`` gives the sample dict with a float32 image in [0, 1].
+    """
+    if cache_dir is False:
+        return generate_shapes(n, size=size, num_classes=num_classes, seed=seed)
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = directory / f"shapes-v{_VERSION}-n{n}-size{size}-k{num_classes}-seed{seed}.pt"
+    if path.exists():
+        try:
+            blob = torch.load(path, weights_only=True)
+            return AnnotatedDataset(
+                blob["images"], blob["labels"], classes=SHAPE_NAMES[:num_classes], boxes=blob["boxes"], masks=blob["masks"]
+            )
+        except Exception as err:  # a truncated or foreign file: regenerate it
+            warnings.warn(f"shapes cache {path} is unreadable ({err}); regenerating it", stacklevel=2)
+    data = generate_shapes(n, size=size, num_classes=num_classes, seed=seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    torch.save({"images": data.images, "labels": data.labels, "boxes": data.boxes, "masks": data.masks}, tmp)
+    os.replace(tmp, path)
+    return data

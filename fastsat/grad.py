@@ -1,0 +1,298 @@
+"""Batched input gradients of a classifier: one backward pass for the whole batch.
+
+Everything here differentiates with respect to the *input* only: parameters are frozen for the
+duration of the call (``requires_grad`` switched off and restored), ``torch.autograd.grad`` is asked
+for the input alone, so no parameter ``.grad`` is written and no weight-gradient kernels run.
+Inputs are in the space the model receives (for fastsat models: pixel space, usually [0, 1]; models
+that normalise do so inside ``forward``), so gradients are in pixel space too.
+
+Objectives (``value`` is the per-sample quantity whose input gradient is returned; attacks ascend it):
+
+============  ===============================================================================
+``logit``       Ψ^t(x), t = ``target`` or the predicted class.
+``logit_diff``  Ψ^t(x) − Ψ^o(x), t as above, o = ``other`` or the best-scoring class other than t.
+``ce``          cross-entropy CE(Ψ(x), y).
+``cw``          Carlini–Wagner margin max_{j≠y} Ψ^j(x) − Ψ^y(x) (positive ⇔ misclassified).
+``dlr``         Croce & Hein's difference of logits ratio
+                −(Ψ^y − max_{j≠y} Ψ^j) / (Ψ^{π1} − Ψ^{π3} + 1e-12), π sorting logits descending; K ≥ 3.
+``kl``          KL(softmax(clean_logits) ‖ softmax(Ψ(x))) (the TRADES inner objective).
+============  ===============================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "OBJECTIVES",
+    "InputGrad",
+    "check_input",
+    "check_objective_args",
+    "frozen",
+    "input_grad",
+    "logit_jacobian",
+    "objective_value",
+]
+
+OBJECTIVES = ("logit", "logit_diff", "ce", "cw", "dlr", "kl")
+_MODES = (None, "eval", "train")
+
+
+class InputGrad(NamedTuple):
+    """Result of :func:`input_grad`.
+
+    grad:   float32 tensor shaped like x, ∂ value / ∂ x per sample (pixel space).
+    logits: detached (B, K) logits at x (in the model's output dtype).
+    value:  detached float32 (B,) per-sample objective at x.
+    """
+
+    grad: torch.Tensor
+    logits: torch.Tensor
+    value: torch.Tensor
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module, mode: str | None = None, *, freeze_params: bool = True) -> Iterator[nn.Module]:
+    """Context manager: put ``model`` in ``mode`` and switch off ``requires_grad`` of its parameters.
+
+    mode: None (leave every module's train/eval flag as it is), "eval" or "train".
+    freeze_params: if False only the mode is switched (needed when the caller wants a graph that
+    reaches the parameters, e.g. double backprop).
+    On exit — also on error — every submodule's ``training`` flag and every parameter's
+    ``requires_grad`` flag are restored individually (mixed modes such as frozen batch-norm survive).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if mode not in _MODES:
+        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+    module_flags = [(m, m.training) for m in model.modules()]
+    param_flags = [(p, p.requires_grad) for p in model.parameters()] if freeze_params else []
+    try:
+        for p, _ in param_flags:
+            p.requires_grad_(False)
+        if mode is not None:
+            model.train(mode == "train")
+        yield model
+    finally:
+        for m, training in module_flags:
+            m.training = training
+        for p, flag in param_flags:
+            p.requires_grad_(flag)
+
+
+def _check_labels(name: str, labels: torch.Tensor | None, batch: int, num_classes: int) -> None:
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name}: expected a (B,) int64 tensor, got {type(labels).__name__}")
+    if labels.dtype != torch.long or labels.shape != (batch,):
+        raise ValueError(
+            f"{name}: expected a ({batch},) int64 tensor, got shape {tuple(labels.shape)} dtype {labels.dtype}"
+        )
+    if batch and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"{name}: labels must lie in [0, {num_classes}), got range "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+
+
+def check_input(model: nn.Module, x: torch.Tensor) -> None:
+    """Raise TypeError/ValueError unless x is a floating (B, ...) tensor on the model's device."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point() or x.dim() < 2:
+        raise ValueError(f"x: expected a floating (B, ...) tensor, got shape {tuple(x.shape)} dtype {x.dtype}")
+    param = next(model.parameters(), None)
+    if param is not None and param.device != x.device:
+        raise ValueError(f"x is on {x.device} but model parameters are on {param.device}; move one of them")
+
+
+def check_objective_args(
+    objective: str,
+    logits_shape: tuple[int, int],
+    *,
+    target: torch.Tensor | None = None,
+    other: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+    clean_logits: torch.Tensor | None = None,
+) -> None:
+    """Validate the arguments of :func:`objective_value` for logits of shape (B, K)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    batch, num_classes = logits_shape
+    _check_labels("target", target, batch, num_classes)
+    _check_labels("other", other, batch, num_classes)
+    _check_labels("y", y, batch, num_classes)
+    if objective in ("ce", "cw", "dlr") and y is None:
+        raise ValueError(f"y: objective {objective!r} needs the labels y, got None")
+    if objective == "dlr" and num_classes < 3:
+        raise ValueError(f"objective 'dlr' needs at least 3 classes, the model returns {num_classes}")
+    if objective in ("logit_diff", "cw", "dlr") and num_classes < 2:
+        raise ValueError(f"objective {objective!r} needs at least 2 classes, the model returns {num_classes}")
+    if objective == "kl":
+        if clean_logits is None:
+            raise ValueError("clean_logits: objective 'kl' needs the clean (B, K) logits, got None")
+        if tuple(clean_logits.shape) != tuple(logits_shape):
+            raise ValueError(
+                f"clean_logits: expected shape {tuple(logits_shape)}, got {tuple(clean_logits.shape)}"
+            )
+
+
+def _best_other(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Per sample, the largest logit among classes ≠ label (float32, (B,))."""
+    masked = logits.masked_fill(F.one_hot(label, logits.shape[1]).bool(), float("-inf"))
+    return masked.amax(dim=1)
+
+
+def objective_value(
+    logits: torch.Tensor,
+    objective: str,
+    *,
+    target: torch.Tensor | None = None,
+    other: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+    clean_logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sample objective (B,) in float32 from (B, K) logits; see the module docstring.
+
+    Arguments are not validated here (it runs inside attack loops without host syncs); call
+    :func:`check_objective_args` once beforehand.
+    """
+    z = logits.float()
+    if objective in ("logit", "logit_diff"):
+        t = z.detach().argmax(dim=1) if target is None else target
+        z_t = z.gather(1, t[:, None]).squeeze(1)
+        if objective == "logit":
+            return z_t
+        if other is None:
+            return z_t - _best_other(z, t)
+        return z_t - z.gather(1, other[:, None]).squeeze(1)
+    if objective == "ce":
+        return F.cross_entropy(z, y, reduction="none")
+    if objective == "cw":
+        return _best_other(z, y) - z.gather(1, y[:, None]).squeeze(1)
+    if objective == "dlr":
+        z_sorted = z.sort(dim=1, descending=True).values
+        margin = z.gather(1, y[:, None]).squeeze(1) - _best_other(z, y)
+        return -margin / (z_sorted[:, 0] - z_sorted[:, 2] + 1e-12)
+    # kl
+    p_clean = F.softmax(clean_logits.float(), dim=1)
+    return (torch.xlogy(p_clean, p_clean) - p_clean * F.log_softmax(z, dim=1)).sum(dim=1)
+
+
+def _check_logits(logits: torch.Tensor, batch: int) -> None:
+    if logits.dim() != 2 or logits.shape[0] != batch:
+        raise ValueError(f"model output: expected ({batch}, K) logits, got shape {tuple(logits.shape)}")
+
+
+def _input_grad(
+    model: nn.Module,
+    x: torch.Tensor,
+    objective: str,
+    *,
+    check: bool,
+    create_graph: bool = False,
+    **objective_args: torch.Tensor | None,
+) -> InputGrad:
+    """Forward, objective, one backward to the input. The caller holds :func:`frozen`.
+
+    check=False skips every argument check (no host sync): for attack loops that validated once.
+    """
+    x_in = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
+    logits = model(x_in)
+    if check:
+        # K is only known after the forward, which is then reused for the gradient.
+        _check_logits(logits, x.shape[0])
+        check_objective_args(objective, tuple(logits.shape), **objective_args)
+    value = objective_value(logits, objective, **objective_args)
+    (grad,) = torch.autograd.grad(value.sum(), x_in, create_graph=create_graph)
+    if not create_graph:
+        grad = grad.detach()
+    return InputGrad(grad.float(), logits.detach(), value.detach())
+
+
+def input_grad(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    objective: str = "logit",
+    target: torch.Tensor | None = None,
+    other: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+    clean_logits: torch.Tensor | None = None,
+    mode: str | None = None,
+    create_graph: bool = False,
+) -> InputGrad:
+    """Input gradient of a per-sample objective for a whole batch with a single backward pass.
+
+    model: maps (B, ...) inputs to (B, K) logits. x: (B, ...) floating input in the model's input
+    space (pixel space for fastsat models). objective: one of :data:`OBJECTIVES` (default "logit",
+    the saliency map of the predicted class). target / other / y: (B,) int64 class indices or None
+    (see the module docstring for which objective reads which). clean_logits: (B, K), for "kl".
+    mode: None (as found), "eval" or "train" for the duration of the call; always restored.
+    create_graph: keep the graph of the gradient for double backprop (then parameters keep
+    ``requires_grad`` so the gradient can be differentiated with respect to them; still no
+    parameter ``.grad`` is written). Autocast is honoured; the gradient is returned in float32.
+
+    Returns :class:`InputGrad` (grad shaped like x, detached logits (B, K), detached value (B,)).
+    """
+    check_input(model, x)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    if clean_logits is not None and not isinstance(clean_logits, torch.Tensor):
+        raise TypeError(f"clean_logits: expected a (B, K) tensor, got {type(clean_logits).__name__}")
+    with frozen(model, mode, freeze_params=not create_graph):
+        return _input_grad(
+            model, x, objective, check=True, create_graph=create_graph,
+            target=target, other=other, y=y, clean_logits=clean_logits,
+        )
+
+
+def logit_jacobian(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    classes: Sequence[int] | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    mode: str | None = None,
+) -> torch.Tensor:
+    """Jacobian of the logits with respect to the input: (B, n, *x.shape[1:]) in float32.
+
+    One forward pass; the backward passes are batched over classes (``is_grads_batched``, i.e.
+    vmap over the backward), at most ``chunk_size`` classes at a time (None: all at once) to bound
+    memory at chunk_size × |x|. classes: class indices (same for every sample) in the order wanted;
+    None means all K classes, n = K. Rows are ∇_x Ψ^k(x) in the model's input (pixel) space.
+    mode: None / "eval" / "train" as in :func:`input_grad`.
+    """
+    check_input(model, x)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+    with frozen(model, mode):
+        x_in = x.detach().requires_grad_(True)
+        logits = model(x_in)
+        _check_logits(logits, x.shape[0])
+        num_classes = logits.shape[1]
+        if classes is None:
+            class_idx = torch.arange(num_classes, device=x.device)
+        else:
+            class_idx = torch.as_tensor(classes, dtype=torch.long, device=x.device).reshape(-1)
+            if class_idx.numel() == 0 or int(class_idx.min()) < 0 or int(class_idx.max()) >= num_classes:
+                raise ValueError(f"classes: expected a non-empty list of indices in [0, {num_classes}), got {classes!r}")
+        step = class_idx.numel() if chunk_size is None else chunk_size
+        eye = torch.eye(num_classes, dtype=logits.dtype, device=x.device)
+        rows = []
+        for start in range(0, class_idx.numel(), step):
+            idx = class_idx[start : start + step]
+            # grad_outputs[c, b, :] = e_{idx[c]}: the c-th batched backward gives ∇ Ψ^{idx[c]} for every b.
+            seeds = eye[idx][:, None, :].expand(idx.numel(), *logits.shape)
+            (jac,) = torch.autograd.grad(logits, x_in, grad_outputs=seeds, is_grads_batched=True, retain_graph=True)
+            rows.append(jac.float().transpose(0, 1))
+    return torch.cat(rows, dim=1)

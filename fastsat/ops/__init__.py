@@ -1,0 +1,22 @@
+"""Fused ops for the inner loop of adversarial training (METHODS.md §2 and §4).
+
+Each op is layered kernel → launcher → torch.library op → the functional API here, with a
+pure-PyTorch reference (:mod:`fastsat.ops.reference`) beside it. See
+:mod:`fastsat.ops._backends` for how a backend is chosen.
+"""
+
+from fastsat.ops._backends import BACKENDS, available_backends
+from fastsat.ops.functional import (
+    AlignmentStats,
+    PGDStats,
+    alignment,
+    alignment_stats,
+    pgd_step,
+    random_start,
+    sat_perturb,
+)
+
+__all__ = [
+    "BACKENDS", "available_backends", "AlignmentStats", "PGDStats", "alignment", "alignment_stats",
+    "pgd_step", "random_start", "sat_perturb",
+]

@@ -1,0 +1,95 @@
+"""Which backend runs an op: explicit choice, ``FASTSAT_BACKEND``, or ``auto`` by device.
+
+Backends are imported lazily, on first use, so ``import fastsat`` never imports triton, never
+loads ``fastsat._C`` and never touches a GPU.
+
+- ``torch``: ``fastsat.ops.reference``, pure PyTorch, any device, float64 too.
+- ``cpp``: the C++ CPU kernels of the ``fastsat._C`` extension (CPU tensors).
+- ``cuda``: the CUDA kernels of the same extension when built with CUDA (CUDA tensors).
+- ``triton``: the Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``).
+
+``auto`` picks ``cpp`` for CPU tensors and, for CUDA tensors, ``cuda`` then ``triton`` in
+that order of preference — the order ``python -m bench.gpu`` is there to confirm or overturn on a
+given GPU — falling back to ``torch`` when neither is available.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from functools import cache
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
+
+_MODULES = {"torch": "fastsat.ops.reference", "cpp": "fastsat.ops._cpp", "cuda": "fastsat.ops._cpp",
+            "triton": "fastsat.ops._triton"}
+
+_HOW_TO_GET = {
+    "cpp": "build the extension: `pip install --no-build-isolation -e .` (needs a C++ compiler)",
+    "cuda": "build the extension on a machine with nvcc and a CUDA build of torch: "
+            "`FASTSAT_BUILD_CUDA=1 pip install --no-build-isolation -e .`",
+    "triton": "install triton (`pip install triton`) and run on a CUDA device, "
+              "or set TRITON_INTERPRET=1 to run the kernels on the CPU",
+}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@cache
+def _load(name: str) -> ModuleType | str:
+    """The backend module, or a string saying why it cannot be loaded."""
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except ImportError as err:
+        return f"{err}"
+    if name == "cuda" and not module.HAS_CUDA:
+        return "fastsat._C was built without CUDA kernels"
+    return module
+
+
+def _unavailable_reason(name: str, device: torch.device | None) -> str | None:
+    loaded = _load(name)
+    if isinstance(loaded, str):
+        return loaded
+    if name == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    if name == "triton" and not (torch.cuda.is_available() or _interpreting()):
+        return "no CUDA device is visible and TRITON_INTERPRET is not set"
+    if device is None:
+        return None
+    if name == "cpp" and device.type != "cpu":
+        return f"the cpp backend runs on CPU tensors, got a {device.type} tensor"
+    if name == "cuda" and device.type != "cuda":
+        return f"the cuda backend runs on CUDA tensors, got a {device.type} tensor"
+    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        return f"the triton backend runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got a {device.type} tensor"
+    return None
+
+
+def available_backends() -> dict[str, bool]:
+    """Which backends can run on this machine, e.g. ``{"triton": False, "cuda": False, "cpp": True,
+    "torch": True}``. Asking for a missing one explicitly raises an error saying how to get it."""
+    return {name: _unavailable_reason(name, None) is None for name in BACKENDS[1:]}
+
+
+def resolve(backend: str | None, device: torch.device) -> ModuleType:
+    """The backend module that runs an op on tensors on ``device``."""
+    name = backend if backend is not None else os.environ.get("FASTSAT_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        preference = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
+        for candidate in preference:
+            if _unavailable_reason(candidate, device) is None:
+                return _load(candidate)
+        return _load("torch")
+    reason = _unavailable_reason(name, device)
+    if reason is not None:
+        how = _HOW_TO_GET.get(name, "")
+        raise RuntimeError(f"fastsat backend {name!r} is not available: {reason}. {how}".strip())
+    return _load(name)
