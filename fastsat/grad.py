@@ -32,6 +32,7 @@ from torch import nn
 __all__ = [
     "OBJECTIVES",
     "InputGrad",
+    "batched_logit_grads",
     "check_input",
     "check_objective_args",
     "frozen",
@@ -256,6 +257,26 @@ def input_grad(
         )
 
 
+def batched_logit_grads(
+    logits: torch.Tensor, x_in: torch.Tensor, seeds: torch.Tensor, chunk_size: int | None = None
+) -> torch.Tensor:
+    """Vector-Jacobian products of one forward's logits, batched over seeds: (B, n, *x.shape[1:]).
+
+    logits: (B, K) output of a forward pass from ``x_in`` (which requires grad; graph kept).
+    seeds: (n, B, K); row c gives, per sample, the combination of logits whose input gradient
+    lands in ``result[:, c]`` (e.g. a one-hot e_k for ∇Ψ^k, e_k − e_j for ∇(Ψ^k − Ψ^j)).
+    The n backward passes run as one vmapped backward (``is_grads_batched``), ``chunk_size``
+    seeds at a time (None: all), so memory is bounded by chunk_size × |x|. Float32 output.
+    """
+    step = seeds.shape[0] if chunk_size is None else chunk_size
+    rows = []
+    for start in range(0, seeds.shape[0], step):
+        chunk = seeds[start : start + step].to(logits.dtype)
+        (jac,) = torch.autograd.grad(logits, x_in, grad_outputs=chunk, is_grads_batched=True, retain_graph=True)
+        rows.append(jac.float().transpose(0, 1))
+    return torch.cat(rows, dim=1)
+
+
 def logit_jacobian(
     model: nn.Module,
     x: torch.Tensor,
@@ -268,31 +289,32 @@ def logit_jacobian(
 
     One forward pass; the backward passes are batched over classes (``is_grads_batched``, i.e.
     vmap over the backward), at most ``chunk_size`` classes at a time (None: all at once) to bound
-    memory at chunk_size × |x|. classes: class indices (same for every sample) in the order wanted;
-    None means all K classes, n = K. Rows are ∇_x Ψ^k(x) in the model's input (pixel) space.
+    memory at chunk_size × |x|. classes: None means all K classes in order (n = K); a sequence or
+    1-D tensor of n indices, the same for every sample; or a (B, n) int64 tensor of per-sample
+    indices. Row [b, c] is ∇_x Ψ^{classes[c]}(x_b) in the model's input (pixel) space.
     mode: None / "eval" / "train" as in :func:`input_grad`.
     """
     check_input(model, x)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
     with frozen(model, mode):
         x_in = x.detach().requires_grad_(True)
         logits = model(x_in)
         _check_logits(logits, x.shape[0])
-        num_classes = logits.shape[1]
+        batch, num_classes = logits.shape
         if classes is None:
             class_idx = torch.arange(num_classes, device=x.device)
         else:
-            class_idx = torch.as_tensor(classes, dtype=torch.long, device=x.device).reshape(-1)
-            if class_idx.numel() == 0 or int(class_idx.min()) < 0 or int(class_idx.max()) >= num_classes:
-                raise ValueError(f"classes: expected a non-empty list of indices in [0, {num_classes}), got {classes!r}")
-        step = class_idx.numel() if chunk_size is None else chunk_size
-        eye = torch.eye(num_classes, dtype=logits.dtype, device=x.device)
-        rows = []
-        for start in range(0, class_idx.numel(), step):
-            idx = class_idx[start : start + step]
-            # grad_outputs[c, b, :] = e_{idx[c]}: the c-th batched backward gives ∇ Ψ^{idx[c]} for every b.
-            seeds = eye[idx][:, None, :].expand(idx.numel(), *logits.shape)
-            (jac,) = torch.autograd.grad(logits, x_in, grad_outputs=seeds, is_grads_batched=True, retain_graph=True)
-            rows.append(jac.float().transpose(0, 1))
-    return torch.cat(rows, dim=1)
+            class_idx = torch.as_tensor(classes, device=x.device)
+            if class_idx.dtype != torch.long or class_idx.dim() not in (1, 2) or class_idx.numel() == 0:
+                raise ValueError(
+                    f"classes: expected n int indices or a (B, n) int64 tensor, got {classes!r}"
+                )
+            if class_idx.dim() == 2 and class_idx.shape[0] != batch:
+                raise ValueError(f"classes: a 2-D tensor needs {batch} rows, got shape {tuple(class_idx.shape)}")
+            if int(class_idx.min()) < 0 or int(class_idx.max()) >= num_classes:
+                raise ValueError(f"classes: indices must lie in [0, {num_classes}), got {classes!r}")
+        per_sample = class_idx.expand(batch, -1) if class_idx.dim() == 1 else class_idx
+        # seeds[c, b] = e_{classes[b, c]}: the c-th batched backward gives ∇Ψ^{classes[b, c]} for every b.
+        seeds = F.one_hot(per_sample.t(), num_classes)
+        return batched_logit_grads(logits, x_in, seeds, chunk_size)

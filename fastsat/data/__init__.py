@@ -1,0 +1,60 @@
+"""Data with annotations: built-in synthetic shapes, readers for data on disk, augmentation, loaders.
+
+A sample is ``{"image": float32 (C, H, W) in [0, 1] (pixel space), "label": int64 (),
+"box": int64 (4,) (optional), "mask": bool (1, H, W) (optional)}``; boxes are half-open pixel
+coordinates ``(x0, y0, x1, y1)`` (columns ``x0 <= c < x1``, rows ``y0 <= r < y1``) and
+``(0, 0, 0, 0)`` is the empty box. A batch is the same dict with a leading batch dimension.
+
+Typical use::
+
+    from fastsat import data
+    train = data.shapes(50_000, size=32, seed=0)          # cached under $FASTSAT_CACHE
+    test = data.shapes(10_000, size=32, seed=1)
+    batches = data.loader(train, batch_size=128, shuffle=True, augment=True, device="cuda")
+    for batch in batches:
+        x, y, box, mask = batch["image"], batch["label"], batch["box"], batch["mask"]
+"""
+
+from .augment import Augment, crop_shift, hflip, resize
+from .dataset import EMPTY_BOX, AnnotatedDataset, boxes_from_masks, clip_boxes, rescale_boxes
+from .loader import DeviceLoader, WorkerLoader, loader
+from .readers import (
+    FLOWERS17_CLASSES,
+    ImageFiles,
+    Record,
+    cifar10,
+    cifar100,
+    flowers17,
+    image_folder,
+    oxford_pets,
+    tiny_imagenet,
+)
+from .shapes import SHAPE_NAMES, default_cache_dir, generate_shapes, shapes
+
+__all__ = [
+    "EMPTY_BOX",
+    "FLOWERS17_CLASSES",
+    "SHAPE_NAMES",
+    "AnnotatedDataset",
+    "Augment",
+    "DeviceLoader",
+    "ImageFiles",
+    "Record",
+    "WorkerLoader",
+    "boxes_from_masks",
+    "cifar10",
+    "cifar100",
+    "clip_boxes",
+    "crop_shift",
+    "default_cache_dir",
+    "flowers17",
+    "generate_shapes",
+    "hflip",
+    "image_folder",
+    "loader",
+    "oxford_pets",
+    "rescale_boxes",
+    "resize",
+    "shapes",
+    "tiny_imagenet",
+]

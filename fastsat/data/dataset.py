@@ -21,6 +21,8 @@ __all__ = [
     "AnnotatedDataset",
     "EMPTY_BOX",
     "boxes_from_masks",
+    "check_labels",
+    "clip_boxes",
     "rescale_boxes",
 ]
 

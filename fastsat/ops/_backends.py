@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from functools import cache
 from types import ModuleType
 
 import torch
@@ -40,16 +39,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@cache
+_LOADED: dict[str, ModuleType | str] = {}
+
+
 def _load(name: str) -> ModuleType | str:
-    """The backend module, or a string saying why it cannot be loaded."""
-    try:
-        module = importlib.import_module(_MODULES[name])
-    except ImportError as err:
-        return f"{err}"
-    if name == "cuda" and not module.HAS_CUDA:
-        return "fastsat._C was built without CUDA kernels"
-    return module
+    """The backend module, or a string saying why it cannot be loaded (each tried once)."""
+    if name not in _LOADED:
+        try:
+            module = importlib.import_module(_MODULES[name])
+        except ImportError as err:
+            _LOADED[name] = f"{err}"
+        else:
+            _LOADED[name] = "fastsat._C was built without CUDA kernels" if name == "cuda" and not module.HAS_CUDA else module
+    return _LOADED[name]
 
 
 def _unavailable_reason(name: str, device: torch.device | None) -> str | None:
@@ -79,17 +81,23 @@ def available_backends() -> dict[str, bool]:
 
 def resolve(backend: str | None, device: torch.device) -> ModuleType:
     """The backend module that runs an op on tensors on ``device``."""
+    # _resolve_name has loaded the module; a plain lookup is what torch.compile can trace.
+    return _LOADED[_resolve_name(backend, device.type)]
+
+
+# Under torch.compile the choice is made once, while tracing, and baked into the graph (the
+# import and availability probes inside are not traceable and need not be).
+@torch._dynamo.assume_constant_result
+def _resolve_name(backend: str | None, device_type: str) -> str:
     name = backend if backend is not None else os.environ.get("FASTSAT_BACKEND", "auto")
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    device = torch.device(device_type)
     if name == "auto":
         preference = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
-        for candidate in preference:
-            if _unavailable_reason(candidate, device) is None:
-                return _load(candidate)
-        return _load("torch")
+        return next((c for c in preference if _unavailable_reason(c, device) is None), "torch")
     reason = _unavailable_reason(name, device)
     if reason is not None:
         how = _HOW_TO_GET.get(name, "")
         raise RuntimeError(f"fastsat backend {name!r} is not available: {reason}. {how}".strip())
-    return _load(name)
+    return name

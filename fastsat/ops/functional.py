@@ -392,7 +392,9 @@ def sat_perturb(
             raise ValueError(f"boxes must be on the device of x ({x.device}), got {boxes.device}")
         height, width = x.shape[2], x.shape[3]
         x0, y0, x1, y1 = boxes.unbind(1)
-        if bool(((x0 < 0) | (y0 < 0) | (x1 > width) | (y1 > height) | (x1 < x0) | (y1 < y0)).any()):
+        out_of_range = (x0 < 0) | (y0 < 0) | (x1 > width) | (y1 > height) | (x1 < x0) | (y1 < y0)
+        # A data-dependent check needs a host sync; a compiled graph skips it (as for x_nat).
+        if not torch.compiler.is_compiling() and bool(out_of_range.any()):
             raise ValueError(f"boxes must satisfy 0 <= x0 <= x1 <= W={width} and 0 <= y0 <= y1 <= H={height}")
         boxes = boxes.to(torch.int64).contiguous()
     if masks is not None:

@@ -1,0 +1,157 @@
+"""APGD (Croce & Hein, ICML 2020): step-size-free PGD with momentum, CE and DLR losses.
+
+Follows the schedule of the authors' auto-attack code: initial step 2ε, momentum 0.75 (none on
+the first step), checkpoints after 0.22·N iterations then every max(previous − 0.03·N, 0.06·N)
+iterations; at a checkpoint a sample's step size halves and it restarts from its best point if
+its loss increased in at most ρ = 75% of the steps since the last checkpoint, or if its step was
+not halved last time and its best loss has not improved since. Step sizes are per sample.
+
+All projections and clips go through :func:`fastsat.ops.pgd_step` (with a zero gradient and step
+0 it is exactly the projection onto the ε-ball around the clean x followed by the clip); random
+starts come from :func:`fastsat.ops.random_start` (uniform in the ball, where auto-attack starts
+on its boundary). ε is in pixel space; models that normalise inputs do it inside ``forward``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastsat import ops
+from fastsat.attacks.base import _NORMS, Attack, AttackResult, Candidate, check_count, check_number, per_sample
+
+__all__ = ["APGD", "apgd"]
+
+_MOMENTUM = 0.75
+
+
+class APGD(Attack):
+    """``APGD(model, eps=8/255, steps=100, loss="ce")(x, y) -> AttackResult``.
+
+    Args:
+        model: (B, ...) pixel-space input → (B, K) logits.
+        eps: ball radius in pixel units (default 8/255). norm: "linf" (default) or "l2".
+        steps: iterations N per restart (default 100, as in AutoAttack).
+        restarts: independent random starts (default 1); per sample the best is kept (success
+            first, then the highest loss).
+        loss: "ce" (APGD-CE, default) or "dlr" (APGD-DLR, needs K ≥ 3).
+        rho: oscillation threshold ρ for halving the step size (default 0.75).
+        mode: model mode during the attack ("eval" default; None = as found); always restored.
+        clip: valid input box (lo, hi), default (0, 1). backend: fastsat.ops backend.
+
+    Per sample the result is the last misclassified iterate if there was one, else the
+    iterate of highest loss. ``stats`` hold the alignment statistics of the gradient of the last
+    step and ‖δ‖ of the returned point.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eps: float = 8 / 255,
+        steps: int = 100,
+        norm: str = "linf",
+        restarts: int = 1,
+        loss: str = "ce",
+        rho: float = 0.75,
+        mode: str | None = "eval",
+        clip: tuple[float, float] = (0.0, 1.0),
+        backend: str | None = None,
+    ):
+        super().__init__(model, mode=mode, clip=clip, backend=backend)
+        self.eps = check_number(eps, "eps")
+        self.steps = check_count(steps, "steps")
+        if norm not in _NORMS:
+            raise ValueError(f"norm: expected one of {_NORMS}, got {norm!r}")
+        self.norm = norm
+        self.restarts = check_count(restarts, "restarts")
+        if loss not in ("ce", "dlr"):
+            raise ValueError(f"loss: expected 'ce' or 'dlr', got {loss!r}")
+        self.loss = loss
+        self.rho = check_number(rho, "rho")
+
+    def _project(self, v: torch.Tensor, x: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        """Projection onto the ε-ball around x, then the clip, in place (a zero-step pgd_step)."""
+        return ops.pgd_step(
+            v, zeros, x, step_size=0.0, eps=self.eps, norm=self.norm, clip=self.clip, out=v, backend=self.backend
+        )
+
+    def _direction(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """Unit step direction: sign(g) for L∞, g/‖g‖₂ per sample for L2 (zero where g = 0)."""
+        if self.norm == "linf":
+            return grad.sign()
+        grad_norm = ops.alignment_stats(x, grad, backend=self.backend).grad_norm
+        scale = torch.where(grad_norm > 0, 1.0 / grad_norm.clamp_min(torch.finfo(grad_norm.dtype).tiny), 0.0)
+        return grad * per_sample(scale.to(grad.dtype), grad)
+
+    def _run(self, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
+        best = None
+        for restart in range(self.restarts):
+            candidate = self._single_run(x, y, first=restart == 0)
+            best = candidate if best is None else best.merge(candidate)
+        return AttackResult(x_adv=best.x_adv, success=best.success, delta_norm=None, stats=best.stats)
+
+    def _single_run(self, x: torch.Tensor, y: torch.Tensor, first: bool) -> Candidate:
+        n = self.steps
+        period, min_period, period_decrease = max(int(0.22 * n), 1), max(int(0.06 * n), 1), max(int(0.03 * n), 1)
+        zeros = torch.zeros_like(x)
+
+        x_adv = ops.random_start(x, eps=self.eps, norm=self.norm, clip=self.clip, backend=self.backend)
+        result = self._grad(x_adv, self.loss, first=first, y=y)
+        grad = result.grad.to(x.dtype)
+        ever_adv = self._misclassified(result.logits, y)
+        x_last_adv = x_adv.clone()
+        x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), result.value.clone()
+        losses = [result.value]
+        step = torch.full((x.shape[0],), 2 * self.eps, dtype=x.dtype, device=x.device)
+        x_prev = x_adv.clone()
+        loss_best_at_check = loss_best.clone()
+        reduced_at_check = torch.ones_like(ever_adv)
+        since_check = 0
+        last_grad = grad
+
+        for i in range(n):
+            z = self._project(x_adv + per_sample(step, x) * self._direction(x, grad), x, zeros)
+            last_grad = grad
+            if i == 0:
+                x_new = z
+            else:
+                x_new = self._project(x_adv + _MOMENTUM * (z - x_adv) + (1 - _MOMENTUM) * (x_adv - x_prev), x, zeros)
+            x_prev, x_adv = x_adv, x_new
+
+            result = self._grad(x_adv, self.loss, first=False, y=y)
+            grad, value = result.grad.to(x.dtype), result.value
+            now_adv = self._misclassified(result.logits, y)
+            ever_adv |= now_adv
+            x_last_adv = torch.where(per_sample(now_adv, x), x_adv, x_last_adv)
+            improved = value > loss_best
+            x_best = torch.where(per_sample(improved, x), x_adv, x_best)
+            grad_best = torch.where(per_sample(improved, x), grad, grad_best)
+            loss_best = torch.where(improved, value, loss_best)
+            losses.append(value)
+
+            since_check += 1
+            if since_check == period:
+                increases = sum((losses[-m] > losses[-m - 1]).to(torch.int64) for m in range(1, period + 1))
+                oscillating = increases <= period * self.rho
+                stalled = ~reduced_at_check & (loss_best_at_check >= loss_best)
+                reduce = oscillating | stalled
+                reduced_at_check, loss_best_at_check = reduce, loss_best.clone()
+                step = torch.where(reduce, step / 2, step)
+                x_adv = torch.where(per_sample(reduce, x), x_best, x_adv)
+                grad = torch.where(per_sample(reduce, x), grad_best, grad)
+                period = max(period - period_decrease, min_period)
+                since_check = 0
+
+        x_out = torch.where(per_sample(ever_adv, x), x_last_adv, x_best)
+        success, value = self._final(x_out, y, self.loss)
+        align = ops.alignment_stats(x, last_grad, backend=self.backend)
+        delta = (x_out - x).reshape(x.shape[0], -1).to(align.dot.dtype)
+        delta_norm = delta.abs().amax(dim=1) if self.norm == "linf" else delta.norm(dim=1)
+        stats = ops.PGDStats(dot=align.dot, grad_norm=align.grad_norm, x_norm=align.x_norm, delta_norm=delta_norm)
+        return Candidate(x_out, success, value, stats)
+
+
+def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> AttackResult:
+    """Functional form of :class:`APGD`."""
+    return APGD(model, **kwargs)(x, y)

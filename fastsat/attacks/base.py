@@ -1,0 +1,232 @@
+"""What every attack shares: argument checks, the result type, the model guard and the output audit.
+
+Units: every radius ε and step size is in pixel space, the space of ``x`` (default box [0, 1]).
+Models that normalise inputs do so inside ``forward``, so nothing here depends on a mean/std.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastsat.grad import InputGrad, _input_grad, check_input, frozen, objective_value
+from fastsat.ops import PGDStats
+
+__all__ = ["Attack", "AttackResult"]
+
+_NORMS = ("linf", "l2")
+
+
+@dataclass
+class AttackResult:
+    """Outcome of an attack on a batch of B samples.
+
+    x_adv: adversarial batch, shape/dtype of x, inside the box and (where ε applies) the ε-ball.
+    success: (B,) bool — misclassified (untargeted: prediction ≠ y; targeted: prediction = target;
+        DeepFool: prediction ≠ the clean prediction) at x_adv.
+    delta_norm: (B,) float32 ‖x_adv − x‖ in the attack's norm (pixel units); DeepFool: the
+        boundary distance ρ, inf where it failed.
+    stats: :class:`fastsat.ops.PGDStats` of the last step's gradient (⟨x, g⟩, ‖g‖, ‖x‖ of the
+        clean x and that gradient; ``.alignment``, ``.cosine``) or None for attacks without one.
+    """
+
+    x_adv: torch.Tensor
+    success: torch.Tensor
+    delta_norm: torch.Tensor | None
+    stats: PGDStats | None
+
+
+def check_number(value: object, name: str, *, positive: bool = False) -> float:
+    """A finite real ≥ 0 (> 0 with positive=True), else ValueError/TypeError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name}: expected a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    return float(value)
+
+
+def check_count(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    return value
+
+
+def check_clip(clip: object) -> tuple[float, float]:
+    if not isinstance(clip, (tuple, list)) or len(clip) != 2:
+        raise TypeError(f"clip: expected a pair (lo, hi), got {clip!r}")
+    lo, hi = (check_real(v, "clip") for v in clip)
+    if lo > hi:
+        raise ValueError(f"clip: expected lo <= hi, got {clip!r}")
+    return lo, hi
+
+
+def check_real(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected finite numbers, got {value!r}")
+    return float(value)
+
+
+def merge_stats(take_new: torch.Tensor, new: PGDStats, old: PGDStats | None) -> PGDStats:
+    """Per sample, the statistics of ``new`` where ``take_new`` else those of ``old``."""
+    if old is None:
+        return new
+    return PGDStats(
+        dot=torch.where(take_new, new.dot, old.dot),
+        grad_norm=torch.where(take_new, new.grad_norm, old.grad_norm),
+        x_norm=torch.where(take_new, new.x_norm, old.x_norm),
+        delta_norm=torch.where(take_new, new.delta_norm, old.delta_norm),
+    )
+
+
+class Attack(abc.ABC):
+    """Base class: ``attack(x, y) -> AttackResult``.
+
+    Subclasses implement ``_run(x, y) -> AttackResult`` (``delta_norm`` None: measured here), called with the model in
+    ``mode`` and its parameters frozen (restored afterwards, also on error). ``__call__`` checks
+    the arguments first and audits the output afterwards: finite, inside ``clip``, and within ε
+    in the attack's norm (ε·(1 + 1e-6) plus the rounding of the storage dtype); it raises
+    RuntimeError otherwise.
+    """
+
+    norm: str = "linf"
+    eps: float | None = None
+    label_required: bool = True
+
+    def __init__(self, model: nn.Module, *, mode: str | None, clip: tuple[float, float], backend: str | None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if mode not in (None, "eval", "train"):
+            raise ValueError(f"mode: expected None, 'eval' or 'train', got {mode!r}")
+        self.model = model
+        self.mode = mode
+        self.clip = check_clip(clip)
+        self.backend = backend
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "model")
+        return f"{type(self).__name__}({type(self.model).__name__}, {fields})"
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> AttackResult:
+        """x: (B, ...) clean batch in pixel space, inside ``clip``. y: (B,) int64 labels (the target
+        classes for targeted attacks). Returns :class:`AttackResult`."""
+        self._check_inputs(x, y)
+        with frozen(self.model, self.mode):
+            result = self._run(x.detach(), None if y is None else y.detach())
+        distance = self._audit(x, result.x_adv)
+        if result.delta_norm is None:
+            result = dataclasses.replace(result, delta_norm=distance)
+        return result
+
+    @abc.abstractmethod
+    def _run(self, x: torch.Tensor, y: torch.Tensor | None) -> AttackResult:
+        """The attack proper on detached inputs, model already in ``mode`` with frozen parameters."""
+
+    def _check_inputs(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        check_input(self.model, x)
+        if y is None:
+            if self.label_required:
+                raise ValueError(f"y: {type(self).__name__} needs (B,) int64 labels, got None")
+            return
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"y: expected a (B,) int64 tensor, got {type(y).__name__}")
+        if y.dtype != torch.long or y.shape != (x.shape[0],):
+            raise ValueError(f"y: expected a ({x.shape[0]},) int64 tensor, got shape {tuple(y.shape)} dtype {y.dtype}")
+        if y.device != x.device:
+            raise ValueError(f"y is on {y.device} but x is on {x.device}")
+
+    def _grad(self, x: torch.Tensor, objective: str, *, first: bool, **objective_args) -> InputGrad:
+        """Input gradient of ``objective`` at x. The first call of a run checks the labels against
+        the number of classes and warns about suspicious models (one host sync); the others are
+        sync-free."""
+        result = _input_grad(self.model, x, objective, check=first, **objective_args)
+        if first:
+            self._warn_suspicious(result.logits, result.grad)
+        return result
+
+    def _warn_suspicious(self, logits: torch.Tensor, grad: torch.Tensor) -> None:
+        """Warn if the outputs look like probabilities or some samples have an all-zero gradient."""
+        logits = logits.float()
+        flat_grad = grad.reshape(grad.shape[0], -1)
+        row_sums_one = (logits.sum(dim=1) - 1).abs().amax() < 1e-4
+        looks_like_probs = bool(((logits >= 0).all() & row_sums_one).item())
+        zero_grads = int((flat_grad == 0).all(dim=1).sum())
+        if looks_like_probs:
+            warnings.warn(
+                f"{type(self).__name__}: the model's outputs are non-negative and every row sums to 1; "
+                "attacks expect logits (the layer before softmax), not probabilities",
+                UserWarning,
+                stacklevel=2,
+            )
+        if zero_grads:
+            warnings.warn(
+                f"{type(self).__name__}: {zero_grads} of {flat_grad.shape[0]} samples have an all-zero input "
+                "gradient at the start (saturated or gradient-masking model); those samples take no step",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _misclassified(self, logits: torch.Tensor, y: torch.Tensor, targeted: bool = False) -> torch.Tensor:
+        pred = logits.argmax(dim=1)
+        return pred == y if targeted else pred != y
+
+    def _final(self, x_adv: torch.Tensor, y: torch.Tensor, objective: str, targeted: bool = False, **objective_args):
+        """(success, value) at x_adv from one gradient-free forward; value is the ascended objective."""
+        with torch.no_grad():
+            logits = self.model(x_adv)
+        value = objective_value(logits, objective, y=y, **objective_args)
+        return self._misclassified(logits, y, targeted), -value if targeted else value
+
+    def _audit(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+        """Check the output and return ‖x_adv − x‖ per sample (float32) in the attack's norm."""
+        lo, hi = self.clip
+        # Differences of two stored values are exact in float64.
+        delta = (x_adv.double() - x.double()).reshape(x.shape[0], -1)
+        dist = delta.abs().amax(dim=1) if self.norm == "linf" else delta.norm(dim=1)
+        finite = torch.isfinite(x_adv).all()
+        in_box = ((x_adv >= lo) & (x_adv <= hi)).all()
+        if self.eps is None:
+            in_ball = torch.ones((), dtype=torch.bool, device=x.device)
+        else:
+            # Storing x_adv in x's dtype moves each element by at most half an ulp of the box scale;
+            # in L2 those errors add up over the d elements of a sample to at most √d of them.
+            ulp = torch.finfo(x.dtype).eps * max(abs(lo), abs(hi), 1.0)
+            slack = ulp if self.norm == "linf" else ulp * math.sqrt(delta.shape[1])
+            in_ball = (dist <= self.eps * (1 + 1e-6) + slack).all()
+        ok_finite, ok_box, ok_ball = torch.stack([finite, in_box, in_ball]).tolist()
+        if not (ok_finite and ok_box and ok_ball):
+            raise RuntimeError(
+                f"{type(self).__name__} produced an invalid batch: finite={ok_finite}, inside clip {self.clip}="
+                f"{ok_box}, within eps={self.eps} ({self.norm})={ok_ball}, max distance={float(dist.max()):.6g}"
+            )
+        return dist.float()
+
+
+def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a (B,) tensor to broadcast against ``like`` (B, ...)."""
+    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+@dataclass
+class Candidate:
+    """One restart's outcome, compared per sample: success first, then the objective value."""
+
+    x_adv: torch.Tensor
+    success: torch.Tensor
+    value: torch.Tensor
+    stats: PGDStats | None
+
+    def merge(self, other: Candidate) -> Candidate:
+        """Per sample, the better of self and other (ties keep self, so restarts never lose ground)."""
+        better = (other.success & ~self.success) | ((other.success == self.success) & (other.value > self.value))
+        return Candidate(
+            x_adv=torch.where(per_sample(better, self.x_adv), other.x_adv, self.x_adv),
+            success=self.success | other.success,
+            value=torch.where(better, other.value, self.value),
+            stats=merge_stats(better, other.stats, self.stats) if other.stats is not None else self.stats,
+        )

@@ -1,0 +1,149 @@
+"""Batched augmentation that moves image, mask and box together, on whatever device the batch is on.
+
+Batches are the sample dicts of :mod:`fastsat.data.dataset` with a leading batch dim B:
+``image`` float32 (B, C, H, W) in [0, 1], optional ``box`` int64 (B, 4) half-open pixel coordinates
+``(x0, y0, x1, y1)``, optional ``mask`` bool (B, 1, H, W); other keys pass through unchanged.
+
+Box rules:
+
+* crop: the box shifts with the content and is clipped to the image. It is *not* recomputed from
+  the mask, so for a box that was tight on its mask it stays a (possibly loose) cover of the
+  visible object. A box whose object left the image entirely becomes the empty box
+  ``(0, 0, 0, 0)``, for which a box saliency map is -1 everywhere.
+* flip: ``(x0, x1) -> (W - x1, W - x0)``; exact.
+* resize: the smallest integer box containing the scaled box (see :func:`rescale_boxes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .dataset import clip_boxes, rescale_boxes
+
+__all__ = ["Augment", "crop_shift", "hflip", "resize"]
+
+
+def crop_shift(batch: dict[str, torch.Tensor], shifts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Crop each sample at a shifted window: the padded-crop augmentation with given offsets.
+
+    Output pixel (r, c) of sample b is input pixel ``(r + dy_b, c + dx_b)``, or 0 (black image,
+    background mask) where that lies outside the input; equivalently, a crop of the zero-padded
+    image. Boxes are shifted by ``(-dx, -dy)`` and clipped (empty -> ``(0, 0, 0, 0)``).
+
+    Args:
+        batch: batch dict (see module docstring).
+        shifts: int64 (B, 2) offsets ``(dy, dx)`` in pixels.
+
+    Returns:
+        A new batch dict of the same shapes.
+    """
+    image = batch["image"]
+    b, _, h, w = image.shape
+    if shifts.shape != (b, 2):
+        raise ValueError(f"shifts: expected shape ({b}, 2), got {tuple(shifts.shape)}")
+    shifts = shifts.to(image.device, torch.int64)
+    pad = int(shifts.abs().max()) if b else 0
+    dy, dx = shifts[:, 0], shifts[:, 1]
+    rows = (torch.arange(h, device=image.device) + pad + dy[:, None])[:, :, None]  # (B, H, 1)
+    cols = (torch.arange(w, device=image.device) + pad + dx[:, None])[:, None, :]  # (B, 1, W)
+    sample = torch.arange(b, device=image.device)[:, None, None]
+
+    def shift(t: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(t, (pad, pad, pad, pad))
+        # Advanced indices around a slice put the indexed dims first: (B, H, W, C).
+        return padded[sample, :, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+    out = dict(batch)
+    out["image"] = shift(image)
+    if "mask" in batch:
+        out["mask"] = shift(batch["mask"].to(torch.uint8)).bool()
+    if "box" in batch:
+        offset = torch.stack([dx, dy, dx, dy], dim=1)
+        out["box"] = clip_boxes(batch["box"] - offset, (h, w))
+    return out
+
+
+def hflip(batch: dict[str, torch.Tensor], which: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mirror the samples where ``which`` (bool (B,)) is True left-right, with their masks and boxes."""
+    image = batch["image"]
+    b, w = image.shape[0], image.shape[-1]
+    if which.shape != (b,) or which.dtype != torch.bool:
+        raise ValueError(f"which: expected bool of shape ({b},), got {which.dtype} {tuple(which.shape)}")
+    which = which.to(image.device)
+    sel = which.view(b, 1, 1, 1)
+    out = dict(batch)
+    out["image"] = torch.where(sel, image.flip(-1), image)
+    if "mask" in batch:
+        out["mask"] = torch.where(sel, batch["mask"].flip(-1), batch["mask"])
+    if "box" in batch:
+        box = batch["box"]
+        x0, y0, x1, y1 = box.unbind(1)
+        mirrored = torch.stack([w - x1, y0, w - x0, y1], dim=1)
+        empty = (x1 <= x0) | (y1 <= y0)
+        out["box"] = torch.where((which & ~empty)[:, None], mirrored, box)
+    return out
+
+
+def resize(batch: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Resize a batch to ``size`` = (H', W') pixels.
+
+    Images: bilinear with antialiasing (for downscaling). Masks: nearest-exact (pixel centres).
+    Boxes: :func:`rescale_boxes` (smallest integer box containing the scaled box).
+    """
+    image = batch["image"]
+    h, w = image.shape[-2:]
+    size = (int(size[0]), int(size[1]))
+    if size == (h, w):
+        return dict(batch)
+    out = dict(batch)
+    out["image"] = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
+    if "mask" in batch:
+        out["mask"] = F.interpolate(batch["mask"].to(torch.uint8), size=size, mode="nearest-exact").bool()
+    if "box" in batch:
+        out["box"] = rescale_boxes(batch["box"], (h, w), size)
+    return out
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random batched augmentation: padded random crop, horizontal flip, then resize.
+
+    Args:
+        padding: random crop of the image zero-padded by this many pixels on each side, i.e. a
+            random shift by ``dy, dx`` uniform in ``[-padding, padding]`` (0 disables it).
+        flip: mirror each sample left-right with probability 1/2.
+        size: final (H, W) in pixels (an int means square); None keeps the input size.
+
+    ``augment(batch, generator)`` draws its randomness from ``generator`` (a ``torch.Generator``
+    on the batch's device) so that a seeded loader is reproducible.
+    """
+
+    padding: int = 4
+    flip: bool = True
+    size: int | tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.padding, int) or self.padding < 0:
+            raise ValueError(f"padding: expected a non-negative int (pixels), got {self.padding!r}")
+        if self.size is not None:
+            size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+            if len(size) != 2 or min(size) < 1:
+                raise ValueError(f"size: expected a positive int or (H, W), got {self.size!r}")
+            object.__setattr__(self, "size", size)
+
+    def __call__(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        image = batch["image"]
+        b, device = image.shape[0], image.device
+        if self.padding:
+            shifts = torch.randint(
+                -self.padding, self.padding + 1, (b, 2), generator=generator, device=device
+            )
+            batch = crop_shift(batch, shifts)
+        if self.flip:
+            batch = hflip(batch, torch.rand(b, generator=generator, device=device) < 0.5)
+        if self.size is not None:
+            batch = resize(batch, self.size)
+        return batch

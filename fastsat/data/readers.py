@@ -1,0 +1,518 @@
+"""Readers for annotated image data sets as users have them on disk (nothing is ever downloaded).
+
+Every reader returns samples in the format of :mod:`fastsat.data.dataset`, resized to a requested
+``size`` (H, W) in pixels with boxes and masks rescaled alongside:
+
+==================  =====================================  =========================  ===============
+reader              layout under ``root``                  annotations                returns
+==================  =====================================  =========================  ===============
+:func:`cifar10`     ``data_batch_1..5``, ``test_batch``    none                       AnnotatedDataset
+:func:`cifar100`    ``train``, ``test`` (fine labels)      none                       AnnotatedDataset
+:func:`tiny_imagenet` ``wnids.txt``, ``train/<wnid>/...``,  boxes                      ImageFiles
+                    ``val/images``, ``val/val_annotations.txt``
+:func:`flowers17`   ``jpg/image_XXXX.jpg``,                masks (+ tight boxes)      ImageFiles
+                    ``trimaps/image_XXXX.png``
+:func:`image_folder` ``<class>/<image>``, VOC ``.xml``     boxes (optional)           ImageFiles
+:func:`oxford_pets` ``images/*.jpg``, ``annotations/...``  masks (+ tight boxes)      ImageFiles
+==================  =====================================  =========================  ===============
+
+Errors: a missing file raises FileNotFoundError naming it; an undecodable or malformed file
+raises ValueError naming it (at construction for index files, at ``dataset[i]`` for images and
+masks); a mask whose size differs from its image, or a label outside ``[0, num_classes)``, raises
+ValueError naming the file.
+
+Images are decoded with Pillow and resized with its antialiased bilinear filter; masks with
+nearest neighbour; boxes with :func:`~fastsat.data.dataset.rescale_boxes`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .augment import resize
+from .dataset import AnnotatedDataset, boxes_from_masks, check_labels, clip_boxes, rescale_boxes
+
+__all__ = [
+    "FLOWERS17_CLASSES",
+    "ImageFiles",
+    "cifar10",
+    "cifar100",
+    "flowers17",
+    "image_folder",
+    "oxford_pets",
+    "tiny_imagenet",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+#: Oxford Flowers-17 class names, in the order of the image numbers (80 images each).
+FLOWERS17_CLASSES = (
+    "daffodil", "snowdrop", "lily valley", "bluebell", "crocus", "iris", "tigerlily", "tulip",
+    "fritillary", "sunflower", "daisy", "colts' foot", "dandelion", "cowslip", "buttercup",
+    "windflower", "pansy",
+)  # fmt: skip
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    return path
+
+
+def _size_hw(size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    hw = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+    if len(hw) != 2 or min(hw) < 1:
+        raise ValueError(f"size: expected a positive int or (H, W) in pixels, got {size!r}")
+    return hw
+
+
+# ----------------------------------------------------------------------------------------------
+# File-backed data
+
+
+@dataclass(frozen=True)
+class Record:
+    """One sample on disk.
+
+    ``box`` is in the source image's pixels (half-open); ``annotation`` is the mask image or XML
+    file the dataset's annotation parser reads.
+    """
+
+    image: Path
+    label: int
+    box: tuple[int, int, int, int] | None = None
+    annotation: Path | None = None
+
+
+#: Reads a record's annotation file given the decoded image (PIL): returns a bool (H, W) mask
+#: array or a source-pixel box ``(x0, y0, x1, y1)``; raises ValueError naming the file on a mismatch.
+AnnotationParser = Callable[[Record, Image.Image], object]
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Map-style data set decoding image files (and their masks / boxes) on access.
+
+    Args:
+        records: the samples; labels must lie in ``[0, len(classes))``.
+        classes: class names.
+        size: output (H, W) in pixels (int: square); None keeps each image's own size.
+        annotations: "none", "box" (``Record.box`` or parsed from ``Record.annotation``) or "mask"
+            (parsed from ``Record.annotation``; samples also get the mask's tight box).
+        parse: reads ``Record.annotation`` (see :data:`AnnotationParser`); needed unless every
+            annotation is a ``Record.box``.
+        where: the index file or directory the records come from (named in label errors).
+
+    ``dataset[i]`` returns ``{"image": float32 (3, H, W) in [0, 1], "label": int64 (),
+    "box": int64 (4,)?, "mask": bool (1, H, W)?}``. ``materialize()`` decodes everything into an
+    :class:`AnnotatedDataset` for the device-resident loader.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        classes: Sequence[str],
+        *,
+        size: int | Sequence[int] | None,
+        annotations: str = "none",
+        parse: AnnotationParser | None = None,
+        where: str | os.PathLike = "records",
+    ) -> None:
+        if annotations not in ("none", "box", "mask"):
+            raise ValueError(f"annotations: expected 'none', 'box' or 'mask', got {annotations!r}")
+        if not records:
+            raise ValueError(f"{where}: no samples found")
+        check_labels(torch.tensor([r.label for r in records]), len(classes), str(where))
+        self.records = list(records)
+        self.classes = list(classes)
+        self.size = _size_hw(size)
+        self.annotations = annotations
+        self.parse = parse
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        record = self.records[index]
+        image = _decode(record.image, "image").convert("RGB")
+        w, h = image.size
+        out_hw = self.size or (h, w)
+        sample = {"label": torch.tensor(record.label, dtype=torch.int64)}
+        if self.annotations == "mask":
+            mask = self.parse(record, image)
+            mask_img = Image.fromarray(mask.astype(np.uint8)).resize(out_hw[::-1], Image.Resampling.NEAREST)
+            mask_t = torch.from_numpy(np.asarray(mask_img) > 0)[None]
+            sample["mask"] = mask_t
+            sample["box"] = boxes_from_masks(mask_t[None])[0]
+        elif self.annotations == "box":
+            box = record.box if record.box is not None else self.parse(record, image)
+            box_t = clip_boxes(torch.tensor(box, dtype=torch.int64), (h, w))
+            sample["box"] = rescale_boxes(box_t, (h, w), out_hw)
+        if (h, w) != out_hw:
+            image = image.resize(out_hw[::-1], Image.Resampling.BILINEAR)
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+        sample["image"] = pixels.float().div_(255)
+        return sample
+
+    def materialize(self) -> AnnotatedDataset:
+        """Decode every sample into whole tensors (needs a fixed ``size``)."""
+        if self.size is None:
+            raise ValueError("size: materialize() needs a fixed output size")
+        return AnnotatedDataset.from_samples(self, self.classes)
+
+
+def _decode(path: Path, what: str) -> Image.Image:
+    """Open and fully decode an image file; errors name the file."""
+    _require(path)
+    try:
+        with Image.open(path) as raw:
+            return raw.copy()  # decodes; the copy outlives the closed file
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{path}: cannot decode {what} ({err})") from err
+
+
+def _open_mask(record: Record, image: Image.Image) -> Image.Image:
+    """Decode ``record.annotation``, checking that it has the size of the decoded ``image``."""
+    mask = _decode(record.annotation, "mask")
+    if mask.size != image.size:
+        raise ValueError(
+            f"{record.annotation}: mask size {mask.size[0]}x{mask.size[1]} does not match image "
+            f"{record.image} size {image.size[0]}x{image.size[1]} (width x height)"
+        )
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR
+
+
+def _unpickle(path: Path) -> dict[str, object]:
+    _require(path)
+    try:
+        with open(path, "rb") as f:
+            blob = pickle.load(f, encoding="bytes")
+    except Exception as err:  # pickle raises many types on a corrupt file
+        raise ValueError(f"{path}: not a readable CIFAR pickle batch ({err})") from err
+    if not isinstance(blob, dict):
+        raise ValueError(f"{path}: not a CIFAR pickle batch (expected a dict, got {type(blob).__name__})")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in blob.items()}
+
+
+def _cifar(files: list[Path], label_key: str, classes: list[str], size) -> AnnotatedDataset:
+    images, labels = [], []
+    for path in files:
+        blob = _unpickle(path)
+        if "data" not in blob or label_key not in blob:
+            raise ValueError(f"{path}: missing 'data' or {label_key!r} in CIFAR batch")
+        data = np.asarray(blob["data"], dtype=np.uint8)
+        batch_labels = torch.as_tensor(np.asarray(blob[label_key]), dtype=torch.int64)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != batch_labels.numel():
+            raise ValueError(
+                f"{path}: expected 'data' of shape (N, 3072) with N labels, got {data.shape} "
+                f"and {batch_labels.numel()} labels"
+            )
+        check_labels(batch_labels, len(classes), str(path))
+        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
+        labels.append(batch_labels)
+    data = AnnotatedDataset(torch.cat(images), torch.cat(labels), classes=classes)
+    hw = _size_hw(size)
+    if hw is None or hw == (32, 32):
+        return data
+    resized = [
+        resize({"image": data.images[i : i + 1024].float().div_(255)}, hw)["image"].mul_(255).round_().to(torch.uint8)
+        for i in range(0, len(data), 1024)
+    ]
+    return AnnotatedDataset(torch.cat(resized), data.labels, classes=classes)
+
+
+def _meta_names(path: Path, key: str, count: int) -> list[str]:
+    if not path.exists():
+        return [str(i) for i in range(count)]
+    names = _unpickle(path).get(key)
+    if names is None or len(names) != count:
+        raise ValueError(f"{path}: expected {count} names under {key!r}")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
+def cifar10(root: str | os.PathLike, *, train: bool = True, size: int | Sequence[int] | None = None) -> AnnotatedDataset:
+    """CIFAR-10 from the python pickle batches in ``root`` (``cifar-10-batches-py``).
+
+    Args:
+        root: directory holding ``data_batch_1`` .. ``data_batch_5``, ``test_batch`` and
+            optionally ``batches.meta`` (class names).
+        train: the 50,000 training images, else the 10,000 test images.
+        size: output (H, W) in pixels; None keeps 32x32.
+
+    Note: the batches are Python pickles; only read files you trust.
+    """
+    root = Path(root)
+    files = [root / f"data_batch_{i}" for i in range(1, 6)] if train else [root / "test_batch"]
+    classes = _meta_names(root / "batches.meta", "label_names", 10)
+    return _cifar(files, "labels", classes, size)
+
+
+def cifar100(root: str | os.PathLike, *, train: bool = True, size: int | Sequence[int] | None = None) -> AnnotatedDataset:
+    """CIFAR-100 (fine labels, 100 classes) from ``root`` (``cifar-100-python``): files ``train``,
+    ``test`` and optionally ``meta``. Arguments as :func:`cifar10`."""
+    root = Path(root)
+    classes = _meta_names(root / "meta", "fine_label_names", 100)
+    return _cifar([root / ("train" if train else "test")], "fine_labels", classes, size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny ImageNet
+
+
+def _read_lines(path: Path) -> list[tuple[int, list[str]]]:
+    """Non-empty, non-comment lines of a text file as (line number, whitespace-split fields)."""
+    try:
+        text = _require(path).read_text()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a text file ({err})") from err
+    return [(n, line.split()) for n, line in enumerate(text.splitlines(), 1) if line.strip() and not line.startswith("#")]
+
+
+def _ints(fields: list[str], path: Path, lineno: int) -> tuple[int, ...]:
+    try:
+        return tuple(int(f) for f in fields)
+    except ValueError as err:
+        raise ValueError(f"{path}:{lineno}: expected integers, got {fields}") from err
+
+
+def tiny_imagenet(root: str | os.PathLike, *, split: str = "train", size: int | Sequence[int] | None = 64) -> ImageFiles:
+    """Tiny ImageNet (200 classes, 64x64) with its bounding boxes.
+
+    Args:
+        root: directory holding ``wnids.txt`` (class order = label order), ``train/<wnid>/images/``
+            with ``train/<wnid>/<wnid>_boxes.txt`` (``file x0 y0 x1 y1`` per line) and
+            ``val/images/`` with ``val/val_annotations.txt`` (``file wnid x0 y0 x1 y1``).
+        split: "train" or "val" (the test split has no labels).
+        size: output (H, W) in pixels; default 64 (native).
+
+    Box corners in the files are inclusive pixel indices; samples carry them half-open.
+    """
+    root = Path(root)
+    wnids_file = root / "wnids.txt"
+    wnids = [fields[0] for _, fields in _read_lines(wnids_file)]
+    index = {w: i for i, w in enumerate(wnids)}
+    records = []
+
+    def box_of(fields: list[str], path: Path, lineno: int) -> tuple[int, int, int, int]:
+        x0, y0, x1, y1 = _ints(fields, path, lineno)
+        return (x0, y0, x1 + 1, y1 + 1)
+
+    if split == "train":
+        for wnid in wnids:
+            boxes_file = root / "train" / wnid / f"{wnid}_boxes.txt"
+            for lineno, fields in _read_lines(boxes_file):
+                if len(fields) != 5:
+                    raise ValueError(f"{boxes_file}:{lineno}: expected 'file x0 y0 x1 y1', got {fields}")
+                image = root / "train" / wnid / "images" / fields[0]
+                records.append(Record(_require(image), index[wnid], box_of(fields[1:], boxes_file, lineno)))
+        where = root / "train"
+    elif split == "val":
+        where = root / "val" / "val_annotations.txt"
+        for lineno, fields in _read_lines(where):
+            if len(fields) != 6:
+                raise ValueError(f"{where}:{lineno}: expected 'file wnid x0 y0 x1 y1', got {fields}")
+            if fields[1] not in index:
+                raise ValueError(f"{where}:{lineno}: class {fields[1]!r} is not in {wnids_file} (label out of range)")
+            image = root / "val" / "images" / fields[0]
+            records.append(Record(_require(image), index[fields[1]], box_of(fields[2:], where, lineno)))
+    else:
+        raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
+    return ImageFiles(records, wnids, size=size, annotations="box", where=where)
+
+
+# ----------------------------------------------------------------------------------------------
+# Oxford Flowers-17
+
+
+def flowers17(
+    root: str | os.PathLike,
+    *,
+    size: int | Sequence[int] | None = 224,
+    segmented_only: bool = True,
+    indices: Iterable[int] | None = None,
+    foreground_rgb: tuple[int, int, int] = (128, 0, 0),
+) -> ImageFiles:
+    """Oxford Flowers-17 with its segmentations (trimaps).
+
+    Args:
+        root: directory holding ``jpg/image_XXXX.jpg`` (1-based numbers; images 80k+1 .. 80k+80
+            are class k) and, for masks, ``trimaps/image_XXXX.png``.
+        size: output (H, W) in pixels; default 224.
+        segmented_only: keep only the images that have a trimap and give them masks (and the
+            masks' tight boxes); False gives all images without masks.
+        indices: optional image numbers (1-based) of a split, e.g. ``trn1`` from ``datasplits.mat``.
+        foreground_rgb: trimap colour of the flower (the VOC-palette red the trimaps use); every
+            other colour is background.
+    """
+    root = Path(root)
+    jpg_dir = _require(root / "jpg")
+    wanted = None if indices is None else {int(i) for i in indices}
+    records = []
+    for path in sorted(jpg_dir.iterdir()):
+        match = re.fullmatch(r"image_(\d{4})\.jpg", path.name)
+        if match is None:
+            continue
+        number = int(match.group(1))
+        if wanted is not None and number not in wanted:
+            continue
+        label = (number - 1) // 80
+        if number < 1 or label >= len(FLOWERS17_CLASSES):
+            raise ValueError(f"{path}: image number {number} gives label {label}, out of range [0, 17)")
+        trimap = root / "trimaps" / f"image_{number:04d}.png"
+        if segmented_only:
+            if not trimap.exists():
+                continue
+            records.append(Record(path, label, annotation=trimap))
+        else:
+            records.append(Record(path, label))
+    if segmented_only:
+        _require(root / "trimaps")
+    colour = np.asarray(foreground_rgb, dtype=np.uint8)
+
+    def parse(record: Record, image: Image.Image) -> np.ndarray:
+        trimap = np.asarray(_open_mask(record, image).convert("RGB"))
+        return (trimap == colour).all(axis=-1)
+
+    return ImageFiles(
+        records, FLOWERS17_CLASSES, size=size, annotations="mask" if segmented_only else "none", parse=parse, where=jpg_dir
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageFolder with PASCAL VOC XML boxes (ImageNet's train boxes)
+
+
+def _voc_box(record: Record, image: Image.Image) -> tuple[int, int, int, int]:
+    """Union of all object boxes in a PASCAL VOC XML file, half-open in source pixels."""
+    path = record.annotation
+    try:
+        tree = ET.parse(_require(path)).getroot()
+    except ET.ParseError as err:
+        raise ValueError(f"{path}: malformed XML ({err})") from err
+    size = tree.find("size")
+    if size is not None and size.findtext("width") and size.findtext("height"):
+        xml_wh = (int(size.findtext("width")), int(size.findtext("height")))
+        if xml_wh != image.size:
+            raise ValueError(
+                f"{path}: annotated size {xml_wh[0]}x{xml_wh[1]} does not match image {record.image} "
+                f"size {image.size[0]}x{image.size[1]} (width x height)"
+            )
+    boxes = []
+    for obj in tree.iter("bndbox"):
+        try:
+            xmin, ymin, xmax, ymax = (int(float(obj.findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax"))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: bndbox needs numeric xmin, ymin, xmax, ymax") from err
+        boxes.append((xmin - 1, ymin - 1, xmax, ymax))  # 1-based inclusive -> 0-based half-open
+    if not boxes:
+        raise ValueError(f"{path}: no <bndbox> in annotation")
+    x0, y0, x1, y1 = zip(*boxes)
+    return (min(x0), min(y0), max(x1), max(y1))
+
+
+def image_folder(
+    root: str | os.PathLike,
+    *,
+    annotations: str | os.PathLike | None = None,
+    size: int | Sequence[int] | None = 224,
+    missing_boxes: str = "skip",
+) -> ImageFiles:
+    """ImageFolder layout ``root/<class>/<image>`` with optional PASCAL VOC XML boxes.
+
+    Args:
+        root: one sub-directory per class (sorted names = label order) holding images
+            (.jpg/.jpeg/.png/.bmp/.webp, any case).
+        annotations: directory of ``<image stem>.xml`` files, flat or in ``<class>/``
+            sub-directories (ImageNet's ``Annotation/<wnid>/<stem>.xml``); None: no boxes.
+        size: output (H, W) in pixels; default 224. Boxes are rescaled with the image.
+        missing_boxes: for an image without an XML file: "skip" it, "error", or "full" (box
+            = the whole image).
+
+    A sample's box is the union of all ``<bndbox>`` elements in its XML (corners read as VOC's
+    1-based inclusive pixels); the XML's ``<size>``, when present, must match the image.
+    """
+    if missing_boxes not in ("skip", "error", "full"):
+        raise ValueError(f"missing_boxes: expected 'skip', 'error' or 'full', got {missing_boxes!r}")
+    root = _require(Path(root))
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    xml_files = {}
+    if annotations is not None:
+        xml_files = {p.stem: p for p in _require(Path(annotations)).rglob("*.xml")}
+    records = []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).iterdir()):
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if annotations is None:
+                records.append(Record(path, label))
+            elif path.stem in xml_files:
+                records.append(Record(path, label, annotation=xml_files[path.stem]))
+            elif missing_boxes == "error":
+                raise FileNotFoundError(f"{Path(annotations) / (path.stem + '.xml')}: no box annotation for {path}")
+            elif missing_boxes == "full":
+                # A box larger than any image; clipped to the image when decoded.
+                records.append(Record(path, label, box=(0, 0, 1 << 30, 1 << 30)))
+    return ImageFiles(
+        records, classes, size=size, annotations="none" if annotations is None else "box", parse=_voc_box, where=root
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Oxford-IIIT Pet
+
+
+def oxford_pets(
+    root: str | os.PathLike, *, split: str | None = None, size: int | Sequence[int] | None = 224
+) -> ImageFiles:
+    """Oxford-IIIT Pet (37 breeds) with trimap masks.
+
+    Args:
+        root: directory holding ``images/<name>.jpg`` and ``annotations/`` with ``list.txt``
+            (``name class_id species breed_id``, class ids 1..37), ``trainval.txt``/``test.txt``
+            and ``trimaps/<name>.png`` (1 = pet, 2 = background, 3 = border).
+        split: None (all of ``list.txt``), "trainval" or "test".
+        size: output (H, W) in pixels; default 224.
+
+    The mask is the pet including its border region (trimap value 1 or 3); samples also get the
+    mask's tight box.
+    """
+    root = Path(root)
+    if split not in (None, "trainval", "test"):
+        raise ValueError(f"split: expected None, 'trainval' or 'test', got {split!r}")
+    index_file = root / "annotations" / ("list.txt" if split is None else f"{split}.txt")
+    records, names = [], {}
+    for lineno, fields in _read_lines(index_file):
+        if len(fields) < 2:
+            raise ValueError(f"{index_file}:{lineno}: expected 'name class_id species breed_id', got {fields}")
+        (class_id,) = _ints(fields[1:2], index_file, lineno)
+        if not 1 <= class_id <= 37:
+            raise ValueError(f"{index_file}:{lineno}: class id {class_id} out of range [1, 37]")
+        names.setdefault(class_id - 1, fields[0].rsplit("_", 1)[0])
+        image = _require(root / "images" / f"{fields[0]}.jpg")
+        records.append(Record(image, class_id - 1, annotation=root / "annotations" / "trimaps" / f"{fields[0]}.png"))
+    classes = [names.get(i, str(i + 1)) for i in range(37)]
+
+    def parse(record: Record, image: Image.Image) -> np.ndarray:
+        trimap = np.asarray(_open_mask(record, image).convert("L"))
+        return (trimap == 1) | (trimap == 3)
+
+    return ImageFiles(records, classes, size=size, annotations="mask", parse=parse, where=index_file)

@@ -1,0 +1,82 @@
+"""Building blocks shared by the model zoo."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["Normalize", "default_cam_layer", "init_weights"]
+
+
+class Normalize(nn.Module):
+    """Per-channel input normalisation ``(x - mean) / std``, the first layer of every zoo model.
+
+    Keeping it inside the model lets attacks, ε and saliency maps live in pixel space ([0, 1]).
+    With ``mean=None`` and ``std=None`` it is the identity (no arithmetic at all), which keeps a
+    bias-free network positively homogeneous; ``mean=None`` alone means zero mean, ``std=None``
+    alone unit std.
+
+    Args:
+        mean: per-channel means, length ``channels`` (pixel units), or None.
+        std: per-channel standard deviations, length ``channels``, all > 0, or None.
+        channels: number of input channels C.
+
+    Shapes: (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None, channels: int) -> None:
+        super().__init__()
+        for name, value in (("mean", mean), ("std", std)):
+            if value is not None and len(value) != channels:
+                raise ValueError(f"{name}: expected {channels} values (one per input channel), got {len(value)}")
+        if std is not None and min(std) <= 0:
+            raise ValueError(f"std: expected positive values, got {list(std)}")
+        self.enabled = mean is not None or std is not None
+        mean_t = torch.zeros(channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std_t = torch.ones(channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        self.register_buffer("mean", mean_t.view(1, channels, 1, 1))
+        self.register_buffer("std", std_t.view(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        if not self.enabled:
+            return "identity"
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+def init_weights(model: nn.Module) -> None:
+    """He (fan-out) init for convolutions, unit/zero for norm layers, zero linear biases."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def default_cam_layer(model: nn.Module) -> nn.Module:
+    """The module whose output Grad-CAM(++) should use: the last convolutional stage.
+
+    Zoo models name it in their ``cam_layer`` attribute (e.g. ``"layer4"``). For any other model
+    the last ``nn.Conv2d`` in module order is returned.
+
+    Raises:
+        ValueError: the model has neither a ``cam_layer`` nor any ``nn.Conv2d``.
+    """
+    name = getattr(model, "cam_layer", None)
+    if isinstance(name, str):
+        return model.get_submodule(name)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"model: {type(model).__name__} has no cam_layer attribute and no Conv2d layer")
+    return convs[-1]

@@ -1,0 +1,375 @@
+"""Saliency maps of a classifier, batched and with bounded memory.
+
+Every map explains one logit per sample: ``target`` is a (B,) int64 tensor of class indices, a
+single int for the whole batch, or None for the class the model predicts at the clean input x
+(for SmoothGrad and Integrated Gradients too: the class is fixed at x, not re-predicted at every
+noisy / interpolated point). Inputs are in the space the model receives — pixel space for fastsat
+models, which normalise inside ``forward`` — so maps are in pixel space as well.
+
+All maps are float32. They are shaped like x, except Grad-CAM++ which returns one map per image,
+(B, 1, H, W), that broadcasts over the channels (``fastsat.ops.sat_perturb`` takes either shape).
+
+``mode`` (default "eval") is the train/eval mode the model runs in for the call — "eval" keeps
+batch-norm statistics fixed so a sample's map does not depend on the rest of the batch or on the
+chunking; "train" or None (as found) are allowed. The model's modes and parameter
+``requires_grad`` flags are restored afterwards and no parameter ``.grad`` is written
+(see :func:`fastsat.grad.frozen`).
+
+SmoothGrad and Integrated Gradients evaluate many inputs per sample. ``chunk_size`` is the number
+of noise samples / path points evaluated per forward+backward pass; one pass feeds
+``chunk_size · B`` inputs to the model, and only running sums of the size of x are kept between
+passes, so memory stays bounded by the chunk and not by ``n_samples`` or ``steps``
+(None: everything in one pass). Results do not depend on ``chunk_size``: the per-point gradients
+are accumulated one point at a time in a fixed order, and SmoothGrad draws its noise one sample at
+a time in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastsat.grad import check_input, frozen, input_grad
+
+__all__ = [
+    "METHODS",
+    "compute",
+    "gradcam_pp",
+    "gradient",
+    "gradient_x_input",
+    "guided_backprop",
+    "integrated_gradients",
+    "minmax_scale",
+    "smoothgrad",
+]
+
+SMOOTHGRAD_VARIANTS = ("mean", "squared", "vargrad")
+SIGMA_UNITS = ("range", "pixel")
+IG_METHODS = ("trapezoid", "left", "right", "midpoint")
+
+
+def _check_positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        expected = "a positive int or None" if allow_none else "a positive int"
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _resolve_target(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | None, mode: str | None) -> torch.Tensor:
+    """(B,) int64 class indices: ``target`` broadcast to the batch, or the prediction at x."""
+    batch = x.shape[0]
+    if target is None:
+        with frozen(model, mode), torch.no_grad():
+            return model(x).argmax(dim=1)
+    if isinstance(target, int) and not isinstance(target, bool):
+        return torch.full((batch,), target, dtype=torch.long, device=x.device)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target: expected None, an int or a ({batch},) int64 tensor, got {type(target).__name__}")
+    if target.dtype != torch.long or target.shape != (batch,):
+        raise ValueError(
+            f"target: expected a ({batch},) int64 tensor, got shape {tuple(target.shape)} dtype {target.dtype}"
+        )
+    return target.to(x.device)
+
+
+def _logit_grad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, mode: str | None) -> torch.Tensor:
+    """float32 ∇_x Ψ^target(x), shaped like x (labels range-checked by ``input_grad``)."""
+    return input_grad(model, x, objective="logit", target=target, mode=mode).grad
+
+
+def _chunks(total: int, chunk_size: int | None) -> Iterator[range]:
+    step = total if chunk_size is None else chunk_size
+    for start in range(0, total, step):
+        yield range(start, min(start + step, total))
+
+
+def _point_grads(
+    model: nn.Module,
+    points: list[torch.Tensor],
+    target: torch.Tensor,
+    mode: str | None,
+) -> torch.Tensor:
+    """Gradients at several (B, ...) points in one pass: (len(points), B, ...) float32."""
+    stacked = torch.cat(points)
+    grads = _logit_grad(model, stacked, target.repeat(len(points)), mode)
+    return grads.reshape(len(points), *points[0].shape)
+
+
+def gradient(
+    model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | None = None, *, mode: str | None = "eval"
+) -> torch.Tensor:
+    """Vanilla saliency ∇_x Ψ^target(x): float32, shaped like x (B, ...), pixel space."""
+    check_input(model, x)
+    return _logit_grad(model, x, _resolve_target(model, x, target, mode), mode)
+
+
+def gradient_x_input(
+    model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | None = None, *, mode: str | None = "eval"
+) -> torch.Tensor:
+    """Gradient ⊙ input, x ⊙ ∇_x Ψ^target(x): float32, shaped like x.
+
+    For a positively one-homogeneous network (bias-free ReLU net) the map sums to the logit
+    (Euler's identity), i.e. it is Integrated Gradients with a zero baseline.
+    """
+    return (gradient(model, x, target, mode=mode) * x).float()
+
+
+def smoothgrad(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: int | torch.Tensor | None = None,
+    *,
+    n_samples: int = 50,
+    sigma: float = 0.15,
+    sigma_units: str = "range",
+    variant: str = "mean",
+    seed: int | None = None,
+    chunk_size: int | None = None,
+    mode: str | None = "eval",
+) -> torch.Tensor:
+    """SmoothGrad (Smilkov et al. 2017): statistics of ∇Ψ^target over x + N(0, σ²), float32 like x.
+
+    n_samples: noise draws per image (default 50). sigma: noise standard deviation; with
+    ``sigma_units="range"`` (default) a fraction of each image's value range, σ_b = sigma ·
+    (max x_b − min x_b) (default 0.15, i.e. 15 % of the range, as in METHODS.md §2); with
+    ``"pixel"`` an absolute standard deviation in pixel units. Noisy inputs are not clipped.
+    variant: "mean" (SmoothGrad, mean of g), "squared" (mean of g²) or "vargrad" (variance of g,
+    population form mean(g²) − mean(g)²). seed: int for a private generator (reproducible,
+    independent of torch's global RNG), None to draw from torch's global RNG. chunk_size: noise
+    draws per forward/backward pass (see the module docstring).
+    """
+    check_input(model, x)
+    _check_positive_int("n_samples", n_samples)
+    _check_positive_int("chunk_size", chunk_size, allow_none=True)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0:
+        raise ValueError(f"sigma: expected a non-negative float, got {sigma!r}")
+    if sigma_units not in SIGMA_UNITS:
+        raise ValueError(f"sigma_units: expected one of {SIGMA_UNITS}, got {sigma_units!r}")
+    if variant not in SMOOTHGRAD_VARIANTS:
+        raise ValueError(f"variant: expected one of {SMOOTHGRAD_VARIANTS}, got {variant!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+    target = _resolve_target(model, x, target, mode)
+    x = x.detach()
+    if sigma_units == "range":
+        flat = x.reshape(x.shape[0], -1)
+        std = sigma * (flat.amax(dim=1) - flat.amin(dim=1))
+        std = std.reshape((-1,) + (1,) * (x.dim() - 1))
+    else:
+        std = sigma
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(seed)
+    total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    total_sq = torch.zeros_like(total) if variant != "mean" else None
+    for chunk in _chunks(n_samples, chunk_size):
+        # One draw of x's shape per sample, in sample order, so any chunking draws the same noise.
+        points = [x + std * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) for _ in chunk]
+        for g in _point_grads(model, points, target, mode):
+            if total_sq is not None:
+                total_sq += g * g
+            total += g
+    mean = total / n_samples
+    if variant == "mean":
+        return mean
+    mean_sq = total_sq / n_samples
+    if variant == "squared":
+        return mean_sq
+    return (mean_sq - mean * mean).clamp_(min=0.0)
+
+
+def _ig_path(steps: int, method: str) -> tuple[list[float], list[float]]:
+    """Points t_k ∈ [0, 1] and quadrature weights w_k (Σ w_k = 1) of the path integral."""
+    if method == "trapezoid":
+        if steps < 2:
+            raise ValueError(f"steps: the trapezoid rule needs at least 2 points, got {steps}")
+        ts = [k / (steps - 1) for k in range(steps)]
+        weights = [1.0 / (steps - 1)] * steps
+        weights[0] = weights[-1] = 0.5 / (steps - 1)
+        return ts, weights
+    offset = {"left": 0.0, "right": 1.0, "midpoint": 0.5}[method]
+    return [(k + offset) / steps for k in range(steps)], [1.0 / steps] * steps
+
+
+def integrated_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: int | torch.Tensor | None = None,
+    *,
+    baseline: float | torch.Tensor | None = None,
+    steps: int = 50,
+    method: str = "trapezoid",
+    chunk_size: int | None = None,
+    mode: str | None = "eval",
+) -> torch.Tensor:
+    """Integrated Gradients (Sundararajan et al. 2017): (x − x') ⊙ ∫₀¹ ∇Ψ^target(x' + t(x − x')) dt.
+
+    baseline x': None (default, the zero image), a float (constant image) or a tensor that
+    broadcasts to x's shape, in pixel space. steps: number of gradient evaluations along the path
+    (default 50). method: quadrature — "trapezoid" (default; t_k = k/(steps−1), end points at half
+    weight), or the Riemann sums "left" (k/steps), "right" ((k+1)/steps), "midpoint"
+    ((k+½)/steps). Completeness: the map sums to Ψ^target(x) − Ψ^target(x') up to the quadrature
+    error. chunk_size: path points per forward/backward pass (see the module docstring).
+    Returns float32, shaped like x.
+    """
+    check_input(model, x)
+    _check_positive_int("steps", steps)
+    _check_positive_int("chunk_size", chunk_size, allow_none=True)
+    if method not in IG_METHODS:
+        raise ValueError(f"method: expected one of {IG_METHODS}, got {method!r}")
+    ts, weights = _ig_path(steps, method)
+    x = x.detach()
+    if baseline is None:
+        baseline = torch.zeros_like(x)
+    elif isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        baseline = torch.full_like(x, float(baseline))
+    elif isinstance(baseline, torch.Tensor):
+        try:
+            baseline = torch.broadcast_to(baseline.detach().to(device=x.device, dtype=x.dtype), x.shape)
+        except RuntimeError as err:
+            raise ValueError(
+                f"baseline: shape {tuple(baseline.shape)} does not broadcast to x's shape {tuple(x.shape)}"
+            ) from err
+    else:
+        raise TypeError(f"baseline: expected None, a float or a tensor, got {type(baseline).__name__}")
+    target = _resolve_target(model, x, target, mode)
+    delta = x - baseline
+    total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for chunk in _chunks(steps, chunk_size):
+        grads = _point_grads(model, [baseline + ts[k] * delta for k in chunk], target, mode)
+        for k, g in zip(chunk, grads):
+            total += weights[k] * g
+    return (delta * total).float()
+
+
+class _PositiveGrad(torch.autograd.Function):
+    """Identity forward; backward lets only positive gradients through (guided backprop)."""
+
+    @staticmethod
+    def forward(ctx: object, t: torch.Tensor) -> torch.Tensor:
+        # A copy, not a view: later in-place ops of the model may modify the output.
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad.clamp(min=0)
+
+
+def _guide_relu(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+    return _PositiveGrad.apply(output)
+
+
+def guided_backprop(
+    model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | None = None, *, mode: str | None = "eval"
+) -> torch.Tensor:
+    """Guided backprop (Springenberg et al. 2015): the gradient with every ReLU passing back only
+    positive gradients at positive inputs. float32, shaped like x.
+
+    Only ``nn.ReLU`` modules (in-place or not) are guided, via forward hooks that are removed
+    afterwards, also on error. ReLUs applied functionally (``F.relu``, ``torch.relu``,
+    ``x.relu()``) are invisible to hooks and keep their ordinary backward; a model with no
+    ``nn.ReLU`` module at all raises ValueError.
+    """
+    check_input(model, x)
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    if not relus:
+        raise ValueError(
+            "model: guided backprop needs nn.ReLU modules to hook, found none "
+            "(functional relu calls cannot be hooked)"
+        )
+    handles = [m.register_forward_hook(_guide_relu) for m in relus]
+    try:
+        return gradient(model, x, target, mode=mode)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def gradcam_pp(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: int | torch.Tensor | None = None,
+    *,
+    layer: nn.Module,
+    mode: str | None = "eval",
+) -> torch.Tensor:
+    """Grad-CAM++ (Chattopadhyay et al. 2018) at ``layer``: float32 (B, 1, H, W) maps.
+
+    layer: a submodule of ``model`` run exactly once per forward, whose output A is (B, C, h, w)
+    (e.g. the last convolutional stage). With G = ∂Ψ^target/∂A (the exponential-score form of the
+    paper, in which higher derivatives are powers of G):
+    α_kij = G²_kij / (2 G²_kij + Σ_ab A_kab · G³_kij) (0 where G = 0), w_k = Σ_ij α_kij · relu(G_kij),
+    map = relu(Σ_k w_k A_k), upsampled bilinearly (align_corners=False) to x's H×W.
+    The single channel broadcasts over x's channels.
+    """
+    check_input(model, x)
+    if not isinstance(layer, nn.Module) or not any(m is layer for m in model.modules()):
+        raise ValueError("layer: expected a submodule of model")
+    if x.dim() != 4:
+        raise ValueError(f"x: Grad-CAM++ expects (B, C, H, W) images, got shape {tuple(x.shape)}")
+    activations: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda module, inputs, output: activations.append(output))
+    try:
+        with frozen(model, mode):
+            logits = model(x.detach().requires_grad_(True))
+    finally:
+        handle.remove()
+    if len(activations) != 1:
+        raise ValueError(f"layer: expected it to run once per forward pass, it ran {len(activations)} times")
+    act = activations[0]
+    if not isinstance(act, torch.Tensor) or act.dim() != 4 or act.shape[0] != x.shape[0]:
+        raise ValueError(f"layer: expected a (B, C, h, w) output, got {getattr(act, 'shape', type(act).__name__)}")
+    if target is None:
+        target = logits.detach().argmax(dim=1)
+    else:
+        target = _resolve_target(model, x, target, mode)
+        if int(target.min()) < 0 or int(target.max()) >= logits.shape[1]:
+            raise ValueError(f"target: class indices must lie in [0, {logits.shape[1]})")
+    (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), act)
+    act, grad = act.detach().float(), grad.float()
+    grad_sq = grad * grad
+    denom = 2.0 * grad_sq + act.sum(dim=(2, 3), keepdim=True) * grad_sq * grad
+    alpha = torch.where(grad != 0, grad_sq / torch.where(denom != 0, denom, 1.0), 0.0)
+    weights = (alpha * grad.clamp(min=0)).sum(dim=(2, 3), keepdim=True)
+    cam = (weights * act).sum(dim=1, keepdim=True).clamp(min=0)
+    return F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def minmax_scale(maps: torch.Tensor) -> torch.Tensor:
+    """Scale each sample's map to [0, 1]: (m − min) / (max − min) over all its elements.
+
+    maps: (B, ...) floating tensor. A constant map becomes all zeros. Returns float32, same shape.
+    """
+    if not isinstance(maps, torch.Tensor) or not maps.is_floating_point() or maps.dim() < 2:
+        raise ValueError(f"maps: expected a floating (B, ...) tensor, got {getattr(maps, 'shape', type(maps).__name__)}")
+    flat = maps.float().reshape(maps.shape[0], -1)
+    lo = flat.amin(dim=1, keepdim=True)
+    span = flat.amax(dim=1, keepdim=True) - lo
+    scaled = torch.where(span > 0, (flat - lo) / torch.where(span > 0, span, 1.0), 0.0)
+    return scaled.reshape(maps.shape)
+
+
+METHODS: dict[str, Callable[..., torch.Tensor]] = {
+    "gradient": gradient,
+    "gradient_x_input": gradient_x_input,
+    "smoothgrad": smoothgrad,
+    "integrated_gradients": integrated_gradients,
+    "guided_backprop": guided_backprop,
+    "gradcam_pp": gradcam_pp,
+}
+
+
+def compute(method: str, model: nn.Module, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    """Call the saliency method named ``method`` (a key of :data:`METHODS`) with ``kwargs``.
+
+    E.g. ``compute("smoothgrad", teacher, x, n_samples=10)`` or
+    ``compute("gradcam_pp", teacher, x, layer=teacher.layer4)``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {tuple(METHODS)}, got {method!r}")
+    return METHODS[method](model, x, **kwargs)

@@ -1,0 +1,126 @@
+"""SAT's strong saliency maps: a teacher network's maps for a whole dataset, computed batched
+once and cached on disk (METHODS.md §2).
+
+Post-processing as in the SAT authors' code: guided backprop → its sign in {−1, 0, 1}; SmoothGrad
+(σ = 0.15 of the image range, 10 samples), Integrated Gradients (zero baseline, 100 steps) and
+Grad-CAM++ (last convolution, upsampled) → min–max scaled to [0, 1] per image. Maps explain the
+teacher's predicted class and are float32 (N, C, H, W) (Grad-CAM++: (N, 1, H, W)).
+
+Maps belong to the un-augmented images: train with them without augmentation (crop/flip would
+move the image but not its map).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fastsat import saliency
+from fastsat.data import default_cache_dir
+from fastsat.train.checkpoint import atomic_save
+
+__all__ = ["TEACHER_METHODS", "SaliencyDataset", "teacher_saliency"]
+
+#: Saliency method → keyword defaults (METHODS.md §2).
+TEACHER_METHODS: dict[str, dict] = {
+    "guided_backprop": {},
+    "smoothgrad": {"n_samples": 10, "sigma": 0.15, "seed": 0},
+    "integrated_gradients": {"steps": 100},
+    "gradcam_pp": {},
+}
+
+
+def _fingerprint(teacher: nn.Module, images: Tensor, method: str, options: dict) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in teacher.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(str(tuple(images.shape)).encode() + str(images.dtype).encode())
+    digest.update(images.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps({"method": method, "options": options}, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:24]
+
+
+def _last_conv(model: nn.Module) -> nn.Module:
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError("teacher: Grad-CAM++ needs a convolution layer; pass layer=...")
+    return convs[-1]
+
+
+def teacher_saliency(
+    teacher: nn.Module,
+    images: Tensor,
+    *,
+    method: str = "smoothgrad",
+    batch_size: int = 256,
+    cache_dir: str | os.PathLike | None | bool = None,
+    **options,
+) -> Tensor:
+    """SAT maps of ``images`` from ``teacher``, cached under a key of teacher weights, method,
+    options and image bytes.
+
+    Args:
+        teacher: trained classifier on pixel-space input (its device is used).
+        images: (N, C, H, W) uint8 (0–255) or float in [0, 1] — e.g. ``dataset.images``.
+        method: one of :data:`TEACHER_METHODS`. options: override its defaults (e.g.
+            ``n_samples=25``; ``layer=`` for Grad-CAM++, default the last Conv2d).
+        batch_size: images per batched saliency call (default 256).
+        cache_dir: directory of the cache (default ``fastsat.data.default_cache_dir()``), False
+            for no cache. The file is written atomically; an unreadable one is recomputed.
+
+    Returns:
+        float32 (N, C, H, W) maps on the CPU (Grad-CAM++: (N, 1, H, W)).
+    """
+    if method not in TEACHER_METHODS:
+        raise ValueError(f"method: expected one of {tuple(TEACHER_METHODS)}, got {method!r}")
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise TypeError(f"images: expected an (N, C, H, W) tensor, got {getattr(images, 'shape', type(images).__name__)}")
+    options = {**TEACHER_METHODS[method], **options}
+    if method == "gradcam_pp":
+        options.setdefault("layer", _last_conv(teacher))
+    path = None
+    if cache_dir is not False:
+        key_options = {k: v for k, v in options.items() if k != "layer"}
+        if "layer" in options:
+            key_options["layer"] = next(n for n, m in teacher.named_modules() if m is options["layer"])
+        directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        path = directory / f"sat-maps-{method}-{_fingerprint(teacher, images, method, key_options)}.pt"
+        if path.exists():
+            try:
+                return torch.load(path, weights_only=True)
+            except Exception:  # a truncated or foreign file: recompute it
+                pass
+    device = next(teacher.parameters()).device
+    maps = []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start : start + batch_size].to(device)
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        raw = saliency.compute(method, teacher, x, **options)
+        maps.append((raw.sign() if method == "guided_backprop" else saliency.minmax_scale(raw)).cpu())
+    result = torch.cat(maps)
+    if path is not None:
+        atomic_save(result, path)
+    return result
+
+
+class SaliencyDataset(torch.utils.data.Dataset):
+    """A map-style dataset of sample dicts with a ``"saliency"`` entry added from ``maps`` (N, ...),
+    for the ``sat`` recipes with ``maps="saliency"``."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, maps: Tensor):
+        if len(dataset) != maps.shape[0]:
+            raise ValueError(f"maps: {maps.shape[0]} maps for a dataset of {len(dataset)} samples")
+        self.dataset, self.maps = dataset, maps
+        self.classes = getattr(dataset, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], "saliency": self.maps[index]}

@@ -1,0 +1,302 @@
+"""Tests of fastsat.alignment: Etmann et al.'s identities on tiny analytic models, the
+correlation formulas, and the files analyze() writes.
+
+Models are float64 on 2×8×8 inputs. fastsat.grad returns input gradients and Jacobians in
+float32, so quantities built from them carry float32 rounding (relative ≈ 6e-8 per element,
+summed over 128 elements of either sign); the tolerances below state how much of it they allow.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+
+import pytest
+import torch
+from matplotlib.image import imread
+from torch import nn
+
+from fastsat import alignment as al
+
+C, H, W, K = 2, 8, 8, 5
+D = C * H * W
+
+
+def images(batch: int = 6) -> torch.Tensor:
+    return torch.rand(batch, C, H, W, dtype=torch.float64)
+
+
+def relu_net(bias: bool) -> nn.Sequential:
+    """conv → ReLU → max-pool → linear (no batch-norm): positively one-homogeneous iff bias=False."""
+    return nn.Sequential(
+        nn.Conv2d(C, 4, 3, padding=1, bias=bias),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * (H // 2) * (W // 2), K, bias=bias),
+    ).double()
+
+
+def linear_binary(w: torch.Tensor) -> nn.Sequential:
+    """Ψ(x) = (⟨w, x⟩, −⟨w, x⟩), no bias: Etmann's Lemma 1 model as a 2-class classifier."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(D, 2, bias=False)).double()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.stack([w, -w]))
+    return model
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    return (actual.double() - expected.double()).abs() / expected.double().abs()
+
+
+def reference_linearization(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """float64 ρ̃, j*, α_bin, β, ‖∇Ψ^{i*j*}‖ by autograd, one sample and one class at a time."""
+    out: dict[str, list[float]] = {"rho_tilde": [], "j_star": [], "alpha_bin": [], "beta": [], "grad_norm": []}
+    for xb in x:
+        xb = xb[None].clone().requires_grad_(True)
+        logits = model(xb)[0]
+        grads = [torch.autograd.grad(logits[k], xb, retain_graph=True)[0][0] for k in range(logits.numel())]
+        i = int(logits.argmax())
+        best = None
+        for j in range(logits.numel()):
+            if j == i:
+                continue
+            g = grads[i] - grads[j]
+            ratio = float(logits[i] - logits[j]) / float(g.norm())
+            if best is None or ratio < best[0]:
+                best = (ratio, j, g)
+        ratio, j, g = best
+        dot = float((xb[0] * g).sum())
+        out["rho_tilde"].append(ratio)
+        out["j_star"].append(j)
+        out["alpha_bin"].append(abs(dot) / float(g.norm()))
+        out["beta"].append(float(logits[i] - logits[j]) - dot)
+        out["grad_norm"].append(float(g.norm()))
+    return {k: torch.tensor(v) for k, v in out.items()}
+
+
+def test_linear_binary_model_alpha_equals_rho_tilde_equals_distance() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(D, dtype=torch.float64)
+    x = images(8)
+    model = linear_binary(w)
+    distance = (x.flatten(1) @ w).abs() / w.norm()  # Lemma 1: |⟨w, x⟩| / ‖w‖
+    stats = al.alignment(model, x)
+    lin = al.linearization(model, x)
+    for name, value in (("alpha", stats.alignment), ("rho_tilde", lin.rho_tilde), ("alpha_bin", lin.alpha_bin)):
+        err = rel_err(value, distance)
+        assert err.max() < 1e-5, f"{name} vs |<w,x>|/||w||: relative errors {err.tolist()}"
+    assert torch.equal(lin.j_star, 1 - lin.prediction)
+
+
+def test_linear_binary_model_boundary_distance() -> None:
+    torch.manual_seed(1)
+    w = torch.randn(D, dtype=torch.float64)
+    # Inputs in [0.25, 0.75]: the minimal step (≈ 0.05 per element here) stays inside the [0, 1]
+    # box, where Lemma 1's unconstrained distance is the constrained one.
+    x = 0.25 + 0.5 * images(8)
+    distance = (x.flatten(1) @ w).abs() / w.norm()
+    rho = al.boundary_distance(linear_binary(w), x)
+    assert torch.isfinite(rho).all(), f"DeepFool found no boundary for some samples: {rho.tolist()}"
+    err = rel_err(rho, distance)
+    assert err.max() < 1e-5, f"rho vs |<w,x>|/||w||: relative errors {err.tolist()}"
+
+
+def test_bias_free_relu_net_is_homogeneous_theorem_1() -> None:
+    torch.manual_seed(2)
+    model, x = relu_net(bias=False), images()
+    lin = al.linearization(model, x)
+    ref = reference_linearization(model, x)
+    assert torch.equal(lin.j_star, ref["j_star"]), f"j*: {lin.j_star.tolist()} vs reference {ref['j_star'].tolist()}"
+    # β = Ψ^{i*j*} − ⟨∇Ψ^{i*j*}, x⟩ is a cancellation of two equal numbers; its floor is the
+    # float32 rounding of the gradient, ~1e-7 of the margin. 1e-5 of the margin is far below the
+    # β of the biased net in the next test (order of the margin itself).
+    assert (lin.beta.abs() <= 1e-5 * lin.margin.abs()).all(), f"β = {lin.beta.tolist()}, margins {lin.margin.tolist()}"
+    err = rel_err(lin.rho_tilde, lin.alpha_bin)
+    assert err.max() < 1e-5, f"ρ̃ vs α_bin: relative errors {err.tolist()}"
+    err = rel_err(lin.rho_tilde, ref["rho_tilde"])
+    assert err.max() < 1e-5, f"ρ̃ vs float64 reference: relative errors {err.tolist()}"
+
+
+def test_biased_relu_net_gap_is_bounded_by_beta_theorem_2() -> None:
+    torch.manual_seed(3)
+    model, x = relu_net(bias=True), images()
+    with torch.no_grad():  # biases large enough that β is not negligible
+        model[0].bias.uniform_(-0.5, 0.5)
+        model[4].bias.uniform_(-0.5, 0.5)
+    lin = al.linearization(model, x)
+    ref = reference_linearization(model, x)
+    assert torch.equal(lin.j_star, ref["j_star"])
+    for name in ("rho_tilde", "alpha_bin", "grad_norm"):
+        err = rel_err(getattr(lin, name), ref[name])
+        assert err.max() < 1e-5, f"{name} vs float64 reference: relative errors {err.tolist()}"
+    # β is absolute error relative to the margin scale here (it can be near 0 by chance).
+    assert ((lin.beta - ref["beta"]).abs() <= 1e-5 * ref["beta"].abs().max()).all()
+    gap = (lin.rho_tilde - lin.alpha_bin).abs()
+    assert gap.max() > 1e-3 * lin.rho_tilde.abs().max(), "with biases ρ̃ and α_bin should differ"
+    # ρ̃‖g‖ = ⟨x, g⟩ + β and α_bin‖g‖ = |⟨x, g⟩| ⇒ |ρ̃ − α_bin| ≤ |β|/‖g‖; slack for float32 gradients.
+    bound = lin.beta.abs() / lin.grad_norm
+    slack = 1e-5 * lin.rho_tilde.abs()
+    assert (gap <= bound + slack).all(), f"|ρ̃ − α_bin| = {gap.tolist()} exceeds |β|/‖g‖ = {bound.tolist()}"
+
+
+def test_alignment_targets_against_autograd() -> None:
+    torch.manual_seed(4)
+    model, x = relu_net(bias=True), images()
+    y = torch.randint(0, K, (x.shape[0],))
+    xr = x.clone().requires_grad_(True)
+    logits = model(xr)
+    grads = {
+        "predicted": torch.autograd.grad(logits.gather(1, logits.argmax(1)[:, None]).sum(), xr, retain_graph=True)[0],
+        "label": torch.autograd.grad(logits.gather(1, y[:, None]).sum(), xr, retain_graph=True)[0],
+        "loss": torch.autograd.grad(nn.functional.cross_entropy(logits, y, reduction="sum"), xr)[0],
+    }
+    for target, g in grads.items():
+        stats = al.alignment(model, x, target=target, y=y)
+        dot = (x * g).flatten(1).sum(1)
+        alpha = dot.abs() / g.flatten(1).norm(dim=1)
+        cosine = alpha / x.flatten(1).norm(dim=1)
+        assert rel_err(stats.alignment, alpha).max() < 1e-5, f"alignment, target={target}"
+        assert rel_err(stats.cosine, cosine).max() < 1e-5, f"cosine, target={target}"
+    with pytest.raises(ValueError, match="y"):
+        al.alignment(model, x, target="label")
+    with pytest.raises(ValueError, match="target"):
+        al.alignment(model, x, target="true")
+
+
+def test_thin_wrappers_agree_with_linearization_and_restore_the_model() -> None:
+    torch.manual_seed(5)
+    model, x = relu_net(bias=True).train(), images()
+    lin = al.linearization(model, x, chunk_size=2)
+    assert torch.equal(al.linearized_robustness(model, x).rho_tilde, lin.rho_tilde)
+    assert torch.equal(al.binarized_alignment(model, x).alpha_bin, lin.alpha_bin)
+    assert torch.equal(al.homogeneity_defect(model, x).beta, lin.beta)
+    assert all(m.training for m in model.modules())
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+# --- correlations against textbook formulas (no numpy / scipy) ------------------------------------
+
+def pearson_textbook(xs: list[float], ys: list[float]) -> float:
+    """r = (nΣxy − ΣxΣy) / sqrt((nΣx² − (Σx)²)(nΣy² − (Σy)²))."""
+    n = len(xs)
+    sx, sy = sum(xs), sum(ys)
+    sxy = sum(a * b for a, b in zip(xs, ys))
+    sxx, syy = sum(a * a for a in xs), sum(b * b for b in ys)
+    return (n * sxy - sx * sy) / math.sqrt((n * sxx - sx * sx) * (n * syy - sy * sy))
+
+
+def test_pearson_and_spearman_against_reference_formulas() -> None:
+    rng = random.Random(6)
+    xs = [rng.gauss(0, 1) for _ in range(40)]
+    ys = [0.5 * a + rng.gauss(0, 1) for a in xs]
+    assert al.pearson(xs, ys) == pytest.approx(pearson_textbook(xs, ys), rel=1e-12)
+    # No ties: ρ_s = 1 − 6 Σ d² / (n (n² − 1)).
+    rank_x = {v: r + 1 for r, v in enumerate(sorted(xs))}
+    rank_y = {v: r + 1 for r, v in enumerate(sorted(ys))}
+    d2 = sum((rank_x[a] - rank_y[b]) ** 2 for a, b in zip(xs, ys))
+    n = len(xs)
+    assert al.spearman(xs, ys) == pytest.approx(1 - 6 * d2 / (n * (n * n - 1)), rel=1e-12)
+    # Monotone but non-linear: Spearman 1, Pearson below 1.
+    cubes = [a**3 for a in xs]
+    assert al.spearman(xs, cubes) == pytest.approx(1.0, rel=1e-12)
+    assert al.pearson(xs, cubes) < 0.99
+
+
+def test_spearman_with_ties_and_non_finite_values() -> None:
+    # Average ranks: a = [1, 2, 2, 3] → [1, 2.5, 2.5, 4]; b = [10, 20, 30, 40] → [1, 2, 3, 4].
+    a, b = [1.0, 2.0, 2.0, 3.0], [10.0, 20.0, 30.0, 40.0]
+    assert al.spearman(a, b) == pytest.approx(pearson_textbook([1, 2.5, 2.5, 4], [1, 2, 3, 4]), rel=1e-12)
+    # Non-finite pairs are dropped, not propagated.
+    assert al.pearson(a + [math.nan], b + [1.0]) == pytest.approx(pearson_textbook(a, b), rel=1e-12)
+    assert al.spearman(a + [3.0], b + [math.inf]) == pytest.approx(al.spearman(a, b), rel=1e-12)
+    assert math.isnan(al.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])), "constant input has no correlation"
+    assert math.isnan(al.spearman([1.0], [2.0]))
+
+
+# --- analyze -----------------------------------------------------------------------------------
+
+def read_csv_rows(path) -> list[dict[str, float]]:
+    with open(path, newline="") as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def same_number(a: float | None, b: float) -> bool:
+    """JSON writes non-finite numbers as null."""
+    return (a is None and not math.isfinite(b)) or a == b
+
+
+def test_analyze_writes_files_that_match_the_table(tmp_path) -> None:
+    torch.manual_seed(7)
+    model, x = relu_net(bias=True), images(10)
+    y = torch.randint(0, K, (10,))
+    batches = [{"image": x[:4], "label": y[:4], "index": 0}, (x[4:], y[4:])]
+    result = al.analyze(
+        model, batches, out_dir=tmp_path / "out", grid_samples=3,
+        smoothgrad_kwargs={"n_samples": 3}, ig_kwargs={"steps": 4}, deepfool_kwargs={},
+    )
+    rows = result.rows
+    assert [r["index"] for r in rows] == list(range(10))
+    assert [r["label"] for r in rows] == y.tolist()
+    # The table holds what the per-sample functions return.
+    lin = al.linearization(model, x)
+    stats = al.alignment(model, x)
+    for col, want in (("alpha", stats.alignment), ("alpha_bin", lin.alpha_bin), ("rho_tilde", lin.rho_tilde),
+                      ("beta", lin.beta), ("prediction", lin.prediction), ("cosine", stats.cosine)):
+        got = torch.tensor([r[col] for r in rows], dtype=want.dtype)
+        assert torch.allclose(got, want, rtol=1e-12, atol=0), f"column {col} differs from the direct call"
+    rho = torch.tensor([r["rho"] for r in rows], dtype=torch.float64)
+    assert rho.isfinite().all(), f"ρ not measured: {rho.tolist()}"
+    assert torch.equal(rho, al.boundary_distance(model, x)), "column rho differs from boundary_distance"
+
+    assert set(result.files) == {"csv", "json", "scatter", "saliency_grid"}
+    csv_rows = read_csv_rows(result.files["csv"])
+    assert len(csv_rows) == 10
+    for got, want in zip(csv_rows, rows):
+        for k, v in want.items():
+            assert got[k] == v or (math.isnan(got[k]) and math.isnan(v)), f"CSV {k}: {got[k]!r} vs {v!r}"
+    payload = json.loads(result.files["json"].read_text())
+    for got, want in zip(payload["rows"], rows):
+        assert all(same_number(got[k], v) for k, v in want.items()), f"JSON row {got} vs {want}"
+    assert all(same_number(payload["summary"][k], v) if isinstance(v, float) else payload["summary"][k] == v
+               for k, v in result.summary.items())
+    # The summary is recomputed from the table with the reference formulas.
+    s = result.summary
+    assert s["n"] == 10 and s["accuracy"] == sum(r["label"] == r["prediction"] for r in rows) / 10
+    alphas = sorted(r["alpha"] for r in rows)
+    assert s["median_alpha"] == (alphas[4] + alphas[5]) / 2
+    ab, rt = [r["alpha_bin"] for r in rows], [r["rho_tilde"] for r in rows]
+    assert s["pearson_alpha_bin_rho_tilde"] == pytest.approx(pearson_textbook(ab, rt), rel=1e-9)
+    assert s["pearson_alpha_rho"] == pytest.approx(pearson_textbook([r["alpha"] for r in rows], rho.tolist()), rel=1e-9)
+    # PNGs decode; the grid has one 200-px row per grid sample and 4 columns (input | 3 maps).
+    scatter = imread(result.files["scatter"])
+    assert scatter.shape[:2] == (450, 1000)
+    grid = imread(result.files["saliency_grid"])
+    assert grid.shape[:2] == (3 * 200, 4 * 200)
+    assert not list((tmp_path / "out").glob(".*.tmp")), "temporary files left behind"
+
+
+def test_analyze_without_rho_and_from_a_tensor_pair() -> None:
+    torch.manual_seed(8)
+    model, x = relu_net(bias=False), images(5)
+    y = torch.randint(0, K, (5,))
+    result = al.analyze(model, (x, y), measure_rho=False)
+    assert result.files == {}
+    assert all(math.isnan(r["rho"]) for r in result.rows)
+    assert math.isnan(result.summary["pearson_alpha_rho"]) and result.summary["n_pairs_alpha_rho"] == 0
+    # Bias-free: α_bin = ρ̃ for every sample, so their correlations are 1.
+    assert result.summary["spearman_alpha_bin_rho_tilde"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_analyze_rejects_bad_data() -> None:
+    model = relu_net(bias=True)
+    with pytest.raises(ValueError, match="image"):
+        al.analyze(model, [{"x": images(2), "label": torch.zeros(2, dtype=torch.long)}], measure_rho=False)
+    with pytest.raises(ValueError, match="labels"):
+        al.analyze(model, (images(3), torch.zeros(2, dtype=torch.long)), measure_rho=False)
+    with pytest.raises(ValueError, match="no samples"):
+        al.analyze(model, [], measure_rho=False)
+    with pytest.raises(ValueError, match="target"):
+        al.analyze(model, (images(3), torch.zeros(3, dtype=torch.long)), target="logit")
