@@ -67,8 +67,13 @@ def trades_loss(logits_nat: Tensor, logits_adv: Tensor, labels: Tensor, beta: fl
         logits_nat: (B, K) logits of the clean batch. logits_adv: (B, K) of the attacked batch.
         labels: (B,) int64. beta: weight β of the KL term (TRADES: 6; SAT's code: 1).
     """
-    kl = F.kl_div(F.log_softmax(logits_adv.float(), 1), F.softmax(logits_nat.float(), 1), reduction="batchmean")
-    return F.cross_entropy(logits_nat.float(), labels) + beta * kl
+    kl = F.kl_div(F.log_softmax(_upcast(logits_adv), 1), F.softmax(_upcast(logits_nat), 1), reduction="batchmean")
+    return F.cross_entropy(_upcast(logits_nat), labels) + beta * kl
+
+
+def _upcast(t: Tensor) -> Tensor:
+    """fp16/bf16 logits and gradients → float32 for the loss; float32/float64 stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -157,7 +162,7 @@ def _backward_and_step(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: t
 
 def _ce(model: nn.Module, x: Tensor, y: Tensor) -> RecipeOutput:
     logits = model(x)
-    return RecipeOutput(F.cross_entropy(logits.float(), y), logits.detach())
+    return RecipeOutput(F.cross_entropy(_upcast(logits), y), logits.detach())
 
 
 def _check_attack_mode(mode: str) -> None:
@@ -438,11 +443,11 @@ class GradNorm(Recipe):
         batch = as_batch(batch)
         x = batch["image"].detach().requires_grad_(True)
         logits = model(x)
-        ce = F.cross_entropy(logits.float(), batch["label"], reduction="none")
+        ce = F.cross_entropy(_upcast(logits), batch["label"], reduction="none")
         # The gradient of the summed loss is each sample's own ∇ₓCE_i (samples are independent
         # given the model; train-mode batch norm couples them, as it does in every recipe).
         (grad,) = torch.autograd.grad(ce.sum(), x, create_graph=True)
-        penalty = grad.float().pow(2).flatten(1).sum(1)
+        penalty = _upcast(grad).pow(2).flatten(1).sum(1)
         return RecipeOutput((ce + self.lam * penalty).mean(), logits.detach())
 
 
