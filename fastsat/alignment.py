@@ -32,7 +32,7 @@ import csv
 import json
 import math
 import os
-import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +97,16 @@ def alignment(
         grad = input_grad(model, x, objective="logit", target=y, mode=mode).grad
     else:
         grad = input_grad(model, x, objective="ce", y=y, mode=mode).grad
-    return alignment_stats(x.detach(), grad.to(x.dtype))
+    stats = alignment_stats(x.detach(), grad.to(x.dtype))
+    zero = int((stats.grad_norm == 0).sum())
+    if zero:
+        warnings.warn(
+            f"alignment: {zero} of {x.shape[0]} samples have an all-zero saliency map (saturated or "
+            "gradient-masking model); their alignment and cosine are reported as 0",
+            UserWarning,
+            stacklevel=2,
+        )
+    return stats
 
 
 class Linearization(NamedTuple):
@@ -125,9 +134,10 @@ def linearization(
 ) -> Linearization:
     """ρ̃, j*, α_bin and β of every sample from one full logit Jacobian.
 
-    x: (B, ...) in the model's input (pixel) space. Needs K ≥ 2 classes. Memory: the Jacobian
-    holds B·K copies of a sample (float32), computed ``chunk_size`` classes per backward pass
-    (see :func:`fastsat.grad.logit_jacobian`).
+    x: (B, ...) in the model's input (pixel) space. Needs K ≥ 2 classes. Memory: about three
+    arrays of B·K samples (the Jacobian, its differences to row i*, x repeated for the fused
+    statistics); the Jacobian is computed ``chunk_size`` classes per backward pass (see
+    :func:`fastsat.grad.logit_jacobian`). For many classes, call it on smaller batches.
     """
     check_input(model, x)
     x = x.detach()
@@ -215,7 +225,9 @@ def homogeneity_defect(
     return HomogeneityDefect(lin.beta, lin.j_star)
 
 
-def boundary_distance(model: nn.Module, x: torch.Tensor, *, mode: str | None = "eval", **deepfool_kwargs: Any) -> torch.Tensor:
+def boundary_distance(
+    model: nn.Module, x: torch.Tensor, *, mode: str | None = "eval", **deepfool_kwargs: Any
+) -> torch.Tensor:
     """Empirical distance ρ to the decision boundary: (B,) L2 norms in pixel units.
 
     Runs :class:`fastsat.attacks.DeepFool` (L2, followed by bisection along the found direction)
@@ -244,7 +256,7 @@ def pearson(a: Iterable[float], b: Iterable[float]) -> float:
     if n < 2:
         return math.nan
     mx, my = math.fsum(xs) / n, math.fsum(ys) / n
-    sxy = math.fsum((u - mx) * (v - my) for u, v in zip(xs, ys))
+    sxy = math.fsum((u - mx) * (v - my) for u, v in zip(xs, ys, strict=True))
     sxx = math.fsum((u - mx) ** 2 for u in xs)
     syy = math.fsum((v - my) ** 2 for v in ys)
     if sxx == 0 or syy == 0:
@@ -339,14 +351,15 @@ def _summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """Write through a temporary file in the same folder, then rename over ``path``, so a reader
+    never sees a half-written file. (The temporary file is created with the usual permissions,
+    unlike tempfile.mkstemp's 0600.)"""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        write(Path(tmp))
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -395,9 +408,8 @@ def _save_figure(fig: Figure, path: Path) -> None:
 def _plot_scatter(path: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     fig = _new_figure((10, 4.5))
     axes = fig.subplots(1, 2)
-    for ax, (a, b), (xlabel, ylabel) in zip(
-        axes, _CORRELATIONS, (("alignment α", "boundary distance ρ"), ("binarized alignment α_bin", "linearized robustness ρ̃"))
-    ):
+    labels = (("alignment α", "boundary distance ρ"), ("binarized alignment α_bin", "linearized robustness ρ̃"))
+    for ax, (a, b), (xlabel, ylabel) in zip(axes, _CORRELATIONS, labels, strict=True):
         xs, ys = _finite_pairs([r[a] for r in rows], [r[b] for r in rows])
         ax.scatter(xs, ys, s=12, alpha=0.7)
         ax.set_xlabel(f"{xlabel} (pixel units)")
@@ -461,10 +473,12 @@ def analyze(
     go to :class:`fastsat.attacks.DeepFool`); if False ρ is NaN. chunk_size: classes per backward
     pass of the Jacobian. out_dir: if given, writes atomically ``alignment.csv`` (the table),
     ``alignment.json`` (summary + table; non-finite numbers as null), ``alignment_scatter.png``
-    (α vs ρ and α_bin vs ρ̃) and ``saliency_grid.png`` (input | gradient | SmoothGrad | IG for the
-    first ``grid_samples`` samples; maps as per-pixel magnitude summed over channels, min–max
-    scaled per image; ``smoothgrad_kwargs`` / ``ig_kwargs`` go to
-    :func:`fastsat.saliency.smoothgrad` / :func:`fastsat.saliency.integrated_gradients`).
+    (α vs ρ and α_bin vs ρ̃) and ``saliency_grid.png`` (input | gradient | SmoothGrad | IG of
+    the predicted class for the first ``grid_samples`` samples; maps as per-pixel magnitude summed
+    over channels, min–max scaled per image; ``smoothgrad_kwargs`` / ``ig_kwargs`` go to
+    :func:`fastsat.saliency.smoothgrad` (seed 0 unless given) /
+    :func:`fastsat.saliency.integrated_gradients`). Figures are drawn on matplotlib's Agg canvas:
+    no display and no pyplot state are touched.
     Returns :class:`Analysis`.
     """
     if not isinstance(model, nn.Module):

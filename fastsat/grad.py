@@ -48,9 +48,10 @@ _MODES = (None, "eval", "train")
 class InputGrad(NamedTuple):
     """Result of :func:`input_grad`.
 
-    grad:   float32 tensor shaped like x, ∂ value / ∂ x per sample (pixel space).
+    grad:   tensor shaped like x, ∂ value / ∂ x per sample (pixel space); float32, or float64
+            for float64 inputs.
     logits: detached (B, K) logits at x (in the model's output dtype).
-    value:  detached float32 (B,) per-sample objective at x.
+    value:  detached (B,) per-sample objective at x, float32 (float64 for float64 logits).
     """
 
     grad: torch.Tensor
@@ -87,6 +88,11 @@ def frozen(model: nn.Module, mode: str | None = None, *, freeze_params: bool = T
             p.requires_grad_(flag)
 
 
+def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Results are float32, except that float64 stays float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _check_labels(name: str, labels: torch.Tensor | None, batch: int, num_classes: int) -> None:
     if labels is None:
         return
@@ -113,7 +119,9 @@ def check_input(model: nn.Module, x: torch.Tensor) -> None:
         raise ValueError(f"x: expected a floating (B, ...) tensor, got shape {tuple(x.shape)} dtype {x.dtype}")
     param = next(model.parameters(), None)
     if param is not None and param.device != x.device:
-        raise ValueError(f"x is on {x.device} but model parameters are on {param.device}; move one of them")
+        raise ValueError(
+            f"x: on device {x.device} but the model's parameters are on device {param.device}; move one of them"
+        )
 
 
 def check_objective_args(
@@ -148,7 +156,7 @@ def check_objective_args(
 
 
 def _best_other(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Per sample, the largest logit among classes ≠ label (float32, (B,))."""
+    """Per sample, the largest logit among classes ≠ label, (B,)."""
     masked = logits.masked_fill(F.one_hot(label, logits.shape[1]).bool(), float("-inf"))
     return masked.amax(dim=1)
 
@@ -162,12 +170,13 @@ def objective_value(
     y: torch.Tensor | None = None,
     clean_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample objective (B,) in float32 from (B, K) logits; see the module docstring.
+    """Per-sample objective (B,) from (B, K) logits, computed in float32 (float64 for float64
+    logits, so low-precision autocast logits are upcast); see the module docstring.
 
     Arguments are not validated here (it runs inside attack loops without host syncs); call
     :func:`check_objective_args` once beforehand.
     """
-    z = logits.float()
+    z = logits.to(_grad_dtype(logits.dtype))
     if objective in ("logit", "logit_diff"):
         t = z.detach().argmax(dim=1) if target is None else target
         z_t = z.gather(1, t[:, None]).squeeze(1)
@@ -185,7 +194,7 @@ def objective_value(
         margin = z.gather(1, y[:, None]).squeeze(1) - _best_other(z, y)
         return -margin / (z_sorted[:, 0] - z_sorted[:, 2] + 1e-12)
     # kl
-    p_clean = F.softmax(clean_logits.float(), dim=1)
+    p_clean = F.softmax(clean_logits.to(z.dtype), dim=1)
     return (torch.xlogy(p_clean, p_clean) - p_clean * F.log_softmax(z, dim=1)).sum(dim=1)
 
 
@@ -217,7 +226,7 @@ def _input_grad(
     (grad,) = torch.autograd.grad(value.sum(), x_in, create_graph=create_graph)
     if not create_graph:
         grad = grad.detach()
-    return InputGrad(grad.float(), logits.detach(), value.detach())
+    return InputGrad(grad.to(_grad_dtype(x.dtype)), logits.detach(), value.detach())
 
 
 def input_grad(
@@ -241,7 +250,8 @@ def input_grad(
     mode: None (as found), "eval" or "train" for the duration of the call; always restored.
     create_graph: keep the graph of the gradient for double backprop (then parameters keep
     ``requires_grad`` so the gradient can be differentiated with respect to them; still no
-    parameter ``.grad`` is written). Autocast is honoured; the gradient is returned in float32.
+    parameter ``.grad`` is written). Autocast is honoured; the gradient is returned in float32
+    (float64 for float64 inputs).
 
     Returns :class:`InputGrad` (grad shaped like x, detached logits (B, K), detached value (B,)).
     """
@@ -266,14 +276,15 @@ def batched_logit_grads(
     seeds: (n, B, K); row c gives, per sample, the combination of logits whose input gradient
     lands in ``result[:, c]`` (e.g. a one-hot e_k for ∇Ψ^k, e_k − e_j for ∇(Ψ^k − Ψ^j)).
     The n backward passes run as one vmapped backward (``is_grads_batched``), ``chunk_size``
-    seeds at a time (None: all), so memory is bounded by chunk_size × |x|. Float32 output.
+    seeds at a time (None: all), so memory is bounded by chunk_size × |x|. Float32 output
+    (float64 for float64 inputs).
     """
     step = seeds.shape[0] if chunk_size is None else chunk_size
     rows = []
     for start in range(0, seeds.shape[0], step):
         chunk = seeds[start : start + step].to(logits.dtype)
         (jac,) = torch.autograd.grad(logits, x_in, grad_outputs=chunk, is_grads_batched=True, retain_graph=True)
-        rows.append(jac.float().transpose(0, 1))
+        rows.append(jac.to(_grad_dtype(x_in.dtype)).transpose(0, 1))
     return torch.cat(rows, dim=1)
 
 
@@ -285,7 +296,8 @@ def logit_jacobian(
     chunk_size: int | None = None,
     mode: str | None = None,
 ) -> torch.Tensor:
-    """Jacobian of the logits with respect to the input: (B, n, *x.shape[1:]) in float32.
+    """Jacobian of the logits with respect to the input: (B, n, *x.shape[1:]), float32 (float64
+    for float64 inputs).
 
     One forward pass; the backward passes are batched over classes (``is_grads_batched``, i.e.
     vmap over the backward), at most ``chunk_size`` classes at a time (None: all at once) to bound

@@ -6,8 +6,10 @@ single int for the whole batch, or None for the class the model predicts at the 
 noisy / interpolated point). Inputs are in the space the model receives — pixel space for fastsat
 models, which normalise inside ``forward`` — so maps are in pixel space as well.
 
-All maps are float32. They are shaped like x, except Grad-CAM++ which returns one map per image,
-(B, 1, H, W), that broadcasts over the channels (``fastsat.ops.sat_perturb`` takes either shape).
+All maps are float32 (running sums over noise samples / path points are kept in float64 for
+float64 inputs and cast once at the end). They are shaped like x, except Grad-CAM++ which returns
+one map per image, (B, 1, H, W), that broadcasts over the channels (``fastsat.ops.sat_perturb``
+takes either shape).
 
 ``mode`` (default "eval") is the train/eval mode the model runs in for the call — "eval" keeps
 batch-norm statistics fixed so a sample's map does not depend on the rest of the batch or on the
@@ -59,12 +61,11 @@ def _check_positive_int(name: str, value: object, *, allow_none: bool = False) -
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
 
 
-def _resolve_target(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | None, mode: str | None) -> torch.Tensor:
-    """(B,) int64 class indices: ``target`` broadcast to the batch, or the prediction at x."""
+def _given_target(x: torch.Tensor, target: int | torch.Tensor | None) -> torch.Tensor | None:
+    """``target`` as (B,) int64 class indices on x's device, None staying None."""
     batch = x.shape[0]
     if target is None:
-        with frozen(model, mode), torch.no_grad():
-            return model(x).argmax(dim=1)
+        return None
     if isinstance(target, int) and not isinstance(target, bool):
         return torch.full((batch,), target, dtype=torch.long, device=x.device)
     if not isinstance(target, torch.Tensor):
@@ -76,9 +77,26 @@ def _resolve_target(model: nn.Module, x: torch.Tensor, target: int | torch.Tenso
     return target.to(x.device)
 
 
-def _logit_grad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, mode: str | None) -> torch.Tensor:
-    """float32 ∇_x Ψ^target(x), shaped like x (labels range-checked by ``input_grad``)."""
+def _resolve_target(
+    model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | None, mode: str | None
+) -> torch.Tensor:
+    """(B,) int64 class indices: ``target`` broadcast to the batch, or the prediction at x."""
+    given = _given_target(x, target)
+    if given is not None:
+        return given
+    with frozen(model, mode), torch.no_grad():
+        return model(x).argmax(dim=1)
+
+
+def _logit_grad(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None, mode: str | None) -> torch.Tensor:
+    """∇_x Ψ^target(x) shaped like x, float64 for float64 x, else float32; target None: the
+    class predicted in the same forward pass (labels range-checked by ``input_grad``)."""
     return input_grad(model, x, objective="logit", target=target, mode=mode).grad
+
+
+def _accumulator(x: torch.Tensor) -> torch.Tensor:
+    """Zeros for a running sum over gradients of x: float64 for float64 x, else float32."""
+    return torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
 
 
 def _chunks(total: int, chunk_size: int | None) -> Iterator[range]:
@@ -93,7 +111,7 @@ def _point_grads(
     target: torch.Tensor,
     mode: str | None,
 ) -> torch.Tensor:
-    """Gradients at several (B, ...) points in one pass: (len(points), B, ...) float32."""
+    """Gradients at several (B, ...) points in one pass: (len(points), B, ...), dtype as _logit_grad."""
     stacked = torch.cat(points)
     grads = _logit_grad(model, stacked, target.repeat(len(points)), mode)
     return grads.reshape(len(points), *points[0].shape)
@@ -104,7 +122,7 @@ def gradient(
 ) -> torch.Tensor:
     """Vanilla saliency ∇_x Ψ^target(x): float32, shaped like x (B, ...), pixel space."""
     check_input(model, x)
-    return _logit_grad(model, x, _resolve_target(model, x, target, mode), mode)
+    return _logit_grad(model, x, _given_target(x, target), mode).float()
 
 
 def gradient_x_input(
@@ -115,7 +133,8 @@ def gradient_x_input(
     For a positively one-homogeneous network (bias-free ReLU net) the map sums to the logit
     (Euler's identity), i.e. it is Integrated Gradients with a zero baseline.
     """
-    return (gradient(model, x, target, mode=mode) * x).float()
+    check_input(model, x)
+    return (_logit_grad(model, x, _given_target(x, target), mode) * x).float()
 
 
 def smoothgrad(
@@ -165,7 +184,7 @@ def smoothgrad(
     if seed is not None:
         generator = torch.Generator(device=x.device)
         generator.manual_seed(seed)
-    total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    total = _accumulator(x)
     total_sq = torch.zeros_like(total) if variant != "mean" else None
     for chunk in _chunks(n_samples, chunk_size):
         # One draw of x's shape per sample, in sample order, so any chunking draws the same noise.
@@ -176,11 +195,11 @@ def smoothgrad(
             total += g
     mean = total / n_samples
     if variant == "mean":
-        return mean
+        return mean.float()
     mean_sq = total_sq / n_samples
     if variant == "squared":
-        return mean_sq
-    return (mean_sq - mean * mean).clamp_(min=0.0)
+        return mean_sq.float()
+    return (mean_sq - mean * mean).clamp_(min=0.0).float()
 
 
 def _ig_path(steps: int, method: str) -> tuple[list[float], list[float]]:
@@ -239,10 +258,10 @@ def integrated_gradients(
         raise TypeError(f"baseline: expected None, a float or a tensor, got {type(baseline).__name__}")
     target = _resolve_target(model, x, target, mode)
     delta = x - baseline
-    total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    total = _accumulator(x)
     for chunk in _chunks(steps, chunk_size):
         grads = _point_grads(model, [baseline + ts[k] * delta for k in chunk], target, mode)
-        for k, g in zip(chunk, grads):
+        for k, g in zip(chunk, grads, strict=True):
             total += weights[k] * g
     return (delta * total).float()
 
@@ -312,6 +331,7 @@ def gradcam_pp(
         raise ValueError("layer: expected a submodule of model")
     if x.dim() != 4:
         raise ValueError(f"x: Grad-CAM++ expects (B, C, H, W) images, got shape {tuple(x.shape)}")
+    target = _given_target(x, target)
     activations: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda module, inputs, output: activations.append(output))
     try:
@@ -326,10 +346,8 @@ def gradcam_pp(
         raise ValueError(f"layer: expected a (B, C, h, w) output, got {getattr(act, 'shape', type(act).__name__)}")
     if target is None:
         target = logits.detach().argmax(dim=1)
-    else:
-        target = _resolve_target(model, x, target, mode)
-        if int(target.min()) < 0 or int(target.max()) >= logits.shape[1]:
-            raise ValueError(f"target: class indices must lie in [0, {logits.shape[1]})")
+    elif int(target.min()) < 0 or int(target.max()) >= logits.shape[1]:
+        raise ValueError(f"target: class indices must lie in [0, {logits.shape[1]})")
     (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), act)
     act, grad = act.detach().float(), grad.float()
     grad_sq = grad * grad
@@ -346,7 +364,8 @@ def minmax_scale(maps: torch.Tensor) -> torch.Tensor:
     maps: (B, ...) floating tensor. A constant map becomes all zeros. Returns float32, same shape.
     """
     if not isinstance(maps, torch.Tensor) or not maps.is_floating_point() or maps.dim() < 2:
-        raise ValueError(f"maps: expected a floating (B, ...) tensor, got {getattr(maps, 'shape', type(maps).__name__)}")
+        got = getattr(maps, "shape", type(maps).__name__)
+        raise ValueError(f"maps: expected a floating (B, ...) tensor, got {got}")
     flat = maps.float().reshape(maps.shape[0], -1)
     lo = flat.amin(dim=1, keepdim=True)
     span = flat.amax(dim=1, keepdim=True) - lo

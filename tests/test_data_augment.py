@@ -145,7 +145,12 @@ def test_worker_loader_matches_dataset(data):
     plain = loader(data, batch_size=20, resident=False)
     assert isinstance(plain, WorkerLoader) and len(plain) == 3
     got = list(plain)
-    for key, ref in (("image", data.images.float() / 255), ("label", data.labels), ("box", data.boxes), ("mask", data.masks)):
+    for key, ref in (
+        ("image", data.images.float() / 255),
+        ("label", data.labels),
+        ("box", data.boxes),
+        ("mask", data.masks),
+    ):
         assert torch.equal(torch.cat([b[key] for b in got]), ref), key
     workers = loader(data, batch_size=20, shuffle=True, augment=True, num_workers=2, seed=1, resident=False)
     a = list(workers)

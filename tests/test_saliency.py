@@ -70,7 +70,8 @@ def test_gradient_matches_autograd_for_predicted_and_given_targets() -> None:
     assert_close(g, reference_grad(model, x, predicted), 1e-6, "gradient, predicted class")
     given = torch.tensor([3, 0, 4, 1])
     assert_close(saliency.gradient(model, x, given), reference_grad(model, x, given), 1e-6, "gradient, tensor target")
-    assert_close(saliency.gradient(model, x, 2), reference_grad(model, x, torch.full((4,), 2)), 1e-6, "gradient, int target")
+    twos = torch.full((4,), 2)
+    assert_close(saliency.gradient(model, x, 2), reference_grad(model, x, twos), 1e-6, "gradient, int target")
 
 
 def test_gradient_x_input_sums_to_the_logit_for_a_homogeneous_net() -> None:
@@ -322,10 +323,13 @@ def test_compute_dispatches_by_name() -> None:
         saliency.integrated_gradients(model, x, steps=5),
     )
     assert torch.equal(
-        saliency.compute("smoothgrad", model, x, n_samples=3, seed=1), saliency.smoothgrad(model, x, n_samples=3, seed=1)
+        saliency.compute("smoothgrad", model, x, n_samples=3, seed=1),
+        saliency.smoothgrad(model, x, n_samples=3, seed=1),
     )
     cam = CamNet(1).double()
-    assert torch.equal(saliency.compute("gradcam_pp", cam, x, layer=cam.features), saliency.gradcam_pp(cam, x, layer=cam.features))
+    assert torch.equal(
+        saliency.compute("gradcam_pp", cam, x, layer=cam.features), saliency.gradcam_pp(cam, x, layer=cam.features)
+    )
     with pytest.raises(ValueError, match="method"):
         saliency.compute("lime", model, x)
 

@@ -1,10 +1,12 @@
 """APGD (Croce & Hein, ICML 2020): step-size-free PGD with momentum, CE and DLR losses.
 
-Follows the schedule of the authors' auto-attack code: initial step 2ε, momentum 0.75 (none on
-the first step), checkpoints after 0.22·N iterations then every max(previous − 0.03·N, 0.06·N)
-iterations; at a checkpoint a sample's step size halves and it restarts from its best point if
-its loss increased in at most ρ = 75% of the steps since the last checkpoint, or if its step was
-not halved last time and its best loss has not improved since. Step sizes are per sample.
+Follows the paper (Algorithm 1, as in the authors' auto-attack code): initial step 2ε, momentum
+0.75 (none on the first step), checkpoints w_j = ⌈p_j·N⌉ with p_0 = 0, p_1 = 0.22,
+p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06) (for N = 100: 22, 41, 57, 70, 80, 87, 93, 99;
+auto-attack's integer rounding gives the same there and differs only for small N). At a
+checkpoint a sample's step size halves and it restarts from its best point if its loss increased
+in at most ρ = 75% of the steps since the previous checkpoint, or if its step was not halved at
+the previous checkpoint and its best loss has not improved since. Step sizes are per sample.
 
 All projections and clips go through :func:`fastsat.ops.pgd_step` (with a zero gradient and step
 0 it is exactly the projection onto the ε-ball around the clean x followed by the clip); random
@@ -20,9 +22,20 @@ from torch import nn
 from fastsat import ops
 from fastsat.attacks.base import _NORMS, Attack, AttackResult, Candidate, check_count, check_number, per_sample
 
-__all__ = ["APGD", "apgd"]
+__all__ = ["APGD", "apgd", "checkpoints"]
 
 _MOMENTUM = 0.75
+
+
+def checkpoints(steps: int) -> list[int]:
+    """Iteration counts w_j ≤ steps after which APGD checks its progress (paper, Section 3.2).
+
+    Computed in whole percent so that ⌈p_j·N⌉ has no floating-point rounding."""
+    percents = [0, 22]
+    while percents[-1] < 100:
+        percents.append(percents[-1] + max(percents[-1] - percents[-2] - 3, 6))
+    marks = sorted({-(-p * steps // 100) for p in percents[1:]})
+    return [w for w in marks if 0 < w <= steps]
 
 
 class APGD(Attack):
@@ -92,8 +105,7 @@ class APGD(Attack):
         return AttackResult(x_adv=best.x_adv, success=best.success, delta_norm=None, stats=best.stats)
 
     def _single_run(self, x: torch.Tensor, y: torch.Tensor, first: bool) -> Candidate:
-        n = self.steps
-        period, min_period, period_decrease = max(int(0.22 * n), 1), max(int(0.06 * n), 1), max(int(0.03 * n), 1)
+        marks = set(checkpoints(self.steps))
         zeros = torch.zeros_like(x)
 
         x_adv = ops.random_start(x, eps=self.eps, norm=self.norm, clip=self.clip, backend=self.backend)
@@ -107,10 +119,10 @@ class APGD(Attack):
         x_prev = x_adv.clone()
         loss_best_at_check = loss_best.clone()
         reduced_at_check = torch.ones_like(ever_adv)
-        since_check = 0
+        last_mark = 0
         last_grad = grad
 
-        for i in range(n):
+        for i in range(self.steps):
             z = self._project(x_adv + per_sample(step, x) * self._direction(x, grad), x, zeros)
             last_grad = grad
             if i == 0:
@@ -130,18 +142,17 @@ class APGD(Attack):
             loss_best = torch.where(improved, value, loss_best)
             losses.append(value)
 
-            since_check += 1
-            if since_check == period:
-                increases = sum((losses[-m] > losses[-m - 1]).to(torch.int64) for m in range(1, period + 1))
-                oscillating = increases <= period * self.rho
+            if i + 1 in marks:
+                window = i + 1 - last_mark
+                increases = sum((losses[-m] > losses[-m - 1]).to(torch.int64) for m in range(1, window + 1))
+                oscillating = increases <= window * self.rho
                 stalled = ~reduced_at_check & (loss_best_at_check >= loss_best)
                 reduce = oscillating | stalled
                 reduced_at_check, loss_best_at_check = reduce, loss_best.clone()
                 step = torch.where(reduce, step / 2, step)
                 x_adv = torch.where(per_sample(reduce, x), x_best, x_adv)
                 grad = torch.where(per_sample(reduce, x), grad_best, grad)
-                period = max(period - period_decrease, min_period)
-                since_check = 0
+                last_mark = i + 1
 
         x_out = torch.where(per_sample(ever_adv, x), x_last_adv, x_best)
         success, value = self._final(x_out, y, self.loss)

@@ -72,10 +72,8 @@ def check_real(value: object, name: str) -> float:
     return float(value)
 
 
-def merge_stats(take_new: torch.Tensor, new: PGDStats, old: PGDStats | None) -> PGDStats:
+def merge_stats(take_new: torch.Tensor, new: PGDStats, old: PGDStats) -> PGDStats:
     """Per sample, the statistics of ``new`` where ``take_new`` else those of ``old``."""
-    if old is None:
-        return new
     return PGDStats(
         dot=torch.where(take_new, new.dot, old.dot),
         grad_norm=torch.where(take_new, new.grad_norm, old.grad_norm),
@@ -87,8 +85,9 @@ def merge_stats(take_new: torch.Tensor, new: PGDStats, old: PGDStats | None) -> 
 class Attack(abc.ABC):
     """Base class: ``attack(x, y) -> AttackResult``.
 
-    Subclasses implement ``_run(x, y) -> AttackResult`` (``delta_norm`` None: measured here), called with the model in
-    ``mode`` and its parameters frozen (restored afterwards, also on error). ``__call__`` checks
+    Subclasses implement ``_run(x, y) -> AttackResult`` (``delta_norm`` None: measured here),
+    called with the model in ``mode`` and its parameters frozen (restored afterwards, also on
+    error). ``__call__`` checks
     the arguments first and audits the output afterwards: finite, inside ``clip``, and within ε
     in the attack's norm (ε·(1 + 1e-6) plus the rounding of the storage dtype); it raises
     RuntimeError otherwise.
@@ -116,8 +115,9 @@ class Attack(abc.ABC):
         """x: (B, ...) clean batch in pixel space, inside ``clip``. y: (B,) int64 labels (the target
         classes for targeted attacks). Returns :class:`AttackResult`."""
         self._check_inputs(x, y)
+        x, y = x.detach(), None if y is None else y.detach()
         with frozen(self.model, self.mode):
-            result = self._run(x.detach(), None if y is None else y.detach())
+            result = self._run(x, y)
         distance = self._audit(x, result.x_adv)
         if result.delta_norm is None:
             result = dataclasses.replace(result, delta_norm=distance)
@@ -129,6 +129,13 @@ class Attack(abc.ABC):
 
     def _check_inputs(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         check_input(self.model, x)
+        lo, hi = self.clip
+        # One host sync per call: an x outside the box would otherwise surface as a failed audit.
+        if not bool(((x >= lo) & (x <= hi)).all()):
+            raise ValueError(
+                f"x: expected finite values inside clip {self.clip} (pixel space), got range "
+                f"[{float(x.min()):.4g}, {float(x.max()):.4g}]; pass clip=(lo, hi) for another box"
+            )
         if y is None:
             if self.label_required:
                 raise ValueError(f"y: {type(self).__name__} needs (B,) int64 labels, got None")
@@ -153,9 +160,10 @@ class Attack(abc.ABC):
         """Warn if the outputs look like probabilities or some samples have an all-zero gradient."""
         logits = logits.float()
         flat_grad = grad.reshape(grad.shape[0], -1)
-        row_sums_one = (logits.sum(dim=1) - 1).abs().amax() < 1e-4
-        looks_like_probs = bool(((logits >= 0).all() & row_sums_one).item())
-        zero_grads = int((flat_grad == 0).all(dim=1).sum())
+        rows_sum_to_one = (logits.sum(dim=1) - 1).abs().amax() < 1e-4
+        looks_like_probs = (logits >= 0).all() & rows_sum_to_one
+        zero_grads = (flat_grad == 0).all(dim=1).sum()
+        looks_like_probs, zero_grads = torch.stack([looks_like_probs.long(), zero_grads]).tolist()  # one sync
         if looks_like_probs:
             warnings.warn(
                 f"{type(self).__name__}: the model's outputs are non-negative and every row sums to 1; "
@@ -219,7 +227,7 @@ class Candidate:
     x_adv: torch.Tensor
     success: torch.Tensor
     value: torch.Tensor
-    stats: PGDStats | None
+    stats: PGDStats
 
     def merge(self, other: Candidate) -> Candidate:
         """Per sample, the better of self and other (ties keep self, so restarts never lose ground)."""
@@ -228,5 +236,5 @@ class Candidate:
             x_adv=torch.where(per_sample(better, self.x_adv), other.x_adv, self.x_adv),
             success=self.success | other.success,
             value=torch.where(better, other.value, self.value),
-            stats=merge_stats(better, other.stats, self.stats) if other.stats is not None else self.stats,
+            stats=merge_stats(better, other.stats, self.stats),
         )

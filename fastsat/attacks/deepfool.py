@@ -48,7 +48,10 @@ class DeepFool(Attack):
         clip: valid input box (lo, hi), default (0, 1).
 
     y is optional and only validated: ρ is measured to the nearest change of the *predicted*
-    class (Etmann's definition), also for samples that are misclassified at x.
+    class (Etmann's definition), also for samples that are misclassified at x. Each DeepFool
+    iteration runs on the whole batch (finished samples stay put) and costs one forward, one
+    batched backward over the candidates and one host sync (to stop once every sample crossed);
+    the bisection costs one forward per halving.
     """
 
     norm = "l2"

@@ -84,7 +84,6 @@ class PGD(Attack):
                 x_adv = ops.random_start(x, eps=self.eps, norm=self.norm, clip=self.clip, backend=self.backend)
             else:
                 x_adv = x.clone()
-            stats = None
             for step in range(self.steps):
                 grad = self._grad(x_adv, self.loss, first=restart == 0 and step == 0, y=y).grad
                 ascent = (-grad if self.targeted else grad).to(x.dtype)

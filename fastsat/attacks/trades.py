@@ -58,7 +58,6 @@ class TradesAttack(Attack):
             clean_logits = self.model(x)
         # Not clipped, as in TRADES: the first pgd_step projects and clips.
         x_adv = x + self.init_std * torch.randn_like(x)
-        stats = None
         for step in range(self.steps):
             grad = self._grad(x_adv, "kl", first=step == 0, clean_logits=clean_logits, y=y).grad
             x_adv, stats = ops.pgd_step(

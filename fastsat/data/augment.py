@@ -134,13 +134,13 @@ class Augment:
                 raise ValueError(f"size: expected a positive int or (H, W), got {self.size!r}")
             object.__setattr__(self, "size", size)
 
-    def __call__(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         image = batch["image"]
         b, device = image.shape[0], image.device
         if self.padding:
-            shifts = torch.randint(
-                -self.padding, self.padding + 1, (b, 2), generator=generator, device=device
-            )
+            shifts = torch.randint(-self.padding, self.padding + 1, (b, 2), generator=generator, device=device)
             batch = crop_shift(batch, shifts)
         if self.flip:
             batch = hflip(batch, torch.rand(b, generator=generator, device=device) < 0.5)

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
-    "AnnotatedDataset",
     "EMPTY_BOX",
+    "AnnotatedDataset",
     "boxes_from_masks",
     "check_labels",
     "clip_boxes",

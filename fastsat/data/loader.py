@@ -159,7 +159,8 @@ def loader(
     Returns:
         An iterable with ``len()`` (batches per epoch) and ``set_epoch(epoch)``.
     """
-    common = dict(batch_size=batch_size, shuffle=shuffle, augment=augment, device=device, seed=seed, drop_last=drop_last)
+    common = {"batch_size": batch_size, "shuffle": shuffle, "augment": augment, "device": device, "seed": seed,
+              "drop_last": drop_last}  # fmt: skip
     if resident is None:
         resident = isinstance(dataset, AnnotatedDataset)
     if resident:

@@ -208,9 +208,9 @@ def _unpickle(path: Path) -> dict[str, object]:
             blob = pickle.load(f, encoding="bytes")
     except Exception as err:  # pickle raises many types on a corrupt file
         raise ValueError(f"{path}: not a readable CIFAR pickle batch ({err})") from err
-    if not isinstance(blob, dict):
-        raise ValueError(f"{path}: not a CIFAR pickle batch (expected a dict, got {type(blob).__name__})")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in blob.items()}
+    if isinstance(blob, dict):
+        return {k.decode() if isinstance(k, bytes) else k: v for k, v in blob.items()}
+    raise ValueError(f"{path}: not a CIFAR pickle batch (expected a dict, got {type(blob).__name__})")
 
 
 def _cifar(files: list[Path], label_key: str, classes: list[str], size) -> AnnotatedDataset:
@@ -249,7 +249,9 @@ def _meta_names(path: Path, key: str, count: int) -> list[str]:
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
-def cifar10(root: str | os.PathLike, *, train: bool = True, size: int | Sequence[int] | None = None) -> AnnotatedDataset:
+def cifar10(
+    root: str | os.PathLike, *, train: bool = True, size: int | Sequence[int] | None = None
+) -> AnnotatedDataset:
     """CIFAR-10 from the python pickle batches in ``root`` (``cifar-10-batches-py``).
 
     Args:
@@ -266,7 +268,9 @@ def cifar10(root: str | os.PathLike, *, train: bool = True, size: int | Sequence
     return _cifar(files, "labels", classes, size)
 
 
-def cifar100(root: str | os.PathLike, *, train: bool = True, size: int | Sequence[int] | None = None) -> AnnotatedDataset:
+def cifar100(
+    root: str | os.PathLike, *, train: bool = True, size: int | Sequence[int] | None = None
+) -> AnnotatedDataset:
     """CIFAR-100 (fine labels, 100 classes) from ``root`` (``cifar-100-python``): files ``train``,
     ``test`` and optionally ``meta``. Arguments as :func:`cifar10`."""
     root = Path(root)
@@ -284,7 +288,9 @@ def _read_lines(path: Path) -> list[tuple[int, list[str]]]:
         text = _require(path).read_text()
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not a text file ({err})") from err
-    return [(n, line.split()) for n, line in enumerate(text.splitlines(), 1) if line.strip() and not line.startswith("#")]
+    return [
+        (n, line.split()) for n, line in enumerate(text.splitlines(), 1) if line.strip() and not line.startswith("#")
+    ]
 
 
 def _ints(fields: list[str], path: Path, lineno: int) -> tuple[int, ...]:
@@ -294,7 +300,9 @@ def _ints(fields: list[str], path: Path, lineno: int) -> tuple[int, ...]:
         raise ValueError(f"{path}:{lineno}: expected integers, got {fields}") from err
 
 
-def tiny_imagenet(root: str | os.PathLike, *, split: str = "train", size: int | Sequence[int] | None = 64) -> ImageFiles:
+def tiny_imagenet(
+    root: str | os.PathLike, *, split: str = "train", size: int | Sequence[int] | None = 64
+) -> ImageFiles:
     """Tiny ImageNet (200 classes, 64x64) with its bounding boxes.
 
     Args:
@@ -393,7 +401,12 @@ def flowers17(
         return (trimap == colour).all(axis=-1)
 
     return ImageFiles(
-        records, FLOWERS17_CLASSES, size=size, annotations="mask" if segmented_only else "none", parse=parse, where=jpg_dir
+        records,
+        FLOWERS17_CLASSES,
+        size=size,
+        annotations="mask" if segmented_only else "none",
+        parse=parse,
+        where=jpg_dir,
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import warnings
 from pathlib import Path
 
@@ -222,9 +223,14 @@ def shapes(
         try:
             blob = torch.load(path, weights_only=True)
             return AnnotatedDataset(
-                blob["images"], blob["labels"], classes=SHAPE_NAMES[:num_classes], boxes=blob["boxes"], masks=blob["masks"]
+                blob["images"],
+                blob["labels"],
+                classes=SHAPE_NAMES[:num_classes],
+                boxes=blob["boxes"],
+                masks=blob["masks"],
             )
-        except Exception as err:  # a truncated or foreign file: regenerate it
+        except (OSError, EOFError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as err:
+            # A truncated or foreign file: regenerate it.
             warnings.warn(f"shapes cache {path} is unreadable ({err}); regenerating it", stacklevel=2)
     data = generate_shapes(n, size=size, num_classes=num_classes, seed=seed)
     directory.mkdir(parents=True, exist_ok=True)

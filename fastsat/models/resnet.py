@@ -79,6 +79,11 @@ class Bottleneck(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
+# depth -> (block, blocks per stage)
+_LAYOUTS = {10: (BasicBlock, (1, 1, 1, 1)), 18: (BasicBlock, (2, 2, 2, 2)),
+            34: (BasicBlock, (3, 4, 6, 3)), 50: (Bottleneck, (3, 4, 6, 3))}  # fmt: skip
+
+
 class ResNet(nn.Module):
     """ResNet with a CIFAR or ImageNet stem.
 
@@ -96,8 +101,6 @@ class ResNet(nn.Module):
     Shapes: (B, C, H, W) in [0, 1] -> logits (B, K). ``cam_layer = "layer4"``.
     """
 
-    layouts = {10: (BasicBlock, (1, 1, 1, 1)), 18: (BasicBlock, (2, 2, 2, 2)),
-               34: (BasicBlock, (3, 4, 6, 3)), 50: (Bottleneck, (3, 4, 6, 3))}  # fmt: skip
     cam_layer = "layer4"
 
     def __init__(
@@ -114,9 +117,9 @@ class ResNet(nn.Module):
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        if depth not in self.layouts:
-            raise ValueError(f"depth: expected one of {sorted(self.layouts)}, got {depth!r}")
-        block, counts = self.layouts[depth]
+        if depth not in _LAYOUTS:
+            raise ValueError(f"depth: expected one of {sorted(_LAYOUTS)}, got {depth!r}")
+        block, counts = _LAYOUTS[depth]
         self.normalize = Normalize(mean, std, in_channels)
         if stem == "cifar":
             self.stem = nn.Sequential(_conv3x3(in_channels, width), _norm(norm, width), nn.ReLU())
@@ -168,6 +171,13 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
+def _preact_stage(cin: int, cout: int, count: int, stride: int, norm: str, dropout: float = 0.0) -> nn.Sequential:
+    """``count`` pre-activation blocks; the first changes channels and applies the stride."""
+    blocks = [PreActBlock(cin, cout, stride, norm, dropout)]
+    blocks += [PreActBlock(cout, cout, 1, norm, dropout) for _ in range(count - 1)]
+    return nn.Sequential(*blocks)
+
+
 class PreActResNet(nn.Module):
     """PreActResNet-18, the usual fast-adversarial-training model for 32x32 inputs.
 
@@ -200,8 +210,8 @@ class PreActResNet(nn.Module):
         self.stem = _conv3x3(in_channels, width)
         cin, stages = width, []
         for i, count in enumerate(blocks):
-            cout = width * 2**i
-            stages.append(nn.Sequential(*[PreActBlock(cin if j == 0 else cout, cout, 2 if (i > 0 and j == 0) else 1, norm) for j in range(count)]))
+            cout, stride = width * 2**i, 1 if i == 0 else 2
+            stages.append(_preact_stage(cin, cout, count, stride, norm))
             cin = cout
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.final = nn.Sequential(_norm(norm, cin), nn.ReLU())
@@ -254,8 +264,7 @@ class WideResNet(nn.Module):
         stages = []
         for i in range(3):
             cin, cout = widths[i], widths[i + 1]
-            stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(*[PreActBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1, norm, dropout) for j in range(n)]))
+            stages.append(_preact_stage(cin, cout, n, 1 if i == 0 else 2, norm, dropout))
         self.block1, self.block2, self.block3 = stages
         self.final = nn.Sequential(_norm(norm, widths[3]), nn.ReLU())
         self.pool = nn.AdaptiveAvgPool2d(1)

@@ -15,16 +15,12 @@ given GPU — falling back to ``torch`` when neither is available.
 
 from __future__ import annotations
 
-import importlib
 import os
 from types import ModuleType
 
 import torch
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
-
-_MODULES = {"torch": "fastsat.ops.reference", "cpp": "fastsat.ops._cpp", "cuda": "fastsat.ops._cpp",
-            "triton": "fastsat.ops._triton"}
 
 _HOW_TO_GET = {
     "cpp": "build the extension: `pip install --no-build-isolation -e .` (needs a C++ compiler)",
@@ -39,6 +35,17 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _import(name: str) -> ModuleType:
+    # Import statements rather than importlib: torch.compile can trace them.
+    if name == "torch":
+        from fastsat.ops import reference as module
+    elif name in ("cpp", "cuda"):
+        from fastsat.ops import _cpp as module
+    else:
+        from fastsat.ops import _triton as module
+    return module
+
+
 _LOADED: dict[str, ModuleType | str] = {}
 
 
@@ -46,7 +53,7 @@ def _load(name: str) -> ModuleType | str:
     """The backend module, or a string saying why it cannot be loaded (each tried once)."""
     if name not in _LOADED:
         try:
-            module = importlib.import_module(_MODULES[name])
+            module = _import(name)
         except ImportError as err:
             _LOADED[name] = f"{err}"
         else:
@@ -80,24 +87,16 @@ def available_backends() -> dict[str, bool]:
 
 
 def resolve(backend: str | None, device: torch.device) -> ModuleType:
-    """The backend module that runs an op on tensors on ``device``."""
-    # _resolve_name has loaded the module; a plain lookup is what torch.compile can trace.
-    return _LOADED[_resolve_name(backend, device.type)]
-
-
-# Under torch.compile the choice is made once, while tracing, and baked into the graph (the
-# import and availability probes inside are not traceable and need not be).
-@torch._dynamo.assume_constant_result
-def _resolve_name(backend: str | None, device_type: str) -> str:
+    """The backend module that runs an op on tensors on ``device``. Traceable by torch.compile,
+    which bakes the choice into the graph."""
     name = backend if backend is not None else os.environ.get("FASTSAT_BACKEND", "auto")
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    device = torch.device(device_type)
     if name == "auto":
         preference = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
-        return next((c for c in preference if _unavailable_reason(c, device) is None), "torch")
+        name = next((c for c in preference if _unavailable_reason(c, device) is None), "torch")
     reason = _unavailable_reason(name, device)
     if reason is not None:
         how = _HOW_TO_GET.get(name, "")
         raise RuntimeError(f"fastsat backend {name!r} is not available: {reason}. {how}".strip())
-    return name
+    return _load(name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar, NamedTuple
 
@@ -27,9 +28,23 @@ from fastsat.ops import pgd_step, random_start, sat_perturb
 from fastsat.train.batch import as_batch
 
 __all__ = [
-    "RECIPES", "Fast", "Free", "GradNorm", "NonFiniteLossError", "PGDTraining", "Recipe",
-    "RecipeOutput", "SAT", "SATPlusPGD", "SATPlusTrades", "Standard", "Trades", "make_recipe",
-    "recipe_loss", "sat_probability", "trades_loss",
+    "RECIPES",
+    "SAT",
+    "Fast",
+    "Free",
+    "GradNorm",
+    "NonFiniteLossError",
+    "PGDTraining",
+    "Recipe",
+    "RecipeOutput",
+    "SATPlusPGD",
+    "SATPlusTrades",
+    "Standard",
+    "Trades",
+    "make_recipe",
+    "recipe_loss",
+    "sat_probability",
+    "trades_loss",
 ]
 
 _ATTACK_MODES = ("eval", "train")
@@ -204,7 +219,7 @@ class PGDTraining(Recipe):
         batch = as_batch(batch)
         x, y = batch["image"], batch["label"]
         attack = PGD(model, eps=self.eps, step_size=self.step_size, steps=self.steps, random_start=True, mode=self.attack_mode)
-        return _ce(model, attack(x, y).x_adv.detach(), y)
+        return _ce(model, _attack(attack, x, y), y)
 
 
 def _check_steps(steps: object) -> None:
@@ -236,8 +251,8 @@ class Trades(Recipe):
     def loss(self, model, batch, *, epoch=0):
         batch = as_batch(batch)
         x, y = batch["image"], batch["label"]
-        x_adv = TradesAttack(model, eps=self.eps, step_size=self.step_size, steps=self.steps, mode=self.attack_mode)(x, y).x_adv
-        return _trades_output(model, x, x_adv.detach(), y, self.beta)
+        attack = TradesAttack(model, eps=self.eps, step_size=self.step_size, steps=self.steps, mode=self.attack_mode)
+        return _trades_output(model, x, _attack(attack, x, y), y, self.beta)
 
 
 def _trades_output(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float) -> RecipeOutput:
@@ -270,7 +285,7 @@ class Fast(Recipe):
         x, y = batch["image"], batch["label"]
         step = 1.25 * self.eps if self.step_size is None else self.step_size
         attack = FGSM(model, eps=self.eps, step_size=step, random_start=True, mode=self.attack_mode)
-        return _ce(model, attack(x, y).x_adv.detach(), y)
+        return _ce(model, _attack(attack, x, y), y)
 
 
 @dataclass
@@ -362,6 +377,17 @@ class SAT(Recipe):
         return _ce(model, self.perturb(batch, epoch=epoch), batch["label"])
 
 
+def _attack(attack, x: Tensor, y: Tensor) -> Tensor:
+    """Run a training-time attack and return its detached adversarial batch.
+
+    Attacks warn when a sample's input gradient is all zero (dead ReLUs, saturated softmax). That
+    is a useful warning when evaluating a model, but routine for a few samples of a training batch,
+    where it would repeat every step; it is silenced here only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*all-zero input gradient.*", category=UserWarning)
+        return attack(x, y).x_adv.detach()
+
+
 def _coin() -> bool:
     """A fair coin from torch's global generator (so seeds make runs reproducible)."""
     return bool(torch.rand(()) < 0.5)
@@ -391,7 +417,7 @@ class SATPlusPGD(SAT):
             x_train = self.perturb(batch, epoch=epoch, start=random_start(x, eps=self.eps))
         else:
             attack = PGD(model, eps=self.eps, step_size=self.step_size, steps=self.steps, random_start=True, mode=self.attack_mode)
-            x_train = attack(x, y).x_adv.detach()
+            x_train = _attack(attack, x, y)
         return _ce(model, x_train, y)
 
 
@@ -421,7 +447,7 @@ class SATPlusTrades(SAT):
             x_adv = self.perturb(batch, epoch=epoch)
         else:
             attack = TradesAttack(model, eps=self.eps, step_size=self.step_size, steps=self.steps, mode=self.attack_mode)
-            x_adv = attack(x, y).x_adv.detach()
+            x_adv = _attack(attack, x, y)
         return _trades_output(model, x, x_adv, y, self.beta)
 
 

@@ -3,7 +3,7 @@ once and cached on disk (METHODS.md §2).
 
 Post-processing as in the SAT authors' code: guided backprop → its sign in {−1, 0, 1}; SmoothGrad
 (σ = 0.15 of the image range, 10 samples), Integrated Gradients (zero baseline, 100 steps) and
-Grad-CAM++ (last convolution, upsampled) → min–max scaled to [0, 1] per image. Maps explain the
+Grad-CAM++ (last convolutional stage, upsampled) → min–max scaled to [0, 1] per image. Maps explain the
 teacher's predicted class and are float32 (N, C, H, W) (Grad-CAM++: (N, 1, H, W)).
 
 Maps belong to the un-augmented images: train with them without augmentation (crop/flip would
@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 
 from fastsat import saliency
 from fastsat.data import default_cache_dir
+from fastsat.models import default_cam_layer
 from fastsat.train.checkpoint import atomic_save
 
 __all__ = ["TEACHER_METHODS", "SaliencyDataset", "teacher_saliency"]
@@ -46,13 +49,6 @@ def _fingerprint(teacher: nn.Module, images: Tensor, method: str, options: dict)
     return digest.hexdigest()[:24]
 
 
-def _last_conv(model: nn.Module) -> nn.Module:
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise ValueError("teacher: Grad-CAM++ needs a convolution layer; pass layer=...")
-    return convs[-1]
-
-
 def teacher_saliency(
     teacher: nn.Module,
     images: Tensor,
@@ -69,7 +65,7 @@ def teacher_saliency(
         teacher: trained classifier on pixel-space input (its device is used).
         images: (N, C, H, W) uint8 (0–255) or float in [0, 1] — e.g. ``dataset.images``.
         method: one of :data:`TEACHER_METHODS`. options: override its defaults (e.g.
-            ``n_samples=25``; ``layer=`` for Grad-CAM++, default the last Conv2d).
+            ``n_samples=25``; ``layer=`` for Grad-CAM++, default :func:`fastsat.models.default_cam_layer`).
         batch_size: images per batched saliency call (default 256).
         cache_dir: directory of the cache (default ``fastsat.data.default_cache_dir()``), False
             for no cache. The file is written atomically; an unreadable one is recomputed.
@@ -83,7 +79,7 @@ def teacher_saliency(
         raise TypeError(f"images: expected an (N, C, H, W) tensor, got {getattr(images, 'shape', type(images).__name__)}")
     options = {**TEACHER_METHODS[method], **options}
     if method == "gradcam_pp":
-        options.setdefault("layer", _last_conv(teacher))
+        options.setdefault("layer", default_cam_layer(teacher))
     path = None
     if cache_dir is not False:
         key_options = {k: v for k, v in options.items() if k != "layer"}
@@ -94,8 +90,8 @@ def teacher_saliency(
         if path.exists():
             try:
                 return torch.load(path, weights_only=True)
-            except Exception:  # a truncated or foreign file: recompute it
-                pass
+            except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:  # truncated or foreign
+                warnings.warn(f"SAT map cache {path} is unreadable ({err}); recomputing it", stacklevel=2)
     device = next(teacher.parameters()).device
     maps = []
     for start in range(0, images.shape[0], batch_size):

@@ -23,7 +23,7 @@ from fastsat.train.batch import as_batch, make_loader
 from fastsat.train.checkpoint import atomic_save, atomic_write_text, capture_rng, load_checkpoint, restore_rng
 from fastsat.train.recipes import PRECISIONS, NonFiniteLossError, Recipe, make_recipe
 
-__all__ = ["CHECKPOINT_NAME", "FitResult", "SCHEDULES", "OPTIMIZERS", "fit", "lr_factor"]
+__all__ = ["CHECKPOINT_NAME", "OPTIMIZERS", "SCHEDULES", "FitResult", "fit", "lr_factor"]
 
 log = logging.getLogger("fastsat.train")
 
@@ -272,6 +272,7 @@ def fit(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = 0
+        epoch_lr = opt.param_groups[0]["lr"]
         started = time.perf_counter()
         bar = tqdm(loader, desc=f"{recipe.name} epoch {epoch + 1}/{epochs}", disable=not show, leave=False, file=sys.stderr)
         for index, item in enumerate(bar):
@@ -293,7 +294,7 @@ def fit(
             seen += size
         seconds = time.perf_counter() - started
         record = {
-            "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum.item() / seen,
+            "epoch": epoch + 1, "lr": epoch_lr, "train_loss": loss_sum.item() / seen,
             "train_acc": correct.item() / seen, "seconds": seconds, "images_per_s": seen / seconds,
         }
         if eval_loader is not None:

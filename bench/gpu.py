@@ -1,0 +1,413 @@
+"""GPU benchmark of the fused ops: the triton and cuda backends against torch eager and torch.compile.
+
+    python -m bench.gpu [--quick] [--out bench/results]
+
+Needs a CUDA device; builds nothing (the cuda backend is timed when ``fastsat._C`` was built with
+CUDA, triton when it is installed). For every shape and dtype it first checks each kernel backend
+against the reference (``fastsat.ops.reference``) and aborts on a mismatch, then times every op
+variant with ``triton.testing.do_bench`` (median of repeated runs, L2 cache flushed between runs).
+
+Throughput is reported from explicit byte counts: the bytes an op must move at least — each input
+read once and the output written once (``Case.nbytes``) — over the median time, and as a
+percentage of the bandwidth of a device-to-device copy that moves the same number of bytes
+(half read, half written), measured on the same GPU. An implementation that reads its inputs
+twice (the two-pass L2 step, the L2 random start) or materialises intermediates (eager) cannot
+reach 100% of that. Every row also gives the speed-up over torch eager (the reference) on the
+same inputs.
+
+The functions timed are the backend interface of ``fastsat.ops.reference`` (arguments already
+checked and laid out), so the numbers are those of the kernels, without the argument checks of
+the public API. Results go to ``<out>/gpu-<date>-<gpu>.csv`` and ``.md`` together with the GPU
+name, torch / triton / CUDA versions and the date; the markdown ends with which of triton and
+cuda is faster per op — the preference ``auto`` should follow on that GPU.
+
+Attack and saliency benchmarks plug in through ``EXTRA_BENCHMARKS`` below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import io
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import torch
+from torch import Tensor
+
+from fastsat.ops import _backends, reference
+
+SHAPES = [(512, 3, 32, 32), (64, 3, 224, 224)]
+QUICK_SHAPES = [(512, 3, 32, 32)]
+DTYPES = [torch.float32, torch.bfloat16]
+EPS, STEP, L2_EPS, L2_STEP, SAT_P, SEED = 8 / 255, 2 / 255, 0.5, 0.1, 0.5, 1234
+KERNEL_BACKENDS = ("triton", "cuda")
+
+
+# --- inputs and implementations ----------------------------------------------------------------
+
+@dataclass
+class Inputs:
+    """One batch of benchmark tensors on the GPU: iterate, gradient, clean input, output buffer
+    and the three SAT map sources (dense map, boxes, masks)."""
+
+    x: Tensor
+    g: Tensor
+    x_nat: Tensor
+    out: Tensor
+    saliency: Tensor
+    boxes: Tensor
+    masks: Tensor
+
+    @property
+    def numel(self) -> int:
+        return self.x.numel()
+
+    @property
+    def element_size(self) -> int:
+        return self.x.element_size()
+
+    @property
+    def batch(self) -> int:
+        return self.x.shape[0]
+
+
+def make_inputs(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Inputs:
+    gen = torch.Generator(device=device).manual_seed(0)
+    batch, _, height, width = shape
+    x_nat = torch.rand(shape, generator=gen, device=device)
+    x = (x_nat + (2 * torch.rand(shape, generator=gen, device=device) - 1) * EPS).clamp(0, 1)
+    g = torch.randn(shape, generator=gen, device=device)
+    saliency = torch.rand(shape, generator=gen, device=device) * 2 - 1
+    corner = torch.stack([torch.randint(0, width // 2, (batch,), generator=gen, device=device),
+                          torch.randint(0, height // 2, (batch,), generator=gen, device=device)], dim=1)
+    boxes = torch.cat([corner, corner + torch.tensor([width // 2, height // 2], device=device)], dim=1)
+    masks = reference.saliency_from_boxes(boxes, height, width) > 0
+    return Inputs(x=x.to(dtype), g=g.to(dtype), x_nat=x_nat.to(dtype), out=torch.empty_like(x, dtype=dtype),
+                  saliency=saliency.to(dtype), boxes=boxes, masks=masks.to(torch.uint8))
+
+
+@dataclass(frozen=True)
+class Impl:
+    """An implementation of the backend interface: ``ops`` has the four functions of
+    fastsat.ops.reference; ``backend`` is the fastsat backend name (None for torch.compile)."""
+
+    name: str
+    ops: ModuleType | SimpleNamespace
+    backend: str | None
+
+
+def implementations() -> list[Impl]:
+    """torch eager, torch.compile of the reference, and the kernel backends present here."""
+    compiled = SimpleNamespace(**{name: torch.compile(getattr(reference, name)) for name in
+                                  ("pgd_step", "random_start", "alignment_stats", "sat_perturb")})
+    impls = [Impl("torch eager", reference, "torch"), Impl("torch.compile", compiled, None)]
+    device = torch.device("cuda")
+    for name in KERNEL_BACKENDS:
+        try:
+            impls.append(Impl(name, _backends.resolve(name, device), name))
+        except RuntimeError as err:
+            print(f"skipping {name}: {err}")
+    return impls
+
+
+# --- the benchmark cases -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    """One op variant: ``run(impl, inputs)`` calls it once; ``nbytes(inputs)`` is the least
+    memory traffic the op needs (each input read once, the output written once)."""
+
+    op: str
+    variant: str
+    run: Callable[[Impl, Inputs], object]
+    nbytes: Callable[[Inputs], int]
+
+
+def _stats_bytes(columns: int) -> Callable[[Inputs], int]:
+    return lambda t: t.batch * columns * 4
+
+
+def _tensors(count: int, extra: Callable[[Inputs], int] = lambda t: 0) -> Callable[[Inputs], int]:
+    """``count`` tensors of the batch's size, plus ``extra`` bytes."""
+    return lambda t: count * t.numel * t.element_size + extra(t)
+
+
+def _pgd(l2: bool, with_stats: bool) -> Callable[[Impl, Inputs], object]:
+    eps, step = (L2_EPS, L2_STEP) if l2 else (EPS, STEP)
+    return lambda impl, t: impl.ops.pgd_step(t.x, t.g, t.x_nat, t.out, step, eps, l2, 0.0, 1.0, with_stats)
+
+
+def _sat(source: str) -> Callable[[Impl, Inputs], object]:
+    def run(impl: Impl, t: Inputs) -> object:
+        maps = {"saliency": None, "boxes": None, "masks": None, source: getattr(t, source)}
+        return impl.ops.sat_perturb(t.x, EPS, SAT_P, SEED, 0.0, 1.0, maps["saliency"], maps["boxes"], maps["masks"])
+    return run
+
+
+CASES = [
+    Case("pgd_step", "linf", _pgd(False, False), _tensors(4)),
+    Case("pgd_step", "linf+stats", _pgd(False, True), _tensors(4, _stats_bytes(4))),
+    Case("pgd_step", "l2", _pgd(True, False), _tensors(4)),
+    Case("pgd_step", "l2+stats", _pgd(True, True), _tensors(4, _stats_bytes(4))),
+    Case("random_start", "linf", lambda impl, t: impl.ops.random_start(t.x_nat, EPS, False, 0.0, 1.0, SEED),
+         _tensors(2)),
+    Case("random_start", "l2", lambda impl, t: impl.ops.random_start(t.x_nat, L2_EPS, True, 0.0, 1.0, SEED),
+         _tensors(2)),
+    Case("alignment_stats", "", lambda impl, t: impl.ops.alignment_stats(t.x, t.g), _tensors(2, _stats_bytes(3))),
+    Case("sat_perturb", "saliency", _sat("saliency"), _tensors(3)),
+    Case("sat_perturb", "boxes", _sat("boxes"), _tensors(2, lambda t: t.boxes.numel() * 8)),
+    Case("sat_perturb", "masks", _sat("masks"), _tensors(2, lambda t: t.masks.numel())),
+]
+
+# Hook for the attack / saliency benchmarks: append Case entries here (from their own modules);
+# they are checked by nothing here, timed for every implementation and reported like the ops.
+EXTRA_BENCHMARKS: list[Case] = []
+
+
+# --- correctness check before timing -----------------------------------------------------------
+
+def _max_error(a: Tensor, b: Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+def check_against_reference(impl: Impl, t: Inputs) -> list[str]:
+    """Mismatches of a kernel backend against the reference on these inputs (empty: all agree).
+    Tolerances as in tests/test_ops.py: L∞ steps and p = 1 SAT with ±1 maps are exact; reductions
+    within 1e-4 relative (fp32 sums of up to 150k terms in another order); L2 steps within that
+    relative error of ε plus one unit in the last place of the dtype."""
+    ulp = torch.finfo(t.x.dtype).eps
+    problems = []
+
+    def expect(what: str, error: float, bound: float) -> None:
+        if not error <= bound:
+            problems.append(f"{impl.name} {what}: max error {error:.3g} > {bound:.3g}")
+
+    for l2 in (False, True):
+        eps, step = (L2_EPS, L2_STEP) if l2 else (EPS, STEP)
+        got_out, want_out = torch.empty_like(t.x), torch.empty_like(t.x)
+        got = impl.ops.pgd_step(t.x, t.g, t.x_nat, got_out, step, eps, l2, 0.0, 1.0, True)
+        want = reference.pgd_step(t.x, t.g, t.x_nat, want_out, step, eps, l2, 0.0, 1.0, True)
+        name = "pgd_step " + ("l2" if l2 else "linf")
+        expect(name, _max_error(got_out, want_out), 1e-4 * eps + ulp if l2 else 0.0)
+        scale = want.abs().clamp_min(1e-30)
+        for column, stat in enumerate(("dot", "grad_norm", "x_norm", "delta_norm")):
+            bound = 0.0 if (stat == "delta_norm" and not l2) else 1e-4
+            if stat == "dot":
+                flat = (t.x_nat.double() * t.g.double()).reshape(t.batch, -1).abs().sum(1)
+                expect(f"{name} {stat}", float(((got[:, 0] - want[:, 0]).abs() / flat).max()), 1e-4)
+            else:
+                expect(f"{name} {stat}", float(((got[:, column] - want[:, column]).abs() / scale[:, column]).max()),
+                       bound)
+    got, want = impl.ops.alignment_stats(t.x, t.g), reference.alignment_stats(t.x, t.g)
+    flat = (t.x.double() * t.g.double()).reshape(t.batch, -1).abs().sum(1)
+    expect("alignment_stats dot", float(((got[:, 0] - want[:, 0]).abs() / flat).max()), 1e-4)
+    expect("alignment_stats norms", float(((got[:, 1:] - want[:, 1:]).abs() / want[:, 1:]).max()), 1e-4)
+    for source, bound in (("saliency", 2 * ulp), ("boxes", 0.0), ("masks", 0.0)):
+        maps = {"saliency": None, "boxes": None, "masks": None, source: getattr(t, source)}
+        got = impl.ops.sat_perturb(t.x, EPS, 1.0, SEED, 0.0, 1.0, maps["saliency"], maps["boxes"], maps["masks"])
+        want = reference.sat_perturb(t.x, EPS, 1.0, SEED, 0.0, 1.0, maps["saliency"], maps["boxes"], maps["masks"])
+        expect(f"sat_perturb p=1 {source}", _max_error(got, want), bound)
+    for l2, eps in ((False, EPS), (True, L2_EPS)):
+        first = impl.ops.random_start(t.x_nat, eps, l2, 0.0, 1.0, SEED)
+        again = impl.ops.random_start(t.x_nat, eps, l2, 0.0, 1.0, SEED)
+        delta = (first.double() - t.x_nat.double()).reshape(t.batch, -1)
+        size = delta.norm(dim=1) if l2 else delta.abs().amax(1)
+        expect(f"random_start {'l2' if l2 else 'linf'} radius", float(size.max()) - eps, eps * 1e-6 + ulp)
+        expect(f"random_start {'l2' if l2 else 'linf'} repeat", _max_error(first, again), 0.0)
+    return problems
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+def median_ms(fn: Callable[[], object], quick: bool) -> float:
+    import triton.testing
+
+    fn()  # compile / autotune / allocate outside the measurement
+    torch.cuda.synchronize()
+    warmup, rep = (5, 20) if quick else (25, 100)
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def copy_ms(nbytes: int, quick: bool) -> float:
+    """Median time of a device-to-device copy moving ``nbytes`` in all (half read, half written)."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return median_ms(lambda: dst.copy_(src), quick)
+
+
+@dataclass(frozen=True)
+class Row:
+    op: str
+    variant: str
+    shape: str
+    dtype: str
+    impl: str
+    ms: float
+    nbytes: int
+    copy_ms: float
+    eager_ms: float
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / (self.ms * 1e-3) / 1e9
+
+    @property
+    def pct_of_copy(self) -> float:
+        return 100.0 * self.copy_ms / self.ms
+
+    @property
+    def speedup_vs_eager(self) -> float:
+        return self.eager_ms / self.ms
+
+    @property
+    def label(self) -> str:
+        return f"{self.op} {self.variant}".strip()
+
+
+def time_cases(cases: Sequence[Case], impls: Sequence[Impl], t: Inputs, quick: bool) -> list[Row]:
+    shape, dtype = "×".join(map(str, t.x.shape)), str(t.x.dtype).removeprefix("torch.")
+    rows, copies = [], {}
+    for case in cases:
+        nbytes = case.nbytes(t)
+        if nbytes not in copies:
+            copies[nbytes] = copy_ms(nbytes, quick)
+        times = {impl.name: median_ms(lambda impl=impl: case.run(impl, t), quick) for impl in impls}
+        eager = times["torch eager"]
+        rows += [Row(case.op, case.variant, shape, dtype, name, ms, nbytes, copies[nbytes], eager)
+                 for name, ms in times.items()]
+    return rows
+
+
+# --- reports -----------------------------------------------------------------------------------
+
+CSV_FIELDS = ["gpu", "date", "op", "variant", "shape", "dtype", "impl", "median_ms", "bytes", "GB_per_s",
+              "pct_of_copy", "speedup_vs_eager"]
+
+
+def to_csv(rows: Sequence[Row], gpu: str, date: str) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_FIELDS)
+    for r in rows:
+        writer.writerow([gpu, date, r.op, r.variant, r.shape, r.dtype, r.impl, f"{r.ms:.6f}", r.nbytes,
+                         f"{r.gbps:.1f}", f"{r.pct_of_copy:.1f}", f"{r.speedup_vs_eager:.2f}"])
+    return buffer.getvalue()
+
+
+def preferences(rows: Sequence[Row]) -> dict[str, tuple[str, float]]:
+    """Per op variant, the faster of triton and cuda and by how much (geometric mean over shapes
+    and dtypes of the slower/faster time ratio). Empty unless both were timed."""
+    times: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        if r.impl in KERNEL_BACKENDS:
+            times.setdefault(r.label, {}).setdefault(r.impl, []).append(r.ms)
+    result = {}
+    for label, per_impl in times.items():
+        if set(per_impl) != set(KERNEL_BACKENDS) or len(per_impl["triton"]) != len(per_impl["cuda"]):
+            continue
+        log_ratio = sum(math.log(c / t) for t, c in zip(per_impl["triton"], per_impl["cuda"])) / len(per_impl["cuda"])
+        result[label] = ("triton", math.exp(log_ratio)) if log_ratio > 0 else ("cuda", math.exp(-log_ratio))
+    return result
+
+
+def to_markdown(rows: Sequence[Row], env: dict[str, str]) -> str:
+    lines = [f"# fastsat GPU benchmark — {env['gpu']}", ""]
+    lines += [f"- {key}: {value}" for key, value in env.items()]
+    lines += [
+        "", "Median of `triton.testing.do_bench`. GB/s = least bytes the op must move (inputs read once, "
+        "output written once) / time; % copy = that rate over a device-to-device copy of the same "
+        "bytes; × eager = speed-up over the PyTorch reference.", "",
+    ]
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.shape, r.dtype), []).append(r)
+    for (shape, dtype), group in groups.items():
+        lines += [f"## {shape}, {dtype}", "", "| op | impl | ms | GB/s | % copy | × eager |", "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {r.label} | {r.impl} | {r.ms:.4f} | {r.gbps:.0f} | {r.pct_of_copy:.0f} | {r.speedup_vs_eager:.2f} |"
+                  for r in group]
+        lines.append("")
+    prefs = preferences(rows)
+    lines += ["## triton or cuda (the `auto` preference)", ""]
+    if prefs:
+        lines += ["| op | faster | by |", "|---|---|---:|"]
+        lines += [f"| {label} | {winner} | {ratio:.2f}× |" for label, (winner, ratio) in prefs.items()]
+        wins = sum(1 for winner, _ in prefs.values() if winner == "triton")
+        overall = "triton" if wins > len(prefs) / 2 else "cuda"
+        lines += ["", f"Faster on {max(wins, len(prefs) - wins)} of {len(prefs)} op variants: **{overall}**."]
+    else:
+        lines.append("Only one of triton / cuda was available; no preference measured.")
+    return "\n".join(lines) + "\n"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def environment() -> dict[str, str]:
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": str(torch.version.cuda),
+        "backends": ", ".join(name for name, ok in _backends.available_backends().items() if ok),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one shape, fp32, fewer repetitions")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="directory for the CSV and markdown")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.gpu needs a CUDA GPU and a CUDA build of torch; none is visible here. "
+              "CPU benchmarks: see bench/ (pytest-benchmark).", file=sys.stderr)
+        return 2
+    # torch.compile specialises the reference per op variant, shape and dtype.
+    torch._dynamo.config.recompile_limit = 256
+    env = environment()
+    impls = implementations()
+    kernels = [impl for impl in impls if impl.backend in KERNEL_BACKENDS]
+    if not kernels:
+        print("neither the triton nor the cuda backend is available; nothing to compare", file=sys.stderr)
+        return 2
+    shapes, dtypes = (QUICK_SHAPES, [torch.float32]) if args.quick else (SHAPES, DTYPES)
+    rows: list[Row] = []
+    for shape in shapes:
+        for dtype in dtypes:
+            inputs = make_inputs(shape, dtype, torch.device("cuda"))
+            problems = [p for impl in kernels for p in check_against_reference(impl, inputs)]
+            if problems:
+                print(f"mismatch against the reference at {shape} {dtype}; not timing:", *problems,
+                      sep="\n  ", file=sys.stderr)
+                return 1
+            print(f"timing {shape} {dtype} ...", flush=True)
+            rows += time_cases(CASES + EXTRA_BENCHMARKS, impls, inputs, args.quick)
+    markdown = to_markdown(rows, env)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"gpu-{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{_slug(env['gpu'])}"
+    write_atomically(args.out / f"{stem}.csv", to_csv(rows, env["gpu"], env["date"]))
+    write_atomically(args.out / f"{stem}.md", markdown)
+    print(markdown)
+    print(f"wrote {args.out / stem}.csv and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

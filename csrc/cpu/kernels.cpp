@@ -1,0 +1,526 @@
+// C++ CPU kernels of the fused ops (METHODS.md §2, §4).
+//
+// Work is split into tasks of at most kChunk elements of one sample, run with at::parallel_for.
+// A task streams its range in tiles of kTile elements: inputs are converted to the arithmetic type
+// into small local arrays, the formulas of common/math.h run over those arrays (loops the compiler
+// vectorises; the local arrays also keep an in-place `out` from defeating vectorisation), and
+// results are rounded once to the storage type. Per-sample sums are kept per task in kLanes
+// independent float64 accumulators and added up per sample in task order, so every result is the
+// same whatever the number of threads. The hot per-task functions are compiled for AVX-512, AVX2
+// and baseline x86-64 and picked at load time (GCC target_clones); contraction is off
+// (-ffp-contract=off), so all three give identical bits.
+//
+// Passes over memory: L∞ pgd_step, L∞ random_start, sat_perturb and alignment_stats one; L2
+// pgd_step two (a reduction pass for ‖g‖², ⟨x − x_nat, g⟩, ‖x − x_nat‖², then the write pass);
+// L2 random_start two (Gaussian norms, then the write pass regenerating the same Gaussians).
+#include "cpu/kernels.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "common/math.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTSAT_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTSAT_ISA_CLONES
+#endif
+#define FASTSAT_INLINE inline __attribute__((always_inline))
+
+namespace fastsat::cpu {
+namespace {
+
+constexpr int64_t kChunk = 1 << 14;  // elements per task (a multiple of 4: whole RNG calls)
+constexpr int64_t kTile = 256;       // elements per tile (a multiple of 4 and of kLanes)
+constexpr int kLanes = 16;           // independent accumulators per sum
+constexpr int64_t kMinElementsPerThread = 1 << 15;  // less is not worth waking a thread for
+
+struct Tasks {
+  int64_t batch;
+  int64_t per_sample;
+  int64_t chunks;
+
+  Tasks(int64_t batch_, int64_t per_sample_)
+      : batch(batch_), per_sample(per_sample_), chunks((per_sample_ + kChunk - 1) / kChunk) {}
+  int64_t count() const { return batch * chunks; }
+  int64_t sample(int64_t task) const { return task / chunks; }
+  int64_t begin(int64_t task) const { return (task % chunks) * kChunk; }
+  int64_t end(int64_t task) const { return std::min(per_sample, begin(task) + kChunk); }
+};
+
+template <typename F>
+void parallel_tasks(const Tasks& tasks, const F& body) {
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerThread / std::min(tasks.per_sample, kChunk));
+  at::parallel_for(0, tasks.count(), grain, [&](int64_t first, int64_t last) {
+    for (int64_t task = first; task < last; ++task) body(task);
+  });
+}
+
+// --- tiles -------------------------------------------------------------------------------------
+
+template <typename T, typename A>
+FASTSAT_INLINE void load(const T* src, A* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<A>(src[j]);
+}
+
+// Rounds v to T once, stores it, and leaves the stored value (back in A) in v.
+template <typename T, typename A>
+FASTSAT_INLINE void store_rounded(A* v, T* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T stored = static_cast<T>(v[j]);
+    dst[j] = stored;
+    v[j] = static_cast<A>(stored);
+  }
+}
+
+// K per-sample sums, each in kLanes float64 accumulators (products of float32 values are exact).
+template <int K>
+struct LaneSums {
+  double lane[K][kLanes] = {};
+
+  template <typename A>
+  FASTSAT_INLINE void add(int k, const A* a, const A* b, int64_t n) {
+    double* acc = lane[k];
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(a[j + l]) * static_cast<double>(b[j + l]);
+    }
+    for (int l = 0; j + l < n; ++l) acc[l] += static_cast<double>(a[j + l]) * static_cast<double>(b[j + l]);
+  }
+
+  void write(double* out) const {
+    for (int k = 0; k < K; ++k) {
+      double total = 0.0;
+      for (int l = 0; l < kLanes; ++l) total += lane[k][l];
+      out[k] = total;
+    }
+  }
+};
+
+// max |a − b| in kLanes accumulators; NaN propagates like torch.amax.
+template <typename A>
+struct LaneMaxAbsDiff {
+  A lane[kLanes] = {};
+
+  FASTSAT_INLINE void add(const A* a, const A* b, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) {
+      const A v = a[j] > b[j] ? a[j] - b[j] : b[j] - a[j];
+      A& m = lane[j % kLanes];
+      m = (m < v || v != v) ? v : m;
+    }
+  }
+
+  double total() const {
+    double m = 0.0;
+    for (int l = 0; l < kLanes; ++l) {
+      const double v = static_cast<double>(lane[l]);
+      m = (m < v || v != v) ? v : m;
+    }
+    return m;
+  }
+};
+
+// Per-sample totals of K per-task partials (task-major), added in task order.
+std::vector<double> per_sample_sums(const Tasks& tasks, const std::vector<double>& partial, int K) {
+  std::vector<double> total(tasks.batch * K, 0.0);
+  for (int64_t t = 0; t < tasks.count(); ++t) {
+    for (int k = 0; k < K; ++k) total[tasks.sample(t) * K + k] += partial[t * K + k];
+  }
+  return total;
+}
+
+// --- pgd_step ----------------------------------------------------------------------------------
+
+template <typename T, bool kStats>
+FASTSAT_ISA_CLONES void linf_step_task(const PgdStepArgs& a, int64_t sample, int64_t begin, int64_t end,
+                                       double* partial) {
+  using A = acc_t<T>;
+  const int64_t base = sample * a.per_sample;
+  const T* x = static_cast<const T*>(a.x) + base;
+  const T* g = static_cast<const T*>(a.grad) + base;
+  const T* nat = static_cast<const T*>(a.x_nat) + base;
+  T* out = static_cast<T*>(a.out) + base;
+  const A step = static_cast<A>(a.step_size), eps = static_cast<A>(a.eps);
+  const A lo = static_cast<A>(a.lo), hi = static_cast<A>(a.hi);
+  A xb[kTile], gb[kTile], nb[kTile], ob[kTile];
+  LaneSums<3> sums;
+  LaneMaxAbsDiff<A> delta_max;
+  for (int64_t s = begin; s < end; s += kTile) {
+    const int64_t n = std::min(kTile, end - s);
+    load(x + s, xb, n);
+    load(g + s, gb, n);
+    load(nat + s, nb, n);
+    for (int64_t j = 0; j < n; ++j) ob[j] = linf_step(xb[j], gb[j], nb[j], step, eps, lo, hi);
+    store_rounded(ob, out + s, n);
+    if constexpr (kStats) {
+      sums.add(0, nb, gb, n);
+      sums.add(1, gb, gb, n);
+      sums.add(2, nb, nb, n);
+      delta_max.add(ob, nb, n);
+    }
+  }
+  if constexpr (kStats) {
+    sums.write(partial);
+    partial[3] = delta_max.total();
+  }
+}
+
+// L2 reduction pass: ‖g‖², ⟨d, g⟩, ‖d‖² with d = x − x_nat (+ ⟨x_nat, g⟩, ‖x_nat‖² for stats).
+template <typename T, bool kStats>
+FASTSAT_ISA_CLONES void l2_reduce_task(const PgdStepArgs& a, int64_t sample, int64_t begin, int64_t end,
+                                       double* partial) {
+  using A = acc_t<T>;
+  const int64_t base = sample * a.per_sample;
+  const T* x = static_cast<const T*>(a.x) + base;
+  const T* g = static_cast<const T*>(a.grad) + base;
+  const T* nat = static_cast<const T*>(a.x_nat) + base;
+  A db[kTile], gb[kTile], nb[kTile];
+  LaneSums<5> sums;
+  for (int64_t s = begin; s < end; s += kTile) {
+    const int64_t n = std::min(kTile, end - s);
+    load(x + s, db, n);
+    load(g + s, gb, n);
+    load(nat + s, nb, n);
+    for (int64_t j = 0; j < n; ++j) db[j] -= nb[j];
+    sums.add(0, gb, gb, n);
+    sums.add(1, db, gb, n);
+    sums.add(2, db, db, n);
+    if constexpr (kStats) {
+      sums.add(3, nb, gb, n);
+      sums.add(4, nb, nb, n);
+    }
+  }
+  sums.write(partial);
+}
+
+// L2 write pass with the per-sample coefficients; ‖out − x_nat‖² for stats.
+template <typename T, bool kStats>
+FASTSAT_ISA_CLONES void l2_apply_task(const PgdStepArgs& a, int64_t sample, int64_t begin, int64_t end,
+                                      acc_t<T> scale, acc_t<T> factor, double* partial) {
+  using A = acc_t<T>;
+  const int64_t base = sample * a.per_sample;
+  const T* x = static_cast<const T*>(a.x) + base;
+  const T* g = static_cast<const T*>(a.grad) + base;
+  const T* nat = static_cast<const T*>(a.x_nat) + base;
+  T* out = static_cast<T*>(a.out) + base;
+  const A lo = static_cast<A>(a.lo), hi = static_cast<A>(a.hi);
+  A xb[kTile], gb[kTile], nb[kTile], ob[kTile];
+  LaneSums<1> sums;
+  for (int64_t s = begin; s < end; s += kTile) {
+    const int64_t n = std::min(kTile, end - s);
+    load(x + s, xb, n);
+    load(g + s, gb, n);
+    load(nat + s, nb, n);
+    for (int64_t j = 0; j < n; ++j) ob[j] = l2_step(xb[j], gb[j], nb[j], scale, factor, lo, hi);
+    store_rounded(ob, out + s, n);
+    if constexpr (kStats) {
+      for (int64_t j = 0; j < n; ++j) ob[j] -= nb[j];
+      sums.add(0, ob, ob, n);
+    }
+  }
+  if constexpr (kStats) sums.write(partial);
+}
+
+template <typename T, bool kStats>
+void pgd_step_impl(const PgdStepArgs& a) {
+  using A = acc_t<T>;
+  const Tasks tasks(a.batch, a.per_sample);
+  A* stats = static_cast<A*>(a.stats);
+  if (!a.l2) {
+    std::vector<double> partial(kStats ? tasks.count() * 4 : 0);
+    parallel_tasks(tasks, [&](int64_t t) {
+      linf_step_task<T, kStats>(a, tasks.sample(t), tasks.begin(t), tasks.end(t), partial.data() + (kStats ? t * 4 : 0));
+    });
+    if constexpr (kStats) {
+      for (int64_t b = 0; b < a.batch; ++b) {
+        double sums[3] = {0.0, 0.0, 0.0}, delta_max = 0.0;
+        for (int64_t t = b * tasks.chunks; t < (b + 1) * tasks.chunks; ++t) {
+          for (int k = 0; k < 3; ++k) sums[k] += partial[t * 4 + k];
+          const double v = partial[t * 4 + 3];
+          delta_max = (delta_max < v || v != v) ? v : delta_max;
+        }
+        stats[b * 4 + 0] = static_cast<A>(sums[0]);
+        stats[b * 4 + 1] = static_cast<A>(sqrt(sums[1]));
+        stats[b * 4 + 2] = static_cast<A>(sqrt(sums[2]));
+        stats[b * 4 + 3] = static_cast<A>(delta_max);
+      }
+    }
+    return;
+  }
+  std::vector<double> partial(tasks.count() * 5);
+  parallel_tasks(tasks, [&](int64_t t) {
+    l2_reduce_task<T, kStats>(a, tasks.sample(t), tasks.begin(t), tasks.end(t), partial.data() + t * 5);
+  });
+  const std::vector<double> sums = per_sample_sums(tasks, partial, 5);
+  std::vector<A> scale(a.batch), factor(a.batch);
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const double* s = &sums[b * 5];
+    l2_coefficients(s[2], s[1], s[0], a.step_size, a.eps, scale[b], factor[b]);
+  }
+  std::vector<double> delta_partial(kStats ? tasks.count() : 0);
+  parallel_tasks(tasks, [&](int64_t t) {
+    const int64_t b = tasks.sample(t);
+    l2_apply_task<T, kStats>(a, b, tasks.begin(t), tasks.end(t), scale[b], factor[b],
+                             delta_partial.data() + (kStats ? t : 0));
+  });
+  if constexpr (kStats) {
+    const std::vector<double> delta_sq = per_sample_sums(tasks, delta_partial, 1);
+    for (int64_t b = 0; b < a.batch; ++b) {
+      stats[b * 4 + 0] = static_cast<A>(sums[b * 5 + 3]);
+      stats[b * 4 + 1] = static_cast<A>(sqrt(sums[b * 5 + 0]));
+      stats[b * 4 + 2] = static_cast<A>(sqrt(sums[b * 5 + 4]));
+      stats[b * 4 + 3] = static_cast<A>(sqrt(delta_sq[b]));
+    }
+  }
+}
+
+// --- alignment_stats ---------------------------------------------------------------------------
+
+template <typename T>
+FASTSAT_ISA_CLONES void alignment_task(const AlignmentStatsArgs& a, int64_t sample, int64_t begin, int64_t end,
+                                       double* partial) {
+  using A = acc_t<T>;
+  const int64_t base = sample * a.per_sample;
+  const T* x = static_cast<const T*>(a.x) + base;
+  const T* g = static_cast<const T*>(a.g) + base;
+  A xb[kTile], gb[kTile];
+  LaneSums<3> sums;
+  for (int64_t s = begin; s < end; s += kTile) {
+    const int64_t n = std::min(kTile, end - s);
+    load(x + s, xb, n);
+    load(g + s, gb, n);
+    sums.add(0, xb, gb, n);
+    sums.add(1, gb, gb, n);
+    sums.add(2, xb, xb, n);
+  }
+  sums.write(partial);
+}
+
+// --- random_start ------------------------------------------------------------------------------
+
+// Words of `stream` for elements [s, s + n) of a sample, s a multiple of 4.
+FASTSAT_INLINE void fill_words(uint64_t seed, Stream stream, int64_t sample, int64_t s, int64_t n, uint32_t* words) {
+  for (int64_t q = 0; q * 4 < n; ++q) {
+    const Words4 r = random_words(seed, stream, sample, s / 4 + q);
+    for (int k = 0; k < 4; ++k) words[q * 4 + k] = r.w[k];
+  }
+}
+
+FASTSAT_INLINE void fill_gaussians(uint64_t seed, int64_t sample, int64_t s, int64_t n, float* z) {
+  for (int64_t q = 0; q * 4 < n; ++q) {
+    float four[4];
+    gaussians4(seed, sample, s / 4 + q, four);
+    for (int k = 0; k < 4; ++k) z[q * 4 + k] = four[k];
+  }
+}
+
+template <typename T>
+FASTSAT_ISA_CLONES void linf_start_task(const RandomStartArgs& a, int64_t sample, int64_t begin, int64_t end) {
+  using A = acc_t<T>;
+  const int64_t base = sample * a.per_sample;
+  const T* nat = static_cast<const T*>(a.x_nat) + base;
+  T* out = static_cast<T*>(a.out) + base;
+  const A eps = static_cast<A>(a.eps), lo = static_cast<A>(a.lo), hi = static_cast<A>(a.hi);
+  A nb[kTile], ob[kTile];
+  uint32_t words[kTile];
+  for (int64_t s = begin; s < end; s += kTile) {
+    const int64_t n = std::min(kTile, end - s);
+    load(nat + s, nb, n);
+    fill_words(a.seed, kStreamUniform, sample, s, n, words);
+    for (int64_t j = 0; j < n; ++j) {
+      const A delta = (A(2) * static_cast<A>(uniform_co(words[j])) - A(1)) * eps;
+      ob[j] = clamp_to(nb[j] + delta, lo, hi);
+    }
+    store_rounded(ob, out + s, n);
+  }
+}
+
+FASTSAT_ISA_CLONES void gaussian_norm_task(uint64_t seed, int64_t sample, int64_t begin, int64_t end,
+                                           double* partial) {
+  float z[kTile];
+  LaneSums<1> sums;
+  for (int64_t s = begin; s < end; s += kTile) {
+    const int64_t n = std::min(kTile, end - s);
+    fill_gaussians(seed, sample, s, n, z);
+    sums.add(0, z, z, n);
+  }
+  sums.write(partial);
+}
+
+template <typename T>
+FASTSAT_ISA_CLONES void l2_start_task(const RandomStartArgs& a, int64_t sample, int64_t begin, int64_t end,
+                                      acc_t<T> scale) {
+  using A = acc_t<T>;
+  const int64_t base = sample * a.per_sample;
+  const T* nat = static_cast<const T*>(a.x_nat) + base;
+  T* out = static_cast<T*>(a.out) + base;
+  const A lo = static_cast<A>(a.lo), hi = static_cast<A>(a.hi);
+  A nb[kTile], ob[kTile];
+  float z[kTile];
+  for (int64_t s = begin; s < end; s += kTile) {
+    const int64_t n = std::min(kTile, end - s);
+    load(nat + s, nb, n);
+    fill_gaussians(a.seed, sample, s, n, z);
+    for (int64_t j = 0; j < n; ++j) ob[j] = clamp_to(nb[j] + static_cast<A>(z[j]) * scale, lo, hi);
+    store_rounded(ob, out + s, n);
+  }
+}
+
+// --- sat_perturb -------------------------------------------------------------------------------
+
+// Walks the (row, col) of consecutive elements of a (C, H, W) sample in memory order.
+struct PixelWalker {
+  int64_t channels, height, width;
+  bool channels_last;
+  int64_t c, h, w;
+
+  PixelWalker(const SatPerturbArgs& a, int64_t index)
+      : channels(a.channels), height(a.height), width(a.width), channels_last(a.channels_last) {
+    if (channels_last) {
+      c = index % channels;
+      w = (index / channels) % width;
+      h = index / (channels * width);
+    } else {
+      w = index % width;
+      h = (index / width) % height;
+      c = index / (width * height);
+    }
+  }
+
+  FASTSAT_INLINE void next() {
+    if (channels_last) {
+      if (++c == channels) {
+        c = 0;
+        if (++w == width) {
+          w = 0;
+          ++h;
+        }
+      }
+    } else if (++w == width) {
+      w = 0;
+      if (++h == height) {
+        h = 0;
+        ++c;
+      }
+    }
+  }
+};
+
+// Saliency S of elements [s, s + n) of a sample, in A.
+template <typename T, typename A>
+FASTSAT_INLINE void fill_saliency(const SatPerturbArgs& a, int64_t sample, int64_t s, int64_t n, A* out) {
+  if (a.kind == SaliencySource::kDense) {
+    load(static_cast<const T*>(a.source) + sample * a.per_sample + s, out, n);
+    return;
+  }
+  const int64_t plane = a.height * a.width;
+  PixelWalker pos(a, s);
+  if (a.kind == SaliencySource::kBoxes) {
+    const int64_t* box = static_cast<const int64_t*>(a.source) + sample * 4;
+    for (int64_t j = 0; j < n; ++j, pos.next()) out[j] = static_cast<A>(box_value(box, pos.h, pos.w));
+  } else if (a.kind == SaliencySource::kMasks) {
+    const uint8_t* mask = static_cast<const uint8_t*>(a.source) + sample * plane;
+    for (int64_t j = 0; j < n; ++j, pos.next()) out[j] = mask[pos.h * a.width + pos.w] ? A(1) : A(-1);
+  } else {
+    const T* map = static_cast<const T*>(a.source) + sample * plane;
+    for (int64_t j = 0; j < n; ++j, pos.next()) out[j] = static_cast<A>(map[pos.h * a.width + pos.w]);
+  }
+}
+
+template <typename T>
+FASTSAT_ISA_CLONES void sat_task(const SatPerturbArgs& a, int64_t sample, int64_t begin, int64_t end) {
+  using A = acc_t<T>;
+  const int64_t base = sample * a.per_sample;
+  const T* x = static_cast<const T*>(a.x) + base;
+  T* out = static_cast<T*>(a.out) + base;
+  const A eps = static_cast<A>(a.eps), lo = static_cast<A>(a.lo), hi = static_cast<A>(a.hi);
+  const float p = static_cast<float>(a.p);
+  A xb[kTile], sb[kTile];
+  uint32_t sign_words[kTile], keep_words[kTile];
+  for (int64_t s = begin; s < end; s += kTile) {
+    const int64_t n = std::min(kTile, end - s);
+    load(x + s, xb, n);
+    fill_saliency<T>(a, sample, s, n, sb);
+    fill_words(a.seed, kStreamSign, sample, s, n, sign_words);
+    fill_words(a.seed, kStreamKeep, sample, s, n, keep_words);
+    for (int64_t j = 0; j < n; ++j) xb[j] = sat_value(xb[j], sb[j], sign_words[j], keep_words[j], p, eps, lo, hi);
+    store_rounded(xb, out + s, n);
+  }
+}
+
+}  // namespace
+
+// --- entry points ------------------------------------------------------------------------------
+
+template <typename T>
+void pgd_step(const PgdStepArgs& args) {
+  if (args.stats != nullptr) {
+    pgd_step_impl<T, true>(args);
+  } else {
+    pgd_step_impl<T, false>(args);
+  }
+}
+
+template <typename T>
+void alignment_stats(const AlignmentStatsArgs& a) {
+  using A = acc_t<T>;
+  const Tasks tasks(a.batch, a.per_sample);
+  std::vector<double> partial(tasks.count() * 3);
+  parallel_tasks(tasks, [&](int64_t t) {
+    alignment_task<T>(a, tasks.sample(t), tasks.begin(t), tasks.end(t), partial.data() + t * 3);
+  });
+  const std::vector<double> sums = per_sample_sums(tasks, partial, 3);
+  A* stats = static_cast<A*>(a.stats);
+  for (int64_t b = 0; b < a.batch; ++b) {
+    stats[b * 3 + 0] = static_cast<A>(sums[b * 3 + 0]);
+    stats[b * 3 + 1] = static_cast<A>(sqrt(sums[b * 3 + 1]));
+    stats[b * 3 + 2] = static_cast<A>(sqrt(sums[b * 3 + 2]));
+  }
+}
+
+template <typename T>
+void random_start(const RandomStartArgs& a) {
+  using A = acc_t<T>;
+  const Tasks tasks(a.batch, a.per_sample);
+  if (!a.l2) {
+    parallel_tasks(tasks, [&](int64_t t) { linf_start_task<T>(a, tasks.sample(t), tasks.begin(t), tasks.end(t)); });
+    return;
+  }
+  std::vector<double> partial(tasks.count());
+  parallel_tasks(tasks, [&](int64_t t) {
+    gaussian_norm_task(a.seed, tasks.sample(t), tasks.begin(t), tasks.end(t), partial.data() + t);
+  });
+  const std::vector<double> gaussian_sq = per_sample_sums(tasks, partial, 1);
+  std::vector<A> scale(a.batch);
+  for (int64_t b = 0; b < a.batch; ++b) {
+    scale[b] = static_cast<A>(l2_start_scale(a.seed, b, a.per_sample, a.eps, gaussian_sq[b]));
+  }
+  parallel_tasks(tasks, [&](int64_t t) {
+    const int64_t b = tasks.sample(t);
+    l2_start_task<T>(a, b, tasks.begin(t), tasks.end(t), scale[b]);
+  });
+}
+
+template <typename T>
+void sat_perturb(const SatPerturbArgs& a) {
+  const Tasks tasks(a.batch, a.per_sample);
+  parallel_tasks(tasks, [&](int64_t t) { sat_task<T>(a, tasks.sample(t), tasks.begin(t), tasks.end(t)); });
+}
+
+#define FASTSAT_INSTANTIATE(T)                                    \
+  template void pgd_step<T>(const PgdStepArgs&);                  \
+  template void random_start<T>(const RandomStartArgs&);          \
+  template void alignment_stats<T>(const AlignmentStatsArgs&);    \
+  template void sat_perturb<T>(const SatPerturbArgs&);
+FASTSAT_INSTANTIATE(float)
+FASTSAT_INSTANTIATE(double)
+FASTSAT_INSTANTIATE(c10::Half)
+FASTSAT_INSTANTIATE(c10::BFloat16)
+#undef FASTSAT_INSTANTIATE
+
+}  // namespace fastsat::cpu

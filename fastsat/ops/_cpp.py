@@ -1,0 +1,64 @@
+"""The ``cpp`` and ``cuda`` backends: the kernels of the compiled extension ``fastsat._C``.
+
+Importing this module loads ``fastsat._C`` (an ImportError propagates: the dispatcher then reports
+the backend missing and how to build it), which registers ``torch.ops.fastsat.pgd_step``,
+``random_start``, ``alignment_stats`` and ``sat_perturb`` with CPU (and, when built with CUDA,
+CUDA) kernels; this module adds their fake implementations so ``torch.compile`` can trace them.
+The four functions follow the backend interface of :mod:`fastsat.ops.reference`; the device of
+the tensors picks the kernel.
+
+RNG: Philox4x32-10 keyed by the seed; call q of sample b on stream s (counter ``(q, b, s)``) gives
+the draws of the sample's elements 4q..4q+3 in memory order, so results do not depend on the
+number of threads, and CPU and CUDA share streams.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastsat import _C
+from fastsat.ops.reference import accumulation_dtype
+
+__all__ = ["HAS_CUDA", "pgd_step", "random_start", "alignment_stats", "sat_perturb"]
+
+HAS_CUDA: bool = _C.has_cuda()
+
+
+@torch.library.register_fake("fastsat::pgd_step")
+def _pgd_step_fake(x, grad, x_nat, out, step_size, eps, l2, lo, hi, with_stats):
+    shape = (x.shape[0], 4) if with_stats else (0, 0)
+    return x.new_empty(shape, dtype=accumulation_dtype(x.dtype))
+
+
+@torch.library.register_fake("fastsat::random_start")
+def _random_start_fake(x_nat, eps, l2, lo, hi, seed):
+    return torch.empty_like(x_nat)
+
+
+@torch.library.register_fake("fastsat::alignment_stats")
+def _alignment_stats_fake(x, g):
+    return x.new_empty((x.shape[0], 3), dtype=accumulation_dtype(x.dtype))
+
+
+@torch.library.register_fake("fastsat::sat_perturb")
+def _sat_perturb_fake(x, eps, p, seed, lo, hi, saliency, boxes, masks):
+    return torch.empty_like(x)
+
+
+def pgd_step(x: Tensor, grad: Tensor, x_nat: Tensor, out: Tensor, step_size: float, eps: float, l2: bool,
+             lo: float, hi: float, with_stats: bool) -> Tensor:
+    return torch.ops.fastsat.pgd_step(x, grad, x_nat, out, step_size, eps, l2, lo, hi, with_stats)
+
+
+def random_start(x_nat: Tensor, eps: float, l2: bool, lo: float, hi: float, seed: int) -> Tensor:
+    return torch.ops.fastsat.random_start(x_nat, eps, l2, lo, hi, seed)
+
+
+def alignment_stats(x: Tensor, g: Tensor) -> Tensor:
+    return torch.ops.fastsat.alignment_stats(x, g)
+
+
+def sat_perturb(x: Tensor, eps: float, p: float, seed: int, lo: float, hi: float, saliency: Tensor | None,
+                boxes: Tensor | None, masks: Tensor | None) -> Tensor:
+    return torch.ops.fastsat.sat_perturb(x, eps, p, seed, lo, hi, saliency, boxes, masks)

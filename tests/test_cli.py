@@ -1,0 +1,76 @@
+"""The fastsat command line: config files, overrides, --help, and a tiny end-to-end train/eval."""
+
+import json
+
+import pytest
+import yaml
+
+from fastsat import cli
+
+
+def test_config_then_command_line_overrides(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"recipe": "pgd", "eps": "4/255", "epochs": 3, "lr": 0.05, "channels-last": True}))
+    args = vars(cli.build_parser().parse_args(["train", "--config", str(config), "--epochs", "7", "--steps", "3"]))
+    args.pop("command")
+    cfg = cli.load_config("train", args.pop("config"), args)
+    assert cfg["recipe"] == "pgd"  # from the file
+    assert cfg["eps"] == pytest.approx(4 / 255, rel=1e-15)  # fraction parsed
+    assert cfg["epochs"] == 7 and cfg["steps"] == 3  # command line wins
+    assert cfg["channels_last"] is True and cfg["lr"] == 0.05
+    assert cfg["optimizer"] == "sgd"  # default
+
+
+def test_eval_eps_list_parsing():
+    args = vars(cli.build_parser().parse_args(["eval", "--eps", "2/255,4/255, 0.5", "--attacks", "pgd,apgd-ce"]))
+    assert args["eps"] == pytest.approx([2 / 255, 4 / 255, 0.5], rel=1e-15)
+    assert args["attacks"] == ["pgd", "apgd-ce"]
+
+
+def test_bad_config_is_reported(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("epoch: 3\n")
+    with pytest.raises(ValueError, match="unknown key 'epoch'"):
+        cli.load_config("train", config)
+    config.write_text("recipe: madry\n")
+    with pytest.raises(ValueError, match="recipe"):
+        cli.load_config("train", config)
+    config.write_text("eps: eight\n")
+    with pytest.raises(ValueError, match="eps"):
+        cli.load_config("train", config)
+    assert cli.main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--recipe", "madry"])
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_help_lists_every_option_with_its_default(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option in cli.COMMANDS[command][0]:
+        flag = "--" + option.name.replace("_", "-")
+        assert flag in text, f"{command}: {flag} missing from --help"
+    assert text.count("(default:") >= len(cli.COMMANDS[command][0])
+
+
+def test_train_then_eval_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--n-train", "32", "--n-test", "16", "--image-size", "12", "--num-classes", "3", "--model", "smallcnn",
+              "--width", "4", "--batch-size", "16", "--device", "cpu"]
+    status = cli.main(["train", *common, "--recipe", "sat", "--sat-maps", "masks", "--epochs", "2", "--eval-steps", "2",
+                       "--out-dir", str(out), "--no-augment", "--no-progress"])
+    assert status == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["recipe"] == "sat" and saved["sat_maps"] == "masks"
+    # eval takes data and model settings from the run's config.yaml.
+    status = cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--eps", "0,8/255", "--steps", "2",
+                       "--out", str(tmp_path / "eval.json")])
+    assert status == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["n"] == 16
+    pgd = report["attacks"]["pgd"]
+    assert pgd[0]["acc"] == pytest.approx(report["clean_acc"]) and pgd[1]["acc"] <= report["clean_acc"]

@@ -1,0 +1,300 @@
+"""Every reader on tiny fixture files written in the real on-disk format, and its error paths."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastsat.data import (
+    AnnotatedDataset,
+    ImageFiles,
+    boxes_from_masks,
+    cifar10,
+    cifar100,
+    flowers17,
+    image_folder,
+    loader,
+    oxford_pets,
+    tiny_imagenet,
+)
+
+RNG = np.random.default_rng(0)
+
+
+def _png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _rgb(h, w):
+    return RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _save_image(path, h, w):
+    """Write a random RGB image (PNG pixels, whatever the file name says) and return its pixels."""
+    array = _rgb(h, w)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Lossless PNG data keeps pixel checks exact; Pillow decodes by content, not by extension.
+    Image.fromarray(array).save(path, format="PNG")
+    return array
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR
+
+
+def _cifar_batch(path, n, label_key, num_classes):
+    data = RNG.integers(0, 256, (n, 3072), dtype=np.uint8)
+    labels = RNG.integers(0, num_classes, n).tolist()
+    with open(path, "wb") as f:
+        pickle.dump({b"data": data, label_key.encode(): labels, b"batch_label": b"x"}, f)
+    return data, labels
+
+
+def test_cifar10(tmp_path):
+    written = [_cifar_batch(tmp_path / f"data_batch_{i}", 3, "labels", 10) for i in range(1, 6)]
+    _cifar_batch(tmp_path / "test_batch", 2, "labels", 10)
+    with open(tmp_path / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
+    train = cifar10(tmp_path)
+    assert isinstance(train, AnnotatedDataset) and len(train) == 15 and train.classes[3] == "c3"
+    data = np.concatenate([d for d, _ in written]).reshape(-1, 3, 32, 32)
+    assert torch.equal(train.images, torch.from_numpy(data))
+    assert train.labels.tolist() == [label for _, labels in written for label in labels]
+    sample = train[4]
+    assert set(sample) == {"image", "label"} and sample["image"].shape == (3, 32, 32)
+    assert len(cifar10(tmp_path, train=False)) == 2
+    resized = cifar10(tmp_path, train=False, size=16)
+    assert resized.images.shape == (2, 3, 16, 16)
+
+
+def test_cifar100_and_errors(tmp_path):
+    _, labels = _cifar_batch(tmp_path / "train", 4, "fine_labels", 100)
+    ds = cifar100(tmp_path)
+    assert ds.labels.tolist() == labels and ds.num_classes == 100
+    with pytest.raises(FileNotFoundError, match="test"):
+        cifar100(tmp_path, train=False)
+    (tmp_path / "test").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(ValueError, match=r"test: not a readable CIFAR pickle"):
+        cifar100(tmp_path, train=False)
+    with open(tmp_path / "test", "wb") as f:
+        pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"fine_labels": [100]}, f)
+    with pytest.raises(ValueError, match=r"test: label 100 out of range \[0, 100\)"):
+        cifar100(tmp_path, train=False)
+    with open(tmp_path / "test", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [1]}, f)
+    with pytest.raises(ValueError, match="test: expected 'data' of shape"):
+        cifar100(tmp_path, train=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny ImageNet
+
+
+def _tiny(root):
+    wnids = ["n001", "n002"]
+    (root).mkdir(exist_ok=True)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    for wnid in wnids:
+        lines = []
+        for k in range(2):
+            name = f"{wnid}_{k}.JPEG"
+            _save_image(root / "train" / wnid / "images" / name, 16, 16)
+            lines.append(f"{name}\t{k}\t{k + 1}\t{10 + k}\t15")
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("\n".join(lines) + "\n")
+    _save_image(root / "val" / "images" / "val_0.JPEG", 16, 16)
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn002\t2\t3\t7\t9\n")
+
+
+def test_tiny_imagenet(tmp_path):
+    _tiny(tmp_path)
+    train = tiny_imagenet(tmp_path, size=16)
+    assert isinstance(train, ImageFiles) and len(train) == 4 and train.classes == ["n001", "n002"]
+    sample = train[3]  # n002_1: inclusive corners (1, 2, 11, 15) -> half-open (1, 2, 12, 16)
+    assert sample["label"].item() == 1 and sample["box"].tolist() == [1, 2, 12, 16]
+    assert set(sample) == {"image", "label", "box"} and sample["image"].shape == (3, 16, 16)
+    pixels = np.array(Image.open(tmp_path / "train" / "n002" / "images" / "n002_1.JPEG"))
+    assert torch.equal(sample["image"], torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
+    val = tiny_imagenet(tmp_path, split="val", size=32)  # boxes scale with the image (x2)
+    assert val[0]["label"].item() == 1 and val[0]["box"].tolist() == [4, 6, 16, 20]
+    assert val[0]["image"].shape == (3, 32, 32)
+
+
+def test_tiny_imagenet_errors(tmp_path):
+    _tiny(tmp_path)
+    (tmp_path / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn999\t2\t3\t7\t9\n")
+    with pytest.raises(ValueError, match=r"val_annotations.txt:1: class 'n999'.*out of range"):
+        tiny_imagenet(tmp_path, split="val")
+    (tmp_path / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn001\t2\tx\t7\t9\n")
+    with pytest.raises(ValueError, match=r"val_annotations.txt:1: expected integers"):
+        tiny_imagenet(tmp_path, split="val")
+    (tmp_path / "train" / "n001" / "images" / "n001_0.JPEG").unlink()
+    with pytest.raises(FileNotFoundError, match="n001_0.JPEG"):
+        tiny_imagenet(tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        tiny_imagenet(tmp_path, split="test")
+    (tmp_path / "wnids.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="wnids.txt"):
+        tiny_imagenet(tmp_path)
+
+
+def test_corrupt_image_named_at_access(tmp_path):
+    _tiny(tmp_path)
+    train = tiny_imagenet(tmp_path)
+    (tmp_path / "train" / "n001" / "images" / "n001_1.JPEG").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"n001_1.JPEG: cannot decode image"):
+        train[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Flowers-17
+
+
+def _flowers(root, numbers, h=12, w=10):
+    masks = {}
+    (root / "jpg").mkdir(parents=True, exist_ok=True)
+    for number in numbers:
+        Image.fromarray(_rgb(h, w)).save(root / "jpg" / f"image_{number:04d}.jpg")  # a real JPEG
+        trimap = np.zeros((h, w, 3), np.uint8)  # black background
+        trimap[2:7, 3:8] = (128, 0, 0)  # the flower
+        trimap[8:10, 1:3] = (128, 128, 0)  # another trimap class: not the flower
+        _png(root / "trimaps" / f"image_{number:04d}.png", trimap)
+        masks[number] = (trimap == (128, 0, 0)).all(-1)
+    return masks
+
+
+def test_flowers17(tmp_path):
+    masks = _flowers(tmp_path, [1, 81, 1360])
+    Image.fromarray(_rgb(12, 10)).save(tmp_path / "jpg" / "image_0002.jpg")  # no trimap
+    ds = flowers17(tmp_path, size=(12, 10))
+    assert len(ds) == 3 and [r.label for r in ds.records] == [0, 1, 16] and ds.num_classes == 17
+    sample = ds[1]
+    assert torch.equal(sample["mask"][0], torch.from_numpy(masks[81]))
+    assert sample["box"].tolist() == [3, 2, 8, 7]
+    big = flowers17(tmp_path, size=(24, 20))[0]  # mask upscaled by 2, box with it
+    assert big["mask"].shape == (1, 24, 20) and big["box"].tolist() == [6, 4, 16, 14]
+    assert torch.equal(big["box"], boxes_from_masks(big["mask"][None])[0])
+    everything = flowers17(tmp_path, size=8, segmented_only=False)
+    assert len(everything) == 4 and set(everything[0]) == {"image", "label"}
+    split = flowers17(tmp_path, size=8, indices=[81])
+    assert len(split) == 1 and split[0]["label"].item() == 1
+
+
+def test_flowers17_errors(tmp_path):
+    _flowers(tmp_path, [5])
+    _png(tmp_path / "trimaps" / "image_0005.png", np.zeros((6, 6, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"image_0005.png: mask size 6x6 does not match image .*image_0005.jpg"):
+        flowers17(tmp_path)[0]
+    Image.fromarray(_rgb(4, 4)).save(tmp_path / "jpg" / "image_1361.jpg")
+    with pytest.raises(ValueError, match=r"image_1361.jpg: .*label 17, out of range"):
+        flowers17(tmp_path, segmented_only=False)
+    with pytest.raises(FileNotFoundError, match="jpg"):
+        flowers17(tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageFolder + PASCAL VOC XML
+
+
+def _voc_xml(path, w, h, boxes):
+    objects = "".join(
+        f"<object><name>x</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax><ymax>{d}</ymax></bndbox></object>"
+        for a, b, c, d in boxes
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"<annotation><size><width>{w}</width><height>{h}</height><depth>3</depth></size>{objects}</annotation>"
+    )
+
+
+def test_image_folder_voc(tmp_path):
+    root, ann = tmp_path / "train", tmp_path / "Annotation"
+    _save_image(root / "n01" / "n01_1.JPEG", 20, 40)
+    _save_image(root / "n01" / "n01_2.JPEG", 20, 40)  # no XML
+    _save_image(root / "n02" / "n02_1.JPEG", 20, 40)
+    (root / "n02" / "notes.txt").write_text("not an image")
+    _voc_xml(ann / "n01" / "n01_1.xml", 40, 20, [(3, 2, 10, 8), (20, 5, 30, 12)])  # nested layout
+    _voc_xml(ann / "n02_1.xml", 40, 20, [(1, 1, 40, 20)])  # flat layout, whole image
+    ds = image_folder(root, annotations=ann, size=(10, 20))
+    assert ds.classes == ["n01", "n02"] and len(ds) == 2  # the image without XML is skipped
+    # Union of the two boxes in 1-based inclusive corners: (2, 1, 30, 12) half-open, then /2.
+    assert ds[0]["box"].tolist() == [1, 0, 15, 6]
+    assert ds[1]["box"].tolist() == [0, 0, 20, 10] and ds[1]["label"].item() == 1
+    full = image_folder(root, annotations=ann, size=(10, 20), missing_boxes="full")
+    assert len(full) == 3 and full[1]["box"].tolist() == [0, 0, 20, 10]
+    with pytest.raises(FileNotFoundError, match=r"n01_2.xml: no box annotation"):
+        image_folder(root, annotations=ann, missing_boxes="error")
+    plain = image_folder(root, size=8)
+    assert len(plain) == 3 and set(plain[0]) == {"image", "label"}
+    batches = loader(ds, batch_size=2, resident=False)
+    (batch,) = list(batches)
+    assert batch["image"].shape == (2, 3, 10, 20) and batch["box"].shape == (2, 4)
+
+
+def test_image_folder_voc_errors(tmp_path):
+    root, ann = tmp_path / "train", tmp_path / "ann"
+    _save_image(root / "a" / "a_1.jpg", 20, 40)
+    _voc_xml(ann / "a_1.xml", 41, 20, [(1, 1, 5, 5)])
+    ds = image_folder(root, annotations=ann, size=8)
+    with pytest.raises(ValueError, match=r"a_1.xml: annotated size 41x20 does not match image"):
+        ds[0]
+    (ann / "a_1.xml").write_text("<annotation><object>")
+    with pytest.raises(ValueError, match=r"a_1.xml: malformed XML"):
+        ds[0]
+    with pytest.raises(ValueError, match="missing_boxes"):
+        image_folder(root, annotations=ann, missing_boxes="maybe")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        image_folder(root, annotations=tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------------------------------------
+# Oxford-IIIT Pet
+
+
+def _pets(root, names):
+    lines = ["#Image CLASS-ID SPECIES BREED ID", "#ID: 1:37 Class ids"]
+    trimaps = {}
+    for name, class_id in names:
+        _save_image(root / "images" / f"{name}.jpg", 12, 14)
+        trimap = np.full((12, 14), 2, np.uint8)  # background
+        trimap[3:9, 4:11] = 3  # border
+        trimap[4:8, 5:10] = 1  # pet
+        _png(root / "annotations" / "trimaps" / f"{name}.png", trimap)
+        trimaps[name] = trimap
+        lines.append(f"{name} {class_id} 1 1")
+    (root / "annotations" / "list.txt").write_text("\n".join(lines) + "\n")
+    return trimaps
+
+
+def test_oxford_pets(tmp_path):
+    trimaps = _pets(tmp_path, [("Abyssinian_1", 1), ("yorkshire_terrier_7", 37)])
+    (tmp_path / "annotations" / "test.txt").write_text("yorkshire_terrier_7 37 2 25\n")
+    ds = oxford_pets(tmp_path, size=(12, 14))
+    assert len(ds) == 2 and ds.classes[0] == "Abyssinian" and ds.classes[36] == "yorkshire_terrier"
+    sample = ds[1]
+    want = torch.from_numpy(trimaps["yorkshire_terrier_7"] != 2)
+    assert sample["label"].item() == 36 and torch.equal(sample["mask"][0], want)
+    assert sample["box"].tolist() == [4, 3, 11, 9]
+    test = oxford_pets(tmp_path, split="test", size=6)
+    assert len(test) == 1 and test[0]["mask"].shape == (1, 6, 6)
+    resident = loader(ds, batch_size=2, resident=True)
+    (batch,) = list(resident)
+    assert torch.equal(batch["mask"][1, 0], want)
+
+
+def test_oxford_pets_errors(tmp_path):
+    _pets(tmp_path, [("Bengal_3", 38)])
+    with pytest.raises(ValueError, match=r"list.txt:3: class id 38 out of range"):
+        oxford_pets(tmp_path)
+    _pets(tmp_path, [("Bengal_3", 5)])
+    (tmp_path / "annotations" / "trimaps" / "Bengal_3.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match=r"Bengal_3.png: cannot decode mask"):
+        oxford_pets(tmp_path)[0]
+    (tmp_path / "annotations" / "trimaps" / "Bengal_3.png").unlink()
+    with pytest.raises(FileNotFoundError, match="Bengal_3.png"):
+        oxford_pets(tmp_path)[0]
+    (tmp_path / "images" / "Bengal_3.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="Bengal_3.jpg"):
+        oxford_pets(tmp_path)

@@ -1,0 +1,217 @@
+"""The trainer (fastsat.train.fit): bit-exact resume, NaN stop, SIGKILL + resume, atomic checkpoints, logs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastsat.train as T
+from fastsat.train.checkpoint import atomic_save, load_checkpoint
+
+# The child process of the SIGKILL test runs this same set-up; the parent execs it too, so both
+# sides build identical models and data.
+SETUP = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    import fastsat.train as T
+    from fastsat.data import shapes
+
+    def tiny_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+
+    train = shapes(48, size=12, num_classes=3, seed=0, cache_dir=False)
+    test = shapes(16, size=12, num_classes=3, seed=1, cache_dir=False)
+    FIT = dict(recipe_options={"steps": 1}, epochs=3, batch_size=16, lr=0.05, eval_data=test, eval_steps=2, progress=False)
+    """
+)
+namespace: dict = {}
+exec(SETUP, namespace)  # noqa: S102 — the same source the SIGKILL test's child process runs
+tiny_model, train, test, FIT = namespace["tiny_model"], namespace["train"], namespace["test"], namespace["FIT"]
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_weights(a, b, where):
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{where}: {key} differs by {(a[key].float() - b[key].float()).abs().max()}"
+
+
+def _strip_times(history):
+    return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in history]
+
+
+class CrashAt(T.SATPlusPGD):
+    """sat+pgd that dies at the start of a given epoch (a simulated crash)."""
+
+    crash_epoch = 2
+
+    def train_step(self, model, batch, optimizer, *, epoch=0, **kw):
+        if epoch == self.crash_epoch:
+            raise KeyboardInterrupt
+        return super().train_step(model, batch, optimizer, epoch=epoch, **kw)
+
+
+def _user_loader():
+    # A user's own DataLoader of (x, y) tuples, shuffled by torch's global generator.
+    xs, ys = train.images.float() / 255, train.labels
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs, ys), batch_size=16, shuffle=True)
+
+
+@pytest.mark.parametrize("source", ["dataset", "user_loader"])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, source):
+    recipe = "sat+pgd" if source == "dataset" else "pgd"
+    data = train if source == "dataset" else _user_loader()
+    model = tiny_model()
+    full = T.fit(model, data, recipe=recipe, out_dir=tmp_path / "full", **FIT)
+    want = _weights(model)
+
+    interrupted = tiny_model()
+    crash = CrashAt(steps=1) if recipe == "sat+pgd" else None
+    if crash is None:
+        class Crash(T.PGDTraining):
+            def train_step(self, model, batch, optimizer, *, epoch=0, **kw):
+                if epoch == 2:
+                    raise KeyboardInterrupt
+                return super().train_step(model, batch, optimizer, epoch=epoch, **kw)
+        crash = Crash(steps=1)
+    options = {k: v for k, v in FIT.items() if k != "recipe_options"}
+    with pytest.raises(KeyboardInterrupt):
+        T.fit(interrupted, data, recipe=crash, out_dir=tmp_path / "resumed", **options)
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["epoch"] == 2
+    # A fresh process would start from a freshly initialised model and a different RNG state.
+    torch.manual_seed(999)
+    resumed_model = tiny_model()
+    data = train if source == "dataset" else _user_loader()
+    resumed = T.fit(resumed_model, data, recipe=recipe, out_dir=tmp_path / "resumed", resume=True, **FIT)
+    _assert_same_weights(want, _weights(resumed_model), f"{source}: resumed vs uninterrupted")
+    assert _strip_times(resumed.history) == _strip_times(full.history)
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    T.fit(tiny_model(), train, recipe="standard", out_dir=tmp_path, **{**FIT, "epochs": 1, "recipe_options": None})
+    with pytest.raises(ValueError, match="lr"):
+        T.fit(tiny_model(), train, recipe="standard", out_dir=tmp_path, resume=True, **{**FIT, "epochs": 1, "lr": 0.1, "recipe_options": None})
+
+
+class NaNAt(T.Standard):
+    def loss(self, model, batch, *, epoch=0):
+        out = super().loss(model, batch, epoch=epoch)
+        return out._replace(loss=out.loss * float("nan")) if epoch == 1 else out
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = tiny_model()
+    with pytest.raises(T.NonFiniteLossError, match=r"epoch 1 batch 0.*checkpoint.*intact"):
+        T.fit(model, train, recipe=NaNAt(), out_dir=tmp_path, **{k: v for k, v in FIT.items() if k != "recipe_options"})
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    # The step was not taken: the parameters are still epoch 1's (batch-norm buffers saw one more forward).
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    _assert_same_weights(params, {k: state["model"][k] for k in params}, "parameters after the NaN vs checkpoint")
+
+
+def test_sigkill_mid_epoch_then_resume(tmp_path):
+    marker = tmp_path / "mid-epoch"
+    child = SETUP + textwrap.dedent(
+        f"""
+        import pathlib, time
+
+        class Slow(T.SATPlusPGD):
+            def train_step(self, model, batch, optimizer, *, epoch=0, **kw):
+                out = super().train_step(model, batch, optimizer, epoch=epoch, **kw)
+                if epoch == 1:
+                    pathlib.Path({str(marker)!r}).touch()
+                    time.sleep(120)
+                return out
+
+        T.fit(tiny_model(), train, recipe=Slow(steps=1), out_dir={str(tmp_path / "run")!r},
+              **{{k: v for k, v in FIT.items() if k != "recipe_options"}})
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", child], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, f"child exited early with {proc.returncode}"
+            assert time.monotonic() < deadline, "child never reached epoch 2"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+    resumed_model = tiny_model()
+    resumed = T.fit(resumed_model, train, recipe="sat+pgd", out_dir=tmp_path / "run", resume=True, **FIT)
+    uninterrupted = tiny_model()
+    full = T.fit(uninterrupted, train, recipe="sat+pgd", **FIT)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    _assert_same_weights(_weights(uninterrupted), _weights(resumed_model), "killed+resumed vs uninterrupted")
+    assert _strip_times(resumed.history) == _strip_times(full.history)
+
+
+def test_atomic_save_survives_a_crash_during_save(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    first = {"w": torch.randn(5)}
+    atomic_save(first, path)
+
+    def torn_save(obj, handle):
+        handle.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"w": torch.randn(5)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["w"], first["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"], "temporary file left behind"
+
+
+def test_fit_logs_metrics_every_epoch(tmp_path):
+    result = T.fit(tiny_model(), _user_loader(), recipe="standard", out_dir=tmp_path, **{**FIT, "epochs": 2, "recipe_options": None})
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for row in rows:
+        for key in ("train_loss", "train_acc", "clean_acc", "robust_acc", "alignment", "cosine"):
+            assert isinstance(row[key], float) and row[key] == row[key], f"{key} = {row[key]}"
+        assert 0 <= row["robust_acc"] <= row["clean_acc"] + 1e-9 <= 1 + 1e-9
+    csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("epoch,lr,train_loss") and len(csv_lines) == 3
+    assert result.checkpoint == tmp_path / "checkpoint.pt"
+
+
+def test_lr_schedules():
+    f = T.lr_factor
+    assert [f("piecewise", s, 40, 4) for s in (0, 19, 20, 31, 32, 39)] == [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    assert f("cosine", 0, 10, 1) == 1.0 and f("cosine", 5, 10, 1) == pytest.approx(0.5, abs=1e-12)
+    assert f("onecycle", 3, 10, 1) == pytest.approx(1.0) and f("onecycle", 9, 10, 1) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="epochs"):
+        T.fit(tiny_model(), train, recipe="standard", epochs=0)
+    with pytest.raises(ValueError, match="precision"):
+        T.fit(tiny_model(), train, recipe="standard", precision="fp8")
+    with pytest.raises(ValueError, match="schedule"):
+        T.fit(tiny_model(), train, recipe="standard", schedule="linear")
+    with pytest.raises(ValueError, match="eval_data"):
+        T.fit(tiny_model(), train, recipe="fast")
+    with pytest.raises(TypeError, match="data"):
+        T.fit(tiny_model(), object(), recipe="standard")
