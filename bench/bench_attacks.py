@@ -16,6 +16,7 @@ where the model does not dominate: ``fastsat.ops.pgd_step`` per backend vs the p
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -81,7 +82,8 @@ def main() -> None:
 
     backends = [name for name, ok in ops.available_backends().items() if ok and name in ("cpp", "torch", "triton")]
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"python {platform.python_version()}, torch {torch.__version__}, ops backends available: {backends}")
+          f"python {platform.python_version()}, torch {torch.__version__}, ops backends available: {backends}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"PGD-{STEPS} L∞ ε=8/255 α=2/255 CE, batch {args.batch}×3×{args.size}×{args.size}, "
           f"median of {args.repeats}, interleaved\n")
 

@@ -149,10 +149,10 @@ ANALYZE = DATA + MODEL + CHECKPOINT + [
 ]
 DEMO = [
     Option("quick", boolean, False, "a seconds-long smoke version (tiny data, 1 epoch) for tests"),
-    Option("epochs", optional(int), None, "epochs per recipe (None: 6, quick: 1)"),
-    Option("n_train", optional(int), None, "training images (None: 2000, quick: 64)"),
+    Option("epochs", optional(int), None, "epochs per recipe (None: 5, quick: 1)"),
+    Option("n_train", optional(int), None, "training images (None: 1500, quick: 64)"),
     Option("n_test", optional(int), None, "test images for evaluation and analysis (None: 200, quick: 16)"),
-    Option("image_size", optional(int), None, "image side in pixels (None: 24, quick: 12)"),
+    Option("image_size", optional(int), None, "image side in pixels (None: 16, quick: 12)"),
     Option("recipes", lambda t: [a.strip() for a in (t if isinstance(t, list) else str(t).split(","))], None,
            "comma-separated subset of the demo's recipes (None: all six)"),
     Option("seed", int, 0, "seed for data, weights and training"),

@@ -86,7 +86,8 @@ def _assert_in_ball_and_box(result, x, eps, norm, clip=(0.0, 1.0)):
     assert worst <= eps * 1e-6 + slack, f"{norm} ball left by {worst:.3g} (eps={eps})"
     assert result.x_adv.min() >= clip[0] and result.x_adv.max() <= clip[1], "box left"
     assert torch.isfinite(result.x_adv).all()
-    torch.testing.assert_close(result.delta_norm, dist.float(), atol=1e-6, rtol=1e-6)
+    assert result.delta_norm.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(result.delta_norm, dist.to(result.delta_norm.dtype), atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +107,8 @@ def test_deepfool_on_bias_free_binary_linear_model_is_exact_in_one_step():
     expected = (x.flatten(1) @ w).abs() / w.norm()
     assert result.success.all()
     assert (result.iterations == 1).all(), f"iterations {result.iterations.tolist()}"
-    torch.testing.assert_close(result.delta_norm.double(), expected, rtol=1e-5, atol=0)
+    assert result.delta_norm.dtype == torch.float64
+    torch.testing.assert_close(result.delta_norm, expected, rtol=1e-5, atol=0)
     on_boundary = (result.x_adv.flatten(1) @ w).abs() / w.norm()
     assert (on_boundary <= 1e-5 * expected).all(), f"x_adv off the boundary by {on_boundary.max():.3g}"
 
@@ -156,7 +158,7 @@ def test_pgd_l2_on_linear_model_moves_eps_along_the_weight_difference():
     direction = (direction / direction.norm(dim=1, keepdim=True)).reshape(x.shape)
     result = pgd(model, x, y, eps=eps, step_size=0.2, steps=4, norm="l2", random_start=False, clip=(-10.0, 10.0))
     torch.testing.assert_close(result.x_adv, x + eps * direction, atol=1e-12, rtol=0)
-    torch.testing.assert_close(result.delta_norm, torch.full((10,), eps, dtype=torch.float32), atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.delta_norm, torch.full((10,), eps, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
 def test_targeted_pgd_reaches_the_target_on_a_linear_model():
@@ -324,7 +326,9 @@ class _ModeProbe(nn.Module):
 
 def _guarded_model():
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), _ModeProbe(), nn.BatchNorm1d(12), nn.Linear(12, 4))
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), _ModeProbe(), nn.BatchNorm1d(12), nn.Linear(12, 4)
+    )
     model.train()
     model[4].eval()  # frozen batch-norm inside a training model must survive
     model[1].bias.requires_grad_(False)

@@ -112,6 +112,7 @@ def test_tiny_imagenet(tmp_path):
     _tiny(tmp_path)
     train = tiny_imagenet(tmp_path, size=16)
     assert isinstance(train, ImageFiles) and len(train) == 4 and train.classes == ["n001", "n002"]
+    assert train.image_size == (16, 16)
     sample = train[3]  # n002_1: inclusive corners (1, 2, 11, 15) -> half-open (1, 2, 12, 16)
     assert sample["label"].item() == 1 and sample["box"].tolist() == [1, 2, 12, 16]
     assert set(sample) == {"image", "label", "box"} and sample["image"].shape == (3, 16, 16)

@@ -8,6 +8,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__CUDACC__)
 #define FASTSAT_HD __host__ __device__ __forceinline__
@@ -51,21 +52,25 @@ FASTSAT_HD void mul_hi_lo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
 #endif
 }
 
+// One Philox round: counter (c0, c1, c2, c3) under round key (k0, k1).
+FASTSAT_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
+  uint32_t hi0, lo0, hi1, lo1;
+  mul_hi_lo(0xD2511F53u, c0, hi0, lo0);
+  mul_hi_lo(0xCD9E8D57u, c2, hi1, lo1);
+  c0 = hi1 ^ c1 ^ k0;
+  c1 = lo1;
+  c2 = hi0 ^ c3 ^ k1;
+  c3 = lo0;
+}
+
+// Round keys advance by the Weyl constants between rounds.
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+constexpr int kPhiloxRounds = 10;
+
 FASTSAT_HD Words4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
-  for (int round = 0; round < 10; ++round) {
-    if (round > 0) {
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    uint32_t hi0, lo0, hi1, lo1;
-    mul_hi_lo(0xD2511F53u, c0, hi0, lo0);
-    mul_hi_lo(0xCD9E8D57u, c2, hi1, lo1);
-    const uint32_t n0 = hi1 ^ c1 ^ k0;
-    const uint32_t n2 = hi0 ^ c3 ^ k1;
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    philox_round(c0, c1, c2, c3, k0 + round * kPhiloxW0, k1 + round * kPhiloxW1);
   }
   return Words4{{c0, c1, c2, c3}};
 }
@@ -81,12 +86,74 @@ FASTSAT_HD float uniform_co(uint32_t word) { return static_cast<float>(word >> 8
 // ... and in (0, 1], for logarithms and powers.
 FASTSAT_HD float uniform_oc(uint32_t word) { return static_cast<float>((word >> 8) + 1u) * 0x1p-24f; }
 
+FASTSAT_HD uint32_t float_bits(float v) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(v);
+#else
+  uint32_t bits;
+  memcpy(&bits, &v, sizeof bits);
+  return bits;
+#endif
+}
+
+FASTSAT_HD float float_from_bits(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float v;
+  memcpy(&v, &bits, sizeof v);
+  return v;
+#endif
+}
+
+// ln(u) for a normal float u > 0 (here u in (0, 1]): the Cephes logf polynomial, branch-free so
+// CPU loops vectorise, and the same bits on CPU and GPU (basic IEEE operations only); within
+// 2 ulp of the true value.
+FASTSAT_HD float log_positive(float u) {
+  const uint32_t bits = float_bits(u);
+  float exponent = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126);
+  const float mantissa = float_from_bits((bits & 0x007FFFFFu) | 0x3F000000u);  // u = mantissa·2^exponent, [0.5, 1)
+  const bool low = mantissa < 0.707106781186547524f;
+  exponent = low ? exponent - 1.0f : exponent;
+  const float x = low ? (mantissa + mantissa) - 1.0f : mantissa - 1.0f;  // in [√½ − 1, √2 − 1)
+  const float z = x * x;
+  float y = 7.0376836292e-2f;
+  y = y * x - 1.1514610310e-1f;
+  y = y * x + 1.1676998740e-1f;
+  y = y * x - 1.2420140846e-1f;
+  y = y * x + 1.4249322787e-1f;
+  y = y * x - 1.6668057665e-1f;
+  y = y * x + 2.0000714765e-1f;
+  y = y * x - 2.4999993993e-1f;
+  y = y * x + 3.3333331174e-1f;
+  y = y * x * z;
+  y = y - 2.12194440e-4f * exponent;
+  y = y - 0.5f * z;
+  return (x + y) + 0.693359375f * exponent;
+}
+
+// cos(2πu) and sin(2πu) for u in [0, 1): exact reduction to the nearest quarter turn, Cephes
+// polynomials on [−π/4, π/4]; branch-free, within 2 ulp (absolute 1e-7).
+FASTSAT_HD void cos_sin_turns(float u, float& c, float& s) {
+  const float quarters = 4.0f * u;                                       // exact
+  const int32_t quadrant = static_cast<int32_t>(quarters + 0.5f);        // nearest, 0 .. 4
+  const float x = (quarters - static_cast<float>(quadrant)) * 1.57079632679489662f;  // [−π/4, π/4]
+  const float z = x * x;
+  const float sin_x = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * x + x;
+  const float cos_x = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
+                      0.5f * z + 1.0f;
+  const int32_t q = quadrant & 3;  // rotate (cos x, sin x) by q quarter turns
+  c = q == 0 ? cos_x : (q == 1 ? -sin_x : (q == 2 ? -cos_x : sin_x));
+  s = q == 0 ? sin_x : (q == 1 ? cos_x : (q == 2 ? -sin_x : -cos_x));
+}
+
 // Box–Muller: two independent standard Gaussians from two words.
 FASTSAT_HD void box_muller(uint32_t w0, uint32_t w1, float& z0, float& z1) {
-  const float radius = sqrtf(-2.0f * logf(uniform_oc(w0)));
-  const float angle = 6.28318530717958647692f * uniform_co(w1);
-  z0 = radius * cosf(angle);
-  z1 = radius * sinf(angle);
+  const float radius = sqrtf(-2.0f * log_positive(uniform_oc(w0)));
+  float c, s;
+  cos_sin_turns(uniform_co(w1), c, s);
+  z0 = radius * c;
+  z1 = radius * s;
 }
 
 // Four Gaussians for elements 4q .. 4q+3 of a sample.

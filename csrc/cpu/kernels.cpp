@@ -102,26 +102,30 @@ struct LaneSums {
   }
 };
 
-// max |a − b| in kLanes accumulators; NaN propagates like torch.amax.
+// max |a − b| with one accumulator per tile position (an elementwise loop, which vectorises where a
+// max-reduction would not), NaN if any difference is NaN (like torch.amax). The differences are
+// finite or NaN (a is clipped, b finite), so v·0 is 0 or NaN: adding it up tracks NaNs without
+// branches.
 template <typename A>
-struct LaneMaxAbsDiff {
-  A lane[kLanes] = {};
+struct TileMaxAbsDiff {
+  A max[kTile] = {};
+  A nan[kTile] = {};
 
   FASTSAT_INLINE void add(const A* a, const A* b, int64_t n) {
     for (int64_t j = 0; j < n; ++j) {
       const A v = a[j] > b[j] ? a[j] - b[j] : b[j] - a[j];
-      A& m = lane[j % kLanes];
-      m = (m < v || v != v) ? v : m;
+      max[j] = at_least(v, max[j]);
+      nan[j] += v * A(0);
     }
   }
 
   double total() const {
-    double m = 0.0;
-    for (int l = 0; l < kLanes; ++l) {
-      const double v = static_cast<double>(lane[l]);
-      m = (m < v || v != v) ? v : m;
+    double m = 0.0, nan_sum = 0.0;
+    for (int64_t j = 0; j < kTile; ++j) {
+      m = at_least(static_cast<double>(max[j]), m);
+      nan_sum += static_cast<double>(nan[j]);
     }
-    return m;
+    return m + nan_sum;
   }
 };
 
@@ -149,7 +153,7 @@ FASTSAT_ISA_CLONES void linf_step_task(const PgdStepArgs& a, int64_t sample, int
   const A lo = static_cast<A>(a.lo), hi = static_cast<A>(a.hi);
   A xb[kTile], gb[kTile], nb[kTile], ob[kTile];
   LaneSums<3> sums;
-  LaneMaxAbsDiff<A> delta_max;
+  TileMaxAbsDiff<A> delta_max;
   for (int64_t s = begin; s < end; s += kTile) {
     const int64_t n = std::min(kTile, end - s);
     load(x + s, xb, n);
@@ -303,19 +307,38 @@ FASTSAT_ISA_CLONES void alignment_task(const AlignmentStatsArgs& a, int64_t samp
 
 // --- random_start ------------------------------------------------------------------------------
 
-// Words of `stream` for elements [s, s + n) of a sample, s a multiple of 4.
+// Words of `stream` for elements [s, s + n) of a sample, s a multiple of 4, n <= kTile: the
+// Philox calls of the tile run side by side, round by round, so the loop vectorises.
 FASTSAT_INLINE void fill_words(uint64_t seed, Stream stream, int64_t sample, int64_t s, int64_t n, uint32_t* words) {
-  for (int64_t q = 0; q * 4 < n; ++q) {
-    const Words4 r = random_words(seed, stream, sample, s / 4 + q);
-    for (int k = 0; k < 4; ++k) words[q * 4 + k] = r.w[k];
+  constexpr int64_t kCalls = kTile / 4;
+  uint32_t c0[kCalls], c1[kCalls], c2[kCalls], c3[kCalls];
+  const int64_t calls = (n + 3) / 4;
+  const uint64_t sample_bits = static_cast<uint64_t>(sample);
+  for (int64_t q = 0; q < calls; ++q) {
+    c0[q] = static_cast<uint32_t>(s / 4 + q);
+    c1[q] = static_cast<uint32_t>(sample_bits);
+    c2[q] = static_cast<uint32_t>(sample_bits >> 32);
+    c3[q] = static_cast<uint32_t>(stream);
+  }
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    const uint32_t k0 = static_cast<uint32_t>(seed) + round * kPhiloxW0;
+    const uint32_t k1 = static_cast<uint32_t>(seed >> 32) + round * kPhiloxW1;
+    for (int64_t q = 0; q < calls; ++q) philox_round(c0[q], c1[q], c2[q], c3[q], k0, k1);
+  }
+  for (int64_t q = 0; q < calls; ++q) {
+    words[4 * q + 0] = c0[q];
+    words[4 * q + 1] = c1[q];
+    words[4 * q + 2] = c2[q];
+    words[4 * q + 3] = c3[q];
   }
 }
 
+// Gaussians for elements [s, s + n): Box–Muller on consecutive word pairs (as gaussians4).
 FASTSAT_INLINE void fill_gaussians(uint64_t seed, int64_t sample, int64_t s, int64_t n, float* z) {
-  for (int64_t q = 0; q * 4 < n; ++q) {
-    float four[4];
-    gaussians4(seed, sample, s / 4 + q, four);
-    for (int k = 0; k < 4; ++k) z[q * 4 + k] = four[k];
+  uint32_t words[kTile];
+  fill_words(seed, kStreamGaussian, sample, s, n, words);
+  for (int64_t pair = 0; 2 * pair < n; ++pair) {
+    box_muller(words[2 * pair], words[2 * pair + 1], z[2 * pair], z[2 * pair + 1]);
   }
 }
 
@@ -373,62 +396,56 @@ FASTSAT_ISA_CLONES void l2_start_task(const RandomStartArgs& a, int64_t sample, 
 
 // --- sat_perturb -------------------------------------------------------------------------------
 
-// Walks the (row, col) of consecutive elements of a (C, H, W) sample in memory order.
-struct PixelWalker {
-  int64_t channels, height, width;
-  bool channels_last;
-  int64_t c, h, w;
-
-  PixelWalker(const SatPerturbArgs& a, int64_t index)
-      : channels(a.channels), height(a.height), width(a.width), channels_last(a.channels_last) {
-    if (channels_last) {
-      c = index % channels;
-      w = (index / channels) % width;
-      h = index / (channels * width);
-    } else {
-      w = index % width;
-      h = (index / width) % height;
-      c = index / (width * height);
+// Saliency S of pixels (row, col .. col + n) of a sample's (H, W) plane, in A.
+template <typename T, typename A>
+FASTSAT_INLINE void row_saliency(const SatPerturbArgs& a, int64_t sample, int64_t row, int64_t col, int64_t n, A* out) {
+  const int64_t pixel = (sample * a.height + row) * a.width + col;
+  if (a.kind == SaliencySource::kBoxes) {
+    const int64_t* box = static_cast<const int64_t*>(a.source) + sample * 4;
+    const bool row_inside = row >= box[1] && row < box[3];
+    for (int64_t k = 0; k < n; ++k) {
+      out[k] = (row_inside && col + k >= box[0] && col + k < box[2]) ? A(1) : A(-1);
     }
+  } else if (a.kind == SaliencySource::kMasks) {
+    const uint8_t* mask = static_cast<const uint8_t*>(a.source) + pixel;
+    for (int64_t k = 0; k < n; ++k) out[k] = mask[k] ? A(1) : A(-1);
+  } else {
+    load(static_cast<const T*>(a.source) + pixel, out, n);
   }
+}
 
-  FASTSAT_INLINE void next() {
-    if (channels_last) {
-      if (++c == channels) {
-        c = 0;
-        if (++w == width) {
-          w = 0;
-          ++h;
-        }
-      }
-    } else if (++w == width) {
-      w = 0;
-      if (++h == height) {
-        h = 0;
-        ++c;
-      }
-    }
-  }
-};
-
-// Saliency S of elements [s, s + n) of a sample, in A.
+// Saliency S of elements [s, s + n) of a sample, in A: row by row for a contiguous (C, H, W)
+// sample, pixel by pixel (one value for its C channels) for a channels_last one.
 template <typename T, typename A>
 FASTSAT_INLINE void fill_saliency(const SatPerturbArgs& a, int64_t sample, int64_t s, int64_t n, A* out) {
   if (a.kind == SaliencySource::kDense) {
     load(static_cast<const T*>(a.source) + sample * a.per_sample + s, out, n);
     return;
   }
-  const int64_t plane = a.height * a.width;
-  PixelWalker pos(a, s);
-  if (a.kind == SaliencySource::kBoxes) {
-    const int64_t* box = static_cast<const int64_t*>(a.source) + sample * 4;
-    for (int64_t j = 0; j < n; ++j, pos.next()) out[j] = static_cast<A>(box_value(box, pos.h, pos.w));
-  } else if (a.kind == SaliencySource::kMasks) {
-    const uint8_t* mask = static_cast<const uint8_t*>(a.source) + sample * plane;
-    for (int64_t j = 0; j < n; ++j, pos.next()) out[j] = mask[pos.h * a.width + pos.w] ? A(1) : A(-1);
-  } else {
-    const T* map = static_cast<const T*>(a.source) + sample * plane;
-    for (int64_t j = 0; j < n; ++j, pos.next()) out[j] = static_cast<A>(map[pos.h * a.width + pos.w]);
+  const int64_t channels = a.channels, height = a.height, width = a.width;
+  if (!a.channels_last) {
+    int64_t col = s % width, row = (s / width) % height;
+    for (int64_t j = 0; j < n;) {
+      const int64_t run = std::min(n - j, width - col);
+      row_saliency<T>(a, sample, row, col, run, out + j);
+      j += run;
+      col = 0;
+      row = row + 1 == height ? 0 : row + 1;
+    }
+    return;
+  }
+  int64_t channel = s % channels, col = (s / channels) % width, row = s / (channels * width);
+  for (int64_t j = 0; j < n;) {
+    A value;
+    row_saliency<T>(a, sample, row, col, 1, &value);
+    const int64_t run = std::min(n - j, channels - channel);
+    for (int64_t k = 0; k < run; ++k) out[j + k] = value;
+    j += run;
+    channel = 0;
+    if (++col == width) {
+      col = 0;
+      ++row;
+    }
   }
 }
 

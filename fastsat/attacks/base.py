@@ -30,8 +30,8 @@ class AttackResult:
     x_adv: adversarial batch, shape/dtype of x, inside the box and (where ε applies) the ε-ball.
     success: (B,) bool — misclassified (untargeted: prediction ≠ y; targeted: prediction = target;
         DeepFool: prediction ≠ the clean prediction) at x_adv.
-    delta_norm: (B,) float32 ‖x_adv − x‖ in the attack's norm (pixel units); DeepFool: the
-        boundary distance ρ, inf where it failed.
+    delta_norm: (B,) ‖x_adv − x‖ in the attack's norm (pixel units), float32 (float64 for float64
+        x); DeepFool: the boundary distance ρ, inf where it failed.
     stats: :class:`fastsat.ops.PGDStats` of the last step's gradient (⟨x, g⟩, ‖g‖, ‖x‖ of the
         clean x and that gradient; ``.alignment``, ``.cosine``) or None for attacks without one.
     """
@@ -191,7 +191,8 @@ class Attack(abc.ABC):
         return self._misclassified(logits, y, targeted), -value if targeted else value
 
     def _audit(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
-        """Check the output and return ‖x_adv − x‖ per sample (float32) in the attack's norm."""
+        """Check the output and return ‖x_adv − x‖ per sample in the attack's norm (float32, float64
+        for float64 x)."""
         lo, hi = self.clip
         # Differences of two stored values are exact in float64.
         delta = (x_adv.double() - x.double()).reshape(x.shape[0], -1)
@@ -212,7 +213,12 @@ class Attack(abc.ABC):
                 f"{type(self).__name__} produced an invalid batch: finite={ok_finite}, inside clip {self.clip}="
                 f"{ok_box}, within eps={self.eps} ({self.norm})={ok_ball}, max distance={float(dist.max()):.6g}"
             )
-        return dist.float()
+        return dist.to(result_dtype(x.dtype))
+
+
+def result_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Per-sample results are float32, float64 for float64 inputs (as fastsat.grad and fastsat.ops)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

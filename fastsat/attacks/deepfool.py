@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsat.attacks.base import Attack, AttackResult, check_count, check_number, per_sample
+from fastsat.attacks.base import Attack, AttackResult, check_count, check_number, per_sample, result_dtype
 from fastsat.grad import batched_logit_grads, check_objective_args
 
 __all__ = ["DeepFool", "DeepFoolResult", "deepfool"]
@@ -25,8 +25,8 @@ __all__ = ["DeepFool", "DeepFoolResult", "deepfool"]
 class DeepFoolResult(AttackResult):
     """:class:`AttackResult` plus ``iterations`` (B,) int64: DeepFool steps each sample took.
 
-    ``delta_norm`` is the boundary distance ρ (float32, pixel units), inf where DeepFool failed
-    (``success`` False); ``x_adv`` is then DeepFool's last iterate.
+    ``delta_norm`` is the boundary distance ρ (pixel units; float32, float64 for float64 x), inf
+    where DeepFool failed (``success`` False); ``x_adv`` is then DeepFool's last iterate.
     """
 
     iterations: torch.Tensor | None = None
@@ -90,7 +90,9 @@ class DeepFool(Attack):
         with torch.no_grad():
             clean_logits = self.model(x)
         if clean_logits.dim() != 2 or clean_logits.shape[0] != x.shape[0] or clean_logits.shape[1] < 2:
-            raise ValueError(f"model output: expected ({x.shape[0]}, K) logits with K >= 2, got {tuple(clean_logits.shape)}")
+            raise ValueError(
+                f"model output: expected ({x.shape[0]}, K) logits with K >= 2, got {tuple(clean_logits.shape)}"
+            )
         check_objective_args("logit", tuple(clean_logits.shape), y=y)
         num_classes = clean_logits.shape[1]
         ranked = clean_logits.topk(min(self.candidates, num_classes), dim=1).indices
@@ -139,7 +141,7 @@ class DeepFool(Attack):
         success = found & (self._predict(x_boundary) != orig)
         x_adv = torch.where(per_sample(success, x), x_boundary, x_i)
         rho = (x_adv - x).flatten(1).norm(dim=1)
-        rho = torch.where(success, rho, torch.inf).float()
+        rho = torch.where(success, rho, torch.inf).to(result_dtype(x.dtype))
         return DeepFoolResult(x_adv=x_adv, success=success, delta_norm=rho, stats=None, iterations=iterations)
 
 

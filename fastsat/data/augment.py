@@ -101,7 +101,8 @@ def resize(batch: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, t
     out = dict(batch)
     out["image"] = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
     if "mask" in batch:
-        out["mask"] = F.interpolate(batch["mask"].to(torch.uint8), size=size, mode="nearest-exact").bool()
+        # float: nearest interpolation of integer dtypes is not implemented on every device.
+        out["mask"] = F.interpolate(batch["mask"].to(image.dtype), size=size, mode="nearest-exact") > 0.5
     if "box" in batch:
         out["box"] = rescale_boxes(batch["box"], (h, w), size)
     return out

@@ -144,6 +144,11 @@ class ImageFiles(torch.utils.data.Dataset):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """Output (H, W) in pixels, or None when each image keeps its own size."""
+        return self.size
+
     def __len__(self) -> int:
         return len(self.records)
 

@@ -45,7 +45,7 @@ SHAPE_NAMES = (
 )
 
 # Bump when the generator's output changes, so stale cache files are never read.
-_VERSION = 1
+_VERSION = 2
 # Images per chunk: 512, fewer for large images to bound memory (about 4M pixels per chunk);
 # fixed per image size so that chunk boundaries (hence seeds) do not depend on n.
 _CHUNK_PIXELS = 1 << 22
@@ -124,23 +124,24 @@ def _chunk(count: int, size: int, num_classes: int, seed: int) -> tuple[torch.Te
     freq = (1.5 + 4.0 * rand(count, 1, 1)) * (2 * math.pi / size)
     ori = rand(count, 1, 1) * math.pi
     grating = torch.sin(freq * (xs * torch.cos(ori) + ys * torch.sin(ori)) + 2 * math.pi * rand(count, 1, 1))
-    image = base + 0.35 * smooth + 0.08 * grating.unsqueeze(1) * rand(count, 3, 1, 1)
+    image = base + 0.3 * smooth + 0.08 * grating.unsqueeze(1) * rand(count, 3, 1, 1)
     image += 0.03 * torch.randn(count, 3, size, size, generator=g)
 
-    # Clutter: 4 small bars or dots in random colours (thin and small next to the shapes).
+    # Clutter: 4 short thin strokes in random colours, well below the shapes' size so that they
+    # distract without imitating a class (a bar or an L).
     for _ in range(4):
         cx, cy = size * rand(count, 1, 1), size * rand(count, 1, 1)
         ang = math.pi * rand(count, 1, 1)
         du, dv = xs - cx, ys - cy
         along = du * torch.cos(ang) + dv * torch.sin(ang)
         across = -du * torch.sin(ang) + dv * torch.cos(ang)
-        length = size * (0.05 + 0.2 * rand(count, 1, 1))
-        width = size * (0.02 + 0.03 * rand(count, 1, 1))
+        length = size * (0.04 + 0.08 * rand(count, 1, 1))  # half-lengths
+        width = size * (0.015 + 0.02 * rand(count, 1, 1))
         blob = (along.abs() <= length) & (across.abs() <= width)
         image = torch.where(blob.unsqueeze(1), rand(count, 3, 1, 1), image)
 
-    # The shape: radius 22-42% of the image side, fully inside, any rotation.
-    radius = size * (0.22 + 0.2 * rand(count, 1, 1))
+    # The shape: radius 25-42% of the image side, fully inside, any rotation.
+    radius = size * (0.25 + 0.17 * rand(count, 1, 1))
     cx = radius + (size - 2 * radius) * rand(count, 1, 1)
     cy = radius + (size - 2 * radius) * rand(count, 1, 1)
     theta = 2 * math.pi * rand(count, 1, 1)

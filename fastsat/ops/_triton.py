@@ -8,17 +8,22 @@ order. Each op reads top to bottom: ``@triton.jit`` kernels → a launcher that 
 (B, N) rows and picks the block → a ``torch.library.triton_op`` (``fastsat::<op>_triton``)
 whose kernels are launched through ``wrap_triton`` so ``torch.compile`` sees into them.
 
-Grid and blocks: one program per (sample, chunk of ``BLOCK`` elements), flattened into a 1-D
-grid of ``B * cdiv(N, BLOCK)`` programs, so long rows (3×224×224 = 37 chunks of 4096) and small
-batches both fill the GPU and the grid never meets CUDA's 65535 limit on its other axes.
-``BLOCK = min(4096, next_pow2(N))`` with ``BLOCK / 512`` warps (1 to 8): 16 fp32 elements per
-thread, four 16-byte loads per input. Sample offsets ``b * N`` are int64; the in-sample index is
-int32, so a sample may hold up to 2**30 elements.
+Grid and tiles: each program handles a tile of ``ROWS`` samples × ``BLOCK`` elements of one
+chunk of the row; the tiles form a 1-D grid of ``cdiv(B, ROWS) * cdiv(N, BLOCK)`` programs, so
+long rows (3×224×224 = 37 chunks of 4096) and small batches both fill the GPU, and the grid never
+meets CUDA's 65535 limit on its other axes. ``BLOCK = min(4096, next_pow2(N))``; rows shorter
+than that share a program (``ROWS = 4096 / BLOCK``, at most next_pow2(B)), so a tile holds ~4096
+elements, run by ``ROWS·BLOCK / 512`` warps (1 to 8): 16 fp32 elements per thread, four 16-byte
+loads per input. At 512×3×32×32: 512 programs of one 4096-block (3072 used); at 64×3×224×224:
+64 × 37 = 2368 programs. Sample starts ``b * N`` are int64; the in-sample index is int32, so a
+sample may hold up to 2**30 elements.
 
 Arithmetic is float32 whatever the storage dtype (float16, bfloat16, float32) and the result is
-rounded once when stored. Per-sample reductions are deterministic two-stage sums: every program
-writes its partial sums to a (B, chunks, K) float32 buffer and ``_finalize_kernel`` (one program
-per sample) adds them in a fixed order, so results repeat bit for bit run to run (no atomics).
+rounded once, to nearest even, when stored. Per-sample reductions are deterministic two-stage
+sums: every program writes its per-row partial sums to a (B, chunks, K) float32 buffer, and
+``_finalize_kernel`` adds each sample's chunks in an order fixed by its tile shape, so results
+repeat bit for bit from run to run (no atomics). The second stage is one extra launch
+reading B·chunks·K floats (47 kB at 64×3×224×224, against 116 MB read by the main pass).
 
 Passes over memory (reads of the inputs / writes of the output):
 
@@ -135,25 +140,32 @@ def _round_to(v, dtype: tl.constexpr):
 @triton.jit
 def _finalize_kernel(
     partials_ptr, out_ptr, batch, chunks, out_stride, out_col,
-    K: tl.constexpr, KP: tl.constexpr, SQRT_COLS: tl.constexpr, MAX_COLS: tl.constexpr, SAMPLES: tl.constexpr,
+    K: tl.constexpr, SQRT_COLS: tl.constexpr, MAX_COLS: tl.constexpr, SAMPLES: tl.constexpr, CHUNKS: tl.constexpr,
 ):
-    """Second stage of the reductions, ``SAMPLES`` samples per program: out[b, out_col + k] =
-    sum (or max, for the bits of MAX_COLS) over chunks of partials[b, :, k], square-rooted for
-    the bits of SQRT_COLS. Chunks are added one after another, so the result is deterministic."""
+    """Second stage of the reductions, a tile of ``SAMPLES`` samples × ``CHUNKS`` chunks per
+    step: out[b, out_col + k] = sum (or max, for the bits of MAX_COLS) over chunks of
+    partials[b, :, k], square-rooted for the bits of SQRT_COLS. The order of the additions is
+    fixed by the tile shape, so the result is deterministic."""
     rows = tl.program_id(0) * SAMPLES + tl.arange(0, SAMPLES)
-    cols = tl.arange(0, KP)
-    ok = (rows < batch)[:, None] & (cols < K)[None, :]
-    first = (rows.to(tl.int64) * chunks)[:, None] * K + cols[None, :]
-    total = tl.zeros((SAMPLES, KP), dtype=tl.float32)
-    largest = tl.zeros((SAMPLES, KP), dtype=tl.float32)
-    for chunk in range(chunks):
-        v = tl.load(partials_ptr + first + chunk * K, mask=ok, other=0.0)
-        total += v
-        largest = tl.maximum(largest, v)
-    result = tl.where(((MAX_COLS >> cols) & 1) != 0, largest, total)
-    rooted = ((SQRT_COLS >> cols) & 1) != 0
-    result = tl.where(rooted, tl.sqrt_rn(tl.where(rooted, result, 0.0)), result)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * out_stride + out_col + cols[None, :], result, mask=ok)
+    row_ok = rows < batch
+    first = rows.to(tl.int64) * chunks
+    for k in tl.static_range(K):
+        acc = tl.zeros((SAMPLES, CHUNKS), dtype=tl.float32)
+        for start in range(0, chunks, CHUNKS):
+            chunk = start + tl.arange(0, CHUNKS)
+            ok = row_ok[:, None] & (chunk < chunks)[None, :]
+            v = tl.load(partials_ptr + (first[:, None] + chunk[None, :]) * K + k, mask=ok, other=0.0)
+            if (MAX_COLS >> k) & 1:
+                acc = tl.maximum(acc, v)  # of |δ| ≥ 0, so the zeros of masked lanes are neutral
+            else:
+                acc += v
+        if (MAX_COLS >> k) & 1:
+            result = tl.max(acc, axis=1)
+        else:
+            result = tl.sum(acc, axis=1)
+        if (SQRT_COLS >> k) & 1:
+            result = tl.sqrt_rn(result)
+        tl.store(out_ptr + rows.to(tl.int64) * out_stride + out_col + k, result, mask=row_ok)
 
 
 # --- pgd_step ----------------------------------------------------------------------------------
@@ -395,12 +407,12 @@ def _finalize(partials: Tensor, out: Tensor, out_col: int = 0, sqrt_cols: tuple[
               max_cols: tuple[int, ...] = ()) -> None:
     """out[:, out_col:out_col + K] = per-sample reduction of (B, chunks, K) partials."""
     batch, chunks, columns = partials.shape
-    samples = min(64, triton.next_power_of_2(batch))
+    chunk_tile = min(64, max(2, triton.next_power_of_2(chunks)))
+    samples = min(triton.next_power_of_2(batch), max(1, 256 // chunk_tile))
     _launch(
         _finalize_kernel, (triton.cdiv(batch, samples),), partials, out, batch, chunks, out.stride(0), out_col,
-        K=columns, KP=max(2, triton.next_power_of_2(columns)),
-        SQRT_COLS=sum(1 << c for c in sqrt_cols), MAX_COLS=sum(1 << c for c in max_cols),
-        SAMPLES=samples, num_warps=1,
+        K=columns, SQRT_COLS=sum(1 << c for c in sqrt_cols), MAX_COLS=sum(1 << c for c in max_cols),
+        SAMPLES=samples, CHUNKS=chunk_tile, num_warps=max(1, samples * chunk_tile // 256),
     )
 
 

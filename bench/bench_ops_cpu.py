@@ -1,0 +1,193 @@
+"""CPU benchmark of the fused ops (pytest-benchmark): the ``cpp`` kernels against the PyTorch
+reference in eager mode and under ``torch.compile``, float32, at 512×3×32×32 (a CIFAR batch) and
+64×3×224×224 (an ImageNet batch).
+
+    python -m bench.bench_ops_cpu            # all cases; writes bench/results/cpu-ops-<date>.{json,md}
+    python -m pytest bench/bench_ops_cpu.py  # the pytest-benchmark table only
+
+Every case goes through the public API (``fastsat.ops``, ``backend="cpp"`` or ``"torch"``; the
+compiled case is ``torch.compile`` of the same call with ``backend="torch"``), outputs allocated
+per call (``out=None``) as a user's loop would. Cases are checked against the reference before
+they are timed (bitwise for L∞ steps, 1e-5 relative for sums, distribution-free ops by shape
+only). The markdown table gives medians and the ratios eager / cpp and compile / cpp (> 1: the
+kernel is faster).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastsat import ops
+
+SHAPES = {"512x3x32x32": (512, 3, 32, 32), "64x3x224x224": (64, 3, 224, 224)}
+IMPLS = ("cpp", "eager", "compile")
+EPS, STEP = 8 / 255, 2 / 255
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _pgd_linf(x, g, x_nat, boxes, backend):
+    return ops.pgd_step(x, g, x_nat, step_size=STEP, eps=EPS, backend=backend)
+
+
+def _pgd_linf_stats(x, g, x_nat, boxes, backend):
+    x_new, stats = ops.pgd_step(x, g, x_nat, step_size=STEP, eps=EPS, return_stats=True, backend=backend)
+    return x_new, stats.dot, stats.grad_norm, stats.x_norm, stats.delta_norm
+
+
+def _pgd_l2(x, g, x_nat, boxes, backend):
+    return ops.pgd_step(x, g, x_nat, step_size=0.1, eps=0.5, norm="l2", backend=backend)
+
+
+def _random_start_linf(x, g, x_nat, boxes, backend):
+    return ops.random_start(x_nat, eps=EPS, seed=0, backend=backend)
+
+
+def _random_start_l2(x, g, x_nat, boxes, backend):
+    return ops.random_start(x_nat, eps=0.5, norm="l2", seed=0, backend=backend)
+
+
+def _alignment_stats(x, g, x_nat, boxes, backend):
+    stats = ops.alignment_stats(x, g, backend=backend)
+    return stats.dot, stats.grad_norm, stats.x_norm
+
+
+def _sat_boxes(x, g, x_nat, boxes, backend):
+    return ops.sat_perturb(x, eps=EPS, p=0.5, seed=0, boxes=boxes, backend=backend)
+
+
+OPS = {
+    "pgd_step linf": _pgd_linf,
+    "pgd_step linf +stats": _pgd_linf_stats,
+    "pgd_step l2": _pgd_l2,
+    "random_start linf": _random_start_linf,
+    "random_start l2": _random_start_l2,
+    "alignment_stats": _alignment_stats,
+    "sat_perturb boxes": _sat_boxes,
+}
+# Exact (bitwise) vs the reference; the others compare sums at 1e-5 or, for random ops, shapes.
+EXACT = {"pgd_step linf", "pgd_step linf +stats"}
+RANDOM = {"random_start linf", "random_start l2", "sat_perturb boxes"}
+
+
+def _inputs(shape):
+    gen = torch.Generator().manual_seed(0)
+    x_nat = torch.rand(shape, generator=gen)
+    x = (x_nat + (2 * torch.rand(shape, generator=gen) - 1) * EPS).clamp(0, 1)
+    g = torch.randn(shape, generator=gen)
+    h, w = shape[2], shape[3]
+    boxes = torch.tensor([[w // 4, h // 4, 3 * w // 4, 3 * h // 4]] * shape[0])
+    return x, g, x_nat, boxes
+
+
+_COMPILED = {}
+
+
+def _callable(op_name, impl):
+    fn = OPS[op_name]
+    if impl == "cpp":
+        return lambda *a: fn(*a, "cpp")
+    if impl == "eager":
+        return lambda *a: fn(*a, "torch")
+    if op_name not in _COMPILED:
+        _COMPILED[op_name] = torch.compile(lambda *a: fn(*a, "torch"))
+    return _COMPILED[op_name]
+
+
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _check(op_name, got, want):
+    for a, b in zip(_as_tuple(got), _as_tuple(want)):
+        assert a.shape == b.shape and a.dtype == b.dtype, f"{op_name}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+        if op_name in RANDOM:
+            continue
+        err = float((a.double() - b.double()).abs().max())
+        bound = 0.0 if op_name in EXACT else 1e-5 * float(b.double().abs().max())
+        assert err <= bound, f"{op_name}: differs from the reference by {err:.3g} (allowed {bound:.3g})"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("op_name", list(OPS))
+def test_op(benchmark, op_name, shape_name, impl):
+    if not ops.available_backends()["cpp"]:
+        pytest.skip("fastsat._C is not built")
+    args = _inputs(SHAPES[shape_name])
+    fn = _callable(op_name, impl)
+    got = fn(*args)  # also the torch.compile warm-up
+    fn(*args)
+    _check(op_name, got, _callable(op_name, "eager")(*args))
+    benchmark.group = f"{op_name} {shape_name}"
+    benchmark.extra_info.update(op=op_name, shape=shape_name, impl=impl, torch=torch.__version__,
+                                threads=torch.get_num_threads())
+    benchmark.pedantic(fn, args=args, rounds=7 if shape_name == "64x3x224x224" else 20, warmup_rounds=1)
+
+
+# --- report ------------------------------------------------------------------------------------
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_markdown(json_path: Path, md_path: Path) -> str:
+    data = json.loads(json_path.read_text())
+    median = {}
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        median[(info["op"], info["shape"], info["impl"])] = bench["stats"]["median"]
+    lines = [
+        f"# CPU op benchmark, {data['datetime'][:10]}",
+        "",
+        f"- CPU: {_cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
+        f"python {platform.python_version()}; float32; outputs allocated per call.",
+        "- `python -m bench.bench_ops_cpu` (pytest-benchmark, median of 20 rounds at 512×3×32×32 and 7 at "
+        "64×3×224×224). The machine may have been shared with other jobs: ratios are within one run, "
+        "interleaved per case.",
+        "",
+        "| op | shape | cpp (ms) | eager (ms) | compile (ms) | eager / cpp | compile / cpp |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for op_name in OPS:
+        for shape_name in SHAPES:
+            t = {impl: median.get((op_name, shape_name, impl)) for impl in IMPLS}
+            if t["cpp"] is None:
+                continue
+            cells = [f"{t[i] * 1e3:.3f}" if t[i] is not None else "n/a" for i in IMPLS]
+            ratios = [f"{t[i] / t['cpp']:.1f}×" if t[i] is not None else "n/a" for i in ("eager", "compile")]
+            lines.append(f"| {op_name} | {shape_name} | " + " | ".join(cells + ratios) + " |")
+    text = "\n".join(lines) + "\n"
+    md_path.write_text(text)
+    return text
+
+
+def main() -> int:
+    stamp = datetime.date.today().isoformat()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = RESULTS / f"cpu-ops-{stamp}.json", RESULTS / f"cpu-ops-{stamp}.md"
+    tmp = json_path.with_suffix(".json.tmp")
+    code = pytest.main([__file__, "-q", "-p", "no:cacheprovider", f"--benchmark-json={tmp}",
+                        "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name", *sys.argv[1:]])
+    if code != 0:
+        return int(code)
+    tmp.replace(json_path)
+    print(write_markdown(json_path, md_path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
