@@ -45,7 +45,7 @@ from torch import nn
 
 from fastsat import saliency
 from fastsat.attacks import DeepFool
-from fastsat.grad import check_input, frozen, input_grad, logit_jacobian
+from fastsat.grad import check_input, check_positive_int, frozen, input_grad, logit_jacobian
 from fastsat.ops import AlignmentStats, alignment_stats
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "linearization",
     "linearized_robustness",
     "pearson",
+    "plot_saliency_grid",
     "spearman",
 ]
 
@@ -238,8 +239,7 @@ def boundary_distance(
     """
     check_input(model, x)
     result = DeepFool(model, mode=mode, **deepfool_kwargs)(x.detach())
-    rho = result.delta_norm.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return torch.where(result.success, rho, math.nan)
+    return torch.where(result.success, result.delta_norm, math.nan)
 
 
 # --- correlations ------------------------------------------------------------------------------
@@ -428,7 +428,24 @@ def _display_image(x: torch.Tensor) -> Any:
     return saliency.minmax_scale(img.unsqueeze(0))[0].numpy()
 
 
-def _plot_saliency_grid(path: Path, x: torch.Tensor, maps: dict[str, torch.Tensor]) -> None:
+def plot_saliency_grid(path: str | os.PathLike[str], x: torch.Tensor, maps: Mapping[str, torch.Tensor]) -> None:
+    """Draw a grid of images and their saliency maps and save it as a PNG at ``path`` (atomically).
+
+    x: (N, C, H, W) images in pixel space, one row each (3 channels shown as RGB, otherwise their
+    mean as grey; min–max scaled per image). maps: column title → (N, C, H, W) or (N, 1, H, W)
+    map for those images (e.g. from :mod:`fastsat.saliency`); each is shown as its magnitude
+    summed over channels, min–max scaled per image. Columns: "input", then ``maps`` in order.
+    Drawn on matplotlib's Agg canvas (no display, no pyplot state).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x: expected (N, C, H, W) images, got {getattr(x, 'shape', type(x).__name__)}")
+    for name, m in maps.items():
+        if not isinstance(m, torch.Tensor) or m.dim() != 4 or m.shape[0] != x.shape[0] or m.shape[2:] != x.shape[2:]:
+            raise ValueError(
+                f"maps[{name!r}]: expected ({x.shape[0]}, C, {x.shape[2]}, {x.shape[3]}), "
+                f"got {getattr(m, 'shape', type(m).__name__)}"
+            )
+    path = Path(path)
     n = x.shape[0]
     columns = ["input", *maps]
     fig = _new_figure((2 * len(columns), 2 * n))
@@ -448,6 +465,10 @@ def _plot_saliency_grid(path: Path, x: torch.Tensor, maps: dict[str, torch.Tenso
                 ax.set_title(name)
     fig.tight_layout()
     _save_figure(fig, path)
+
+
+# Deprecated private name, still imported by fastsat/report.py; remove once it uses the public one.
+_plot_saliency_grid = plot_saliency_grid
 
 
 def analyze(
@@ -485,8 +506,7 @@ def analyze(
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if target not in ALIGNMENT_TARGETS:
         raise ValueError(f"target: expected one of {ALIGNMENT_TARGETS}, got {target!r}")
-    if isinstance(grid_samples, bool) or not isinstance(grid_samples, int) or grid_samples < 1:
-        raise ValueError(f"grid_samples: expected a positive int, got {grid_samples!r}")
+    check_positive_int(grid_samples, "grid_samples")
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     rows: list[dict[str, Any]] = []
@@ -538,5 +558,5 @@ def analyze(
             "SmoothGrad": saliency.smoothgrad(model, grid_x, mode=mode, **{"seed": 0, **(smoothgrad_kwargs or {})}),
             "IG": saliency.integrated_gradients(model, grid_x, mode=mode, **dict(ig_kwargs or {})),
         }
-        _plot_saliency_grid(files["saliency_grid"], grid_x, maps)
+        plot_saliency_grid(files["saliency_grid"], grid_x, maps)
     return Analysis(rows=rows, summary=summary, files=files)

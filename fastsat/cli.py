@@ -42,6 +42,12 @@ def numbers(text: object) -> list[float]:
     return [number(item) for item in items]
 
 
+def names(text: object) -> list[str]:
+    """A list of names from a YAML list or a comma-separated string ("pgd,apgd-ce")."""
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    return [str(item).strip() for item in items]
+
+
 def optional(convert):
     def parse(text):
         return None if text is None or str(text).lower() in ("none", "null", "") else convert(text)
@@ -99,7 +105,7 @@ TRAIN = DATA + MODEL + [
     Option("step_size", optional(number), None, "attack step in pixel units (None: recipe default — pgd/sat+* 2/255, trades 0.007, fast 1.25ε)"),
     Option("steps", optional(int), None, "attack iterations (None: recipe default — pgd 10, sat+pgd 5, trades 10)"),
     Option("beta", optional(number), None, "TRADES KL weight β (None: trades 6, sat+trades 1)"),
-    Option("lam", optional(number), None, "gradnorm: weight λ of ‖∇ₓCE‖² (None: 1.0)"),
+    Option("lam", optional(number), None, "gradnorm: weight λ of ‖∇ₓCE‖² (None: 0.1)"),
     Option("replays", optional(int), None, "free: replays m per batch (None: 8)"),
     Option("sat_maps", str, "boxes", "sat*: saliency source — boxes/masks from the data, or teacher maps",
            ("boxes", "masks", "teacher")),
@@ -128,7 +134,7 @@ TRAIN = DATA + MODEL + [
 ]
 EVAL = DATA + MODEL + CHECKPOINT + [
     Option("eps", numbers, [2 / 255, 4 / 255, 8 / 255], "radii in pixel units, comma-separated (fractions allowed)"),
-    Option("attacks", lambda t: [a.strip() for a in (t if isinstance(t, list) else str(t).split(","))], ["pgd"],
+    Option("attacks", names, ["pgd"],
            "comma-separated attacks from pgd, apgd-ce, apgd-dlr"),
     Option("steps", int, 10, "iterations per attack"),
     Option("restarts", int, 1, "random restarts per attack"),
@@ -136,7 +142,7 @@ EVAL = DATA + MODEL + CHECKPOINT + [
     Option("out", optional(str), None, "also write the results as JSON to this file"),
 ]
 SALIENCY = DATA + MODEL + CHECKPOINT + [
-    Option("methods", lambda t: [a.strip() for a in (t if isinstance(t, list) else str(t).split(","))],
+    Option("methods", names,
            ["gradient", "smoothgrad", "integrated_gradients", "guided_backprop", "gradcam_pp"],
            "comma-separated saliency methods (fastsat.saliency.METHODS)"),
     Option("n_samples", int, 8, "test images to explain (count)"),
@@ -149,11 +155,11 @@ ANALYZE = DATA + MODEL + CHECKPOINT + [
 ]
 DEMO = [
     Option("quick", boolean, False, "a seconds-long smoke version (tiny data, 1 epoch) for tests"),
-    Option("epochs", optional(int), None, "epochs per recipe (None: 5, quick: 1)"),
-    Option("n_train", optional(int), None, "training images (None: 1500, quick: 64)"),
+    Option("epochs", optional(int), None, "epochs per recipe (None: 6, quick: 1)"),
+    Option("n_train", optional(int), None, "training images (None: 3000, quick: 64)"),
     Option("n_test", optional(int), None, "test images for evaluation and analysis (None: 200, quick: 16)"),
     Option("image_size", optional(int), None, "image side in pixels (None: 16, quick: 12)"),
-    Option("recipes", lambda t: [a.strip() for a in (t if isinstance(t, list) else str(t).split(","))], None,
+    Option("recipes", names, None,
            "comma-separated subset of the demo's recipes (None: all six)"),
     Option("seed", int, 0, "seed for data, weights and training"),
     Option("device", str, "auto", "torch device: auto, cpu, cuda, ..."),

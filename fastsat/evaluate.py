@@ -56,6 +56,8 @@ def evaluate(
         restarts: random restarts (per-sample best kept). norm: "linf" (default) or "l2".
         max_samples: stop after this many samples (None: all).
 
+    A sample counts as robust when it is classified correctly both clean and at the attack's output.
+
     Returns:
         ``{"n": samples, "clean_acc": float, "attacks": {name: [{"eps", "acc", "alignment",
         "cosine"}, ...]}}``; alignment/cosine are means over samples (pixel units / unitless), None
@@ -84,16 +86,18 @@ def evaluate(
         if max_samples is not None:
             x, y = x[: max_samples - seen], y[: max_samples - seen]
         with frozen(model, "eval"), torch.no_grad():
-            clean += (model(x).argmax(1) == y).sum()
+            correct = model(x).argmax(1) == y
+        clean += correct.sum()
         for name in attacks:
             for e in eps:
                 acc, align, cos = sums[(name, e)]
                 if e == 0:
-                    with frozen(model, "eval"), torch.no_grad():
-                        acc += (model(x).argmax(1) == y).sum()
+                    acc += correct.sum()
                     continue
                 result = _attack(name, model, e, steps, step_size, restarts, norm)(x, y)
-                acc += (~result.success).sum()
+                # Robust = correct on the clean input and still correct at the attack's output (a
+                # weak attack can land a misclassified input on the right class; that is no robustness).
+                acc += (correct & ~result.success).sum()
                 if result.stats is not None:
                     align += result.stats.alignment.double().sum()
                     cos += result.stats.cosine.double().sum()

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsat.grad import check_input, frozen, input_grad
+from fastsat.grad import check_input, check_objective_args, check_positive_int, frozen, input_grad, result_dtype
 
 __all__ = [
     "METHODS",
@@ -51,14 +51,6 @@ __all__ = [
 SMOOTHGRAD_VARIANTS = ("mean", "squared", "vargrad")
 SIGMA_UNITS = ("range", "pixel")
 IG_METHODS = ("trapezoid", "left", "right", "midpoint")
-
-
-def _check_positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        expected = "a positive int or None" if allow_none else "a positive int"
-        raise ValueError(f"{name}: expected {expected}, got {value!r}")
 
 
 def _given_target(x: torch.Tensor, target: int | torch.Tensor | None) -> torch.Tensor | None:
@@ -96,7 +88,7 @@ def _logit_grad(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None, 
 
 def _accumulator(x: torch.Tensor) -> torch.Tensor:
     """Zeros for a running sum over gradients of x: float64 for float64 x, else float32."""
-    return torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    return torch.zeros(x.shape, dtype=result_dtype(x.dtype), device=x.device)
 
 
 def _chunks(total: int, chunk_size: int | None) -> Iterator[range]:
@@ -154,7 +146,7 @@ def smoothgrad(
 
     n_samples: noise draws per image (default 50). sigma: noise standard deviation; with
     ``sigma_units="range"`` (default) a fraction of each image's value range, σ_b = sigma ·
-    (max x_b − min x_b) (default 0.15, i.e. 15 % of the range, as in METHODS.md §2); with
+    (max x_b − min x_b) (default 0.15, i.e. 15 % of the range, within the 10–20 % of METHODS.md §1); with
     ``"pixel"`` an absolute standard deviation in pixel units. Noisy inputs are not clipped.
     variant: "mean" (SmoothGrad, mean of g), "squared" (mean of g²) or "vargrad" (variance of g,
     population form mean(g²) − mean(g)²). seed: int for a private generator (reproducible,
@@ -162,8 +154,8 @@ def smoothgrad(
     draws per forward/backward pass (see the module docstring).
     """
     check_input(model, x)
-    _check_positive_int("n_samples", n_samples)
-    _check_positive_int("chunk_size", chunk_size, allow_none=True)
+    check_positive_int(n_samples, "n_samples")
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0:
         raise ValueError(f"sigma: expected a non-negative float, got {sigma!r}")
     if sigma_units not in SIGMA_UNITS:
@@ -237,8 +229,8 @@ def integrated_gradients(
     Returns float32, shaped like x.
     """
     check_input(model, x)
-    _check_positive_int("steps", steps)
-    _check_positive_int("chunk_size", chunk_size, allow_none=True)
+    check_positive_int(steps, "steps")
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
     if method not in IG_METHODS:
         raise ValueError(f"method: expected one of {IG_METHODS}, got {method!r}")
     ts, weights = _ig_path(steps, method)
@@ -346,8 +338,8 @@ def gradcam_pp(
         raise ValueError(f"layer: expected a (B, C, h, w) output, got {getattr(act, 'shape', type(act).__name__)}")
     if target is None:
         target = logits.detach().argmax(dim=1)
-    elif int(target.min()) < 0 or int(target.max()) >= logits.shape[1]:
-        raise ValueError(f"target: class indices must lie in [0, {logits.shape[1]})")
+    else:
+        check_objective_args("logit", tuple(logits.shape), target=target)
     (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), act)
     act, grad = act.detach().float(), grad.float()
     grad_sq = grad * grad

@@ -54,7 +54,8 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
 
 def reference_linearization(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """float64 ρ̃, j*, α_bin, β, ‖∇Ψ^{i*j*}‖ by autograd, one sample and one class at a time;
-    dot_scale = Σ|x|(|∇Ψ^{i*}| + |∇Ψ^{j*}|) bounds how rounding the two Jacobian rows moves ⟨x, ∇Ψ^{i*j*}⟩."""
+    dot_scale = Σ|x|(|∇Ψ^{i*}| + |∇Ψ^{j*}|) bounds how rounding the two Jacobian rows moves
+    ⟨x, ∇Ψ^{i*j*}⟩."""
     keys = ("rho_tilde", "j_star", "alpha_bin", "beta", "grad_norm", "dot_scale")
     out: dict[str, list[float]] = {k: [] for k in keys}
     for xb in x:
@@ -145,12 +146,16 @@ def test_biased_relu_net_gap_is_bounded_by_beta_theorem_2() -> None:
     assert torch.equal(lin.j_star, ref["j_star"])
     # Rounding floor of the Jacobian on ⟨x, ∇Ψ^{i*j*}⟩, as in the previous test.
     floor = 2 * jacobian_rounding() * ref["dot_scale"]
-    assert ((lin.beta - ref["beta"]).abs() <= floor).all(), f"β {lin.beta.tolist()} vs reference {ref['beta'].tolist()}"
+    assert ((lin.beta - ref["beta"]).abs() <= floor).all(), (
+        f"β {lin.beta.tolist()} vs reference {ref['beta'].tolist()}"
+    )
     assert rel_err(lin.grad_norm, ref["grad_norm"]).max() < 1e-5
     for name in ("rho_tilde", "alpha_bin"):
         err = (getattr(lin, name) - ref[name]).abs()
         allowed = 1e-5 * ref[name] + floor / ref["grad_norm"]
-        assert (err <= allowed).all(), f"{name} vs float64 reference: errors {err.tolist()} > {allowed.tolist()}"
+        assert (err <= allowed).all(), (
+            f"{name} vs float64 reference: errors {err.tolist()} > {allowed.tolist()}"
+        )
     gap = (lin.rho_tilde - lin.alpha_bin).abs()
     assert gap.max() > 0.1 * lin.rho_tilde.abs().max(), "with biases ρ̃ and α_bin should differ"
     # ρ̃‖g‖ = ⟨x, g⟩ + β and α_bin‖g‖ = |⟨x, g⟩| ⇒ |ρ̃ − α_bin| ≤ |β|/‖g‖ (reverse triangle
@@ -329,3 +334,20 @@ def test_analyze_rejects_bad_data() -> None:
         al.analyze(model, [], measure_rho=False)
     with pytest.raises(ValueError, match="target"):
         al.analyze(model, (images(3), torch.zeros(3, dtype=torch.long)), target="logit")
+
+
+def test_plot_saliency_grid_is_public_takes_any_map_shape_and_checks_it(tmp_path) -> None:
+    torch.manual_seed(9)
+    x = images(2).float()
+    maps = {"gradient": torch.randn(2, C, H, W), "Grad-CAM++": torch.rand(2, 1, H, W)}
+    path = tmp_path / "grid.png"
+    al.plot_saliency_grid(str(path), x, maps)
+    # One 200-px row per image, one 200-px column for the input and each map.
+    assert imread(path).shape[:2] == (2 * 200, 3 * 200)
+    assert not list(tmp_path.glob(".*.tmp")), "temporary file left behind"
+    # The old private name stays an alias until fastsat/report.py imports the public one.
+    assert al._plot_saliency_grid is al.plot_saliency_grid
+    with pytest.raises(ValueError, match=r"maps\['bad'\]"):
+        al.plot_saliency_grid(path, x, {"bad": torch.rand(3, 1, H, W)})
+    with pytest.raises(ValueError, match="x: expected"):
+        al.plot_saliency_grid(path, x[0], maps)

@@ -13,10 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastsat import ops
 from fastsat.attacks import APGD, FGSM, PGD, DeepFool, TradesAttack, apgd, deepfool, fgsm, pgd, trades_attack
-from fastsat.attacks.apgd import checkpoints
+from fastsat.attacks.apgd import checkpoints, halve_step
+from fastsat.attacks.base import Candidate
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -113,19 +115,41 @@ def test_deepfool_on_bias_free_binary_linear_model_is_exact_in_one_step():
     assert (on_boundary <= 1e-5 * expected).all(), f"x_adv off the boundary by {on_boundary.max():.3g}"
 
 
-def test_deepfool_on_multiclass_linear_model_finds_the_nearest_boundary():
-    # Linear with bias: ρ = min_j (z_i* − z_j)/‖W_i* − W_j‖, reached in one step.
-    model = _linear(5)
-    x = torch.rand(24, 1, 4, 4, dtype=torch.float64)
+def _linear_boundary_distance(model, x):
+    """ρ of a linear model Flatten → Linear: min_j (z_i* − z_j)/‖W_i* − W_j‖ (box ignored)."""
     weight = model[1].weight.detach()
     with torch.no_grad():
         z = model(x)
     pred = z.argmax(1)
     gaps = (z.gather(1, pred[:, None]) - z) / (weight[pred][:, None, :] - weight[None]).norm(dim=2)
-    expected = gaps.masked_fill(F.one_hot(pred, 5).bool(), torch.inf).amin(1)
+    return gaps.masked_fill(F.one_hot(pred, z.shape[1]).bool(), torch.inf).amin(1)
+
+
+def test_deepfool_on_multiclass_linear_model_finds_the_nearest_boundary():
+    # Linear with bias: ρ = min_j (z_i* − z_j)/‖W_i* − W_j‖, reached in one step.
+    model = _linear(5)
+    x = torch.rand(24, 1, 4, 4, dtype=torch.float64)
+    expected = _linear_boundary_distance(model, x)
     result = deepfool(model, x, clip=(-100.0, 100.0))
     assert (result.iterations == 1).all() and result.success.all()
     torch.testing.assert_close(result.delta_norm.double(), expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("logit_scale", [1.0, 1e-3])
+def test_deepfool_step_goes_1e4_pixels_past_the_boundary_whatever_the_logit_scale(logit_scale):
+    # One DeepFool step on a linear model lands (1 + overshoot)·(ρ + 1e-4) from x (the original
+    # code's r = (|f|/‖w‖ + 1e-4)·w/‖w‖): the 1e-4 is in pixel units, so rescaling the logits,
+    # which moves no boundary, must not change the step. One bisection halving (t = 1/2 is not
+    # yet across) leaves that step as the result. float64: the only error is rounding, ~1e-15.
+    model = _linear(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(logit_scale)
+    x = torch.rand(24, 1, 4, 4, dtype=torch.float64)
+    rho = _linear_boundary_distance(model, x)
+    result = DeepFool(model, overshoot=0.02, bisection_steps=1, clip=(-100.0, 100.0))(x)
+    assert result.success.all() and (result.iterations == 1).all()
+    torch.testing.assert_close(result.delta_norm, 1.02 * (rho + 1e-4), rtol=1e-9, atol=0)
 
 
 def _binary_linear_setup():
@@ -291,6 +315,33 @@ def test_trades_attack_increases_the_kl_and_accepts_positional_settings(trained)
     assert torch.equal(unlabeled.success, moved)
 
 
+def test_trades_attack_agrees_with_the_papers_loop_in_float64(trained):
+    # TRADES' own loop: start at x + 0.001·N(0, I), sign steps on KL(f(x) ‖ f(x')) (sum over
+    # classes), projection onto the L∞ ball around the clean x, clip to [0, 1], model in eval mode.
+    # The model carries a dropout layer and is left in train mode: a train-mode attack would
+    # draw dropout masks and differ. Same float64 arithmetic, so only summation order differs.
+    model32, x, y = trained
+    model = nn.Sequential(copy.deepcopy(model32).double(), nn.Dropout(0.5)).train()
+    x = x.double()
+    eps, step, steps = 0.05, 0.01, 5
+    torch.manual_seed(3)
+    fast = TradesAttack(model, eps, step, steps)(x, y).x_adv
+    assert model.training, "the model's train mode was not restored"
+    model.eval()
+    torch.manual_seed(3)
+    x_adv = x + 0.001 * torch.randn_like(x)
+    with torch.no_grad():
+        p_clean = F.softmax(model(x), dim=1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
+        (grad,) = torch.autograd.grad(kl, x_adv)
+        with torch.no_grad():
+            x_adv = x_adv + step * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    torch.testing.assert_close(fast, x_adv, atol=1e-12, rtol=0)
+
+
 def test_deepfool_on_trained_net_lands_just_across_the_boundary(trained):
     model, x, _ = trained
     result = DeepFool(model)(x)
@@ -394,6 +445,42 @@ def test_no_tensor_growth_over_100_calls(make):
             attack(x, y)
         grown = _live_tensors() - baseline
     assert grown <= 0, f"{grown} tensors still alive after 100 calls of {attack!r}"
+
+
+class _HostSyncCounter(TorchDispatchMode):
+    """Counts aten._local_scalar_dense: what .item(), bool(t), int(t) and float(t) go through."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("make", [
+    lambda m, s: PGD(m, eps=0.1, steps=s, restarts=2),
+    lambda m, s: PGD(m, eps=0.1, steps=s, loss="cw", targeted=True),
+    lambda m, s: PGD(m, eps=0.5, step_size=0.1, steps=s, norm="l2", loss="dlr"),
+    lambda m, s: APGD(m, eps=0.1, steps=s, loss="dlr"),
+    lambda m, s: APGD(m, eps=0.5, steps=s, norm="l2"),
+    lambda m, s: TradesAttack(m, 0.1, 0.02, s),
+])
+def test_step_loops_do_not_sync_with_the_host(make):
+    # Argument checks and the output audit sync a fixed number of times per call; the step loop
+    # must not (each sync stalls a GPU). So the count must not grow from 2 to 12 steps.
+    model = _guarded_model().eval()
+    x = torch.rand(4, 1, 4, 4)
+    y = torch.randint(0, 4, (4,))
+    counts = []
+    for steps in (2, 12):
+        with warnings.catch_warnings(), _HostSyncCounter() as counter:
+            warnings.simplefilter("ignore")
+            make(model, steps)(x, y)
+        counts.append(counter.count)
+    assert counts[0] == counts[1], f"host syncs grow with the steps: {counts[0]} at 2 steps, {counts[1]} at 12"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,6 +656,36 @@ def test_apgd_follows_the_paper_schedule(trained, norm, eps):
 
 def test_apgd_checkpoints_for_100_iterations_are_the_papers():
     assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+
+
+def test_apgd_halves_on_oscillation_at_exactly_rho_and_on_a_stalled_best_loss():
+    # Window of 4 steps, ρ = 0.75: sample 0 rose 4 times and improved (keeps its step); sample 1
+    # rose exactly 3 = ρ·4 times (halves: "at most ρ"); samples 2 and 3 rose 4 times but their best
+    # loss did not improve since the last checkpoint: 2 was not halved there (halves), 3 was (keeps).
+    rises = [[0, 1, 2, 3, 4], [0, 1, 2, 3, 2.5], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
+    losses = [torch.tensor(col, dtype=torch.float64) for col in zip(*rises)]
+    loss_best = torch.tensor([4.0, 3.0, 9.0, 9.0], dtype=torch.float64)
+    loss_best_at_check = torch.tensor([1.0, 1.0, 9.0, 9.0], dtype=torch.float64)
+    reduced_at_check = torch.tensor([False, False, False, True])
+    reduce = halve_step(losses, loss_best, loss_best_at_check, reduced_at_check, 0.75)
+    assert reduce.tolist() == [False, True, True, False]
+
+
+def test_restart_merge_prefers_success_then_higher_loss_and_keeps_ties():
+    # Per sample: 0 new success wins; 1 old success kept against a higher-loss failure; 2 both
+    # failed, higher loss wins; 3 both failed with equal loss, the earlier run is kept.
+    def candidate(fill, success, value):
+        stats = ops.PGDStats(*(torch.full((4,), fill) for _ in range(4)))
+        return Candidate(torch.full((4, 1, 2, 2), fill), torch.tensor(success), torch.tensor(value), stats)
+
+    old = candidate(0.0, [False, True, False, False], [5.0, 1.0, 1.0, 2.0])
+    new = candidate(1.0, [True, False, False, False], [0.0, 9.0, 3.0, 2.0])
+    merged = old.merge(new)
+    took_new = [True, False, True, False]
+    assert merged.x_adv.flatten(1).amax(1).tolist() == [float(t) for t in took_new]
+    assert merged.success.tolist() == [True, True, False, False]
+    assert merged.value.tolist() == [0.0, 1.0, 3.0, 2.0]
+    assert merged.stats.delta_norm.tolist() == [float(t) for t in took_new]
 
 
 def test_deepfool_flags_samples_it_cannot_move():

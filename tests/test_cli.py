@@ -74,3 +74,22 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     assert report["n"] == 16
     pgd = report["attacks"]["pgd"]
     assert pgd[0]["acc"] == pytest.approx(report["clean_acc"]) and pgd[1]["acc"] <= report["clean_acc"]
+
+
+def test_teacher_maps_then_saliency_and_analyze(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTSAT_CACHE", str(tmp_path / "cache"))
+    common = ["--n-train", "32", "--n-test", "8", "--image-size", "12", "--num-classes", "3", "--model", "smallcnn",
+              "--width", "4", "--batch-size", "16", "--device", "cpu", "--no-progress", "--eval-steps", "1"]
+    teacher = tmp_path / "teacher"
+    assert cli.main(["train", *common, "--recipe", "standard", "--epochs", "1", "--out-dir", str(teacher)]) == 0
+    student = tmp_path / "student"
+    assert cli.main(["train", *common, "--recipe", "sat", "--sat-maps", "teacher", "--teacher", str(teacher / "checkpoint.pt"),
+                     "--saliency-method", "guided_backprop", "--epochs", "1", "--out-dir", str(student)]) == 0
+    cached = list((tmp_path / "cache").glob("sat-maps-guided_backprop-*.pt"))
+    assert len(cached) == 1, f"expected one cached map file, found {cached}"
+    assert cli.main(["saliency", "--checkpoint", str(student / "checkpoint.pt"), "--methods", "gradient,gradcam_pp",
+                     "--n-samples", "3", "--out-dir", str(tmp_path / "maps")]) == 0
+    assert (tmp_path / "maps" / "saliency_grid.png").stat().st_size > 0
+    assert cli.main(["analyze", "--checkpoint", str(student / "checkpoint.pt"), "--n-samples", "6",
+                     "--out-dir", str(tmp_path / "analysis")]) == 0
+    assert {"alignment.csv", "alignment.json", "alignment_scatter.png"} <= {p.name for p in (tmp_path / "analysis").iterdir()}

@@ -115,7 +115,7 @@ class NaNAt(T.Standard):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     model = tiny_model()
-    with pytest.raises(T.NonFiniteLossError, match=r"epoch 1 batch 0.*checkpoint.*intact"):
+    with pytest.raises(T.NonFiniteLossError, match=r"in epoch 2, batch 0.*checkpoint.*after epoch 1\) is intact"):
         T.fit(model, train, recipe=NaNAt(), out_dir=tmp_path, **{k: v for k, v in FIT.items() if k != "recipe_options"})
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["epoch"] == 1
@@ -215,3 +215,23 @@ def test_bad_arguments():
         T.fit(tiny_model(), train, recipe="fast")
     with pytest.raises(TypeError, match="data"):
         T.fit(tiny_model(), object(), recipe="standard")
+
+
+def test_fast_early_stop_restores_the_best_epoch(tmp_path, monkeypatch):
+    # Script the per-epoch PGD accuracy: it peaks at epoch 2 and collapses at epoch 3 (catastrophic
+    # overfitting); training must stop there with epoch 2's weights back in the model.
+    import fastsat.evaluate
+
+    accuracies = iter([0.30, 0.40, 0.05, 0.05])
+
+    def scripted(model, data, **kw):
+        return {"n": 16, "clean_acc": 0.5, "attacks": {"pgd": [{"eps": 8 / 255, "acc": next(accuracies), "alignment": 1.0, "cosine": 0.1}]}}
+
+    monkeypatch.setattr(fastsat.evaluate, "evaluate", scripted)
+    model = tiny_model()
+    result = T.fit(model, train, recipe="fast", out_dir=tmp_path, **{**FIT, "epochs": 4, "recipe_options": None})
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert result.stopped is not None and "catastrophic overfitting" in result.stopped
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == 2
+    _assert_same_weights(best["model"], _weights(model), "model after early stop vs best epoch")

@@ -16,13 +16,16 @@ on its boundary). ε is in pixel space; models that normalise inputs do it insid
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
 from fastsat import ops
-from fastsat.attacks.base import _NORMS, Attack, AttackResult, Candidate, check_count, check_number, per_sample
+from fastsat.attacks.base import Attack, AttackResult, Candidate, check_number, per_sample
+from fastsat.grad import check_positive_int
 
-__all__ = ["APGD", "apgd", "checkpoints"]
+__all__ = ["APGD", "apgd", "checkpoints", "halve_step"]
 
 _MOMENTUM = 0.75
 
@@ -36,6 +39,27 @@ def checkpoints(steps: int) -> list[int]:
         percents.append(percents[-1] + max(percents[-1] - percents[-2] - 3, 6))
     marks = sorted({-(-p * steps // 100) for p in percents[1:]})
     return [w for w in marks if 0 < w <= steps]
+
+
+def halve_step(
+    losses: list[torch.Tensor],
+    loss_best: torch.Tensor,
+    loss_best_at_check: torch.Tensor,
+    reduced_at_check: torch.Tensor,
+    rho: float,
+) -> torch.Tensor:
+    """(B,) bool: the samples whose step size halves at this checkpoint (paper, Section 3.2).
+
+    losses: the (B,) losses at the previous checkpoint and after each step since (window + 1
+    tensors). A sample halves if (1) its loss increased in at most ρ·window of those steps, or
+    (2) it did not halve at the previous checkpoint (``reduced_at_check`` False) and its best loss
+    ``loss_best`` has not risen above ``loss_best_at_check``, the best loss then.
+    """
+    window = len(losses) - 1
+    increases = sum((after > before).to(torch.int64) for before, after in itertools.pairwise(losses))
+    oscillating = increases <= window * rho
+    stalled = ~reduced_at_check & (loss_best_at_check >= loss_best)
+    return oscillating | stalled
 
 
 class APGD(Attack):
@@ -71,13 +95,9 @@ class APGD(Attack):
         clip: tuple[float, float] = (0.0, 1.0),
         backend: str | None = None,
     ):
-        super().__init__(model, mode=mode, clip=clip, backend=backend)
-        self.eps = check_number(eps, "eps")
-        self.steps = check_count(steps, "steps")
-        if norm not in _NORMS:
-            raise ValueError(f"norm: expected one of {_NORMS}, got {norm!r}")
-        self.norm = norm
-        self.restarts = check_count(restarts, "restarts")
+        super().__init__(model, eps=eps, norm=norm, mode=mode, clip=clip, backend=backend)
+        self.steps = check_positive_int(steps, "steps")
+        self.restarts = check_positive_int(restarts, "restarts")
         if loss not in ("ce", "dlr"):
             raise ValueError(f"loss: expected 'ce' or 'dlr', got {loss!r}")
         self.loss = loss
@@ -119,7 +139,6 @@ class APGD(Attack):
         x_prev = x_adv.clone()
         loss_best_at_check = loss_best.clone()
         reduced_at_check = torch.ones_like(ever_adv)
-        last_mark = 0
         last_grad = grad
 
         for i in range(self.steps):
@@ -143,22 +162,17 @@ class APGD(Attack):
             losses.append(value)
 
             if i + 1 in marks:
-                window = i + 1 - last_mark
-                increases = sum((losses[-m] > losses[-m - 1]).to(torch.int64) for m in range(1, window + 1))
-                oscillating = increases <= window * self.rho
-                stalled = ~reduced_at_check & (loss_best_at_check >= loss_best)
-                reduce = oscillating | stalled
+                reduce = halve_step(losses, loss_best, loss_best_at_check, reduced_at_check, self.rho)
                 reduced_at_check, loss_best_at_check = reduce, loss_best.clone()
                 step = torch.where(reduce, step / 2, step)
                 x_adv = torch.where(per_sample(reduce, x), x_best, x_adv)
                 grad = torch.where(per_sample(reduce, x), grad_best, grad)
-                last_mark = i + 1
+                losses = [value]
 
         x_out = torch.where(per_sample(ever_adv, x), x_last_adv, x_best)
         success, value = self._final(x_out, y, self.loss)
         align = ops.alignment_stats(x, last_grad, backend=self.backend)
-        delta = (x_out - x).reshape(x.shape[0], -1).to(align.dot.dtype)
-        delta_norm = delta.abs().amax(dim=1) if self.norm == "linf" else delta.norm(dim=1)
+        delta_norm = self._distance(x, x_out).to(align.dot.dtype)
         stats = ops.PGDStats(dot=align.dot, grad_norm=align.grad_norm, x_norm=align.x_norm, delta_norm=delta_norm)
         return Candidate(x_out, success, value, stats)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastsat.grad import InputGrad, _input_grad, check_input, frozen, objective_value
+from fastsat.grad import InputGrad, _input_grad, check_input, frozen, objective_value, result_dtype
 from fastsat.ops import PGDStats
 
 __all__ = ["Attack", "AttackResult"]
@@ -49,12 +49,6 @@ def check_number(value: object, name: str, *, positive: bool = False) -> float:
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         raise ValueError(f"{name}: expected a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
     return float(value)
-
-
-def check_count(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    return value
 
 
 def check_clip(clip: object) -> tuple[float, float]:
@@ -93,16 +87,29 @@ class Attack(abc.ABC):
     RuntimeError otherwise.
     """
 
-    norm: str = "linf"
-    eps: float | None = None
     label_required: bool = True
 
-    def __init__(self, model: nn.Module, *, mode: str | None, clip: tuple[float, float], backend: str | None):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eps: float | None,
+        norm: str,
+        mode: str | None,
+        clip: tuple[float, float],
+        backend: str | None,
+    ):
+        """eps: radius of the ball the output must stay in (pixel units; None: unbounded, as for
+        DeepFool). norm: "linf" or "l2", the norm of ε and of the reported ‖δ‖."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if mode not in (None, "eval", "train"):
             raise ValueError(f"mode: expected None, 'eval' or 'train', got {mode!r}")
+        if norm not in _NORMS:
+            raise ValueError(f"norm: expected one of {_NORMS}, got {norm!r}")
         self.model = model
+        self.eps = None if eps is None else check_number(eps, "eps")
+        self.norm = norm
         self.mode = mode
         self.clip = check_clip(clip)
         self.backend = backend
@@ -190,13 +197,17 @@ class Attack(abc.ABC):
         value = objective_value(logits, objective, y=y, **objective_args)
         return self._misclassified(logits, y, targeted), -value if targeted else value
 
+    def _distance(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+        """(B,) ‖x_adv − x‖ in the attack's norm, float64 (differences of two stored values are
+        exact in float64)."""
+        delta = (x_adv.double() - x.double()).reshape(x.shape[0], -1)
+        return delta.abs().amax(dim=1) if self.norm == "linf" else delta.norm(dim=1)
+
     def _audit(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         """Check the output and return ‖x_adv − x‖ per sample in the attack's norm (float32, float64
         for float64 x)."""
         lo, hi = self.clip
-        # Differences of two stored values are exact in float64.
-        delta = (x_adv.double() - x.double()).reshape(x.shape[0], -1)
-        dist = delta.abs().amax(dim=1) if self.norm == "linf" else delta.norm(dim=1)
+        dist = self._distance(x, x_adv)
         finite = torch.isfinite(x_adv).all()
         in_box = ((x_adv >= lo) & (x_adv <= hi)).all()
         if self.eps is None:
@@ -205,7 +216,7 @@ class Attack(abc.ABC):
             # Storing x_adv in x's dtype moves each element by at most half an ulp of the box scale;
             # in L2 those errors add up over the d elements of a sample to at most √d of them.
             ulp = torch.finfo(x.dtype).eps * max(abs(lo), abs(hi), 1.0)
-            slack = ulp if self.norm == "linf" else ulp * math.sqrt(delta.shape[1])
+            slack = ulp if self.norm == "linf" else ulp * math.sqrt(x[0].numel())
             in_ball = (dist <= self.eps * (1 + 1e-6) + slack).all()
         ok_finite, ok_box, ok_ball = torch.stack([finite, in_box, in_ball]).tolist()
         if not (ok_finite and ok_box and ok_ball):
@@ -214,11 +225,6 @@ class Attack(abc.ABC):
                 f"{ok_box}, within eps={self.eps} ({self.norm})={ok_ball}, max distance={float(dist.max()):.6g}"
             )
         return dist.to(result_dtype(x.dtype))
-
-
-def result_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Per-sample results are float32, float64 for float64 inputs (as fastsat.grad and fastsat.ops)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -237,7 +243,7 @@ class Candidate:
 
     def merge(self, other: Candidate) -> Candidate:
         """Per sample, the better of self and other (ties keep self, so restarts never lose ground)."""
-        better = (other.success & ~self.success) | ((other.success == self.success) & (other.value > self.value))
+        better = (other.success & ~self.success) | ((other.success == self.success) & (other.value >= self.value))
         return Candidate(
             x_adv=torch.where(per_sample(better, self.x_adv), other.x_adv, self.x_adv),
             success=self.success | other.success,

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsat.attacks.base import Attack, AttackResult, check_count, check_number, per_sample, result_dtype
-from fastsat.grad import batched_logit_grads, check_objective_args
+from fastsat.attacks.base import Attack, AttackResult, check_number, per_sample
+from fastsat.grad import batched_logit_grads, check_objective_args, check_positive_int, result_dtype
 
 __all__ = ["DeepFool", "DeepFoolResult", "deepfool"]
 
@@ -54,7 +54,6 @@ class DeepFool(Attack):
     the bisection costs one forward per halving.
     """
 
-    norm = "l2"
     label_required = False
 
     def __init__(
@@ -70,16 +69,14 @@ class DeepFool(Attack):
         clip: tuple[float, float] = (0.0, 1.0),
         backend: str | None = None,
     ):
-        super().__init__(model, mode=mode, clip=clip, backend=backend)
-        self.steps = check_count(steps, "steps")
+        super().__init__(model, eps=None, norm="l2", mode=mode, clip=clip, backend=backend)
+        self.steps = check_positive_int(steps, "steps")
         self.overshoot = check_number(overshoot, "overshoot")
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 2:
             raise ValueError(f"candidates: expected an int >= 2, got {candidates!r}")
         self.candidates = candidates
-        self.bisection_steps = check_count(bisection_steps, "bisection_steps")
-        if chunk_size is not None:
-            check_count(chunk_size, "chunk_size")
-        self.chunk_size = chunk_size
+        self.bisection_steps = check_positive_int(bisection_steps, "bisection_steps")
+        self.chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -120,8 +117,11 @@ class DeepFool(Attack):
             nearest = distance.argmin(dim=1)
             w_l = w[torch.arange(x.shape[0], device=x.device), nearest]
             w_l_norm = w_norm.gather(1, nearest[:, None]).squeeze(1)
-            # Step onto the linearised boundary of the nearest class (+1e-4 as in the original code).
-            coef = (f.gather(1, nearest[:, None]).squeeze(1).abs() + 1e-4) / w_l_norm.square()
+            # Step onto the linearised boundary of the nearest class and 1e-4 pixel units beyond it,
+            # r = (|f|/‖w‖ + 1e-4)·w/‖w‖ as in the original code: the step is then invariant to a
+            # rescaling of the logits (a margin in logit units would not be).
+            safe_norm = w_l_norm.clamp_min(torch.finfo(w_l_norm.dtype).tiny)
+            coef = (distance.gather(1, nearest[:, None]).squeeze(1) + 1e-4) / safe_norm
             movable = active & (w_l_norm > 0)
             r_total = r_total + per_sample(torch.where(movable, coef, 0.0), x) * w_l
             iterations += movable

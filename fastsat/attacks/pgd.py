@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from fastsat import ops
-from fastsat.attacks.base import _NORMS, Attack, AttackResult, Candidate, check_count, check_number
+from fastsat.attacks.base import Attack, AttackResult, Candidate, check_number
+from fastsat.grad import check_positive_int
 
 __all__ = ["FGSM", "LOSSES", "PGD", "fgsm", "pgd"]
 
@@ -58,15 +59,11 @@ class PGD(Attack):
         clip: tuple[float, float] = (0.0, 1.0),
         backend: str | None = None,
     ):
-        super().__init__(model, mode=mode, clip=clip, backend=backend)
-        self.eps = check_number(eps, "eps")
+        super().__init__(model, eps=eps, norm=norm, mode=mode, clip=clip, backend=backend)
         self.step_size = check_number(step_size, "step_size")
-        self.steps = check_count(steps, "steps")
-        if norm not in _NORMS:
-            raise ValueError(f"norm: expected one of {_NORMS}, got {norm!r}")
-        self.norm = norm
+        self.steps = check_positive_int(steps, "steps")
         self.random_start = bool(random_start)
-        self.restarts = check_count(restarts, "restarts")
+        self.restarts = check_positive_int(restarts, "restarts")
         if self.restarts > 1 and not self.random_start:
             raise ValueError("restarts > 1 needs random_start=True (otherwise every run is the same)")
         if loss not in LOSSES:

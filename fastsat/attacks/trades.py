@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from fastsat import ops
-from fastsat.attacks.base import Attack, AttackResult, check_count, check_number
+from fastsat.attacks.base import Attack, AttackResult, check_number
+from fastsat.grad import check_positive_int
 
 __all__ = ["TradesAttack", "trades_attack"]
 
@@ -47,10 +48,9 @@ class TradesAttack(Attack):
         clip: tuple[float, float] = (0.0, 1.0),
         backend: str | None = None,
     ):
-        super().__init__(model, mode=mode, clip=clip, backend=backend)
-        self.eps = check_number(eps, "eps")
+        super().__init__(model, eps=eps, norm="linf", mode=mode, clip=clip, backend=backend)
         self.step_size = check_number(step_size, "step_size")
-        self.steps = check_count(steps, "steps")
+        self.steps = check_positive_int(steps, "steps")
         self.init_std = check_number(init_std, "init_std")
 
     def _run(self, x: torch.Tensor, y: torch.Tensor | None) -> AttackResult:

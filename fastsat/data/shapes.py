@@ -2,7 +2,7 @@
 
 Each image shows one shape (the class) with a random colour, scale, position and rotation, drawn
 over a textured, cluttered background (smooth colour noise, a sinusoidal grating, pixel noise and a
-few small distractor bars/dots). The class is carried by the shape's outline only: its colour is
+few short distractor strokes). The class is carried by the shape's outline only: its colour is
 drawn relative to the background, independently of the class, and every shape is shown at every
 rotation, so classes differ by geometry, not orientation or colour.
 
@@ -45,7 +45,7 @@ SHAPE_NAMES = (
 )
 
 # Bump when the generator's output changes, so stale cache files are never read.
-_VERSION = 2
+_VERSION = 3
 # Images per chunk: 512, fewer for large images to bound memory (about 4M pixels per chunk);
 # fixed per image size so that chunk boundaries (hence seeds) do not depend on n.
 _CHUNK_PIXELS = 1 << 22
@@ -120,25 +120,24 @@ def _chunk(count: int, size: int, num_classes: int, seed: int) -> tuple[torch.Te
 
     # Background: base colour + smooth colour noise + grating + pixel noise.
     base = 0.2 + 0.6 * rand(count, 3, 1, 1)
-    smooth = F.interpolate(rand(count, 3, 4, 4) - 0.5, size=(size, size), mode="bicubic", align_corners=False)
+    smooth = F.interpolate(rand(count, 3, 4, 4) - 0.5, size=(size, size), mode="bilinear", align_corners=False)
     freq = (1.5 + 4.0 * rand(count, 1, 1)) * (2 * math.pi / size)
     ori = rand(count, 1, 1) * math.pi
     grating = torch.sin(freq * (xs * torch.cos(ori) + ys * torch.sin(ori)) + 2 * math.pi * rand(count, 1, 1))
     image = base + 0.3 * smooth + 0.08 * grating.unsqueeze(1) * rand(count, 3, 1, 1)
-    image += 0.03 * torch.randn(count, 3, size, size, generator=g)
+    image += 0.1 * (rand(count, 3, size, size) - 0.5)  # pixel noise, std 0.029
 
-    # Clutter: 4 short thin strokes in random colours, well below the shapes' size so that they
-    # distract without imitating a class (a bar or an L).
-    for _ in range(4):
+    # Clutter: 5 short thin horizontal or vertical strokes in random colours, well below the
+    # shapes' size so that they distract without imitating a class (a bar or an L). Axis-aligned
+    # strokes are separable (row test & column test), which keeps them cheap.
+    for _ in range(5):
         cx, cy = size * rand(count, 1, 1), size * rand(count, 1, 1)
-        ang = math.pi * rand(count, 1, 1)
-        du, dv = xs - cx, ys - cy
-        along = du * torch.cos(ang) + dv * torch.sin(ang)
-        across = -du * torch.sin(ang) + dv * torch.cos(ang)
-        length = size * (0.04 + 0.08 * rand(count, 1, 1))  # half-lengths
-        width = size * (0.015 + 0.02 * rand(count, 1, 1))
-        blob = (along.abs() <= length) & (across.abs() <= width)
-        image = torch.where(blob.unsqueeze(1), rand(count, 3, 1, 1), image)
+        long = size * (0.04 + 0.08 * rand(count, 1, 1))  # half-extents
+        thin = size * (0.02 + 0.02 * rand(count, 1, 1))
+        vertical = rand(count, 1, 1) < 0.5
+        half_w, half_h = torch.where(vertical, thin, long), torch.where(vertical, long, thin)
+        stroke = ((xs - cx).abs() <= half_w) & ((ys - cy).abs() <= half_h)
+        image = torch.where(stroke.unsqueeze(1), rand(count, 3, 1, 1), image)
 
     # The shape: radius 25-42% of the image side, fully inside, any rotation.
     radius = size * (0.25 + 0.17 * rand(count, 1, 1))

@@ -20,7 +20,7 @@ from torch import Tensor
 from fastsat import _C
 from fastsat.ops.reference import accumulation_dtype
 
-__all__ = ["HAS_CUDA", "pgd_step", "random_start", "alignment_stats", "sat_perturb"]
+__all__ = ["HAS_CUDA", "alignment_stats", "pgd_step", "random_start", "sat_perturb"]
 
 HAS_CUDA: bool = _C.has_cuda()
 

@@ -456,11 +456,12 @@ class GradNorm(Recipe):
     """Input-gradient-norm regularisation (double backprop, as in Etmann et al.):
     mean_i [CE_i + λ·‖∇_{x_i} CE_i‖²], the gradient per sample in pixel space.
 
-    lam: λ, default 1.0 (per-sample squared L2 norm of a pixel-space gradient).
+    lam: λ, default 0.1 (it multiplies the per-sample squared L2 norm of a pixel-space gradient;
+    λ = 1 already stalls learning of a small ResNet on 16 px shapes).
     """
 
     name: ClassVar[str] = "gradnorm"
-    lam: float = 1.0
+    lam: float = 0.1
 
     def __post_init__(self):
         _check_positive(self.lam, "lam", allow_zero=True)

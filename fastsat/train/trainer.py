@@ -282,9 +282,9 @@ def fit(
             try:
                 out = recipe.train_step(train_model, batch, opt, epoch=epoch, precision=precision, scaler=scaler)
             except NonFiniteLossError as err:
-                kept = f"the last good checkpoint {checkpoint_path} (after epoch {start_epoch if not history else history[-1]['epoch']}) is intact" \
-                    if result.checkpoint is not None else "no checkpoint was written yet"
-                raise NonFiniteLossError(f"{err} at epoch {epoch} batch {index}; training stopped, {kept}") from None
+                kept = (f"the last good checkpoint {checkpoint_path} (after epoch {history[-1]['epoch']}) is intact"
+                        if result.checkpoint is not None else "no checkpoint was written yet")
+                raise NonFiniteLossError(f"{err} in epoch {epoch + 1}, batch {index}; training stopped, {kept}") from None
             scheduler.step()
             if averaged is not None:
                 averaged.update_parameters(model)
