@@ -189,6 +189,23 @@ def test_rows_longer_than_a_task(shape, norm):
     assert bool((size <= eps * (1 + 1e-6)).all()), f"random start left the ball: {size}"
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_out_may_alias_x_nat(norm):
+    """The kernels read a tile's inputs and take the statistics before writing the tile, so
+    `out=x_nat` gives the result and statistics of a separate output (bitwise)."""
+    gen = torch.Generator().manual_seed(3)
+    x_nat = torch.rand(2, 3, 9, 9, generator=gen)
+    x = (x_nat + 0.05 * torch.randn(2, 3, 9, 9, generator=gen)).clamp(0, 1)
+    g = torch.randn(2, 3, 9, 9, generator=gen)
+    kw = {"step_size": 0.01, "eps": 0.03, "norm": norm, "return_stats": True, "backend": "cpp"}
+    want, want_stats = ops.pgd_step(x, g, x_nat, **kw)
+    aliased = x_nat.clone()
+    got, stats = ops.pgd_step(x, g, aliased, out=aliased, **kw)
+    assert got.data_ptr() == aliased.data_ptr() and torch.equal(got, want)
+    for field in ("dot", "grad_norm", "x_norm", "delta_norm"):
+        assert torch.equal(getattr(stats, field), getattr(want_stats, field)), field
+
+
 # --- the binding's own guards ------------------------------------------------------------------
 
 def test_binding_rejects_memory_it_cannot_index():

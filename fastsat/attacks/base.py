@@ -243,7 +243,7 @@ class Candidate:
 
     def merge(self, other: Candidate) -> Candidate:
         """Per sample, the better of self and other (ties keep self, so restarts never lose ground)."""
-        better = (other.success & ~self.success) | ((other.success == self.success) & (other.value >= self.value))
+        better = (other.success & ~self.success) | ((other.success == self.success) & (other.value > self.value))
         return Candidate(
             x_adv=torch.where(per_sample(better, self.x_adv), other.x_adv, self.x_adv),
             success=self.success | other.success,

@@ -38,7 +38,8 @@ class DeepFool(Attack):
     Args:
         model: (B, ...) pixel-space input → (B, K) logits, K ≥ 2.
         steps: maximum DeepFool iterations (default 50).
-        overshoot: each iterate is x + (1 + overshoot)·r_total (default 0.02), clipped to the box.
+        overshoot: each iterate is x + (1 + overshoot)·r_total (default 0.02), clipped to the box;
+            each step r goes 1e-4 pixel units past the linearised boundary, as in the original code.
         candidates: classes considered per sample, the top ones of the clean logits including the
             predicted class (default 10, at most K), as in foolbox.
         bisection_steps: halvings of the segment x → x_df (default 20: ρ to within 2⁻²⁰ of

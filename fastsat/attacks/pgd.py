@@ -40,7 +40,9 @@ class PGD(Attack):
         clip: valid input box (lo, hi), default (0, 1).
         backend: fastsat.ops backend (None: $FASTSAT_BACKEND or "auto").
 
-    Returns :class:`AttackResult`; ``stats`` are those of the last step of the kept run.
+    Returns :class:`AttackResult`; ``stats`` are those of the last step of the kept run, for the
+    ascent direction the step took (the loss gradient, negated when ``targeted``: ``dot`` changes
+    sign, ``alignment`` and ``cosine`` do not).
     """
 
     def __init__(
