@@ -178,10 +178,12 @@ def _markdown(results: dict, sizes: dict, device: torch.device, wall: float, cur
 
 
 def _compare(a: float, b: float, n: int) -> str:
-    """'higher than' / 'lower than' / 'not distinguishable from': a difference of two accuracies on
+    """'higher than' / 'lower than' / 'not distinguishable from' / 'equal to': a difference of two accuracies on
     n test images counts only beyond two standard errors of that difference."""
     se = math.sqrt((a * (1 - a) + b * (1 - b)) / n)
     diff = a - b
+    if diff == 0:
+        return "equal to"
     if abs(diff) <= 2 * se:
         return f"not distinguishable (Δ = {100 * diff:+.1f} points, 2 SE = {200 * se:.1f}) from"
     return f"{100 * abs(diff):.1f} points {'higher' if diff > 0 else 'lower'} than"

@@ -19,6 +19,8 @@ import math
 import os
 import pickle
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -56,21 +58,35 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FASTSAT_CACHE") or Path.home() / ".cache" / "fastsat")
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch ops single-threaded for the duration, then restore the thread count.
+
+    Generation is hundreds of small element-wise ops per chunk; with two intra-op threads on a
+    shared 2-core machine every op waits for a descheduled thread, which measured 5-10x slower
+    than one thread (and on an idle machine two threads gain little).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _inside_one(kind: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Whether local coordinates (u, v) (float32, any shape) lie inside shape ``kind``.
 
     Coordinates are in the shape's frame, where every shape fits in the unit disk.
     """
     name = SHAPE_NAMES[kind]
-    au, av = u.abs(), v.abs()
-    r2 = u * u + v * v
-    cheb = torch.maximum(au, av)
     if name == "disk":
-        return r2 <= 0.8**2
+        return u * u + v * v <= 0.8**2
     if name == "ring":
+        r2 = u * u + v * v
         return (r2 <= 0.9**2) & (r2 >= 0.5**2)
     if name == "square":
-        return cheb <= 0.68
+        return torch.maximum(u.abs(), v.abs()) <= 0.68
     if name == "triangle":  # equilateral, circumradius 0.95: three half-planes at apothem 0.475
         inside = torch.ones_like(u, dtype=torch.bool)
         for k in range(3):
@@ -80,20 +96,23 @@ def _inside_one(kind: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if name == "star":  # 5 points: the radius is a triangle wave in the angle, 0.42 to 1.0
         phase = torch.atan2(v, u) * (5 / (2 * math.pi)) % 1.0
         radius = 0.42 + 0.58 * (1 - (2 * phase - 1).abs())
-        return r2 <= radius * radius
+        return u * u + v * v <= radius * radius
     if name == "plus":
+        au, av = u.abs(), v.abs()
         return ((au <= 0.26) & (av <= 0.9)) | ((av <= 0.26) & (au <= 0.9))
     if name == "crescent":
-        return (r2 <= 0.9**2) & ((u - 0.45) ** 2 + v * v > 0.7**2)
+        return (u * u + v * v <= 0.9**2) & ((u - 0.45) ** 2 + v * v > 0.7**2)
     if name == "half-disk":
         return ((u * u + (v + 0.35) ** 2) <= 0.95**2) & (v >= -0.35)
     if name == "bar":
-        return (au <= 0.95) & (av <= 0.3)
+        return (u.abs() <= 0.95) & (v.abs() <= 0.3)
     if name == "L":
-        return (cheb <= 0.7) & ((u <= -0.2) | (v <= -0.2))
+        return (torch.maximum(u.abs(), v.abs()) <= 0.7) & ((u <= -0.2) | (v <= -0.2))
     if name == "frame":
+        cheb = torch.maximum(u.abs(), v.abs())
         return (cheb <= 0.8) & (cheb >= 0.45)
     # "T"
+    au = u.abs()
     return ((au <= 0.8) & (v >= 0.35) & (v <= 0.8)) | ((au <= 0.22) & (v >= -0.8) & (v <= 0.35))
 
 
@@ -171,14 +190,15 @@ def generate_shapes(n: int, *, size: int = 32, num_classes: int = 10, seed: int 
         raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
     chunk = max(16, min(512, _CHUNK_PIXELS // (size * size)))
     images, labels, masks = [], [], []
-    for index, start in enumerate(range(0, n, chunk)):
-        # Always generate a full chunk (then truncate) so that a prefix of the data does not
-        # depend on n; labels are balanced within each full chunk.
-        imgs, labs, msks = _chunk(chunk, size, num_classes, seed * 1_000_003 + index)
-        take = min(chunk, n - start)
-        images.append(imgs[:take])
-        labels.append(labs[:take])
-        masks.append(msks[:take])
+    with _one_thread():
+        for index, start in enumerate(range(0, n, chunk)):
+            # Always generate a full chunk (then truncate) so that a prefix of the data does not
+            # depend on n; labels are balanced within each full chunk.
+            imgs, labs, msks = _chunk(chunk, size, num_classes, seed * 1_000_003 + index)
+            take = min(chunk, n - start)
+            images.append(imgs[:take])
+            labels.append(labs[:take])
+            masks.append(msks[:take])
     masks_t = torch.cat(masks)
     return AnnotatedDataset(
         torch.cat(images),
