@@ -126,3 +126,13 @@ def test_bad_arguments(kwargs, match):
     n = kwargs.pop("n")
     with pytest.raises(ValueError, match=match):
         generate_shapes(n, **kwargs)
+
+
+def test_generation_restores_thread_count():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generate_shapes(4, size=8, seed=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
