@@ -324,10 +324,7 @@ def cmd_train(cfg: dict) -> dict:
                        "checkpoint": cfg["teacher"]}
         teacher = _trained_model(teacher_cfg, _num_classes(train_set), device)
         maps = train.teacher_saliency(teacher, train_set.images, method=cfg["saliency_method"])
-        train_data = train.SaliencyDataset(train_set, maps)
-        if augment:
-            log.warning("augment: off with teacher maps (the maps belong to the un-augmented images)")
-            augment = False
+        train_data = train.SaliencyDataset(train_set, maps)  # augmentation moves the maps too
     # Only the recipe's own options go to it (e.g. eps means nothing to `standard`).
     accepted = train.make_recipe(cfg["recipe"]).options()
     recipe_options = {k: v for k, v in recipe_options.items() if k in accepted}

@@ -113,6 +113,17 @@ def test_augment_reproducible_and_consistent():
         Augment(size=(0, 4))
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_augment_moves_saliency_maps_like_the_image(channels):
+    """A teacher's map travels with its image: a map equal to the image's first channels comes
+    out equal to the augmented image's, through crop, flip and resize."""
+    batch = _batch(b=8, h=12, w=12)
+    batch["saliency"] = batch["image"][:, :channels].clone()
+    out = Augment(padding=3, flip=True, size=(8, 10))(batch, torch.Generator().manual_seed(1))
+    assert out["saliency"].shape == (8, channels, 8, 10)
+    torch.testing.assert_close(out["saliency"], out["image"][:, :channels], atol=1e-6, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def data():
     return generate_shapes(50, size=8, seed=0)

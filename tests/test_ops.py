@@ -27,7 +27,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import fastsat.ops as ops
+from fastsat import ops
 from fastsat.ops import reference
 
 KERNEL_BACKENDS = ("cpp", "triton", "cuda")
@@ -106,7 +106,7 @@ def _reference_step(x, g, x_nat, **kw):
 def test_pgd_step_matches_reference(backend, dtype, shape, layout, norm):
     eps, step = (0.03, 0.01) if norm == "linf" else (0.5, 0.3)
     x, g, x_nat = _inputs(shape, dtype, _device(backend), layout, eps)
-    kw = dict(step_size=step, eps=eps, norm=norm, clip=(0.0, 1.0))
+    kw = {"step_size": step, "eps": eps, "norm": norm, "clip": (0.0, 1.0)}
     got, stats = ops.pgd_step(x, g, x_nat, return_stats=True, backend=backend, **kw)
     want, want_stats = _reference_step(x, g, x_nat, **kw)
     plain = ops.pgd_step(x, g, x_nat, backend=backend, **kw)
@@ -136,7 +136,7 @@ def test_pgd_step_matches_reference(backend, dtype, shape, layout, norm):
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_pgd_step_in_place_equals_out_of_place(backend, norm):
     x, g, x_nat = _inputs((2, 3, 6, 5), torch.float32, _device(backend), "contiguous", 0.1)
-    kw = dict(step_size=0.05, eps=0.1, norm=norm)
+    kw = {"step_size": 0.05, "eps": 0.1, "norm": norm}
     want = ops.pgd_step(x, g, x_nat, backend=backend, **kw)
     x_copy = x.clone()
     got = ops.pgd_step(x_copy, g, x_nat, out=x_copy, backend=backend, **kw)
@@ -297,7 +297,7 @@ def test_alignment_stats_definitions(backend):
 def test_alignment_gradcheck(normalize):
     x = torch.rand(2, 3, 3, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
-    fn = lambda a, b: ops.alignment(a, b, normalize)  # noqa: E731
+    fn = lambda a, b: ops.alignment(a, b, normalize)
     assert torch.autograd.gradcheck(fn, (x, g))
     assert torch.autograd.gradgradcheck(fn, (x, g))
 
@@ -343,10 +343,10 @@ def test_sat_perturb_p1_matches_reference(backend, dtype, layout):
     dense = _layout((torch.rand(3, 3, 6, 7) * 2 - 1).to(dtype).to(device), layout)
     dense1 = (torch.rand(3, 1, 6, 7) * 2 - 1).to(dtype).to(device)
     for name, source, atol in [
-        ("boxes", dict(boxes=boxes), 0.0),
-        ("masks", dict(masks=masks), 0.0),
-        ("dense", dict(saliency=dense), 2 * ULP[dtype]),
-        ("dense B×1×H×W", dict(saliency=dense1), 2 * ULP[dtype]),
+        ("boxes", {"boxes": boxes}, 0.0),
+        ("masks", {"masks": masks}, 0.0),
+        ("dense", {"saliency": dense}, 2 * ULP[dtype]),
+        ("dense B×1×H×W", {"saliency": dense1}, 2 * ULP[dtype]),
     ]:
         got = ops.sat_perturb(x, eps=0.1, p=1.0, seed=5, backend=backend, **source)
         want = ops.sat_perturb(x, eps=0.1, p=1.0, seed=5, backend="torch", **source)
@@ -363,7 +363,7 @@ def test_sat_perturb_sources_agree(backend, layout):
     x = _layout(torch.rand(3, 2, 6, 7).to(device), layout)
     boxes, masks = _box_and_mask(3, 6, 7, device)
     dense = torch.where(masks, 1.0, -1.0).expand(3, 2, 6, 7)
-    kw = dict(eps=0.05, p=0.6, seed=99, backend=backend)
+    kw = {"eps": 0.05, "p": 0.6, "seed": 99, "backend": backend}
     from_boxes = ops.sat_perturb(x, boxes=boxes, **kw)
     assert torch.equal(from_boxes, ops.sat_perturb(x, masks=masks, **kw))
     assert torch.equal(from_boxes, ops.sat_perturb(x, masks=masks.to(torch.uint8), **kw))
@@ -415,7 +415,7 @@ def test_sat_perturb_curriculum_ends(backend, p):
 def _bad_calls():
     x = torch.rand(2, 3, 4, 4)
     g = torch.randn_like(x)
-    step = dict(step_size=0.1, eps=0.1)
+    step = {"step_size": 0.1, "eps": 0.1}
     nan_nat = x.clone()
     nan_nat[0, 0, 0, 0] = float("nan")
     return [

@@ -2,7 +2,9 @@
 
 Batches are the sample dicts of :mod:`fastsat.data.dataset` with a leading batch dim B:
 ``image`` float32 (B, C, H, W) in [0, 1], optional ``box`` int64 (B, 4) half-open pixel coordinates
-``(x0, y0, x1, y1)``, optional ``mask`` bool (B, 1, H, W); other keys pass through unchanged.
+``(x0, y0, x1, y1)``, optional ``mask`` bool (B, 1, H, W), optional ``saliency`` float map shaped
+like the image or (B, 1, H, W) (a teacher's map for SAT); other keys pass through unchanged.
+Saliency maps move like the image: zero (no preference) where a crop reveals padding.
 
 Box rules:
 
@@ -60,6 +62,8 @@ def crop_shift(batch: dict[str, torch.Tensor], shifts: torch.Tensor) -> dict[str
     out["image"] = shift(image)
     if "mask" in batch:
         out["mask"] = shift(batch["mask"].to(torch.uint8)).bool()
+    if "saliency" in batch:
+        out["saliency"] = shift(batch["saliency"])
     if "box" in batch:
         offset = torch.stack([dx, dy, dx, dy], dim=1)
         out["box"] = clip_boxes(batch["box"] - offset, (h, w))
@@ -76,8 +80,9 @@ def hflip(batch: dict[str, torch.Tensor], which: torch.Tensor) -> dict[str, torc
     sel = which.view(b, 1, 1, 1)
     out = dict(batch)
     out["image"] = torch.where(sel, image.flip(-1), image)
-    if "mask" in batch:
-        out["mask"] = torch.where(sel, batch["mask"].flip(-1), batch["mask"])
+    for key in ("mask", "saliency"):
+        if key in batch:
+            out[key] = torch.where(sel, batch[key].flip(-1), batch[key])
     if "box" in batch:
         box = batch["box"]
         x0, y0, x1, y1 = box.unbind(1)
@@ -103,6 +108,8 @@ def resize(batch: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, t
     if "mask" in batch:
         # float: nearest interpolation of integer dtypes is not implemented on every device.
         out["mask"] = F.interpolate(batch["mask"].to(image.dtype), size=size, mode="nearest-exact") > 0.5
+    if "saliency" in batch:
+        out["saliency"] = F.interpolate(batch["saliency"], size=size, mode="bilinear", align_corners=False, antialias=True)
     if "box" in batch:
         out["box"] = rescale_boxes(batch["box"], (h, w), size)
     return out

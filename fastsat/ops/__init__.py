@@ -17,6 +17,13 @@ from fastsat.ops.functional import (
 )
 
 __all__ = [
-    "BACKENDS", "available_backends", "AlignmentStats", "PGDStats", "alignment", "alignment_stats",
-    "pgd_step", "random_start", "sat_perturb",
+    "BACKENDS",
+    "AlignmentStats",
+    "PGDStats",
+    "alignment",
+    "alignment_stats",
+    "available_backends",
+    "pgd_step",
+    "random_start",
+    "sat_perturb",
 ]

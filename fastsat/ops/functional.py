@@ -22,7 +22,12 @@ from torch import Tensor
 from fastsat.ops import _backends
 
 __all__ = [
-    "AlignmentStats", "PGDStats", "pgd_step", "random_start", "alignment_stats", "alignment",
+    "AlignmentStats",
+    "PGDStats",
+    "alignment",
+    "alignment_stats",
+    "pgd_step",
+    "random_start",
     "sat_perturb",
 ]
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["pgd_step", "random_start", "alignment_stats", "sat_perturb", "accumulation_dtype"]
+__all__ = ["accumulation_dtype", "alignment_stats", "pgd_step", "random_start", "sat_perturb"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
