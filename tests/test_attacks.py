@@ -20,15 +20,7 @@ from fastsat.attacks import APGD, FGSM, PGD, DeepFool, TradesAttack, apgd, deepf
 from fastsat.attacks.apgd import checkpoints, halve_step
 from fastsat.attacks.base import Candidate
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add synchronisation, which on a shared
-    2-core machine costs orders of magnitude (measured 10-60x). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,15 +10,7 @@ from torch import nn
 
 from fastsat.grad import OBJECTIVES, frozen, input_grad, logit_jacobian
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add synchronisation, which on a shared
-    2-core machine costs orders of magnitude (measured 10-60x). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Float64 linear model: the library and the hand formulas do the same arithmetic up to summation
