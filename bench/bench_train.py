@@ -59,7 +59,7 @@ def _sat_input(x, batch, key, start=None):
     if key == "box":
         h, w = x.shape[-2:]
         box = batch["box"]
-        rows, cols = torch.arange(h).view(1, 1, h, 1), torch.arange(w).view(1, 1, 1, w)
+        rows, cols = torch.arange(h, device=x.device).view(1, 1, h, 1), torch.arange(w, device=x.device).view(1, 1, 1, w)
         inside = (cols >= box[:, 0].view(-1, 1, 1, 1)) & (cols < box[:, 2].view(-1, 1, 1, 1)) \
             & (rows >= box[:, 1].view(-1, 1, 1, 1)) & (rows < box[:, 3].view(-1, 1, 1, 1))
     else:

@@ -1,4 +1,5 @@
-"""GPU benchmark of the fused ops: the triton and cuda backends against torch eager and torch.compile.
+"""GPU benchmark of the fused ops (the triton and cuda backends against torch eager and
+torch.compile), then of the attack, saliency and training paths built on them.
 
     python -m bench.gpu [--quick] [--no-compile] [--out bench/results]
 
@@ -26,7 +27,9 @@ the public API. Results go to ``<out>/gpu-<date>-<gpu>.csv`` and ``.md`` togethe
 name, torch / triton / CUDA versions and the date; the markdown ends with which of triton and
 cuda is faster per op — the preference ``auto`` should follow on that GPU.
 
-Attack and saliency benchmarks plug in through ``EXTRA_BENCHMARKS`` below.
+The attack (PGD-10), saliency (SmoothGrad / IG, chunked or not) and training-throughput (per
+recipe) benchmarks follow in the same run and the same CSV and markdown; they are described in
+``bench/gpu_paths.py``. Their rows fill the CSV's last columns and leave the op-only ones empty.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from types import ModuleType, SimpleNamespace
 import torch
 from torch import Tensor
 
+from bench import gpu_paths
 from fastsat.ops import _backends, reference
 
 SHAPES = [(512, 3, 32, 32), (64, 3, 224, 224)]
@@ -173,10 +177,6 @@ CASES = [
     Case("sat_perturb", "boxes", _sat("boxes"), _tensors(2, lambda t: t.boxes.numel() * 8)),
     Case("sat_perturb", "masks", _sat("masks"), _tensors(2, lambda t: t.masks.numel())),
 ]
-
-# Hook for the attack / saliency benchmarks: append Case entries here (from their own modules);
-# they are checked by nothing here, timed for every implementation and reported like the ops.
-EXTRA_BENCHMARKS: list[Case] = []
 
 
 # --- correctness check before timing -----------------------------------------------------------
@@ -318,21 +318,25 @@ def time_cases(cases: Sequence[Case], impls: Sequence[Impl], t: Inputs, quick: b
 # --- reports -----------------------------------------------------------------------------------
 
 CSV_FIELDS = ["gpu", "date", "op", "variant", "shape", "dtype", "impl", "median_ms", "bytes", "GB_per_s",
-              "pct_of_copy", "speedup_vs_eager", "graph_median_ms", "graph_pct_of_copy"]
+              "pct_of_copy", "speedup_vs_eager", "graph_median_ms", "graph_pct_of_copy", *gpu_paths.CSV_FIELDS]
 
 
 def _optional(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
-def to_csv(rows: Sequence[Row], gpu: str, date: str) -> str:
+def to_csv(rows: Sequence[Row], gpu: str, date: str, paths: Sequence[gpu_paths.PathRow] = ()) -> str:
+    """The op rows, then the attack / saliency / training rows; a column a row has no value for is empty."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_FIELDS)
+    writer = csv.DictWriter(buffer, CSV_FIELDS, restval="", lineterminator="\n")
+    writer.writeheader()
     for r in rows:
-        writer.writerow([gpu, date, r.op, r.variant, r.shape, r.dtype, r.impl, f"{r.ms:.6f}", r.nbytes,
-                         f"{r.gbps:.1f}", f"{r.pct_of_copy:.1f}", f"{r.speedup_vs_eager:.2f}",
-                         _optional(r.time.graph, ".6f"), _optional(r.graph_pct_of_copy, ".1f")])
+        writer.writerow(dict(zip(CSV_FIELDS, [
+            gpu, date, r.op, r.variant, r.shape, r.dtype, r.impl, f"{r.ms:.6f}", r.nbytes, f"{r.gbps:.1f}",
+            f"{r.pct_of_copy:.1f}", f"{r.speedup_vs_eager:.2f}", _optional(r.time.graph, ".6f"),
+            _optional(r.graph_pct_of_copy, ".1f")])))
+    for p in paths:
+        writer.writerow({"gpu": gpu, "date": date, **gpu_paths.csv_record(p)})
     return buffer.getvalue()
 
 
@@ -352,7 +356,7 @@ def preferences(rows: Sequence[Row]) -> dict[str, tuple[str, float]]:
     return result
 
 
-def to_markdown(rows: Sequence[Row], env: dict[str, str]) -> str:
+def to_markdown(rows: Sequence[Row], env: dict[str, str], paths: Sequence[gpu_paths.PathRow] = ()) -> str:
     lines = [f"# fastsat GPU benchmark — {env['gpu']}", ""]
     lines += [f"- {key}: {value}" for key, value in env.items()]
     lines += [
@@ -383,7 +387,8 @@ def to_markdown(rows: Sequence[Row], env: dict[str, str]) -> str:
         lines += ["", f"Faster on {max(wins, len(prefs) - wins)} of {len(prefs)} op variants: **{overall}**."]
     else:
         lines.append("Only one of triton / cuda was available; no preference measured.")
-    return "\n".join(lines) + "\n"
+    lines += ["", *gpu_paths.markdown_sections(paths)]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _slug(text: str) -> str:
@@ -411,7 +416,8 @@ def environment() -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one shape, fp32, fewer repetitions")
+    parser.add_argument("--quick", action="store_true",
+                        help="ops: one shape, fp32, fewer repetitions; attack / saliency / training: smaller sizes")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="directory for the CSV and markdown")
     parser.add_argument("--no-compile", action="store_true",
                         help="leave out torch.compile of the reference (its compilations dominate a full run)")
@@ -439,11 +445,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       sep="\n  ", file=sys.stderr)
                 return 1
             print(f"timing {shape} {dtype} ...", flush=True)
-            rows += time_cases(CASES + EXTRA_BENCHMARKS, impls, inputs, args.quick)
-    markdown = to_markdown(rows, env)
+            rows += time_cases(CASES, impls, inputs, args.quick)
+    paths = gpu_paths.run(torch.device("cuda"), gpu_paths.QUICK if args.quick else gpu_paths.FULL)
+    markdown = to_markdown(rows, env, paths)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"gpu-{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{_slug(env['gpu'])}"
-    write_atomically(args.out / f"{stem}.csv", to_csv(rows, env["gpu"], env["date"]))
+    write_atomically(args.out / f"{stem}.csv", to_csv(rows, env["gpu"], env["date"], paths))
     write_atomically(args.out / f"{stem}.md", markdown)
     print(markdown)
     print(f"wrote {args.out / stem}.csv and .md")

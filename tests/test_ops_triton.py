@@ -1,5 +1,5 @@
 """What tests/test_ops.py does not cover for the Triton backend (fastsat/ops/_triton.py), and the
-pure-Python parts of the GPU benchmark (bench/gpu.py).
+pure-Python parts of the GPU benchmark (bench/gpu.py, bench/gpu_paths.py).
 
 Without a GPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), so shapes are small;
 ``MAX_BLOCK`` is lowered to 64 to push short rows through several chunks (and partial last
@@ -244,7 +244,8 @@ def test_bench_rates_and_csv():
     assert parsed == [{"gpu": "H100", "date": "2026-01-01", "op": "pgd_step", "variant": "linf", "shape": "2×3",
                        "dtype": "float32", "impl": "triton", "median_ms": "0.004000", "bytes": "4000000",
                        "GB_per_s": "1000.0", "pct_of_copy": "25.0", "speedup_vs_eager": "2.50",
-                       "graph_median_ms": "0.002000", "graph_pct_of_copy": "40.0"}]
+                       "graph_median_ms": "0.002000", "graph_pct_of_copy": "40.0",
+                       **dict.fromkeys(bench_gpu.gpu_paths.CSV_FIELDS, "")}]
 
 
 def test_bench_preference_and_markdown():
@@ -279,6 +280,36 @@ def test_bench_times_every_case_for_every_implementation(monkeypatch):
     assert [(r.label, r.impl) for r in rows] == [(f"{c.op} {c.variant}".strip(), i.name)
                                                  for c in bench_gpu.CASES for i in impls]
     assert all(r.pct_of_copy == 50.0 and r.speedup_vs_eager == 1.0 for r in rows)
+
+
+def test_bench_path_rows_in_csv_and_markdown():
+    """Attack / saliency / training rows share the CSV (op-only columns empty) and get their own
+    tables; an unchunked call that ran out of memory is kept as an OOM entry, not dropped."""
+    paths = bench_gpu.gpu_paths
+    oom = torch.OutOfMemoryError("CUDA out of memory")
+
+    def unchunked_oom():
+        raise oom
+
+    ms, peak, note = paths._time_and_peak(unchunked_oom, torch.device("cpu"), 1, may_fail=True)
+    assert (ms, peak, note) == (None, None, "OOM")
+    with pytest.raises(torch.OutOfMemoryError):
+        paths._time_and_peak(unchunked_oom, torch.device("cpu"), 1, may_fail=False)
+    rows = [paths.PathRow("IG", "steps=256", "8×3×224×224", "float32", "chunk_size=None", None, 8, note=note),
+            paths.PathRow("IG", "steps=256", "8×3×224×224", "float32", "chunk_size=8", 400.0, 8, 1536.0),
+            paths.PathRow("train_step", "sat-boxes", "512×3×32×32", "bf16 autocast", "fastsat", 250.0, 10240,
+                          time_vs_baseline=1.04, baseline="standard", note="20 steps")]
+    assert rows[2].images_per_s == pytest.approx(10240 / 0.25)
+    parsed = list(csv.DictReader(io.StringIO(bench_gpu.to_csv([_row("triton", 1.0)], "H100", "d", rows))))
+    assert [p["op"] for p in parsed] == ["pgd_step", "IG", "IG", "train_step"]
+    assert parsed[1]["median_ms"] == "" and parsed[1]["note"] == "OOM" and parsed[1]["GB_per_s"] == ""
+    assert parsed[2]["peak_MiB"] == "1536.0" and parsed[2]["images_per_s"] == "20.0"
+    assert parsed[3]["time_vs_baseline"] == "1.040" and parsed[3]["images_per_s"] == "40960.0"
+    env = {"gpu": "Test GPU", "date": "d", "torch": "x", "triton": "y", "cuda": "z", "backends": ""}
+    md = bench_gpu.to_markdown([_row("triton", 1.0)], env, rows)
+    assert "| IG steps=256 | 8×3×224×224 | chunk_size=None | OOM | n/a |  |" in md
+    assert "| IG steps=256 | 8×3×224×224 | chunk_size=8 | 400.0 | 1536 |  |" in md
+    assert "| sat-boxes | 40960 | 1.040 |" in md
 
 
 @needs_triton
