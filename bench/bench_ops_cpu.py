@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -148,7 +149,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def write_markdown(json_path: Path, md_path: Path) -> str:
+def write_markdown(json_path: Path, md_path: Path, load_before: float) -> str:
     data = json.loads(json_path.read_text())
     best = {}
     for bench in data["benchmarks"]:
@@ -160,7 +161,9 @@ def write_markdown(json_path: Path, md_path: Path) -> str:
         (f"- CPU: {_cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
          f"python {platform.python_version()}; float32; outputs allocated per call."),
         ("- `python -m bench.bench_ops_cpu` (pytest-benchmark): best of 30 rounds at 512×3×32×32, of 10 at "
-         "64×3×224×224 (medians in the JSON). The machine was shared with other jobs: times are minima."),
+         "64×3×224×224 (medians in the JSON); times are minima."),
+        (f"- 1-minute load average just before the run: {load_before:.2f} on {os.cpu_count()} cores "
+         "(other processes; the run itself then adds up to its thread count)."),
         "",
         "| op | shape | cpp (ms) | eager (ms) | compile (ms) | eager / cpp | compile / cpp |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -189,12 +192,13 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path, md_path = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
     tmp = json_path.with_suffix(".json.tmp")
+    load_before = os.getloadavg()[0]
     code = pytest.main([__file__, "-q", "-p", "no:cacheprovider", f"--benchmark-json={tmp}",
                         "--benchmark-columns=min,median,rounds", "--benchmark-sort=name", *pytest_args])
     if code != 0:
         return int(code)
     tmp.replace(json_path)
-    print(write_markdown(json_path, md_path))
+    print(write_markdown(json_path, md_path, load_before))
     return 0
 
 
