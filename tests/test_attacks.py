@@ -692,3 +692,27 @@ def test_deepfool_flags_samples_it_cannot_move():
     assert torch.isinf(result.delta_norm).all()
     assert (result.iterations == 0).all()
     assert torch.equal(result.x_adv, x)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: PGD(m, eps=0.1, step_size=0.03, steps=3),
+    lambda m: FGSM(m, eps=0.1, step_size=0.125, random_start=True),
+    lambda m: TradesAttack(m, eps=0.1, step_size=0.03, steps=3),
+], ids=["pgd", "fgsm", "trades"])
+def test_perturb_returns_the_call_batch_without_the_final_forward(make):
+    """perturb (the training path) gives the same batch as a call from the same RNG state, with
+    one forward pass fewer: the one that only the success flags need."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    x, y = torch.rand(5, 3, 2, 2), torch.randint(0, 4, (5,))
+    attack = make(model)
+    torch.manual_seed(7)
+    full = attack(x, y)
+    calls_full = len(forwards)
+    forwards.clear()
+    torch.manual_seed(7)
+    x_adv = attack.perturb(x, y)
+    assert torch.equal(x_adv, full.x_adv)
+    assert len(forwards) == calls_full - 1

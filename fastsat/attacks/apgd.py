@@ -117,7 +117,7 @@ class APGD(Attack):
         scale = torch.where(grad_norm > 0, 1.0 / grad_norm.clamp_min(torch.finfo(grad_norm.dtype).tiny), 0.0)
         return grad * per_sample(scale.to(grad.dtype), grad)
 
-    def _run(self, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
+    def _run(self, x: torch.Tensor, y: torch.Tensor, *, need_success: bool) -> AttackResult:
         best = None
         for restart in range(self.restarts):
             candidate = self._single_run(x, y, first=restart == 0)

@@ -83,7 +83,7 @@ class DeepFool(Attack):
         with torch.no_grad():
             return self.model(x).argmax(dim=1)
 
-    def _run(self, x: torch.Tensor, y: torch.Tensor | None) -> DeepFoolResult:
+    def _run(self, x: torch.Tensor, y: torch.Tensor | None, *, need_success: bool) -> DeepFoolResult:
         lo, hi = self.clip
         with torch.no_grad():
             clean_logits = self.model(x)

@@ -76,7 +76,7 @@ class PGD(Attack):
             raise ValueError("loss: 'dlr' is untargeted only; use 'ce' or 'cw' with targeted=True")
         self.loss = loss
 
-    def _run(self, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
+    def _run(self, x: torch.Tensor, y: torch.Tensor, *, need_success: bool) -> AttackResult:
         best = None
         for restart in range(self.restarts):
             if self.random_start:
@@ -90,6 +90,8 @@ class PGD(Attack):
                     x_adv, ascent, x, step_size=self.step_size, eps=self.eps, norm=self.norm, clip=self.clip,
                     return_stats=True, out=x_adv, backend=self.backend,
                 )
+            if self.restarts == 1 and not need_success:
+                return AttackResult(x_adv=x_adv, success=None, delta_norm=None, stats=stats)
             success, value = self._final(x_adv, y, self.loss, self.targeted)
             candidate = Candidate(x_adv, success, value, stats)
             best = candidate if best is None else best.merge(candidate)

@@ -53,7 +53,7 @@ class TradesAttack(Attack):
         self.steps = check_positive_int(steps, "steps")
         self.init_std = check_number(init_std, "init_std")
 
-    def _run(self, x: torch.Tensor, y: torch.Tensor | None) -> AttackResult:
+    def _run(self, x: torch.Tensor, y: torch.Tensor | None, *, need_success: bool) -> AttackResult:
         with torch.no_grad():
             clean_logits = self.model(x)
         # Not clipped, as in TRADES: the first pgd_step projects and clips.
@@ -64,6 +64,8 @@ class TradesAttack(Attack):
                 x_adv, grad.to(x.dtype), x, step_size=self.step_size, eps=self.eps, norm="linf", clip=self.clip,
                 return_stats=True, out=x_adv, backend=self.backend,
             )
+        if not need_success:
+            return AttackResult(x_adv=x_adv, success=None, delta_norm=None, stats=stats)
         reference = clean_logits.argmax(dim=1) if y is None else y
         success, _ = self._final(x_adv, reference, "kl", clean_logits=clean_logits)
         return AttackResult(x_adv=x_adv, success=success, delta_norm=None, stats=stats)

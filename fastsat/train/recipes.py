@@ -385,7 +385,7 @@ def _attack(attack, x: Tensor, y: Tensor) -> Tensor:
     where it would repeat every step; it is silenced here only."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*all-zero input gradient.*", category=UserWarning)
-        return attack(x, y).x_adv.detach()
+        return attack.perturb(x, y).detach()
 
 
 def _coin() -> bool:
