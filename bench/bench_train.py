@@ -178,12 +178,16 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    # Each step starts from the same RNG state in both implementations, so that sat+pgd's coin
+    # (the first draw of a step in both) picks the same branches and the two do the same work.
     def run_fastsat(recipe):
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            torch.manual_seed(i)
             recipe.train_step(model, batch, opt, epoch=EPOCH, precision=args.precision)
 
     def run_reference(name, state):
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            torch.manual_seed(i)
             with amp():
                 reference_step(name, model, batch, opt, state)
 
