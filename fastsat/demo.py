@@ -36,7 +36,7 @@ DEMO_RECIPES: dict[str, tuple[str, dict]] = {
     "sat+pgd": ("sat+pgd", {"maps": "boxes"}),
 }
 EVAL_EPS = (2 / 255, 4 / 255, 8 / 255)
-# Sized so that all six runs, evaluation and analysis fit 10 minutes on 2 CPU cores (about 4 min
+# Sized so that all six runs, evaluation and analysis fit 10 minutes on 2 CPU cores (about 3 min
 # measured on the 2-core development machine, set-up excluded).
 _FULL = {"epochs": 10, "n_train": 3000, "n_test": 200, "image_size": 16, "num_classes": 4, "width": 8}
 _QUICK = {"epochs": 1, "n_train": 64, "n_test": 16, "image_size": 12, "num_classes": 4, "width": 4}
