@@ -480,7 +480,10 @@ def test_compiles_fullgraph_and_matches_eager(backend):
     sat_perturb is compiled through the kernel backend only."""
 
     def step(x, g, x_nat, boxes):
-        x_new, stats = ops.pgd_step(x, g, x_nat, step_size=0.01, eps=0.03, return_stats=True, backend=backend)
+        # In place (out=x): the aliasing check of out reads addresses, which fake tensors lack.
+        x_new = x.clone()
+        _, stats = ops.pgd_step(x_new, g, x_nat, step_size=0.01, eps=0.03, return_stats=True, out=x_new,
+                                backend=backend)
         aligned = ops.alignment_stats(x_new, g, backend=backend).alignment
         if backend == "torch":
             return x_new, stats.cosine, aligned
@@ -491,3 +494,73 @@ def test_compiles_fullgraph_and_matches_eager(backend):
     compiled = torch.compile(step, fullgraph=True)
     for got, want in zip(compiled(x, g, x_nat, boxes), step(x, g, x_nat, boxes)):
         _assert_close(got, want, atol=1e-6, what="compiled vs eager")
+
+
+# --- review fixes: finiteness cache, out aliasing, low-precision backward -------------------
+
+def test_finite_check_runs_on_inference_tensors():
+    """Inference tensors have no version counter: the check must still run (every time)."""
+    with torch.inference_mode():
+        x_nat = torch.rand(2, 3, 4, 4)
+        assert ops.random_start(x_nat, eps=0.1, seed=0).shape == x_nat.shape
+        x_nat[0, 0, 0, 0] = float("nan")
+        with pytest.raises(ValueError, match="x_nat"):
+            ops.random_start(x_nat, eps=0.1, seed=0)
+
+
+def test_finite_check_sees_in_place_change_of_base():
+    """x_nat found finite, then its base written in place: the shared version counter forces a
+    new check."""
+    base = torch.rand(4, 3, 4, 4)
+    x_nat = base[:2]
+    ops.random_start(x_nat, eps=0.1, seed=0)
+    base[1, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="x_nat"):
+        ops.random_start(x_nat, eps=0.1, seed=0)
+
+
+def test_out_partially_overlapping_an_input_is_refused():
+    buffer = torch.rand(3, 3, 4, 4)
+    x = buffer[:2]
+    g = torch.randn_like(x)
+    with pytest.raises(ValueError, match="out must be x itself or not overlap"):
+        ops.pgd_step(x, g, x.clone(), step_size=0.1, eps=0.1, out=buffer[1:])
+    # A disjoint part of the same storage stays allowed.
+    disjoint = torch.rand(4, 3, 4, 4)
+    want = ops.pgd_step(disjoint[:2], g, disjoint[:2].clone(), step_size=0.1, eps=0.1, backend="torch")
+    ops.pgd_step(disjoint[:2], g, disjoint[:2].clone(), step_size=0.1, eps=0.1, out=disjoint[2:])
+    _assert_close(disjoint[2:], want, atol=0, what="out in a disjoint part of the storage")
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_alignment_backward_float16_large_image(normalize):
+    """The backward sums ‖x‖², ‖g‖², ⟨x, g⟩ in float32 like the forward: for a 3×224×224 image
+    near 1, ‖x‖² ≈ 1.2e5 overflows float16 (max 65504). Compared with the float64 gradient of the
+    same float16 inputs; tolerance: a float16 rounding of the result (2^-10 relative) plus 1e-3 of
+    the largest entry for the float32 sums."""
+    torch.manual_seed(3)
+    x = (0.8 + 0.2 * torch.rand(1, 3, 224, 224)).half().requires_grad_()
+    g = (torch.randn(1, 3, 224, 224) * 1e-2).half().requires_grad_()
+    ops.alignment(x, g, normalize).sum().backward()
+    x64, g64 = x.detach().double().requires_grad_(), g.detach().double().requires_grad_()
+    dot = (x64 * g64).sum().abs()
+    value = dot / (x64.norm() * g64.norm()) if normalize else dot / g64.norm()
+    value.backward()
+    for got, want, name in [(x.grad, x64.grad, "d/dx"), (g.grad, g64.grad, "d/dg")]:
+        assert bool(torch.isfinite(got).all()), name
+        _assert_close(got.double(), want, atol=1e-3 * float(want.abs().max()), rtol=2.0**-10, what=name)
+
+
+def test_numpy_scalars_are_accepted_and_bad_clip_names_clip():
+    np = pytest.importorskip("numpy")
+    x = torch.rand(2, 3, 4, 4)
+    got = ops.random_start(x, eps=np.float32(0.1), seed=np.int64(5), backend="torch")
+    _assert_close(got, ops.random_start(x, eps=0.1, seed=5, backend="torch"), atol=0, what="numpy scalars")
+    with pytest.raises(TypeError, match="clip"):
+        ops.random_start(x, eps=0.1, clip=("a", 1.0))
+    boxes = torch.tensor([[0, 0, 2, 2], [1, 1, 4, 4]])
+    got = ops.sat_perturb(x, eps=0.1, p=np.float32(0.5), seed=1, boxes=boxes, backend="torch")
+    _assert_close(got, ops.sat_perturb(x, eps=0.1, p=0.5, seed=1, boxes=boxes, backend="torch"), atol=0, what="numpy p")
+    with pytest.raises(TypeError, match="p must be a number"):
+        ops.sat_perturb(x, eps=0.1, p="0.5", boxes=boxes)
+

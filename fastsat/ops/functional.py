@@ -13,6 +13,7 @@ take the layout of ``x``.
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fastsat.ops import _backends
+from fastsat.ops.reference import accumulation_dtype
 
 __all__ = [
     "AlignmentStats",
@@ -95,7 +97,8 @@ def _check_like(t: object, name: str, x: Tensor) -> Tensor:
 
 
 def _check_nonnegative(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real also admits numpy scalars (an eps read from a config or computed with numpy).
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
@@ -111,7 +114,10 @@ def _check_norm(norm: object) -> bool:
 def _check_clip(clip: object) -> tuple[float, float]:
     if not isinstance(clip, (tuple, list)) or len(clip) != 2:
         raise TypeError(f"clip must be a pair (lo, hi), got {clip!r}")
-    lo, hi = (float(v) for v in clip)
+    try:
+        lo, hi = (float(v) for v in clip)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"clip must be a pair of numbers (lo, hi), got {clip!r}") from err
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
         raise ValueError(f"clip must be finite with lo <= hi, got {clip!r}")
     return lo, hi
@@ -121,13 +127,17 @@ def _check_seed(seed: object) -> int:
     if seed is None:
         # Drawn from torch's global generator so that torch.manual_seed makes runs reproducible.
         return int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
-    return seed
+    return int(seed)
 
 
 # The finiteness check needs a reduction and a host sync; an attack passes the same unchanged
 # x_nat to every step, so the last tensor found finite (and its version counter) is remembered.
+# In-place torch ops bump the version counter, which views share with their base, so those are
+# seen. Writes that bypass it (through ``t.data``, a numpy array sharing the memory) are not: such
+# a tensor is checked again only once another tensor has been checked. Inference tensors have no
+# version counter and are checked every time.
 _last_finite: tuple[weakref.ref, int] | None = None
 
 
@@ -135,11 +145,32 @@ def _check_finite(t: Tensor, name: str) -> None:
     global _last_finite
     if torch.compiler.is_compiling():
         return
-    if _last_finite is not None and _last_finite[0]() is t and _last_finite[1] == t._version:
+    cacheable = not t.is_inference()
+    if cacheable and _last_finite is not None and _last_finite[0]() is t and _last_finite[1] == t._version:
         return
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite everywhere (found NaN or inf)")
-    _last_finite = (weakref.ref(t), t._version)
+    _last_finite = (weakref.ref(t), t._version) if cacheable else None
+
+
+def _check_out(out: object, x: Tensor, inputs: dict[str, Tensor]) -> Tensor:
+    """``out`` has the shape, dtype, device and strides of ``x`` and is either one of the inputs
+    exactly (an in-place update: every kernel reads an element before writing it) or shares no
+    memory with any of them (a shifted view would let one sample's write corrupt another's read)."""
+    _check_like(out, "out", x)
+    if out.stride() != x.stride():
+        raise ValueError(f"out must have the memory layout of x (strides {x.stride()}), got {out.stride()}")
+    if torch.compiler.is_compiling():
+        return out  # fake tensors have no addresses: a compiled graph skips this check
+    out_begin = out.data_ptr()
+    out_end = out_begin + out.numel() * out.element_size()
+    for name, t in inputs.items():
+        if t.data_ptr() == out_begin or t.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+            continue
+        t_begin = t.data_ptr()
+        if t_begin < out_end and out_begin < t_begin + t.numel() * t.element_size():
+            raise ValueError(f"out must be {name} itself or not overlap it in memory (it partially overlaps {name})")
+    return out
 
 
 def _check_image_batch(x: Tensor, name: str) -> None:
@@ -214,9 +245,7 @@ def pgd_step(
     if out is None:
         out = torch.empty_like(x)
     else:
-        _check_like(out, "out", x)
-        if out.stride() != x.stride():
-            raise ValueError(f"out must have the memory layout of x (strides {x.stride()}), got {out.stride()}")
+        _check_out(out, x, {"x": x, "grad": grad, "x_nat": x_nat})
     impl = _backends.resolve(backend, x.device)
     stats = impl.pgd_step(x, grad, x_nat, out, step_size, eps, l2, lo, hi, return_stats)
     if not return_stats:
@@ -296,6 +325,11 @@ class _Alignment(torch.autograd.Function):
 
 
 def _alignment_backward(x: Tensor, g: Tensor, grad_out: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
+    # Per-sample sums in the accumulation dtype, as in the forward: in float16 ‖x‖² of an image
+    # overflows (3×224×224 pixels near 1 sum past 65504) and the gradient would silently be 0.
+    acc = accumulation_dtype(x.dtype)
+    out_dtype = x.dtype
+    x, g, grad_out = x.to(acc), g.to(acc), grad_out.to(acc)
     flat_x, flat_g = x.reshape(x.shape[0], -1), g.reshape(g.shape[0], -1)
     dot = (flat_x * flat_g).sum(1)
     g_sq = (flat_g * flat_g).sum(1)
@@ -318,7 +352,7 @@ def _alignment_backward(x: Tensor, g: Tensor, grad_out: Tensor, normalize: bool)
     shape = (-1,) + (1,) * (x.dim() - 1)
     grad_x = w * (coef_x_g.reshape(shape) * g + coef_x_x.reshape(shape) * x)
     grad_g = w * (coef_g_x.reshape(shape) * x + coef_g_g.reshape(shape) * g)
-    return grad_x, grad_g
+    return grad_x.to(out_dtype), grad_g.to(out_dtype)
 
 
 def alignment(x: Tensor, g: Tensor, normalize: bool = False, *, backend: str | None = None) -> Tensor:
@@ -367,7 +401,9 @@ def sat_perturb(
     """
     _check_tensor(x, "x")
     eps = _check_nonnegative(eps, "eps")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"p must be a number, got {type(p).__name__}")
+    if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
     lo, hi = _check_clip(clip)
     given = [name for name, v in (("saliency", saliency), ("boxes", boxes), ("masks", masks)) if v is not None]
