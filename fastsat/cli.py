@@ -155,7 +155,7 @@ ANALYZE = DATA + MODEL + CHECKPOINT + [
 ]
 DEMO = [
     Option("quick", boolean, False, "a seconds-long smoke version (tiny data, 1 epoch) for tests"),
-    Option("epochs", optional(int), None, "epochs per recipe (None: 6, quick: 1)"),
+    Option("epochs", optional(int), None, "epochs per recipe (None: 10, quick: 1)"),
     Option("n_train", optional(int), None, "training images (None: 3000, quick: 64)"),
     Option("n_test", optional(int), None, "test images for evaluation and analysis (None: 200, quick: 16)"),
     Option("image_size", optional(int), None, "image side in pixels (None: 16, quick: 12)"),
@@ -283,7 +283,10 @@ def _trained_model(cfg: dict, num_classes: int, device: torch.device):
     model = _model(cfg, num_classes)
     if cfg.get("checkpoint"):
         state = load_checkpoint(cfg["checkpoint"])
-        model.load_state_dict(state["model"])
+        # A run trained with --ema was evaluated (and chose best.pt) on the averaged weights: use them.
+        ema = state.get("ema")
+        weights = state["model"] if ema is None else {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+        model.load_state_dict(weights)
     else:
         log.warning("no --checkpoint given: using an untrained %s", cfg["model"])
     return model.to(device).eval()

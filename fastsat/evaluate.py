@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fastsat.attacks import PGD
-from fastsat.grad import frozen
+from fastsat.grad import check_positive_int, frozen
 from fastsat.train.batch import as_batch, make_loader
 
 __all__ = ["ATTACKS", "evaluate"]
@@ -69,10 +69,8 @@ def evaluate(
     eps = [float(e) for e in eps]
     if not eps or any(not e >= 0 for e in eps):
         raise ValueError(f"eps: expected a non-empty list of radii >= 0 (pixel units), got {eps}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
-    if max_samples is not None and max_samples < 1:
-        raise ValueError(f"max_samples: expected None or an int >= 1, got {max_samples!r}")
+    check_positive_int(steps, "steps")
+    check_positive_int(max_samples, "max_samples", allow_none=True)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     batches = make_loader(data, batch_size=batch_size, shuffle=False, seed=0, device=device)

@@ -55,6 +55,16 @@ def test_help_lists_every_option_with_its_default(command, capsys):
     assert text.count("(default:") >= len(cli.COMMANDS[command][0])
 
 
+def test_demo_help_states_the_demo_sizes():
+    # The demo's sizes live in fastsat.demo; its --help must quote them, not a stale copy.
+    from fastsat.demo import _FULL, _QUICK
+
+    helps = {option.name: option.help for option in cli.COMMANDS["demo"][0]}
+    for key in ("epochs", "n_train", "n_test", "image_size"):
+        want = f"None: {_FULL[key]}, quick: {_QUICK[key]}"
+        assert want in helps[key], f"demo --{key} help {helps[key]!r} does not say {want!r}"
+
+
 def test_train_then_eval_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     common = ["--n-train", "32", "--n-test", "16", "--image-size", "12", "--num-classes", "3", "--model", "smallcnn",
@@ -93,3 +103,21 @@ def test_teacher_maps_then_saliency_and_analyze(tmp_path, monkeypatch):
     assert cli.main(["analyze", "--checkpoint", str(student / "checkpoint.pt"), "--n-samples", "6",
                      "--out-dir", str(tmp_path / "analysis")]) == 0
     assert {"alignment.csv", "alignment.json", "alignment_scatter.png"} <= {p.name for p in (tmp_path / "analysis").iterdir()}
+
+
+def test_a_checkpoint_with_ema_loads_the_averaged_weights(tmp_path):
+    # fit() evaluates the EMA weights every epoch; `fastsat eval` on that checkpoint must score the same weights.
+    import torch
+
+    from fastsat import data, train
+
+    cfg = {"model": "smallcnn", "width": 4, "checkpoint": str(tmp_path / "checkpoint.pt")}
+    torch.manual_seed(0)
+    model = cli._model(cfg, 3)
+    train.fit(model, data.shapes(32, size=12, num_classes=3, seed=0, cache_dir=False), recipe="standard", epochs=1,
+              batch_size=16, ema=0.5, out_dir=tmp_path, progress=False)
+    ema = train.load_checkpoint(tmp_path / "checkpoint.pt")["ema"]
+    loaded = cli._trained_model(cfg, 3, torch.device("cpu")).state_dict()
+    for key, value in loaded.items():
+        assert torch.equal(value, ema["module." + key]), f"{key}: loaded weights differ from the EMA's"
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in loaded.items()), "EMA equals the raw weights: the test cannot tell"

@@ -49,3 +49,6 @@ def test_evaluate_bad_arguments():
         evaluate(model, data, eps=[-1.0])
     with pytest.raises(ValueError, match="steps"):
         evaluate(model, data, steps=0)
+    # A fractional count would otherwise surface as a slicing TypeError deep in the loop.
+    with pytest.raises(ValueError, match="max_samples"):
+        evaluate(model, data, max_samples=2.5)

@@ -157,6 +157,21 @@ def test_free_replays_advance_delta_inside_the_ball():
     assert ((x + delta) >= 0).all() and ((x + delta) <= 1).all()
 
 
+def test_free_resumed_delta_follows_the_batch():
+    # Checkpoints load on the CPU in float32; a restored δ must follow the batch to its device and
+    # dtype (here float64: adding a float32 δ would be fine, but a float64 δ to a float32 batch
+    # would turn the model's input float64 and fail).
+    model = tiny_model()
+    batch = tiny_batch()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    recipe = T.Free(replays=1, eps=4 / 255)
+    restored = (torch.rand_like(batch["image"], dtype=torch.float64) * 2 - 1) * 4 / 255
+    recipe.load_state_dict({"delta": restored})
+    recipe.train_step(model, batch, opt)
+    delta = recipe.state_dict()["delta"]
+    assert delta.dtype == batch["image"].dtype and delta.device == batch["image"].device
+
+
 def test_sat_plus_pgd_takes_both_branches():
     model = tiny_model()
     batch = tiny_batch()

@@ -235,3 +235,25 @@ def test_fast_early_stop_restores_the_best_epoch(tmp_path, monkeypatch):
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["epoch"] == 2
     _assert_same_weights(best["model"], _weights(model), "model after early stop vs best epoch")
+
+
+def test_ema_best_checkpoint_holds_the_evaluated_weights(tmp_path, monkeypatch):
+    # With EMA the averaged weights are evaluated, so best.pt (and an early stop's restore) must hold
+    # those, not the raw weights whose robustness was never measured.
+    import fastsat.evaluate
+
+    accuracies = iter([0.30, 0.40, 0.05])
+    evaluated = []
+
+    def scripted(model, data, **kw):
+        evaluated.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return {"n": 16, "clean_acc": 0.5, "attacks": {"pgd": [{"eps": 8 / 255, "acc": next(accuracies), "alignment": 1.0, "cosine": 0.1}]}}
+
+    monkeypatch.setattr(fastsat.evaluate, "evaluate", scripted)
+    model = tiny_model()
+    result = T.fit(model, train, recipe="fast", out_dir=tmp_path, ema=0.5, **{**FIT, "recipe_options": None})
+    assert result.stopped is not None and len(evaluated) == 3
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == 2
+    _assert_same_weights(evaluated[1], best["model"], "best.pt vs the EMA weights evaluated at epoch 2")
+    _assert_same_weights(evaluated[1], _weights(model), "model after early stop vs the EMA weights evaluated at epoch 2")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastsat.attacks import FGSM, PGD, TradesAttack
+from fastsat.grad import check_positive_int
 from fastsat.ops import pgd_step, random_start, sat_perturb
 from fastsat.train.batch import as_batch
 
@@ -211,20 +212,34 @@ class PGDTraining(Recipe):
 
     def __post_init__(self):
         _check_positive(self.eps, "eps")
-        _check_positive(self.step_size, "step_size")
-        _check_steps(self.steps)
-        _check_attack_mode(self.attack_mode)
+        _check_iterative_attack(self)
 
     def loss(self, model, batch, *, epoch=0):
         batch = as_batch(batch)
         x, y = batch["image"], batch["label"]
-        attack = PGD(model, eps=self.eps, step_size=self.step_size, steps=self.steps, random_start=True, mode=self.attack_mode)
-        return _ce(model, _attack(attack, x, y), y)
+        return _ce(model, _pgd_attack(self, model, x, y), y)
 
 
-def _check_steps(steps: object) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
+def _check_iterative_attack(recipe: Recipe) -> None:
+    """Checks shared by the recipes with an iterative attack (step_size, steps, attack_mode; beta
+    where the recipe has one)."""
+    _check_positive(recipe.step_size, "step_size")
+    check_positive_int(recipe.steps, "steps")
+    if hasattr(recipe, "beta"):
+        _check_positive(recipe.beta, "beta", allow_zero=True)
+    _check_attack_mode(recipe.attack_mode)
+
+
+def _pgd_attack(recipe: Recipe, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The L∞ PGD adversarial batch (random start) with ``recipe``'s eps/step_size/steps/attack_mode."""
+    attack = PGD(model, eps=recipe.eps, step_size=recipe.step_size, steps=recipe.steps, random_start=True, mode=recipe.attack_mode)
+    return _attack(attack, x, y)
+
+
+def _trades_attack(recipe: Recipe, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """TRADES' KL attack batch with ``recipe``'s eps/step_size/steps/attack_mode."""
+    attack = TradesAttack(model, eps=recipe.eps, step_size=recipe.step_size, steps=recipe.steps, mode=recipe.attack_mode)
+    return _attack(attack, x, y)
 
 
 @dataclass
@@ -243,16 +258,12 @@ class Trades(Recipe):
 
     def __post_init__(self):
         _check_positive(self.eps, "eps")
-        _check_positive(self.step_size, "step_size")
-        _check_steps(self.steps)
-        _check_positive(self.beta, "beta", allow_zero=True)
-        _check_attack_mode(self.attack_mode)
+        _check_iterative_attack(self)
 
     def loss(self, model, batch, *, epoch=0):
         batch = as_batch(batch)
         x, y = batch["image"], batch["label"]
-        attack = TradesAttack(model, eps=self.eps, step_size=self.step_size, steps=self.steps, mode=self.attack_mode)
-        return _trades_output(model, x, _attack(attack, x, y), y, self.beta)
+        return _trades_output(model, x, _trades_attack(self, model, x, y), y, self.beta)
 
 
 def _trades_output(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float) -> RecipeOutput:
@@ -305,8 +316,7 @@ class Free(Recipe):
 
     def __post_init__(self):
         _check_positive(self.eps, "eps")
-        if isinstance(self.replays, bool) or not isinstance(self.replays, int) or self.replays < 1:
-            raise ValueError(f"replays: expected an int >= 1, got {self.replays!r}")
+        check_positive_int(self.replays, "replays")
 
     def options(self):
         return {"eps": self.eps, "replays": self.replays}
@@ -317,7 +327,8 @@ class Free(Recipe):
     def train_step(self, model, batch, optimizer, *, epoch=0, precision="fp32", scaler=None):
         batch = as_batch(batch)
         x, y = batch["image"], batch["label"]
-        delta = self._delta if self._delta is not None and self._delta.shape == x.shape else torch.zeros_like(x)
+        # A resumed δ was loaded on the CPU: it follows x to its device and dtype.
+        delta = self._delta.to(x) if self._delta is not None and self._delta.shape == x.shape else torch.zeros_like(x)
         for _ in range(self.replays):
             x_adv = (x + delta).clamp_(0.0, 1.0).requires_grad_(True)
             with _autocast(x.device, precision):
@@ -406,9 +417,7 @@ class SATPlusPGD(SAT):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_positive(self.step_size, "step_size")
-        _check_steps(self.steps)
-        _check_attack_mode(self.attack_mode)
+        _check_iterative_attack(self)
 
     def loss(self, model, batch, *, epoch=0):
         batch = as_batch(batch)
@@ -416,8 +425,7 @@ class SATPlusPGD(SAT):
         if _coin():
             x_train = self.perturb(batch, epoch=epoch, start=random_start(x, eps=self.eps))
         else:
-            attack = PGD(model, eps=self.eps, step_size=self.step_size, steps=self.steps, random_start=True, mode=self.attack_mode)
-            x_train = _attack(attack, x, y)
+            x_train = _pgd_attack(self, model, x, y)
         return _ce(model, x_train, y)
 
 
@@ -435,19 +443,12 @@ class SATPlusTrades(SAT):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_positive(self.step_size, "step_size")
-        _check_steps(self.steps)
-        _check_positive(self.beta, "beta", allow_zero=True)
-        _check_attack_mode(self.attack_mode)
+        _check_iterative_attack(self)
 
     def loss(self, model, batch, *, epoch=0):
         batch = as_batch(batch)
         x, y = batch["image"], batch["label"]
-        if _coin():
-            x_adv = self.perturb(batch, epoch=epoch)
-        else:
-            attack = TradesAttack(model, eps=self.eps, step_size=self.step_size, steps=self.steps, mode=self.attack_mode)
-            x_adv = _attack(attack, x, y)
+        x_adv = self.perturb(batch, epoch=epoch) if _coin() else _trades_attack(self, model, x, y)
         return _trades_output(model, x, x_adv, y, self.beta)
 
 

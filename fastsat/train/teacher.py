@@ -6,8 +6,8 @@ Post-processing as in the SAT authors' code: guided backprop → its sign in {�
 Grad-CAM++ (last convolutional stage, upsampled) → min–max scaled to [0, 1] per image. Maps explain the
 teacher's predicted class and are float32 (N, C, H, W) (Grad-CAM++: (N, 1, H, W)).
 
-Maps belong to the un-augmented images: train with them without augmentation (crop/flip would
-move the image but not its map).
+Maps belong to the un-augmented images; :class:`SaliencyDataset` attaches them as the sample's
+``"saliency"`` entry, which the data pipeline's crop/flip moves together with the image.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastsat.grad import check_positive_int
 from fastsat.train.batch import as_batch, make_loader
 from fastsat.train.checkpoint import atomic_save, atomic_write_text, capture_rng, load_checkpoint, restore_rng
 from fastsat.train.recipes import PRECISIONS, NonFiniteLossError, Recipe, make_recipe
@@ -162,7 +163,8 @@ def fit(
             alignment and cosine from the attack's last-step gradient; None skips evaluation.
         eval_batch_size: batch size for ``eval_data`` given as a dataset (default 256).
         early_stop_drop: for recipes with ``early_stop`` (``fast``): stop and restore the best
-            epoch's weights when PGD accuracy falls this much below its best (default 0.2).
+            epoch's weights when PGD accuracy falls this much below its best (default 0.2). With
+            ``ema`` the evaluated, best-kept (best.pt) and restored weights are the EMA's.
         out_dir: where checkpoint.pt (every epoch, atomic), best.pt, metrics.jsonl/.csv and (if
             installed) TensorBoard logs go; None keeps nothing on disk.
         resume: True resumes from ``out_dir``/checkpoint.pt if present (else starts fresh), or a
@@ -183,8 +185,7 @@ def fit(
     if attack_mode is not None and not isinstance(recipe, Recipe):
         options["attack_mode"] = attack_mode
     recipe = make_recipe(recipe, **options)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs: expected an int >= 1, got {epochs!r}")
+    check_positive_int(epochs, "epochs")
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     if schedule not in SCHEDULES:
@@ -297,8 +298,10 @@ def fit(
             "epoch": epoch + 1, "lr": epoch_lr, "train_loss": loss_sum.item() / seen,
             "train_acc": correct.item() / seen, "seconds": seconds, "images_per_s": seen / seconds,
         }
+        # With EMA the averaged weights are the ones evaluated, kept as best and restored on an early stop.
+        evaluated = averaged.module if averaged is not None else model
         if eval_loader is not None:
-            metrics = evaluate(averaged.module if averaged is not None else model, eval_loader, eps=[eval_eps], steps=eval_steps)
+            metrics = evaluate(evaluated, eval_loader, eps=[eval_eps], steps=eval_steps)
             robust = metrics["attacks"]["pgd"][0]
             record.update(clean_acc=metrics["clean_acc"], robust_acc=robust["acc"],
                           alignment=robust["alignment"], cosine=robust["cosine"])
@@ -310,7 +313,7 @@ def fit(
         if "robust_acc" in record:
             if best is None or record["robust_acc"] > best["robust_acc"]:
                 best = {"epoch": record["epoch"], "robust_acc": record["robust_acc"]}
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
                 if out_dir is not None:
                     atomic_save({"epoch": best["epoch"], "model": best_state}, out_dir / BEST_NAME)
             elif recipe.early_stop and record["robust_acc"] < best["robust_acc"] - early_stop_drop:
