@@ -136,7 +136,8 @@ def test_normalize_validation_and_identity():
 
 
 def test_cam_layer():
-    assert default_cam_layer(create("resnet10", num_classes=3, width=4)) is not None
+    resnet = create("resnet10", num_classes=3, width=4)
+    assert default_cam_layer(resnet) is resnet.layer4
     model = create("preactresnet18", num_classes=3, width=4)
     assert default_cam_layer(model) is model.layer4
     wrn = create("wrn-28-10", num_classes=3, depth=10, widen=1)
@@ -152,12 +153,13 @@ def test_cam_layer():
 def test_relu_backward_hooks_work():
     """Guided backprop hooks ReLU modules; in-place ReLUs would break full backward hooks."""
     model = create("resnet10", num_classes=3, width=4)
-    seen = []
+    forwards, backwards = [], []
     for m in model.modules():
         if isinstance(m, nn.ReLU):
-            m.register_full_backward_hook(lambda mod, gin, gout: seen.append(1))
+            m.register_forward_hook(lambda *_: forwards.append(1))
+            m.register_full_backward_hook(lambda mod, gin, gout: backwards.append(1))
     model(torch.rand(2, 3, 8, 8)).sum().backward()
-    assert len(seen) > 0
+    assert forwards and len(backwards) == len(forwards), "every ReLU call must reach its backward hook"
 
 
 def test_create_errors():
