@@ -367,7 +367,7 @@ def cmd_eval(cfg: dict) -> dict:
 
 
 def _first_images(dataset, n: int, device: torch.device):
-    from fastsat.train.batch import as_batch, make_loader
+    from fastsat.data import as_batch, make_loader
 
     batch = as_batch(next(iter(make_loader(dataset, batch_size=n, shuffle=False, seed=0, device=device))), device)
     return batch["image"][:n], batch["label"][:n]

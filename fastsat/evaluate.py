@@ -15,7 +15,7 @@ from torch import nn
 
 from fastsat.attacks import PGD
 from fastsat.grad import check_positive_int, frozen
-from fastsat.train.batch import as_batch, make_loader
+from fastsat.data import as_batch, make_loader
 
 __all__ = ["ATTACKS", "evaluate"]
 

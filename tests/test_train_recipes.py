@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastsat.train as T
-from fastsat.data import shapes
+from fastsat.data import as_batch, shapes
 from fastsat.ops import sat_perturb
 
 
@@ -199,6 +199,6 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="'box'"):
         T.recipe_loss(tiny_model(), (torch.rand(2, 3, 12, 12), torch.tensor([0, 1])), recipe="sat")
     with pytest.raises(TypeError, match="label"):
-        T.as_batch({"image": torch.rand(2, 3, 8, 8), "label": torch.rand(2)})
+        as_batch({"image": torch.rand(2, 3, 8, 8), "label": torch.rand(2)})
     with pytest.raises(ValueError, match="epoch"):
         T.sat_probability(-1)

@@ -15,6 +15,7 @@ Typical use::
         x, y, box, mask = batch["image"], batch["label"], batch["box"], batch["mask"]
 """
 
+from .batch import as_batch, make_loader
 from .augment import Augment, crop_shift, hflip, resize
 from .dataset import EMPTY_BOX, AnnotatedDataset, boxes_from_masks, clip_boxes, rescale_boxes
 from .loader import DeviceLoader, WorkerLoader, loader
@@ -41,6 +42,7 @@ __all__ = [
     "ImageFiles",
     "Record",
     "WorkerLoader",
+    "as_batch",
     "boxes_from_masks",
     "cifar10",
     "cifar100",
@@ -52,6 +54,7 @@ __all__ = [
     "hflip",
     "image_folder",
     "loader",
+    "make_loader",
     "oxford_pets",
     "rescale_boxes",
     "resize",

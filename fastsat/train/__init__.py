@@ -5,7 +5,6 @@
 - :func:`teacher_saliency` — SAT's strong maps from a teacher, computed once and cached.
 """
 
-from fastsat.train.batch import as_batch
 from fastsat.train.checkpoint import atomic_save, load_checkpoint
 from fastsat.train.recipes import (
     RECIPES,
@@ -32,6 +31,6 @@ from fastsat.train.trainer import OPTIMIZERS, SCHEDULES, FitResult, fit, lr_fact
 __all__ = [
     "OPTIMIZERS", "RECIPES", "SAT", "SCHEDULES", "TEACHER_METHODS", "Fast", "FitResult", "Free", "GradNorm",
     "NonFiniteLossError", "PGDTraining", "Recipe", "RecipeOutput", "SATPlusPGD", "SATPlusTrades", "SaliencyDataset",
-    "Standard", "Trades", "as_batch", "atomic_save", "fit", "load_checkpoint", "lr_factor", "make_recipe",
+    "Standard", "Trades", "atomic_save", "fit", "load_checkpoint", "lr_factor", "make_recipe",
     "recipe_loss", "sat_probability", "teacher_saliency", "trades_loss",
 ]

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from fastsat.attacks import FGSM, PGD, TradesAttack
 from fastsat.grad import check_positive_int
 from fastsat.ops import pgd_step, random_start, sat_perturb
-from fastsat.train.batch import as_batch
+from fastsat.data import as_batch
 
 __all__ = [
     "RECIPES",
@@ -511,7 +511,7 @@ def recipe_loss(model: nn.Module, batch: object, *, recipe: str | Recipe = "sat"
 
     Args:
         model: classifier (pixel-space input, logits out), in train mode.
-        batch: dict or (x, y) (see :func:`fastsat.train.as_batch`).
+        batch: dict or (x, y) (see :func:`fastsat.data.as_batch`).
         recipe: a name from :data:`RECIPES` or a :class:`Recipe` (then no ``options``).
         epoch: 0-based epoch (SAT curriculum). options: the recipe's hyper-parameters.
 

@@ -20,7 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastsat.grad import check_positive_int
-from fastsat.train.batch import as_batch, make_loader
+from fastsat.data import as_batch, make_loader
+from fastsat.evaluate import evaluate
 from fastsat.train.checkpoint import atomic_save, atomic_write_text, capture_rng, load_checkpoint, restore_rng
 from fastsat.train.recipes import PRECISIONS, NonFiniteLossError, Recipe, make_recipe
 
@@ -178,9 +179,6 @@ def fit(
     Raises:
         NonFiniteLossError: the loss became NaN/inf; the last good checkpoint stays on disk.
     """
-    # fastsat.evaluate imports fastsat.train.batch, so import it here rather than at module level.
-    from fastsat.evaluate import evaluate
-
     options = dict(recipe_options or {})
     if attack_mode is not None and not isinstance(recipe, Recipe):
         options["attack_mode"] = attack_mode

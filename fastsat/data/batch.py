@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fastsat.data import loader
+from fastsat.data.loader import loader
 
 __all__ = ["as_batch", "make_loader"]
 

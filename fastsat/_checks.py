@@ -1,0 +1,146 @@
+"""Argument checks shared by every layer of fastsat, with one message style.
+
+Each check returns the value in its canonical Python form or raises, before any work is done, with
+``"<name>: expected <what>, got <value>"``:
+
+- ``TypeError`` when the value is not of the kind asked for at all (a string where a number is meant);
+- ``ValueError`` when it is of the right kind but outside what is allowed (a negative radius, 2.5
+  steps, an unknown choice).
+
+Numbers: wherever a number is meant, any real is accepted — Python ``int``/``float``, numpy
+scalars, and 0-d tensors on the CPU (a CUDA scalar would cost a host sync, so it is refused with a
+message saying so). ``bool`` is never a number here.
+
+This module sits below every other one (it imports only torch and the standard library).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+from collections.abc import Iterable, Sequence
+
+import torch
+
+__all__ = [
+    "choice",
+    "clip_box",
+    "describe",
+    "integer",
+    "nearest",
+    "number",
+    "positive_int",
+    "seed",
+]
+
+
+def describe(value: object, limit: int = 80) -> str:
+    """A short, unambiguous rendering of ``value`` for error messages."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
+    text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text if isinstance(value, (int, float, str, type(None))) else f"{type(value).__name__} {text}"
+
+
+def _scalar(value: object, name: str, expected: str) -> object:
+    """Python scalar behind ``value`` (numpy scalars and 0-d CPU tensors unwrapped); TypeError if
+    ``value`` is no real number."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name}: expected {expected}, got {describe(value)}")
+        if value.device.type != "cpu":
+            raise TypeError(f"{name}: expected {expected} (a 0-d tensor must be on the CPU: reading one from "
+                            f"{value.device} would synchronise with it), got {describe(value)}")
+        return value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected {expected}, got {describe(value)}")
+    return value
+
+
+def _bounds_text(minimum: float | None, maximum: float | None, exclusive_min: bool, exclusive_max: bool) -> str:
+    parts = []
+    if minimum is not None:
+        parts.append(f"{'>' if exclusive_min else '>='} {minimum:g}")
+    if maximum is not None:
+        parts.append(f"{'<' if exclusive_max else '<='} {maximum:g}")
+    return " and ".join(parts)
+
+
+def number(
+    value: object,
+    name: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_min: bool = False,
+    exclusive_max: bool = False,
+    allow_none: bool = False,
+) -> float | None:
+    """A finite real number within the given bounds, as a Python float (None passes with ``allow_none``).
+
+    Example: ``number(eps, "eps", minimum=0)`` accepts 0.031, ``np.float32(8/255)`` and
+    ``torch.tensor(0.1)``; it rejects ``-1`` (ValueError), ``"0.1"`` and ``True`` (TypeError).
+    """
+    if value is None and allow_none:
+        return None
+    bounds = _bounds_text(minimum, maximum, exclusive_min, exclusive_max)
+    expected = f"a finite number {bounds}".rstrip() + (" or None" if allow_none else "")
+    value = float(_scalar(value, name, expected))
+    too_low = minimum is not None and (value < minimum or (exclusive_min and value == minimum))
+    too_high = maximum is not None and (value > maximum or (exclusive_max and value == maximum))
+    if not math.isfinite(value) or too_low or too_high:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return value
+
+
+def integer(value: object, name: str, *, minimum: int | None = None, allow_none: bool = False) -> int | None:
+    """An integer ≥ ``minimum`` as a Python int (None passes with ``allow_none``): Python and numpy
+    integers and 0-d integer CPU tensors. Any float (2.5, and 2.0 too: a count is an int) is a
+    ValueError."""
+    if value is None and allow_none:
+        return None
+    expected = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (" or None" if allow_none else "")
+    scalar = _scalar(value, name, expected)
+    if not isinstance(scalar, numbers.Integral) or (minimum is not None and scalar < minimum):
+        raise ValueError(f"{name}: expected {expected}, got {describe(value)}")
+    return int(scalar)
+
+
+def positive_int(value: object, name: str, *, allow_none: bool = False) -> int | None:
+    """An integer ≥ 1 (a count of steps, samples, epochs, ...)."""
+    return integer(value, name, minimum=1, allow_none=allow_none)
+
+
+def seed(value: object, name: str = "seed") -> int:
+    """A random seed: an integer in [0, 2**63)."""
+    result = integer(value, name, minimum=0)
+    if result >= 2**63:
+        raise ValueError(f"{name}: expected an integer in [0, 2**63), got {result}")
+    return result
+
+
+def nearest(word: str, options: Iterable[str]) -> str:
+    """" (did you mean 'x'?)" for the closest of ``options`` to ``word``, or "" when none is close."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def choice(value: object, name: str, choices: Sequence[object]) -> object:
+    """``value`` if it is one of ``choices``, else ValueError listing them and the nearest one."""
+    if value not in choices:
+        hint = nearest(value, [c for c in choices if isinstance(c, str)]) if isinstance(value, str) else ""
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {describe(value)}{hint}")
+    return value
+
+
+def clip_box(clip: object, name: str = "clip") -> tuple[float, float]:
+    """The valid input box ``(lo, hi)`` as two finite floats with lo <= hi (pixel space)."""
+    if not isinstance(clip, (tuple, list)) or len(clip) != 2:
+        raise TypeError(f"{name}: expected a pair (lo, hi), got {describe(clip)}")
+    lo, hi = (number(v, name) for v in clip)
+    if lo > hi:
+        raise ValueError(f"{name}: expected lo <= hi, got {describe(clip)}")
+    return lo, hi
