@@ -9,7 +9,7 @@ and depend on the pixel range (alignment is not translation-invariant). Feed the
 un-normalised images to measure in pixel space.
 
 - alignment α = |⟨x, g⟩| / ‖g‖ and its cosine |⟨x, g⟩| / (‖x‖‖g‖), g = ∇ₓ of the chosen target
-  (:func:`alignment`).
+  (:func:`saliency_alignment`).
 - linearized robustness ρ̃ = min_{j≠i*} (Ψ^{i*} − Ψ^j) / ‖∇Ψ^{i*} − ∇Ψ^j‖ with minimiser j*;
   binarized alignment α_bin = |⟨x, ∇Ψ^{i*j*}⟩| / ‖∇Ψ^{i*j*}‖ with Ψ^{i*j*} = Ψ^{i*} − Ψ^{j*};
   homogeneity defect β = Ψ^{i*j*}(x) − ⟨∇Ψ^{i*j*}(x), x⟩ (:func:`linearization` gives all
@@ -44,8 +44,9 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from fastsat import saliency
+from fastsat._checks import positive_int
 from fastsat.attacks import DeepFool
-from fastsat.grad import check_input, check_positive_int, frozen, input_grad, logit_jacobian
+from fastsat.grad import check_input, frozen, input_grad, logit_jacobian
 from fastsat.ops import AlignmentStats, alignment_stats
 
 __all__ = [
@@ -56,7 +57,6 @@ __all__ = [
     "HomogeneityDefect",
     "Linearization",
     "LinearizedRobustness",
-    "alignment",
     "analyze",
     "binarized_alignment",
     "boundary_distance",
@@ -65,13 +65,14 @@ __all__ = [
     "linearized_robustness",
     "pearson",
     "plot_saliency_grid",
+    "saliency_alignment",
     "spearman",
 ]
 
 ALIGNMENT_TARGETS = ("predicted", "label", "loss")
 
 
-def alignment(
+def saliency_alignment(
     model: nn.Module,
     x: torch.Tensor,
     *,
@@ -506,7 +507,7 @@ def analyze(
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if target not in ALIGNMENT_TARGETS:
         raise ValueError(f"target: expected one of {ALIGNMENT_TARGETS}, got {target!r}")
-    check_positive_int(grid_samples, "grid_samples")
+    positive_int(grid_samples, "grid_samples")
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     rows: list[dict[str, Any]] = []
@@ -518,7 +519,7 @@ def analyze(
         if y.shape != x.shape[:1]:
             raise ValueError(f"data: labels of shape {tuple(y.shape)} do not match images of shape {tuple(x.shape)}")
         lin = linearization(model, x, chunk_size=chunk_size, mode=mode)
-        stats = alignment(model, x, target=target, y=y, mode=mode)
+        stats = saliency_alignment(model, x, target=target, y=y, mode=mode)
         if measure_rho:
             rho = boundary_distance(model, x, mode=mode, **dict(deepfool_kwargs or {}))
         else:

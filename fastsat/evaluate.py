@@ -13,9 +13,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fastsat._checks import positive_int
 from fastsat.attacks import PGD
-from fastsat.grad import check_positive_int, frozen
 from fastsat.data import as_batch, make_loader
+from fastsat.grad import frozen
 
 __all__ = ["ATTACKS", "evaluate"]
 
@@ -69,8 +70,8 @@ def evaluate(
     eps = [float(e) for e in eps]
     if not eps or any(not e >= 0 for e in eps):
         raise ValueError(f"eps: expected a non-empty list of radii >= 0 (pixel units), got {eps}")
-    check_positive_int(steps, "steps")
-    check_positive_int(max_samples, "max_samples", allow_none=True)
+    positive_int(steps, "steps")
+    positive_int(max_samples, "max_samples", allow_none=True)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     batches = make_loader(data, batch_size=batch_size, shuffle=False, seed=0, device=device)

@@ -29,18 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastsat._checks import positive_int
+from fastsat.ops import accumulation_dtype
+
 __all__ = [
     "OBJECTIVES",
     "InputGrad",
     "batched_logit_grads",
     "check_input",
     "check_objective_args",
-    "check_positive_int",
     "frozen",
     "input_grad",
     "logit_jacobian",
     "objective_value",
-    "result_dtype",
 ]
 
 OBJECTIVES = ("logit", "logit_diff", "ce", "cw", "dlr", "kl")
@@ -90,22 +91,6 @@ def frozen(model: nn.Module, mode: str | None = None, *, freeze_params: bool = T
             p.requires_grad_(flag)
 
 
-def result_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of gradients and per-sample results for inputs of ``dtype``: float32, except that
-    float64 stays float64 (low-precision inputs, e.g. under autocast, are upcast). Shared by
-    fastsat.grad, fastsat.attacks, fastsat.saliency and fastsat.alignment, as in fastsat.ops."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_positive_int(value: object, name: str, *, allow_none: bool = False) -> int | None:
-    """Return ``value`` if it is an int >= 1 (or None with ``allow_none``), else raise ValueError
-    naming ``name``. (bool is rejected although it is an int subclass.)"""
-    if allow_none and value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        expected = "an int >= 1 or None" if allow_none else "an int >= 1"
-        raise ValueError(f"{name}: expected {expected}, got {value!r}")
-    return value
 
 
 def _check_labels(name: str, labels: torch.Tensor | None, batch: int, num_classes: int) -> None:
@@ -191,7 +176,7 @@ def objective_value(
     Arguments are not validated here (it runs inside attack loops without host syncs); call
     :func:`check_objective_args` once beforehand.
     """
-    z = logits.to(result_dtype(logits.dtype))
+    z = logits.to(accumulation_dtype(logits.dtype))
     if objective in ("logit", "logit_diff"):
         t = z.detach().argmax(dim=1) if target is None else target
         z_t = z.gather(1, t[:, None]).squeeze(1)
@@ -241,7 +226,7 @@ def _input_grad(
     (grad,) = torch.autograd.grad(value.sum(), x_in, create_graph=create_graph)
     if not create_graph:
         grad = grad.detach()
-    return InputGrad(grad.to(result_dtype(x.dtype)), logits.detach(), value.detach())
+    return InputGrad(grad.to(accumulation_dtype(x.dtype)), logits.detach(), value.detach())
 
 
 def input_grad(
@@ -299,7 +284,7 @@ def batched_logit_grads(
     for start in range(0, seeds.shape[0], step):
         chunk = seeds[start : start + step].to(logits.dtype)
         (jac,) = torch.autograd.grad(logits, x_in, grad_outputs=chunk, is_grads_batched=True, retain_graph=True)
-        rows.append(jac.to(result_dtype(x_in.dtype)).transpose(0, 1))
+        rows.append(jac.to(accumulation_dtype(x_in.dtype)).transpose(0, 1))
     return torch.cat(rows, dim=1)
 
 
@@ -322,7 +307,7 @@ def logit_jacobian(
     mode: None / "eval" / "train" as in :func:`input_grad`.
     """
     check_input(model, x)
-    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    positive_int(chunk_size, "chunk_size", allow_none=True)
     with frozen(model, mode):
         x_in = x.detach().requires_grad_(True)
         logits = model(x_in)

@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsat.grad import check_input, check_objective_args, check_positive_int, frozen, input_grad, result_dtype
+from fastsat._checks import positive_int
+from fastsat.grad import check_input, check_objective_args, frozen, input_grad
+from fastsat.ops import accumulation_dtype
 
 __all__ = [
     "METHODS",
@@ -88,7 +90,7 @@ def _logit_grad(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None, 
 
 def _accumulator(x: torch.Tensor) -> torch.Tensor:
     """Zeros for a running sum over gradients of x: float64 for float64 x, else float32."""
-    return torch.zeros(x.shape, dtype=result_dtype(x.dtype), device=x.device)
+    return torch.zeros(x.shape, dtype=accumulation_dtype(x.dtype), device=x.device)
 
 
 def _chunks(total: int, chunk_size: int | None) -> Iterator[range]:
@@ -154,8 +156,8 @@ def smoothgrad(
     draws per forward/backward pass (see the module docstring).
     """
     check_input(model, x)
-    check_positive_int(n_samples, "n_samples")
-    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    positive_int(n_samples, "n_samples")
+    positive_int(chunk_size, "chunk_size", allow_none=True)
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0:
         raise ValueError(f"sigma: expected a non-negative float, got {sigma!r}")
     if sigma_units not in SIGMA_UNITS:
@@ -229,8 +231,8 @@ def integrated_gradients(
     Returns float32, shaped like x.
     """
     check_input(model, x)
-    check_positive_int(steps, "steps")
-    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    positive_int(steps, "steps")
+    positive_int(chunk_size, "chunk_size", allow_none=True)
     if method not in IG_METHODS:
         raise ValueError(f"method: expected one of {IG_METHODS}, got {method!r}")
     ts, weights = _ig_path(steps, method)

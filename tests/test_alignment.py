@@ -89,7 +89,7 @@ def test_linear_binary_model_alpha_equals_rho_tilde_equals_distance() -> None:
     x = images(8)
     model = linear_binary(w)
     distance = (x.flatten(1) @ w).abs() / w.norm()  # Lemma 1: |⟨w, x⟩| / ‖w‖
-    stats = al.alignment(model, x)
+    stats = al.saliency_alignment(model, x)
     lin = al.linearization(model, x)
     for name, value in (("alpha", stats.alignment), ("rho_tilde", lin.rho_tilde), ("alpha_bin", lin.alpha_bin)):
         err = rel_err(value, distance)
@@ -181,22 +181,22 @@ def test_alignment_targets_against_autograd() -> None:
         "loss": torch.autograd.grad(nn.functional.cross_entropy(logits, y, reduction="sum"), xr)[0],
     }
     for target, g in grads.items():
-        stats = al.alignment(model, x, target=target, y=y)
+        stats = al.saliency_alignment(model, x, target=target, y=y)
         dot = (x * g).flatten(1).sum(1)
         alpha = dot.abs() / g.flatten(1).norm(dim=1)
         cosine = alpha / x.flatten(1).norm(dim=1)
         assert rel_err(stats.alignment, alpha).max() < 1e-5, f"alignment, target={target}"
         assert rel_err(stats.cosine, cosine).max() < 1e-5, f"cosine, target={target}"
     with pytest.raises(ValueError, match="y"):
-        al.alignment(model, x, target="label")
+        al.saliency_alignment(model, x, target="label")
     with pytest.raises(ValueError, match="target"):
-        al.alignment(model, x, target="true")
+        al.saliency_alignment(model, x, target="true")
 
 
 def test_alignment_warns_on_all_zero_saliency_maps() -> None:
     model = linear_binary(torch.zeros(D, dtype=torch.float64))
     with pytest.warns(UserWarning, match="3 of 3 samples have an all-zero saliency map"):
-        stats = al.alignment(model, images(3))
+        stats = al.saliency_alignment(model, images(3))
     assert torch.equal(stats.alignment, torch.zeros(3, dtype=torch.float64))
 
 
@@ -276,7 +276,7 @@ def test_analyze_writes_files_that_match_the_table(tmp_path) -> None:
     assert [r["label"] for r in rows] == y.tolist()
     # The table holds what the per-sample functions return.
     lin = al.linearization(model, x)
-    stats = al.alignment(model, x)
+    stats = al.saliency_alignment(model, x)
     for col, want in (("alpha", stats.alignment), ("alpha_bin", lin.alpha_bin), ("rho_tilde", lin.rho_tilde),
                       ("beta", lin.beta), ("prediction", lin.prediction), ("cosine", stats.cosine)):
         got = torch.tensor([r[col] for r in rows], dtype=want.dtype)

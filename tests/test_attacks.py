@@ -667,7 +667,7 @@ def test_restart_merge_prefers_success_then_higher_loss_and_keeps_ties():
     # Per sample: 0 new success wins; 1 old success kept against a higher-loss failure; 2 both
     # failed, higher loss wins; 3 both failed with equal loss, the earlier run is kept.
     def candidate(fill, success, value):
-        stats = ops.PGDStats(*(torch.full((4,), fill) for _ in range(4)))
+        stats = ops.StepStats(*(torch.full((4,), fill) for _ in range(4)))
         return Candidate(torch.full((4, 1, 2, 2), fill), torch.tensor(success), torch.tensor(value), stats)
 
     old = candidate(0.0, [False, True, False, False], [5.0, 1.0, 1.0, 2.0])

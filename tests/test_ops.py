@@ -297,7 +297,7 @@ def test_alignment_stats_definitions(backend):
 def test_alignment_gradcheck(normalize):
     x = torch.rand(2, 3, 3, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
-    fn = lambda a, b: ops.alignment(a, b, normalize)
+    fn = lambda a, b: ops.differentiable_alignment(a, b, normalize)
     assert torch.autograd.gradcheck(fn, (x, g))
     assert torch.autograd.gradgradcheck(fn, (x, g))
 
@@ -314,7 +314,7 @@ def test_alignment_double_backward_through_network():
         loss = align_fn(x, g).sum()
         return torch.autograd.grad(loss, list(net.parameters()), allow_unused=True, materialize_grads=True)
 
-    fused = weight_grads(lambda a, b: ops.alignment(a, b, normalize=True))
+    fused = weight_grads(lambda a, b: ops.differentiable_alignment(a, b, normalize=True))
     plain = weight_grads(lambda a, b: (a * b).sum(1).abs() / (a.norm(dim=1) * b.norm(dim=1)))
     for got, want in zip(fused, plain):
         _assert_close(got, want, atol=1e-12, rtol=1e-10, what="double backward")
@@ -541,7 +541,7 @@ def test_alignment_backward_float16_large_image(normalize):
     torch.manual_seed(3)
     x = (0.8 + 0.2 * torch.rand(1, 3, 224, 224)).half().requires_grad_()
     g = (torch.randn(1, 3, 224, 224) * 1e-2).half().requires_grad_()
-    ops.alignment(x, g, normalize).sum().backward()
+    ops.differentiable_alignment(x, g, normalize).sum().backward()
     x64, g64 = x.detach().double().requires_grad_(), g.detach().double().requires_grad_()
     dot = (x64 * g64).sum().abs()
     value = dot / (x64.norm() * g64.norm()) if normalize else dot / g64.norm()

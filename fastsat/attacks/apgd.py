@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from fastsat import ops
+from fastsat._checks import positive_int
 from fastsat.attacks.base import Attack, AttackResult, Candidate, check_number, per_sample
-from fastsat.grad import check_positive_int
 
 __all__ = ["APGD", "apgd", "checkpoints", "halve_step"]
 
@@ -96,8 +96,8 @@ class APGD(Attack):
         backend: str | None = None,
     ):
         super().__init__(model, eps=eps, norm=norm, mode=mode, clip=clip, backend=backend)
-        self.steps = check_positive_int(steps, "steps")
-        self.restarts = check_positive_int(restarts, "restarts")
+        self.steps = positive_int(steps, "steps")
+        self.restarts = positive_int(restarts, "restarts")
         if loss not in ("ce", "dlr"):
             raise ValueError(f"loss: expected 'ce' or 'dlr', got {loss!r}")
         self.loss = loss
@@ -173,7 +173,7 @@ class APGD(Attack):
         success, value = self._final(x_out, y, self.loss)
         align = ops.alignment_stats(x, last_grad, backend=self.backend)
         delta_norm = self._distance(x, x_out).to(align.dot.dtype)
-        stats = ops.PGDStats(dot=align.dot, grad_norm=align.grad_norm, x_norm=align.x_norm, delta_norm=delta_norm)
+        stats = ops.StepStats(dot=align.dot, grad_norm=align.grad_norm, x_norm=align.x_norm, delta_norm=delta_norm)
         return Candidate(x_out, success, value, stats)
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastsat.grad import InputGrad, _input_grad, check_input, frozen, objective_value, result_dtype
-from fastsat.ops import PGDStats
+from fastsat.grad import InputGrad, _input_grad, check_input, frozen, objective_value
+from fastsat.ops import StepStats, accumulation_dtype
 
 __all__ = ["Attack", "AttackResult"]
 
@@ -32,14 +32,14 @@ class AttackResult:
         DeepFool: prediction ≠ the clean prediction) at x_adv.
     delta_norm: (B,) ‖x_adv − x‖ in the attack's norm (pixel units), float32 (float64 for float64
         x); DeepFool: the boundary distance ρ, inf where it failed.
-    stats: :class:`fastsat.ops.PGDStats` of the last step's gradient (⟨x, g⟩, ‖g‖, ‖x‖ of the
+    stats: :class:`fastsat.ops.StepStats` of the last step's gradient (⟨x, g⟩, ‖g‖, ‖x‖ of the
         clean x and that gradient; ``.alignment``, ``.cosine``) or None for attacks without one.
     """
 
     x_adv: torch.Tensor
     success: torch.Tensor | None
     delta_norm: torch.Tensor | None
-    stats: PGDStats | None
+    stats: StepStats | None
 
 
 def check_number(value: object, name: str, *, positive: bool = False) -> float:
@@ -66,9 +66,9 @@ def check_real(value: object, name: str) -> float:
     return float(value)
 
 
-def merge_stats(take_new: torch.Tensor, new: PGDStats, old: PGDStats) -> PGDStats:
+def merge_stats(take_new: torch.Tensor, new: StepStats, old: StepStats) -> StepStats:
     """Per sample, the statistics of ``new`` where ``take_new`` else those of ``old``."""
-    return PGDStats(
+    return StepStats(
         dot=torch.where(take_new, new.dot, old.dot),
         grad_norm=torch.where(take_new, new.grad_norm, old.grad_norm),
         x_norm=torch.where(take_new, new.x_norm, old.x_norm),
@@ -235,7 +235,7 @@ class Attack(abc.ABC):
                 f"{type(self).__name__} produced an invalid batch: finite={ok_finite}, inside clip {self.clip}="
                 f"{ok_box}, within eps={self.eps} ({self.norm})={ok_ball}, max distance={float(dist.max()):.6g}"
             )
-        return dist.to(result_dtype(x.dtype))
+        return dist.to(accumulation_dtype(x.dtype))
 
 
 def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -250,7 +250,7 @@ class Candidate:
     x_adv: torch.Tensor
     success: torch.Tensor
     value: torch.Tensor
-    stats: PGDStats
+    stats: StepStats
 
     def merge(self, other: Candidate) -> Candidate:
         """Per sample, the better of self and other (ties keep self, so restarts never lose ground)."""

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastsat._checks import positive_int
 from fastsat.attacks.base import Attack, AttackResult, check_number, per_sample
-from fastsat.grad import batched_logit_grads, check_objective_args, check_positive_int, result_dtype
+from fastsat.grad import batched_logit_grads, check_objective_args
+from fastsat.ops import accumulation_dtype
 
 __all__ = ["DeepFool", "DeepFoolResult", "deepfool"]
 
@@ -71,13 +73,13 @@ class DeepFool(Attack):
         backend: str | None = None,
     ):
         super().__init__(model, eps=None, norm="l2", mode=mode, clip=clip, backend=backend)
-        self.steps = check_positive_int(steps, "steps")
+        self.steps = positive_int(steps, "steps")
         self.overshoot = check_number(overshoot, "overshoot")
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 2:
             raise ValueError(f"candidates: expected an int >= 2, got {candidates!r}")
         self.candidates = candidates
-        self.bisection_steps = check_positive_int(bisection_steps, "bisection_steps")
-        self.chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
+        self.bisection_steps = positive_int(bisection_steps, "bisection_steps")
+        self.chunk_size = positive_int(chunk_size, "chunk_size", allow_none=True)
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -142,7 +144,7 @@ class DeepFool(Attack):
         success = found & (self._predict(x_boundary) != orig)
         x_adv = torch.where(per_sample(success, x), x_boundary, x_i)
         rho = (x_adv - x).flatten(1).norm(dim=1)
-        rho = torch.where(success, rho, torch.inf).to(result_dtype(x.dtype))
+        rho = torch.where(success, rho, torch.inf).to(accumulation_dtype(x.dtype))
         return DeepFoolResult(x_adv=x_adv, success=success, delta_norm=rho, stats=None, iterations=iterations)
 
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from fastsat import ops
+from fastsat._checks import positive_int
 from fastsat.attacks.base import Attack, AttackResult, Candidate, check_number
-from fastsat.grad import check_positive_int
 
 __all__ = ["FGSM", "LOSSES", "PGD", "fgsm", "pgd"]
 
@@ -63,9 +63,9 @@ class PGD(Attack):
     ):
         super().__init__(model, eps=eps, norm=norm, mode=mode, clip=clip, backend=backend)
         self.step_size = check_number(step_size, "step_size")
-        self.steps = check_positive_int(steps, "steps")
+        self.steps = positive_int(steps, "steps")
         self.random_start = bool(random_start)
-        self.restarts = check_positive_int(restarts, "restarts")
+        self.restarts = positive_int(restarts, "restarts")
         if self.restarts > 1 and not self.random_start:
             raise ValueError("restarts > 1 needs random_start=True (otherwise every run is the same)")
         if loss not in LOSSES:

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from fastsat import ops
+from fastsat._checks import positive_int
 from fastsat.attacks.base import Attack, AttackResult, check_number
-from fastsat.grad import check_positive_int
 
 __all__ = ["TradesAttack", "trades_attack"]
 
@@ -50,7 +50,7 @@ class TradesAttack(Attack):
     ):
         super().__init__(model, eps=eps, norm="linf", mode=mode, clip=clip, backend=backend)
         self.step_size = check_number(step_size, "step_size")
-        self.steps = check_positive_int(steps, "steps")
+        self.steps = positive_int(steps, "steps")
         self.init_std = check_number(init_std, "init_std")
 
     def _run(self, x: torch.Tensor, y: torch.Tensor | None, *, need_success: bool) -> AttackResult:

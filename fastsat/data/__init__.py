@@ -15,8 +15,8 @@ Typical use::
         x, y, box, mask = batch["image"], batch["label"], batch["box"], batch["mask"]
 """
 
-from .batch import as_batch, make_loader
 from .augment import Augment, crop_shift, hflip, resize
+from .batch import as_batch, make_loader
 from .dataset import EMPTY_BOX, AnnotatedDataset, boxes_from_masks, clip_boxes, rescale_boxes
 from .loader import DeviceLoader, WorkerLoader, loader
 from .readers import (

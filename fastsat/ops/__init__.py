@@ -8,21 +8,23 @@ pure-PyTorch reference (:mod:`fastsat.ops.reference`) beside it. See
 from fastsat.ops._backends import BACKENDS, available_backends
 from fastsat.ops.functional import (
     AlignmentStats,
-    PGDStats,
-    alignment,
+    StepStats,
     alignment_stats,
+    differentiable_alignment,
     pgd_step,
     random_start,
     sat_perturb,
 )
+from fastsat.ops.reference import accumulation_dtype
 
 __all__ = [
     "BACKENDS",
     "AlignmentStats",
-    "PGDStats",
-    "alignment",
+    "StepStats",
+    "accumulation_dtype",
     "alignment_stats",
     "available_backends",
+    "differentiable_alignment",
     "pgd_step",
     "random_start",
     "sat_perturb",

@@ -25,9 +25,9 @@ from fastsat.ops.reference import accumulation_dtype
 
 __all__ = [
     "AlignmentStats",
-    "PGDStats",
-    "alignment",
+    "StepStats",
     "alignment_stats",
+    "differentiable_alignment",
     "pgd_step",
     "random_start",
     "sat_perturb",
@@ -61,7 +61,7 @@ class AlignmentStats:
 
 
 @dataclass(frozen=True)
-class PGDStats(AlignmentStats):
+class StepStats(AlignmentStats):
     """Statistics a fused PGD step returns: the :class:`AlignmentStats` of the clean input
     ``x_nat`` and the gradient ``g`` that was passed in (``x_norm`` is ‖x_nat‖₂), plus
     ``delta_norm`` = ‖x_new − x_nat‖ in the step's norm (∞ or 2), of the stored result."""
@@ -204,7 +204,7 @@ def pgd_step(
     return_stats: bool = False,
     out: Tensor | None = None,
     backend: str | None = None,
-) -> Tensor | tuple[Tensor, PGDStats]:
+) -> Tensor | tuple[Tensor, StepStats]:
     """One projected gradient step (METHODS.md §4), fused into one pass (L∞) or two (L2).
 
     Args:
@@ -217,7 +217,7 @@ def pgd_step(
             ``"l2"``: x + α·g/‖g‖ (a zero gradient takes no step), δ = x − x_nat rescaled by
             min(1, ε/‖δ‖), clipped.
         clip: valid input box (lo, hi), default (0, 1).
-        return_stats: also return :class:`PGDStats` (⟨x_nat, g⟩, ‖g‖, ‖x_nat‖, ‖δ‖), computed in
+        return_stats: also return :class:`StepStats` (⟨x_nat, g⟩, ‖g‖, ‖x_nat‖, ‖δ‖), computed in
             the same pass at no extra memory traffic.
         out: tensor to write the result into (may be ``x`` for an in-place update); it must have
             the shape, dtype, device and memory layout of ``x``.
@@ -250,7 +250,7 @@ def pgd_step(
     stats = impl.pgd_step(x, grad, x_nat, out, step_size, eps, l2, lo, hi, return_stats)
     if not return_stats:
         return out
-    return out, PGDStats(dot=stats[:, 0], grad_norm=stats[:, 1], x_norm=stats[:, 2], delta_norm=stats[:, 3])
+    return out, StepStats(dot=stats[:, 0], grad_norm=stats[:, 1], x_norm=stats[:, 2], delta_norm=stats[:, 3])
 
 
 def random_start(
@@ -355,7 +355,7 @@ def _alignment_backward(x: Tensor, g: Tensor, grad_out: Tensor, normalize: bool)
     return grad_x.to(out_dtype), grad_g.to(out_dtype)
 
 
-def alignment(x: Tensor, g: Tensor, normalize: bool = False, *, backend: str | None = None) -> Tensor:
+def differentiable_alignment(x: Tensor, g: Tensor, normalize: bool = False, *, backend: str | None = None) -> Tensor:
     """Differentiable per-sample alignment |⟨x, g⟩|/‖g‖ (pixel units), or with
     ``normalize=True`` the cosine |⟨x, g⟩|/(‖x‖‖g‖). Shape (B,), dtype of ``x``; 0 where a norm
     is 0. Gradients flow to both ``x`` and ``g`` (analytic backward, twice differentiable)."""

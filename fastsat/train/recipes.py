@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastsat._checks import positive_int
 from fastsat.attacks import FGSM, PGD, TradesAttack
-from fastsat.grad import check_positive_int
-from fastsat.ops import pgd_step, random_start, sat_perturb
 from fastsat.data import as_batch
+from fastsat.ops import pgd_step, random_start, sat_perturb
 
 __all__ = [
     "RECIPES",
@@ -224,7 +224,7 @@ def _check_iterative_attack(recipe: Recipe) -> None:
     """Checks shared by the recipes with an iterative attack (step_size, steps, attack_mode; beta
     where the recipe has one)."""
     _check_positive(recipe.step_size, "step_size")
-    check_positive_int(recipe.steps, "steps")
+    positive_int(recipe.steps, "steps")
     if hasattr(recipe, "beta"):
         _check_positive(recipe.beta, "beta", allow_zero=True)
     _check_attack_mode(recipe.attack_mode)
@@ -316,7 +316,7 @@ class Free(Recipe):
 
     def __post_init__(self):
         _check_positive(self.eps, "eps")
-        check_positive_int(self.replays, "replays")
+        positive_int(self.replays, "replays")
 
     def options(self):
         return {"eps": self.eps, "replays": self.replays}

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastsat.grad import check_positive_int
+from fastsat._checks import positive_int
 from fastsat.data import as_batch, make_loader
 from fastsat.evaluate import evaluate
 from fastsat.train.checkpoint import atomic_save, atomic_write_text, capture_rng, load_checkpoint, restore_rng
@@ -183,7 +183,7 @@ def fit(
     if attack_mode is not None and not isinstance(recipe, Recipe):
         options["attack_mode"] = attack_mode
     recipe = make_recipe(recipe, **options)
-    check_positive_int(epochs, "epochs")
+    positive_int(epochs, "epochs")
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     if schedule not in SCHEDULES:
