@@ -7,6 +7,7 @@ pure-PyTorch reference (:mod:`fastsat.ops.reference`) beside it. See
 
 from fastsat.ops._backends import BACKENDS, available_backends
 from fastsat.ops.functional import (
+    NORMS,
     AlignmentStats,
     StepStats,
     alignment_stats,
@@ -19,6 +20,7 @@ from fastsat.ops.reference import accumulation_dtype
 
 __all__ = [
     "BACKENDS",
+    "NORMS",
     "AlignmentStats",
     "StepStats",
     "accumulation_dtype",

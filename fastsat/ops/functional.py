@@ -24,6 +24,7 @@ from fastsat.ops import _backends
 from fastsat.ops.reference import accumulation_dtype
 
 __all__ = [
+    "NORMS",
     "AlignmentStats",
     "StepStats",
     "alignment_stats",
@@ -34,7 +35,8 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_NORMS = ("linf", "l2")
+#: The norms of the fused ops and of every attack: L∞ and L2 (per sample, over all of its elements).
+NORMS = ("linf", "l2")
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,8 @@ def _check_nonnegative(value: object, name: str) -> float:
 
 
 def _check_norm(norm: object) -> bool:
-    if norm not in _NORMS:
-        raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     return norm == "l2"
 
 
