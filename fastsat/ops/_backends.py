@@ -20,6 +20,8 @@ from types import ModuleType
 
 import torch
 
+from fastsat._checks import choice
+
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
 
 _HOW_TO_GET = {
@@ -89,9 +91,10 @@ def available_backends() -> dict[str, bool]:
 def resolve(backend: str | None, device: torch.device) -> ModuleType:
     """The backend module that runs an op on tensors on ``device``. Traceable by torch.compile,
     which bakes the choice into the graph."""
-    name = backend if backend is not None else os.environ.get("FASTSAT_BACKEND", "auto")
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if backend is None:
+        name = choice(os.environ.get("FASTSAT_BACKEND", "auto"), "backend (from $FASTSAT_BACKEND)", BACKENDS)
+    else:
+        name = choice(backend, "backend", BACKENDS)
     if name == "auto":
         preference = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
         name = next((c for c in preference if _unavailable_reason(c, device) is None), "torch")

@@ -12,14 +12,14 @@ take the layout of ``x``.
 
 from __future__ import annotations
 
-import math
-import numbers
 import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from fastsat import _checks
+from fastsat._checks import choice, clip_box, describe, number
 from fastsat.ops import _backends
 from fastsat.ops.reference import accumulation_dtype
 
@@ -76,62 +76,46 @@ def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
 
 
 # --- argument checks ---------------------------------------------------------------------------
+# Numbers, choices, seeds and the clip box go through fastsat._checks; the tensor checks below are
+# specific to the ops and use the same message style, "<name>: expected <what>, got <what>".
 
 def _check_tensor(t: object, name: str) -> Tensor:
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{name}: expected a torch.Tensor, got {describe(t)}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        raise TypeError(f"{name}: expected a float16, bfloat16, float32 or float64 tensor, got {t.dtype}")
     if t.dim() < 1 or t.shape[0] < 1 or t.numel() == 0:
-        raise ValueError(f"{name} must be a non-empty batch (B, ...), got shape {tuple(t.shape)}")
+        raise ValueError(f"{name}: expected a non-empty batch (B, ...), got shape {tuple(t.shape)}")
     return t
 
 
-def _check_like(t: object, name: str, x: Tensor) -> Tensor:
+def _check_like(t: object, name: str, x: Tensor, *, gradient: bool = False) -> Tensor:
+    """``t`` has the shape, dtype and device of ``x``. A ``gradient`` may also come in the
+    accumulation dtype of x (float32 for float16/bfloat16 x): rounding a float32 gradient to
+    float16 would flush its small entries to zero, so their L∞ sign and their share of the L2
+    direction would be lost."""
     _check_tensor(t, name)
     if t.shape != x.shape:
-        raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
-    if t.dtype != x.dtype:
-        raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+        raise ValueError(f"{name}: expected the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
+    dtypes = _grad_dtypes(x.dtype) if gradient else (x.dtype,)
+    if t.dtype not in dtypes:
+        expected = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name}: expected dtype {expected} (x is {x.dtype}), got {t.dtype}")
     if t.device != x.device:
-        raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+        raise ValueError(f"{name}: expected a tensor on the device of x ({x.device}), got one on {t.device}")
     return t
 
 
-def _check_nonnegative(value: object, name: str) -> float:
-    # numbers.Real also admits numpy scalars (an eps read from a config or computed with numpy).
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return float(value)
+def _grad_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The dtypes a gradient of an input of ``dtype`` may have: that dtype or its accumulation dtype."""
+    return tuple(dict.fromkeys((dtype, accumulation_dtype(dtype))))
 
 
-def _check_norm(norm: object) -> bool:
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    return norm == "l2"
-
-
-def _check_clip(clip: object) -> tuple[float, float]:
-    if not isinstance(clip, (tuple, list)) or len(clip) != 2:
-        raise TypeError(f"clip must be a pair (lo, hi), got {clip!r}")
-    try:
-        lo, hi = (float(v) for v in clip)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(f"clip must be a pair of numbers (lo, hi), got {clip!r}") from err
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
-        raise ValueError(f"clip must be finite with lo <= hi, got {clip!r}")
-    return lo, hi
-
-
-def _check_seed(seed: object) -> int:
-    if seed is None:
+def _seed_or_draw(value: object) -> int:
+    if value is None:
         # Drawn from torch's global generator so that torch.manual_seed makes runs reproducible.
         return int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
-    return int(seed)
+    return _checks.seed(value, "seed")
 
 
 # The finiteness check needs a reduction and a host sync; an attack passes the same unchanged
@@ -151,7 +135,7 @@ def _check_finite(t: Tensor, name: str) -> None:
     if cacheable and _last_finite is not None and _last_finite[0]() is t and _last_finite[1] == t._version:
         return
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite everywhere (found NaN or inf)")
+        raise ValueError(f"{name}: expected finite values everywhere, got NaN or inf")
     _last_finite = (weakref.ref(t), t._version) if cacheable else None
 
 
@@ -161,7 +145,7 @@ def _check_out(out: object, x: Tensor, inputs: dict[str, Tensor]) -> Tensor:
     memory with any of them (a shifted view would let one sample's write corrupt another's read)."""
     _check_like(out, "out", x)
     if out.stride() != x.stride():
-        raise ValueError(f"out must have the memory layout of x (strides {x.stride()}), got {out.stride()}")
+        raise ValueError(f"out: expected the memory layout of x (strides {x.stride()}), got strides {out.stride()}")
     if torch.compiler.is_compiling():
         return out  # fake tensors have no addresses: a compiled graph skips this check
     out_begin = out.data_ptr()
@@ -171,13 +155,13 @@ def _check_out(out: object, x: Tensor, inputs: dict[str, Tensor]) -> Tensor:
             continue
         t_begin = t.data_ptr()
         if t_begin < out_end and out_begin < t_begin + t.numel() * t.element_size():
-            raise ValueError(f"out must be {name} itself or not overlap it in memory (it partially overlaps {name})")
+            raise ValueError(f"out: expected {name} itself or memory disjoint from {name}, got a partial overlap")
     return out
 
 
 def _check_image_batch(x: Tensor, name: str) -> None:
     if x.dim() != 4:
-        raise ValueError(f"{name} needs x of shape (B, C, H, W), got {tuple(x.shape)}")
+        raise ValueError(f"{name}: expected an x of shape (B, C, H, W) to index, got x of shape {tuple(x.shape)}")
 
 
 # --- layout ------------------------------------------------------------------------------------
@@ -211,7 +195,9 @@ def pgd_step(
 
     Args:
         x: (B, ...) current iterate, pixel space.
-        grad: (B, ...) loss gradient at ``x`` (ascent direction).
+        grad: (B, ...) loss gradient at ``x`` (ascent direction), in the dtype of ``x`` or, for
+            float16/bfloat16 ``x``, in float32 (the usual dtype of an input gradient): the step
+            reads it without rounding, so entries too small for float16 keep their sign.
         x_nat: (B, ...) clean input; the projection is around it, never around ``x``.
         step_size: step α in pixel units (L∞: per element; L2: per sample).
         eps: radius ε of the ball around ``x_nat`` in pixel units.
@@ -235,12 +221,12 @@ def pgd_step(
         ``x_new`` (B, ...) in the dtype and layout of ``x``, or ``(x_new, stats)``.
     """
     _check_tensor(x, "x")
-    _check_like(grad, "grad", x)
+    _check_like(grad, "grad", x, gradient=True)
     _check_like(x_nat, "x_nat", x)
-    step_size = _check_nonnegative(step_size, "step_size")
-    eps = _check_nonnegative(eps, "eps")
-    l2 = _check_norm(norm)
-    lo, hi = _check_clip(clip)
+    step_size = number(step_size, "step_size", minimum=0)
+    eps = number(eps, "eps", minimum=0)
+    l2 = choice(norm, "norm", NORMS) == "l2"
+    lo, hi = clip_box(clip)
     _check_finite(x_nat, "x_nat")
     fmt = _memory_format(x)
     x, grad, x_nat = _dense(x, fmt), _dense(grad, fmt), _dense(x_nat, fmt)
@@ -279,10 +265,10 @@ def random_start(
         (B, ...) tensor with the dtype and layout of ``x_nat``.
     """
     _check_tensor(x_nat, "x_nat")
-    eps = _check_nonnegative(eps, "eps")
-    l2 = _check_norm(norm)
-    lo, hi = _check_clip(clip)
-    seed = _check_seed(seed)
+    eps = number(eps, "eps", minimum=0)
+    l2 = choice(norm, "norm", NORMS) == "l2"
+    lo, hi = clip_box(clip)
+    seed = _seed_or_draw(seed)
     _check_finite(x_nat, "x_nat")
     x_nat = _dense(x_nat, _memory_format(x_nat))
     return _backends.resolve(backend, x_nat.device).random_start(x_nat, eps, l2, lo, hi, seed)
@@ -293,14 +279,15 @@ def alignment_stats(x: Tensor, g: Tensor, *, backend: str | None = None) -> Alig
 
     Args:
         x: (B, ...) input in the space the alignment is to be measured in (pixel space for
-            fastsat's models, which normalise internally). g: (B, ...) its gradient.
+            fastsat's models, which normalise internally). g: (B, ...) its gradient, in the dtype
+            of ``x`` or, for float16/bfloat16 ``x``, in float32.
 
     Returns:
         :class:`AlignmentStats` whose ``.alignment`` and ``.cosine`` give Etmann's α and its
         normalised form (zero gradient → 0, not NaN).
     """
     _check_tensor(x, "x")
-    _check_like(g, "g", x)
+    _check_like(g, "g", x, gradient=True)
     fmt = _memory_format(x)
     x, g = _dense(x, fmt), _dense(g, fmt)
     stats = _backends.resolve(backend, x.device).alignment_stats(x, g)
@@ -330,7 +317,7 @@ def _alignment_backward(x: Tensor, g: Tensor, grad_out: Tensor, normalize: bool)
     # Per-sample sums in the accumulation dtype, as in the forward: in float16 ‖x‖² of an image
     # overflows (3×224×224 pixels near 1 sum past 65504) and the gradient would silently be 0.
     acc = accumulation_dtype(x.dtype)
-    out_dtype = x.dtype
+    x_dtype, g_dtype = x.dtype, g.dtype
     x, g, grad_out = x.to(acc), g.to(acc), grad_out.to(acc)
     flat_x, flat_g = x.reshape(x.shape[0], -1), g.reshape(g.shape[0], -1)
     dot = (flat_x * flat_g).sum(1)
@@ -354,15 +341,16 @@ def _alignment_backward(x: Tensor, g: Tensor, grad_out: Tensor, normalize: bool)
     shape = (-1,) + (1,) * (x.dim() - 1)
     grad_x = w * (coef_x_g.reshape(shape) * g + coef_x_x.reshape(shape) * x)
     grad_g = w * (coef_g_x.reshape(shape) * x + coef_g_g.reshape(shape) * g)
-    return grad_x.to(out_dtype), grad_g.to(out_dtype)
+    return grad_x.to(x_dtype), grad_g.to(g_dtype)
 
 
 def differentiable_alignment(x: Tensor, g: Tensor, normalize: bool = False, *, backend: str | None = None) -> Tensor:
     """Differentiable per-sample alignment |⟨x, g⟩|/‖g‖ (pixel units), or with
     ``normalize=True`` the cosine |⟨x, g⟩|/(‖x‖‖g‖). Shape (B,), dtype of ``x``; 0 where a norm
-    is 0. Gradients flow to both ``x`` and ``g`` (analytic backward, twice differentiable)."""
+    is 0. ``g`` has the dtype of ``x`` or, for float16/bfloat16 ``x``, float32. Gradients flow to
+    both ``x`` and ``g``, each in its own dtype (analytic backward, twice differentiable)."""
     _check_tensor(x, "x")
-    _check_like(g, "g", x)
+    _check_like(g, "g", x, gradient=True)
     return _Alignment.apply(x, g, bool(normalize), backend)
 
 
@@ -402,53 +390,55 @@ def sat_perturb(
         (B, ...) perturbed batch with the dtype and layout of ``x``.
     """
     _check_tensor(x, "x")
-    eps = _check_nonnegative(eps, "eps")
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"p must be a number, got {type(p).__name__}")
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
-    lo, hi = _check_clip(clip)
+    eps = number(eps, "eps", minimum=0)
+    p = number(p, "p", minimum=0, maximum=1)
+    lo, hi = clip_box(clip)
     given = [name for name, v in (("saliency", saliency), ("boxes", boxes), ("masks", masks)) if v is not None]
     if len(given) != 1:
-        raise ValueError(f"sat_perturb needs exactly one of saliency, boxes, masks; got {given or 'none'}")
+        raise ValueError(f"saliency, boxes, masks: expected exactly one of them, got {', '.join(given) or 'none'}")
     fmt = _memory_format(x)
     x = _dense(x, fmt)
     batch = x.shape[0]
     if saliency is not None:
         if not isinstance(saliency, Tensor) or not saliency.is_floating_point():
-            raise TypeError("saliency must be a floating-point tensor")
+            raise TypeError(f"saliency: expected a floating-point tensor, got {describe(saliency)}")
         if saliency.device != x.device:
-            raise ValueError(f"saliency must be on the device of x ({x.device}), got {saliency.device}")
+            raise ValueError(f"saliency: expected a tensor on the device of x ({x.device}), got one on {saliency.device}")
         if saliency.shape == x.shape:
             saliency = _dense(saliency.to(x.dtype), fmt)
         elif x.dim() == 4 and saliency.shape == (batch, 1, *x.shape[2:]):
             saliency = saliency.to(x.dtype).contiguous()
         else:
-            raise ValueError(f"saliency must have the shape of x {tuple(x.shape)} or (B, 1, H, W), got {tuple(saliency.shape)}")
+            raise ValueError(
+                f"saliency: expected the shape of x {tuple(x.shape)} or (B, 1, H, W), got {tuple(saliency.shape)}"
+            )
     if boxes is not None:
         _check_image_batch(x, "boxes")
         if not isinstance(boxes, Tensor) or boxes.dtype.is_floating_point or boxes.dtype == torch.bool:
-            raise TypeError("boxes must be an integer tensor of pixel coordinates (x0, y0, x1, y1)")
+            raise TypeError(f"boxes: expected an integer tensor of pixel coordinates (x0, y0, x1, y1), "
+                            f"got {describe(boxes)}")
         if boxes.shape != (batch, 4):
-            raise ValueError(f"boxes must have shape (B, 4) = ({batch}, 4), got {tuple(boxes.shape)}")
+            raise ValueError(f"boxes: expected shape (B, 4) = ({batch}, 4), got {tuple(boxes.shape)}")
         if boxes.device != x.device:
-            raise ValueError(f"boxes must be on the device of x ({x.device}), got {boxes.device}")
+            raise ValueError(f"boxes: expected a tensor on the device of x ({x.device}), got one on {boxes.device}")
         height, width = x.shape[2], x.shape[3]
         x0, y0, x1, y1 = boxes.unbind(1)
         out_of_range = (x0 < 0) | (y0 < 0) | (x1 > width) | (y1 > height) | (x1 < x0) | (y1 < y0)
         # A data-dependent check needs a host sync; a compiled graph skips it (as for x_nat).
         if not torch.compiler.is_compiling() and bool(out_of_range.any()):
-            raise ValueError(f"boxes must satisfy 0 <= x0 <= x1 <= W={width} and 0 <= y0 <= y1 <= H={height}")
+            first = int(out_of_range.nonzero()[0, 0])
+            raise ValueError(f"boxes: expected 0 <= x0 <= x1 <= W={width} and 0 <= y0 <= y1 <= H={height}, "
+                             f"got {boxes[first].tolist()} for sample {first}")
         boxes = boxes.to(torch.int64).contiguous()
     if masks is not None:
         _check_image_batch(x, "masks")
         if not isinstance(masks, Tensor) or masks.dtype not in (torch.bool, torch.uint8):
-            raise TypeError("masks must be a bool or uint8 tensor")
+            raise TypeError(f"masks: expected a bool or uint8 tensor, got {describe(masks)}")
         if masks.shape != (batch, 1, *x.shape[2:]):
-            raise ValueError(f"masks must have shape (B, 1, H, W) = {(batch, 1, *x.shape[2:])}, got {tuple(masks.shape)}")
+            raise ValueError(f"masks: expected shape (B, 1, H, W) = {(batch, 1, *x.shape[2:])}, got {tuple(masks.shape)}")
         if masks.device != x.device:
-            raise ValueError(f"masks must be on the device of x ({x.device}), got {masks.device}")
+            raise ValueError(f"masks: expected a tensor on the device of x ({x.device}), got one on {masks.device}")
         masks = masks.to(torch.uint8).contiguous()
-    seed = _check_seed(seed)
+    seed = _seed_or_draw(seed)
     impl = _backends.resolve(backend, x.device)
-    return impl.sat_perturb(x, eps, float(p), seed, lo, hi, saliency, boxes, masks)
+    return impl.sat_perturb(x, eps, p, seed, lo, hi, saliency, boxes, masks)

@@ -3,7 +3,8 @@ tested against (METHODS.md §2 and §4).
 
 Every backend module (this one, ``_triton``, ``_cpp``) exposes the same four functions with the
 same already-validated arguments (see ``fastsat.ops.functional`` for the checks and the layout
-normalisation that happen before):
+normalisation that happen before). ``grad`` (and ``g``) has the dtype of ``x`` or, for float16 and
+bfloat16 ``x``, float32; every other floating-point tensor has the dtype of ``x``:
 
 - ``pgd_step(x, grad, x_nat, out, step_size, eps, l2, lo, hi, with_stats) -> stats``
   writes the new iterate into ``out`` (which may be ``x``); returns a (B, 4) tensor
