@@ -9,6 +9,7 @@ import math
 import warnings
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -540,6 +541,51 @@ def test_bad_arguments_raise_clear_errors():
         FGSM(model)(x + 1.5, y)
     with pytest.raises(ValueError, match=r"x: expected finite values inside clip"):
         DeepFool(model)(x.masked_fill(x > 0.5, float("nan")))
+
+
+@pytest.mark.parametrize("real", [np.float64, np.float32, torch.tensor], ids=["np.float64", "np.float32", "tensor"])
+def test_every_attack_accepts_any_real_where_a_number_is_meant(real):
+    # ops.pgd_step takes a numpy eps; the attacks built on it must too (an ε read from a config
+    # or computed with numpy), and give the same batch as with the Python float.
+    model = _linear(4)
+    x = torch.rand(6, 1, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,))
+    # Values exact in float32, so that every conversion gives the same float.
+    for cls, kwargs in [
+        (PGD, {"eps": 0.125, "step_size": 0.03125, "steps": 2}),
+        (FGSM, {"eps": 0.125, "step_size": 0.15625}),
+        (APGD, {"eps": 0.125, "steps": 3, "rho": 0.75}),
+        (TradesAttack, {"eps": 0.125, "step_size": 0.03125, "steps": 2, "init_std": 2.0**-10}),
+        (DeepFool, {"steps": 3, "overshoot": 2.0**-6}),
+    ]:
+        converted = {k: real(v) if isinstance(v, float) else v for k, v in kwargs.items()}
+        converted["clip"] = (real(0.0), real(1.0))
+        torch.manual_seed(1)
+        expected = cls(model, **kwargs)(x, y)
+        torch.manual_seed(1)
+        attack = cls(model, **converted)
+        assert all(type(v) is float for v in (attack.eps, *attack.clip) if v is not None), cls.__name__
+        assert torch.equal(attack(x, y).x_adv, expected.x_adv), cls.__name__
+
+
+def test_argument_errors_name_the_argument_and_the_kind():
+    model = _linear(3).float()
+    with pytest.raises(TypeError, match="eps"):
+        PGD(model, eps="0.1")
+    with pytest.raises(TypeError, match="step_size"):
+        PGD(model, step_size=True)
+    with pytest.raises(ValueError, match="rho"):
+        APGD(model, rho=1.5)
+    with pytest.raises(ValueError, match="candidates"):
+        DeepFool(model, candidates=1)
+    with pytest.raises(ValueError, match=r"norm.*did you mean 'linf'"):
+        PGD(model, norm="linfty")
+    with pytest.raises(ValueError, match="backend"):
+        APGD(model, backend="gpu")
+    with pytest.raises(ValueError, match="clip"):
+        PGD(model, clip=(1.0, 0.0))
+    with pytest.raises(TypeError, match="backend"):
+        DeepFool(model, backend="torch")  # DeepFool runs no fused op: no backend argument
 
 
 @pytest.mark.filterwarnings("ignore:.*all-zero input gradient")

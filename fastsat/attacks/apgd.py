@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from fastsat import ops
-from fastsat._checks import positive_int
-from fastsat.attacks.base import Attack, AttackResult, Candidate, check_number, per_sample
+from fastsat._checks import choice, number, positive_int
+from fastsat.attacks.base import Attack, AttackResult, Candidate, check_backend, per_sample
 
 __all__ = ["APGD", "apgd", "checkpoints", "halve_step"]
 
@@ -77,8 +77,9 @@ class APGD(Attack):
         clip: valid input box (lo, hi), default (0, 1). backend: fastsat.ops backend.
 
     Per sample the result is the last misclassified iterate if there was one, else the
-    iterate of highest loss. ``stats`` hold the alignment statistics of the gradient of the last
-    step and ‖δ‖ of the returned point.
+    iterate of highest loss. ``stats`` is a :class:`fastsat.ops.StepStats`: the alignment
+    statistics of the clean x and the gradient of the last step (⟨x, g⟩, ‖g‖, ‖x‖) and ‖δ‖ of
+    the returned point.
     """
 
     def __init__(
@@ -95,13 +96,12 @@ class APGD(Attack):
         clip: tuple[float, float] = (0.0, 1.0),
         backend: str | None = None,
     ):
-        super().__init__(model, eps=eps, norm=norm, mode=mode, clip=clip, backend=backend)
+        super().__init__(model, eps=eps, norm=norm, mode=mode, clip=clip)
+        self.backend = check_backend(backend)
         self.steps = positive_int(steps, "steps")
         self.restarts = positive_int(restarts, "restarts")
-        if loss not in ("ce", "dlr"):
-            raise ValueError(f"loss: expected 'ce' or 'dlr', got {loss!r}")
-        self.loss = loss
-        self.rho = check_number(rho, "rho")
+        self.loss = choice(loss, "loss", ("ce", "dlr"))
+        self.rho = number(rho, "rho", minimum=0, maximum=1)
 
     def _project(self, v: torch.Tensor, x: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
         """Projection onto the ε-ball around x, then the clip, in place (a zero-step pgd_step)."""

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastsat import ops
+from fastsat._checks import choice, clip_box, number
 from fastsat.grad import InputGrad, _input_grad, check_input, frozen, objective_value
 from fastsat.ops import StepStats, accumulation_dtype
 
 __all__ = ["Attack", "AttackResult"]
 
-_NORMS = ("linf", "l2")
+_MODES = (None, "eval", "train")
 
 
 @dataclass
@@ -42,28 +44,10 @@ class AttackResult:
     stats: StepStats | None
 
 
-def check_number(value: object, name: str, *, positive: bool = False) -> float:
-    """A finite real ≥ 0 (> 0 with positive=True), else ValueError/TypeError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name}: expected a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
-    return float(value)
-
-
-def check_clip(clip: object) -> tuple[float, float]:
-    if not isinstance(clip, (tuple, list)) or len(clip) != 2:
-        raise TypeError(f"clip: expected a pair (lo, hi), got {clip!r}")
-    lo, hi = (check_real(v, "clip") for v in clip)
-    if lo > hi:
-        raise ValueError(f"clip: expected lo <= hi, got {clip!r}")
-    return lo, hi
-
-
-def check_real(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected finite numbers, got {value!r}")
-    return float(value)
+def check_backend(backend: object) -> str | None:
+    """The fastsat.ops backend of an attack: None ($FASTSAT_BACKEND or "auto") or one of
+    :data:`fastsat.ops.BACKENDS`."""
+    return choice(backend, "backend", (None, *ops.BACKENDS))
 
 
 def merge_stats(take_new: torch.Tensor, new: StepStats, old: StepStats) -> StepStats:
@@ -97,22 +81,17 @@ class Attack(abc.ABC):
         norm: str,
         mode: str | None,
         clip: tuple[float, float],
-        backend: str | None,
     ):
-        """eps: radius of the ball the output must stay in (pixel units; None: unbounded, as for
-        DeepFool). norm: "linf" or "l2", the norm of ε and of the reported ‖δ‖."""
+        """eps: radius of the ball the output must stay in (pixel units, any real ≥ 0; None:
+        unbounded, as for DeepFool and CW). norm: "linf" or "l2" (:data:`fastsat.ops.NORMS`), the
+        norm of ε and of the reported ‖δ‖."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if mode not in (None, "eval", "train"):
-            raise ValueError(f"mode: expected None, 'eval' or 'train', got {mode!r}")
-        if norm not in _NORMS:
-            raise ValueError(f"norm: expected one of {_NORMS}, got {norm!r}")
         self.model = model
-        self.eps = None if eps is None else check_number(eps, "eps")
-        self.norm = norm
-        self.mode = mode
-        self.clip = check_clip(clip)
-        self.backend = backend
+        self.eps = number(eps, "eps", minimum=0, allow_none=True)
+        self.norm = choice(norm, "norm", ops.NORMS)
+        self.mode = choice(mode, "mode", _MODES)
+        self.clip = clip_box(clip)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "model")

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsat._checks import positive_int
-from fastsat.attacks.base import Attack, AttackResult, check_number, per_sample
+from fastsat._checks import integer, number, positive_int
+from fastsat.attacks.base import Attack, AttackResult, per_sample
 from fastsat.grad import batched_logit_grads, check_objective_args
 from fastsat.ops import accumulation_dtype
 
@@ -70,14 +70,11 @@ class DeepFool(Attack):
         chunk_size: int | None = None,
         mode: str | None = "eval",
         clip: tuple[float, float] = (0.0, 1.0),
-        backend: str | None = None,
     ):
-        super().__init__(model, eps=None, norm="l2", mode=mode, clip=clip, backend=backend)
+        super().__init__(model, eps=None, norm="l2", mode=mode, clip=clip)
         self.steps = positive_int(steps, "steps")
-        self.overshoot = check_number(overshoot, "overshoot")
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 2:
-            raise ValueError(f"candidates: expected an int >= 2, got {candidates!r}")
-        self.candidates = candidates
+        self.overshoot = number(overshoot, "overshoot", minimum=0)
+        self.candidates = integer(candidates, "candidates", minimum=2)
         self.bisection_steps = positive_int(bisection_steps, "bisection_steps")
         self.chunk_size = positive_int(chunk_size, "chunk_size", allow_none=True)
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from fastsat import ops
-from fastsat._checks import positive_int
-from fastsat.attacks.base import Attack, AttackResult, Candidate, check_number
+from fastsat._checks import choice, number, positive_int
+from fastsat.attacks.base import Attack, AttackResult, Candidate, check_backend
 
 __all__ = ["FGSM", "LOSSES", "PGD", "fgsm", "pgd"]
 
@@ -61,15 +61,15 @@ class PGD(Attack):
         clip: tuple[float, float] = (0.0, 1.0),
         backend: str | None = None,
     ):
-        super().__init__(model, eps=eps, norm=norm, mode=mode, clip=clip, backend=backend)
-        self.step_size = check_number(step_size, "step_size")
+        super().__init__(model, eps=eps, norm=norm, mode=mode, clip=clip)
+        self.backend = check_backend(backend)
+        self.step_size = number(step_size, "step_size", minimum=0)
         self.steps = positive_int(steps, "steps")
         self.random_start = bool(random_start)
         self.restarts = positive_int(restarts, "restarts")
         if self.restarts > 1 and not self.random_start:
             raise ValueError("restarts > 1 needs random_start=True (otherwise every run is the same)")
-        if loss not in LOSSES:
-            raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+        choice(loss, "loss", LOSSES)
         self.targeted = bool(targeted)
         if self.targeted and loss == "dlr":
             # Negated DLR towards the target is constant (−1) whenever the target ranks third.

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from fastsat import ops
-from fastsat._checks import positive_int
-from fastsat.attacks.base import Attack, AttackResult, check_number
+from fastsat._checks import number, positive_int
+from fastsat.attacks.base import Attack, AttackResult, check_backend
 
 __all__ = ["TradesAttack", "trades_attack"]
 
@@ -48,10 +48,11 @@ class TradesAttack(Attack):
         clip: tuple[float, float] = (0.0, 1.0),
         backend: str | None = None,
     ):
-        super().__init__(model, eps=eps, norm="linf", mode=mode, clip=clip, backend=backend)
-        self.step_size = check_number(step_size, "step_size")
+        super().__init__(model, eps=eps, norm="linf", mode=mode, clip=clip)
+        self.backend = check_backend(backend)
+        self.step_size = number(step_size, "step_size", minimum=0)
         self.steps = positive_int(steps, "steps")
-        self.init_std = check_number(init_std, "init_std")
+        self.init_std = number(init_std, "init_std", minimum=0)
 
     def _run(self, x: torch.Tensor, y: torch.Tensor | None, *, need_success: bool) -> AttackResult:
         with torch.no_grad():
