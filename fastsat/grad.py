@@ -15,6 +15,8 @@ Objectives (``value`` is the per-sample quantity whose input gradient is returne
 ``cw``          Carlini–Wagner margin max_{j≠y} Ψ^j(x) − Ψ^y(x) (positive ⇔ misclassified).
 ``dlr``         Croce & Hein's difference of logits ratio
                 −(Ψ^y − max_{j≠y} Ψ^j) / (Ψ^{π1} − Ψ^{π3} + 1e-12), π sorting logits descending; K ≥ 3.
+``dlr_targeted``  Croce & Hein's targeted DLR −(Ψ^y − Ψ^t) / (Ψ^{π1} − (Ψ^{π3} + Ψ^{π4})/2 + 1e-12),
+                t = ``target`` (APGD-T); K ≥ 4.
 ``kl``          KL(softmax(clean_logits) ‖ softmax(Ψ(x))) (the TRADES inner objective).
 ============  ===============================================================================
 """
@@ -44,7 +46,7 @@ __all__ = [
     "objective_value",
 ]
 
-OBJECTIVES = ("logit", "logit_diff", "ce", "cw", "dlr", "kl")
+OBJECTIVES = ("logit", "logit_diff", "ce", "cw", "dlr", "dlr_targeted", "kl")
 _MODES = (None, "eval", "train")
 
 
@@ -140,10 +142,15 @@ def check_objective_args(
     _check_labels("target", target, batch, num_classes)
     _check_labels("other", other, batch, num_classes)
     _check_labels("y", y, batch, num_classes)
-    if objective in ("ce", "cw", "dlr") and y is None:
+    if objective in ("ce", "cw", "dlr", "dlr_targeted") and y is None:
         raise ValueError(f"y: objective {objective!r} needs the labels y, got None")
     if objective == "dlr" and num_classes < 3:
         raise ValueError(f"objective 'dlr' needs at least 3 classes, the model returns {num_classes}")
+    if objective == "dlr_targeted" and (target is None or num_classes < 4):
+        raise ValueError(
+            f"objective 'dlr_targeted' needs the target classes and at least 4 classes, got target "
+            f"{'None' if target is None else 'given'} and {num_classes} classes"
+        )
     if objective in ("logit_diff", "cw", "dlr") and num_classes < 2:
         raise ValueError(f"objective {objective!r} needs at least 2 classes, the model returns {num_classes}")
     if objective == "kl":
@@ -193,6 +200,10 @@ def objective_value(
         z_sorted = z.sort(dim=1, descending=True).values
         margin = z.gather(1, y[:, None]).squeeze(1) - _best_other(z, y)
         return -margin / (z_sorted[:, 0] - z_sorted[:, 2] + 1e-12)
+    if objective == "dlr_targeted":
+        z_sorted = z.sort(dim=1, descending=True).values
+        margin = z.gather(1, y[:, None]).squeeze(1) - z.gather(1, target[:, None]).squeeze(1)
+        return -margin / (z_sorted[:, 0] - (z_sorted[:, 2] + z_sorted[:, 3]) / 2 + 1e-12)
     # kl
     p_clean = F.softmax(clean_logits.to(z.dtype), dim=1)
     return (torch.xlogy(p_clean, p_clean) - p_clean * F.log_softmax(z, dim=1)).sum(dim=1)

@@ -55,6 +55,16 @@ def _hand_gradient(objective, weight, z, x, y, target, other, clean):
         grad_d = (weight[order[:, 0]] - weight[order[:, 2]]).reshape(x.shape)
         s = (-1,) + (1,) * (x.dim() - 1)
         return -(grad_m * d.reshape(s) - m.reshape(s) * grad_d) / d.square().reshape(s)
+    if objective == "dlr_targeted":
+        # value = −m/d, m = z_y − z_t, d = z_π1 − (z_π3 + z_π4)/2: quotient rule.
+        order = z.argsort(dim=1, descending=True)
+        m = (z.gather(1, y[:, None]) - z.gather(1, target[:, None])).squeeze(1)
+        top = z.gather(1, order[:, :4])
+        d = top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + 1e-12
+        grad_m = (weight[y] - weight[target]).reshape(x.shape)
+        grad_d = (weight[order[:, 0]] - (weight[order[:, 2]] + weight[order[:, 3]]) / 2).reshape(x.shape)
+        s = (-1,) + (1,) * (x.dim() - 1)
+        return -(grad_m * d.reshape(s) - m.reshape(s) * grad_d) / d.square().reshape(s)
     # kl: ∂/∂z KL(p ‖ softmax z) = softmax(z) − p.
     return ((probs - F.softmax(clean, dim=1)) @ weight).reshape(x.shape)
 
