@@ -1,4 +1,4 @@
-"""Etmann et al.'s saliency–robustness metrics, per sample, and the analysis that relates them.
+"""Etmann et al.'s saliency–robustness metrics, per sample, and the table and summary that relate them.
 
 "On the Connection Between Adversarial Robustness and Saliency Map Interpretability" (ICML 2019);
 definitions in METHODS.md §1. Notation: Ψ^k is logit k, i* the predicted class at x.
@@ -21,6 +21,11 @@ un-normalised images to measure in pixel space.
 - boundary distance ρ: the L2 norm of the minimal perturbation found by DeepFool + bisection
   (:func:`boundary_distance`).
 
+- the per-sample table of all of these (:func:`analysis_rows`) and its medians and correlations
+  (:func:`analysis_summary`, :func:`pearson`, :func:`spearman`). Writing them to files and plotting
+  them is the report layer's job (:func:`fastsat.report.analyze`); this module imports no plotting
+  library.
+
 The per-sample statistics go through :func:`fastsat.ops.alignment_stats`. Every function runs the
 model in ``mode`` (default "eval") and restores its modes and ``requires_grad`` flags afterwards;
 no parameter ``.grad`` is written.
@@ -28,43 +33,36 @@ no parameter ``.grad`` is written.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import nn
 
-from fastsat import saliency
-from fastsat._checks import positive_int
+from fastsat._checks import choice, describe
 from fastsat.attacks import DeepFool
 from fastsat.grad import check_input, frozen, input_grad, logit_jacobian
 from fastsat.ops import AlignmentStats, alignment_stats
 
 __all__ = [
     "ALIGNMENT_TARGETS",
+    "CORRELATED_PAIRS",
     "TABLE_COLUMNS",
-    "Analysis",
     "BinarizedAlignment",
     "HomogeneityDefect",
     "Linearization",
     "LinearizedRobustness",
-    "analyze",
+    "analysis_rows",
+    "analysis_summary",
     "binarized_alignment",
     "boundary_distance",
+    "finite_pairs",
     "homogeneity_defect",
     "linearization",
     "linearized_robustness",
     "pearson",
-    "plot_saliency_grid",
     "saliency_alignment",
     "spearman",
 ]
@@ -89,8 +87,7 @@ def saliency_alignment(
     properties ``.alignment`` = α (pixel units) and ``.cosine`` ∈ [0, 1].
     """
     check_input(model, x)
-    if target not in ALIGNMENT_TARGETS:
-        raise ValueError(f"target: expected one of {ALIGNMENT_TARGETS}, got {target!r}")
+    choice(target, "target", ALIGNMENT_TARGETS)
     if target != "predicted" and y is None:
         raise ValueError(f"y: target {target!r} needs the labels y, got None")
     if target == "predicted":
@@ -245,14 +242,15 @@ def boundary_distance(
 
 # --- correlations ------------------------------------------------------------------------------
 
-def _finite_pairs(a: Iterable[float], b: Iterable[float]) -> tuple[list[float], list[float]]:
+def finite_pairs(a: Iterable[float], b: Iterable[float]) -> tuple[list[float], list[float]]:
+    """The pairs (a_i, b_i) where both are finite, as two lists (the samples a correlation uses)."""
     pairs = [(float(u), float(v)) for u, v in zip(a, b, strict=True) if math.isfinite(u) and math.isfinite(v)]
     return [u for u, _ in pairs], [v for _, v in pairs]
 
 
 def pearson(a: Iterable[float], b: Iterable[float]) -> float:
     """Pearson correlation of the pairs where both values are finite; NaN if < 2 pairs or constant."""
-    xs, ys = _finite_pairs(a, b)
+    xs, ys = finite_pairs(a, b)
     n = len(xs)
     if n < 2:
         return math.nan
@@ -282,50 +280,68 @@ def _ranks(values: list[float]) -> list[float]:
 
 def spearman(a: Iterable[float], b: Iterable[float]) -> float:
     """Spearman rank correlation (Pearson of average ranks) of the pairs where both are finite."""
-    xs, ys = _finite_pairs(a, b)
+    xs, ys = finite_pairs(a, b)
     return pearson(_ranks(xs), _ranks(ys))
 
 
-# --- analysis ----------------------------------------------------------------------------------
+# --- the per-sample table and its summary ------------------------------------------------------
 
 TABLE_COLUMNS = ("index", "label", "prediction", "alpha", "cosine", "alpha_bin", "rho_tilde", "rho", "beta", "j_star")
 _FLOAT_COLUMNS = ("alpha", "cosine", "alpha_bin", "rho_tilde", "rho", "beta")
-_CORRELATIONS = (("alpha", "rho"), ("alpha_bin", "rho_tilde"))
+#: The (x, y) column pairs whose correlations the summary reports: α against ρ (Etmann's claim)
+#: and α_bin against ρ̃ (equal for positively one-homogeneous networks, Theorem 1).
+CORRELATED_PAIRS = (("alpha", "rho"), ("alpha_bin", "rho_tilde"))
 
 
-@dataclass
-class Analysis:
-    """Result of :func:`analyze`.
+def analysis_rows(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    target: str = "predicted",
+    measure_rho: bool = True,
+    deepfool_kwargs: Mapping[str, Any] | None = None,
+    chunk_size: int | None = None,
+    mode: str | None = "eval",
+    start: int = 0,
+) -> list[dict[str, Any]]:
+    """One table row per sample of the batch: α, cosine, α_bin, ρ̃, ρ, β, i*, j* and the label.
 
-    rows: one dict per sample with the keys :data:`TABLE_COLUMNS` (ints for index / label /
-    prediction / j_star, floats otherwise; rho is NaN where not measured). summary: sample count,
-    accuracy, the median of every float column (over its finite values) and
-    ``pearson_alpha_rho``, ``spearman_alpha_rho``, ``pearson_alpha_bin_rho_tilde``,
-    ``spearman_alpha_bin_rho_tilde`` (over the finite pairs; NaN when undefined).
-    files: what was written, name → path (empty without ``out_dir``).
+    x: (B, ...) images in the model's input (pixel) space, on the model's device. y: (B,) integer
+    labels (recorded, and the labels of target "label"/"loss"). target: the saliency map of α
+    (see :func:`saliency_alignment`). measure_rho: run DeepFool for ρ (``deepfool_kwargs`` go to
+    :class:`fastsat.attacks.DeepFool`); if False ρ is NaN. chunk_size: classes per backward pass
+    of the Jacobian. start: the ``index`` of the first row (the sample's position in the data).
+
+    Returns B dicts with the keys :data:`TABLE_COLUMNS`, in that order: ints for index / label /
+    prediction / j_star, floats (pixel units; β in logit units) for the rest.
     """
-
-    rows: list[dict[str, Any]]
-    summary: dict[str, Any]
-    files: dict[str, Path] = field(default_factory=dict)
-
-
-def _batches(data: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) batches from a tensor pair, or from an iterable of dicts / (x, y) pairs."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        yield data[0], data[1]
-        return
-    if not isinstance(data, Iterable):
-        raise TypeError(f"data: expected an (x, y) tensor pair or an iterable of batches, got {type(data).__name__}")
-    for batch in data:
-        if isinstance(batch, Mapping):
-            if "image" not in batch or "label" not in batch:
-                raise ValueError(f"data: batch dicts need 'image' and 'label' keys, got {sorted(batch)}")
-            yield batch["image"], batch["label"]
-        elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            yield batch[0], batch[1]
-        else:
-            raise TypeError(f"data: expected batches as dicts or (x, y) pairs, got {type(batch).__name__}")
+    choice(target, "target", ALIGNMENT_TARGETS)
+    check_input(model, x)
+    expected = f"({x.shape[0]},) integer labels for images of shape {tuple(x.shape)}"
+    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"y: expected {expected}, got {describe(y)}")
+    if y.shape != x.shape[:1]:
+        raise ValueError(f"y: expected {expected}, got {describe(y)}")
+    y = y.to(device=x.device, dtype=torch.long)
+    lin = linearization(model, x, chunk_size=chunk_size, mode=mode)
+    stats = saliency_alignment(model, x, target=target, y=y, mode=mode)
+    if measure_rho:
+        rho = boundary_distance(model, x, mode=mode, **dict(deepfool_kwargs or {}))
+    else:
+        rho = torch.full((x.shape[0],), math.nan)
+    columns = {
+        "label": y, "prediction": lin.prediction, "alpha": stats.alignment, "cosine": stats.cosine,
+        "alpha_bin": lin.alpha_bin, "rho_tilde": lin.rho_tilde, "rho": rho, "beta": lin.beta,
+        "j_star": lin.j_star,
+    }
+    lists = {k: v.detach().cpu().tolist() for k, v in columns.items()}
+    rows = []
+    for i in range(x.shape[0]):
+        row = {"index": start + i}
+        row.update({k: (float(v[i]) if k in _FLOAT_COLUMNS else int(v[i])) for k, v in lists.items()})
+        rows.append({k: row[k] for k in TABLE_COLUMNS})
+    return rows
 
 
 def _median(values: list[float]) -> float:
@@ -336,228 +352,25 @@ def _median(values: list[float]) -> float:
     return finite[mid] if len(finite) % 2 else (finite[mid - 1] + finite[mid]) / 2
 
 
-def _summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def analysis_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sample count, accuracy and the relations of a table from :func:`analysis_rows`.
+
+    Keys: ``n``, ``accuracy`` (label == prediction), ``median_<column>`` for every float column
+    (over its finite values; NaN when none), and for each pair (a, b) of :data:`CORRELATED_PAIRS`
+    ``pearson_a_b``, ``spearman_a_b`` (over the finite pairs; NaN when undefined) and
+    ``n_pairs_a_b`` (how many finite pairs they used).
+    """
+    if not rows:
+        raise ValueError("rows: expected at least one table row, got none")
     summary: dict[str, Any] = {
         "n": len(rows),
         "accuracy": sum(r["label"] == r["prediction"] for r in rows) / len(rows),
     }
     for name in _FLOAT_COLUMNS:
         summary[f"median_{name}"] = _median([r[name] for r in rows])
-    for a, b in _CORRELATIONS:
+    for a, b in CORRELATED_PAIRS:
         xs, ys = [r[a] for r in rows], [r[b] for r in rows]
         summary[f"pearson_{a}_{b}"] = pearson(xs, ys)
         summary[f"spearman_{a}_{b}"] = spearman(xs, ys)
-        summary[f"n_pairs_{a}_{b}"] = len(_finite_pairs(xs, ys)[0])
+        summary[f"n_pairs_{a}_{b}"] = len(finite_pairs(xs, ys)[0])
     return summary
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``, so a reader
-    never sees a half-written file. (The temporary file is created with the usual permissions,
-    unlike tempfile.mkstemp's 0600.)"""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _json_safe(value: Any) -> Any:
-    """Non-finite floats → None (strict JSON has no NaN/Infinity)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=TABLE_COLUMNS)
-            writer.writeheader()
-            # repr round-trips floats exactly (and writes nan / inf, which float() reads back).
-            writer.writerows({k: repr(v) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
-
-    _write_atomic(path, write)
-
-
-def _write_json(path: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    payload = {
-        "summary": {k: _json_safe(v) for k, v in summary.items()},
-        "rows": [{k: _json_safe(v) for k, v in r.items()} for r in rows],
-    }
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w") as fh:
-            json.dump(payload, fh, indent=1, allow_nan=False)
-
-    _write_atomic(path, write)
-
-
-def _new_figure(figsize: tuple[float, float]) -> Figure:
-    """A figure drawn by the Agg canvas directly: no pyplot state, no display, any thread."""
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_figure(fig: Figure, path: Path) -> None:
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-
-
-def _plot_scatter(path: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    fig = _new_figure((10, 4.5))
-    axes = fig.subplots(1, 2)
-    labels = (("alignment α", "boundary distance ρ"), ("binarized alignment α_bin", "linearized robustness ρ̃"))
-    for ax, (a, b), (xlabel, ylabel) in zip(axes, _CORRELATIONS, labels, strict=True):
-        xs, ys = _finite_pairs([r[a] for r in rows], [r[b] for r in rows])
-        ax.scatter(xs, ys, s=12, alpha=0.7)
-        ax.set_xlabel(f"{xlabel} (pixel units)")
-        ax.set_ylabel(f"{ylabel} (pixel units)")
-        ax.set_title(
-            f"Pearson {summary[f'pearson_{a}_{b}']:.3f}, Spearman {summary[f'spearman_{a}_{b}']:.3f} (n={len(xs)})"
-        )
-    fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def _display_image(x: torch.Tensor) -> Any:
-    """(C, H, W) image → an array imshow can show: RGB for 3 channels, else their mean; scaled to [0, 1]."""
-    img = x.detach().float().cpu()
-    img = img.permute(1, 2, 0) if img.shape[0] == 3 else img.mean(dim=0)
-    return saliency.minmax_scale(img.unsqueeze(0))[0].numpy()
-
-
-def plot_saliency_grid(path: str | os.PathLike[str], x: torch.Tensor, maps: Mapping[str, torch.Tensor]) -> None:
-    """Draw a grid of images and their saliency maps and save it as a PNG at ``path`` (atomically).
-
-    x: (N, C, H, W) images in pixel space, one row each (3 channels shown as RGB, otherwise their
-    mean as grey; min–max scaled per image). maps: column title → (N, C, H, W) or (N, 1, H, W)
-    map for those images (e.g. from :mod:`fastsat.saliency`); each is shown as its magnitude
-    summed over channels, min–max scaled per image. Columns: "input", then ``maps`` in order.
-    Drawn on matplotlib's Agg canvas (no display, no pyplot state).
-    """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x: expected (N, C, H, W) images, got {getattr(x, 'shape', type(x).__name__)}")
-    for name, m in maps.items():
-        if not isinstance(m, torch.Tensor) or m.dim() != 4 or m.shape[0] != x.shape[0] or m.shape[2:] != x.shape[2:]:
-            raise ValueError(
-                f"maps[{name!r}]: expected ({x.shape[0]}, C, {x.shape[2]}, {x.shape[3]}), "
-                f"got {getattr(m, 'shape', type(m).__name__)}"
-            )
-    path = Path(path)
-    n = x.shape[0]
-    columns = ["input", *maps]
-    fig = _new_figure((2 * len(columns), 2 * n))
-    axes = fig.subplots(n, len(columns), squeeze=False)
-    for i in range(n):
-        for c, name in enumerate(columns):
-            ax = axes[i][c]
-            if name == "input":
-                ax.imshow(_display_image(x[i]), cmap="gray")
-            else:
-                # Magnitude summed over channels, scaled per image: where the map is large.
-                magnitude = maps[name][i].abs().sum(dim=0, keepdim=True)
-                ax.imshow(saliency.minmax_scale(magnitude.unsqueeze(0))[0, 0].cpu().numpy(), cmap="inferno")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(name)
-    fig.tight_layout()
-    _save_figure(fig, path)
-
-
-# Deprecated private name, still imported by fastsat/report.py; remove once it uses the public one.
-_plot_saliency_grid = plot_saliency_grid
-
-
-def analyze(
-    model: nn.Module,
-    data: Any,
-    *,
-    out_dir: str | os.PathLike[str] | None = None,
-    target: str = "predicted",
-    measure_rho: bool = True,
-    deepfool_kwargs: Mapping[str, Any] | None = None,
-    chunk_size: int | None = None,
-    grid_samples: int = 8,
-    smoothgrad_kwargs: Mapping[str, Any] | None = None,
-    ig_kwargs: Mapping[str, Any] | None = None,
-    mode: str | None = "eval",
-) -> Analysis:
-    """Measure α, cosine, α_bin, ρ̃, ρ and β for every sample of ``data`` and relate them.
-
-    model: classifier on pixel-space inputs (it normalises inside). data: an (x, y) tensor pair,
-    or an iterable of batches — dicts with "image" and "label" (extra keys ignored) or (x, y)
-    pairs; batches are moved to the model's device. target: the saliency map of α ("predicted",
-    "label" or "loss", see :func:`alignment`). measure_rho: run DeepFool for ρ (``deepfool_kwargs``
-    go to :class:`fastsat.attacks.DeepFool`); if False ρ is NaN. chunk_size: classes per backward
-    pass of the Jacobian. out_dir: if given, writes atomically ``alignment.csv`` (the table),
-    ``alignment.json`` (summary + table; non-finite numbers as null), ``alignment_scatter.png``
-    (α vs ρ and α_bin vs ρ̃) and ``saliency_grid.png`` (input | gradient | SmoothGrad | IG of
-    the predicted class for the first ``grid_samples`` samples; maps as per-pixel magnitude summed
-    over channels, min–max scaled per image; ``smoothgrad_kwargs`` / ``ig_kwargs`` go to
-    :func:`fastsat.saliency.smoothgrad` (seed 0 unless given) /
-    :func:`fastsat.saliency.integrated_gradients`). Figures are drawn on matplotlib's Agg canvas:
-    no display and no pyplot state are touched.
-    Returns :class:`Analysis`.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if target not in ALIGNMENT_TARGETS:
-        raise ValueError(f"target: expected one of {ALIGNMENT_TARGETS}, got {target!r}")
-    positive_int(grid_samples, "grid_samples")
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    rows: list[dict[str, Any]] = []
-    grid_x: torch.Tensor | None = None
-    for x, y in _batches(data):
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise TypeError("data: images and labels must be tensors")
-        x, y = x.to(device), y.to(device=device, dtype=torch.long)
-        if y.shape != x.shape[:1]:
-            raise ValueError(f"data: labels of shape {tuple(y.shape)} do not match images of shape {tuple(x.shape)}")
-        lin = linearization(model, x, chunk_size=chunk_size, mode=mode)
-        stats = saliency_alignment(model, x, target=target, y=y, mode=mode)
-        if measure_rho:
-            rho = boundary_distance(model, x, mode=mode, **dict(deepfool_kwargs or {}))
-        else:
-            rho = torch.full((x.shape[0],), math.nan)
-        columns = {
-            "label": y, "prediction": lin.prediction, "alpha": stats.alignment, "cosine": stats.cosine,
-            "alpha_bin": lin.alpha_bin, "rho_tilde": lin.rho_tilde, "rho": rho, "beta": lin.beta,
-            "j_star": lin.j_star,
-        }
-        lists = {k: v.detach().cpu().tolist() for k, v in columns.items()}
-        for i in range(x.shape[0]):
-            row = {"index": len(rows)}
-            row.update({k: (float(v[i]) if k in _FLOAT_COLUMNS else int(v[i])) for k, v in lists.items()})
-            rows.append({k: row[k] for k in TABLE_COLUMNS})
-        if grid_x is None:
-            grid_x = x[:grid_samples]
-        elif grid_x.shape[0] < grid_samples:
-            grid_x = torch.cat([grid_x, x[: grid_samples - grid_x.shape[0]]])
-    if not rows:
-        raise ValueError("data: no samples")
-    summary = _summarize(rows)
-    files: dict[str, Path] = {}
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        files = {
-            "csv": out / "alignment.csv",
-            "json": out / "alignment.json",
-            "scatter": out / "alignment_scatter.png",
-            "saliency_grid": out / "saliency_grid.png",
-        }
-        _write_csv(files["csv"], rows)
-        _write_json(files["json"], rows, summary)
-        _plot_scatter(files["scatter"], rows, summary)
-        maps = {
-            "gradient": saliency.gradient(model, grid_x, mode=mode),
-            "SmoothGrad": saliency.smoothgrad(model, grid_x, mode=mode, **{"seed": 0, **(smoothgrad_kwargs or {})}),
-            "IG": saliency.integrated_gradients(model, grid_x, mode=mode, **dict(ig_kwargs or {})),
-        }
-        plot_saliency_grid(files["saliency_grid"], grid_x, maps)
-    return Analysis(rows=rows, summary=summary, files=files)

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 from fastsat import data, models
-from fastsat.alignment import analyze
 from fastsat.evaluate import evaluate
-from fastsat.report import markdown_table, robustness_curves, write_report
+from fastsat.report import analyze, markdown_table, robustness_curves, write_report
 from fastsat.train import fit, sat_probability
 
 __all__ = ["DEMO_RECIPES", "run_demo"]

@@ -1,5 +1,5 @@
 """Tests of fastsat.alignment: Etmann et al.'s identities on tiny analytic models, the
-correlation formulas, and the files analyze() writes.
+correlation formulas and the per-sample table; the module's imports.
 
 Models are float64 on 2×8×8 inputs. fastsat.grad returns input gradients and Jacobians in
 float32, so quantities built from them carry float32 rounding (relative ≈ 6e-8 per element,
@@ -8,14 +8,13 @@ summed over 128 elements of either sign); the tolerances below state how much of
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
-from matplotlib.image import imread
 from torch import nn
 
 from fastsat import alignment as al
@@ -250,104 +249,40 @@ def test_spearman_with_ties_and_non_finite_values() -> None:
     assert math.isnan(al.spearman([1.0], [2.0]))
 
 
-# --- analyze -----------------------------------------------------------------------------------
-
-def read_csv_rows(path) -> list[dict[str, float]]:
-    with open(path, newline="") as fh:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
-def same_number(a: float | None, b: float) -> bool:
-    """JSON writes non-finite numbers as null."""
-    return (a is None and not math.isfinite(b)) or a == b
+# --- the table -----------------------------------------------------------------------------------
+
+def test_analysis_rows_of_the_linear_binary_model_are_lemma_1() -> None:
+    torch.manual_seed(10)
+    w = torch.randn(D, dtype=torch.float64)
+    x = 0.25 + 0.5 * images(4)  # the minimal step stays inside the [0, 1] box (see above)
+    y = torch.tensor([0, 1, 1, 0])
+    rows = al.analysis_rows(linear_binary(w), x, y, start=7)
+    assert [list(r) for r in rows] == [list(al.TABLE_COLUMNS)] * 4
+    assert [r["index"] for r in rows] == [7, 8, 9, 10] and [r["label"] for r in rows] == y.tolist()
+    score = x.flatten(1) @ w
+    distance = score.abs() / w.norm()
+    cosine = distance / x.flatten(1).norm(dim=1)
+    assert [r["prediction"] for r in rows] == (score < 0).long().tolist()
+    assert [r["j_star"] for r in rows] == (score >= 0).long().tolist()
+    for name, want in (("alpha", distance), ("alpha_bin", distance), ("rho_tilde", distance), ("rho", distance),
+                       ("cosine", cosine)):
+        err = rel_err(torch.tensor([r[name] for r in rows]), want)
+        assert err.max() < 1e-5, f"{name} vs Lemma 1: relative errors {err.tolist()}"
+    summary = al.analysis_summary(rows)
+    assert summary["n"] == 4 and summary["accuracy"] == (y == (score < 0).long()).double().mean().item()
+    assert summary["n_pairs_alpha_rho"] == 4
+    with pytest.raises(TypeError, match="y: expected"):
+        al.analysis_rows(linear_binary(w), x, y.double())
+    with pytest.raises(ValueError, match="y: expected"):
+        al.analysis_rows(linear_binary(w), x, y[:3])
+    with pytest.raises(ValueError, match="rows"):
+        al.analysis_summary([])
 
 
-def test_analyze_writes_files_that_match_the_table(tmp_path) -> None:
-    torch.manual_seed(7)
-    model, x = relu_net(bias=True), images(10)
-    y = torch.randint(0, K, (10,))
-    batches = [{"image": x[:4], "label": y[:4], "index": 0}, (x[4:], y[4:])]
-    result = al.analyze(
-        model, batches, out_dir=tmp_path / "out", grid_samples=3,
-        smoothgrad_kwargs={"n_samples": 3}, ig_kwargs={"steps": 4}, deepfool_kwargs={},
-    )
-    rows = result.rows
-    assert [r["index"] for r in rows] == list(range(10))
-    assert [r["label"] for r in rows] == y.tolist()
-    # The table holds what the per-sample functions return.
-    lin = al.linearization(model, x)
-    stats = al.saliency_alignment(model, x)
-    for col, want in (("alpha", stats.alignment), ("alpha_bin", lin.alpha_bin), ("rho_tilde", lin.rho_tilde),
-                      ("beta", lin.beta), ("prediction", lin.prediction), ("cosine", stats.cosine)):
-        got = torch.tensor([r[col] for r in rows], dtype=want.dtype)
-        assert torch.allclose(got, want, rtol=1e-12, atol=0), f"column {col} differs from the direct call"
-    rho = torch.tensor([r["rho"] for r in rows], dtype=torch.float64)
-    assert rho.isfinite().all(), f"ρ not measured: {rho.tolist()}"
-    assert torch.equal(rho, al.boundary_distance(model, x)), "column rho differs from boundary_distance"
-
-    assert set(result.files) == {"csv", "json", "scatter", "saliency_grid"}
-    csv_rows = read_csv_rows(result.files["csv"])
-    assert len(csv_rows) == 10
-    for got, want in zip(csv_rows, rows, strict=True):
-        for k, v in want.items():
-            assert got[k] == v or (math.isnan(got[k]) and math.isnan(v)), f"CSV {k}: {got[k]!r} vs {v!r}"
-    payload = json.loads(result.files["json"].read_text())
-    for got, want in zip(payload["rows"], rows, strict=True):
-        assert all(same_number(got[k], v) for k, v in want.items()), f"JSON row {got} vs {want}"
-    assert all(same_number(payload["summary"][k], v) if isinstance(v, float) else payload["summary"][k] == v
-               for k, v in result.summary.items())
-    # The summary is recomputed from the table with the reference formulas.
-    s = result.summary
-    assert s["n"] == 10 and s["accuracy"] == sum(r["label"] == r["prediction"] for r in rows) / 10
-    alphas = sorted(r["alpha"] for r in rows)
-    assert s["median_alpha"] == (alphas[4] + alphas[5]) / 2
-    ab, rt = [r["alpha_bin"] for r in rows], [r["rho_tilde"] for r in rows]
-    assert s["pearson_alpha_bin_rho_tilde"] == pytest.approx(pearson_textbook(ab, rt), rel=1e-9)
-    assert s["pearson_alpha_rho"] == pytest.approx(pearson_textbook([r["alpha"] for r in rows], rho.tolist()), rel=1e-9)
-    # PNGs decode; the grid has one 200-px row per grid sample and 4 columns (input | 3 maps).
-    scatter = imread(result.files["scatter"])
-    assert scatter.shape[:2] == (450, 1000)
-    grid = imread(result.files["saliency_grid"])
-    assert grid.shape[:2] == (3 * 200, 4 * 200)
-    assert not list((tmp_path / "out").glob(".*.tmp")), "temporary files left behind"
-
-
-def test_analyze_without_rho_and_from_a_tensor_pair() -> None:
-    torch.manual_seed(8)
-    model, x = relu_net(bias=False), images(5)
-    y = torch.randint(0, K, (5,))
-    result = al.analyze(model, (x, y), measure_rho=False)
-    assert result.files == {}
-    assert all(math.isnan(r["rho"]) for r in result.rows)
-    assert math.isnan(result.summary["pearson_alpha_rho"]) and result.summary["n_pairs_alpha_rho"] == 0
-    # Bias-free: α_bin = ρ̃ for every sample, so their correlations are 1.
-    assert result.summary["spearman_alpha_bin_rho_tilde"] == pytest.approx(1.0, abs=1e-12)
-
-
-def test_analyze_rejects_bad_data() -> None:
-    model = relu_net(bias=True)
-    with pytest.raises(ValueError, match="image"):
-        al.analyze(model, [{"x": images(2), "label": torch.zeros(2, dtype=torch.long)}], measure_rho=False)
-    with pytest.raises(ValueError, match="labels"):
-        al.analyze(model, (images(3), torch.zeros(2, dtype=torch.long)), measure_rho=False)
-    with pytest.raises(ValueError, match="no samples"):
-        al.analyze(model, [], measure_rho=False)
-    with pytest.raises(ValueError, match="target"):
-        al.analyze(model, (images(3), torch.zeros(3, dtype=torch.long)), target="logit")
-
-
-def test_plot_saliency_grid_is_public_takes_any_map_shape_and_checks_it(tmp_path) -> None:
-    torch.manual_seed(9)
-    x = images(2).float()
-    maps = {"gradient": torch.randn(2, C, H, W), "Grad-CAM++": torch.rand(2, 1, H, W)}
-    path = tmp_path / "grid.png"
-    al.plot_saliency_grid(str(path), x, maps)
-    # One 200-px row per image, one 200-px column for the input and each map.
-    assert imread(path).shape[:2] == (2 * 200, 3 * 200)
-    assert not list(tmp_path.glob(".*.tmp")), "temporary file left behind"
-    # The old private name stays an alias until fastsat/report.py imports the public one.
-    assert al._plot_saliency_grid is al.plot_saliency_grid
-    with pytest.raises(ValueError, match=r"maps\['bad'\]"):
-        al.plot_saliency_grid(path, x, {"bad": torch.rand(3, 1, H, W)})
-    with pytest.raises(ValueError, match="x: expected"):
-        al.plot_saliency_grid(path, x[0], maps)
+def test_importing_the_metrics_does_not_import_matplotlib() -> None:
+    # Plotting is the report layer's job; the metrics (and evaluation) must import without it.
+    code = "import sys, fastsat.alignment, fastsat.evaluate; print(sorted(m for m in sys.modules if 'matplotlib' in m))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"matplotlib modules imported: {out.stdout.strip()}"

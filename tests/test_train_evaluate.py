@@ -1,10 +1,13 @@
-"""fastsat.evaluate: clean and robust accuracy at a list of ε, alignment from the attack's own statistics."""
+"""fastsat.evaluate: clean and robust accuracy at a list of ε, Etmann's alignment at the clean input,
+and the last-iterate alignment from the attack's own statistics."""
 
 import pytest
 import torch
 from test_train_recipes import tiny_data, tiny_model
+from torch import nn
 
-from fastsat.attacks import PGD
+from fastsat.alignment import saliency_alignment
+from fastsat.attacks import APGD, PGD
 from fastsat.evaluate import evaluate
 
 
@@ -21,14 +24,53 @@ def test_evaluate_against_a_direct_computation():
     pgd, apgd = report["attacks"]["pgd"], report["attacks"]["apgd-ce"]
     assert pgd[0]["acc"] == report["clean_acc"] and apgd[0]["acc"] == report["clean_acc"]
     assert pgd[1]["acc"] <= report["clean_acc"] and apgd[1]["acc"] <= report["clean_acc"]
-    assert apgd[1]["alignment"] is None
-    # Same seed, same attack: the robust accuracy and the mean alignment/cosine of its last step.
+    assert pgd[0]["last_iterate_alignment"] is None and apgd[0]["last_iterate_cosine"] is None, (
+        "ε = 0 runs no attack, so it has no last iterate"
+    )
+    # Same seed, same attacks in the same order: the robust accuracy and the mean alignment/cosine
+    # of each attack's last step (APGD reports them too).
     torch.manual_seed(3)
     result = PGD(model, eps=8 / 255, step_size=2 / 255, steps=3, random_start=True)(x, y)
+    apgd_result = APGD(model, eps=8 / 255, steps=3)(x, y)
+    assert apgd[1]["acc"] == (correct & ~apgd_result.success).float().mean().item()
+    assert apgd[1]["last_iterate_alignment"] == pytest.approx(apgd_result.stats.alignment.mean().item(), rel=1e-6)
+    assert apgd[1]["last_iterate_cosine"] == pytest.approx(apgd_result.stats.cosine.mean().item(), rel=1e-6)
     assert pgd[1]["acc"] == (correct & ~result.success).float().mean().item()
     # float64 sums of float32 values vs a float32 mean: ~1e-7 relative.
-    assert pgd[1]["alignment"] == pytest.approx(result.stats.alignment.mean().item(), rel=1e-6)
-    assert pgd[1]["cosine"] == pytest.approx(result.stats.cosine.mean().item(), rel=1e-6)
+    assert pgd[1]["last_iterate_alignment"] == pytest.approx(result.stats.alignment.mean().item(), rel=1e-6)
+    assert pgd[1]["last_iterate_cosine"] == pytest.approx(result.stats.cosine.mean().item(), rel=1e-6)
+    # The clean-input alignment is the predicted logit's saliency map at x.
+    clean = saliency_alignment(model, x)
+    assert report["alignment"] == pytest.approx(clean.alignment.mean().item(), rel=1e-6)
+    assert report["cosine"] == pytest.approx(clean.cosine.mean().item(), rel=1e-6)
+
+
+def test_evaluate_alignment_is_at_the_clean_input_for_a_linear_model():
+    # Ψ(x) = Wx + b: the predicted logit's gradient at x is W[i*], so α = |⟨x, W[i*]⟩| / ‖W[i*]‖
+    # exactly. With 3 classes the loss gradient at PGD's last iterate, Σ_k (p_k − y_k) W[k], points
+    # elsewhere, so the last-iterate alignment is a different number, reported separately.
+    torch.manual_seed(4)
+    d = 3 * 6 * 6
+    model = nn.Sequential(nn.Flatten(), nn.Linear(d, 3)).double()
+    x = torch.rand(20, 3, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    w = model[1].weight.detach()
+    w_star = w[model(x).argmax(1)]
+    alpha = (x.flatten(1) * w_star).sum(1).abs() / w_star.norm(dim=1)
+    cosine = alpha / x.flatten(1).norm(dim=1)
+    torch.manual_seed(5)
+    report = evaluate(model, (x, y), eps=[8 / 255], steps=3)
+    assert report["alignment"] == pytest.approx(alpha.mean().item(), rel=1e-9)
+    assert report["cosine"] == pytest.approx(cosine.mean().item(), rel=1e-9)
+    torch.manual_seed(5)
+    stats = PGD(model, eps=8 / 255, step_size=2 / 255, steps=3, random_start=True)(x, y).stats
+    row = report["attacks"]["pgd"][0]
+    assert row["last_iterate_alignment"] == pytest.approx(stats.alignment.mean().item(), rel=1e-9)
+    assert row["last_iterate_cosine"] == pytest.approx(stats.cosine.mean().item(), rel=1e-9)
+    assert abs(row["last_iterate_alignment"] - report["alignment"]) > 0.05 * report["alignment"], (
+        "the test needs the two alignments to differ"
+    )
+    assert set(row) == {"eps", "acc", "last_iterate_alignment", "last_iterate_cosine"}
 
 
 def test_evaluate_batches_and_max_samples_agree():
@@ -52,3 +94,21 @@ def test_evaluate_bad_arguments():
     # A fractional count would otherwise surface as a slicing TypeError deep in the loop.
     with pytest.raises(ValueError, match="max_samples"):
         evaluate(model, data, max_samples=2.5)
+    with pytest.raises(ValueError, match="norm"):
+        evaluate(model, data, norm="l3")
+    with pytest.raises(ValueError, match="step_size"):
+        evaluate(model, data, step_size=0.0)
+    with pytest.raises(TypeError, match="attacks"):
+        evaluate(model, data, attacks="pgd")
+    with pytest.raises(TypeError, match="eps"):
+        evaluate(model, data, eps=8 / 255)
+
+
+def test_evaluate_rejects_repeated_radii_and_attacks():
+    # A repeat used to be summed twice into the same row (robust accuracy up to 2).
+    model = tiny_model()
+    data = tiny_data(4)
+    with pytest.raises(ValueError, match="eps"):
+        evaluate(model, data, eps=[8 / 255, 8 / 255], steps=1)
+    with pytest.raises(ValueError, match="attacks"):
+        evaluate(model, data, eps=[0.0], attacks=["pgd", "pgd"])

@@ -1,6 +1,6 @@
-"""Figures and the Markdown/HTML report of a set of runs (used by ``fastsat demo``).
+"""The Markdown and HTML report of a set of runs (used by ``fastsat demo``).
 
-Everything is written atomically; the HTML file is self-contained (figures embedded as base64
+Both files are written atomically; the HTML file is self-contained (figures embedded as base64
 PNG), the Markdown file links the PNG files next to it.
 """
 
@@ -11,65 +11,12 @@ import html
 import math
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+from fastsat._io import atomic_write_text
 
-from fastsat.train.checkpoint import atomic_write_text
-
-__all__ = ["markdown_table", "robustness_curves", "saliency_grid", "write_report"]
-
-
-def _figure(size):
-    # The object-oriented API with the Agg canvas: no pyplot state, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def saliency_grid(path: str | os.PathLike, images: torch.Tensor, maps: dict[str, torch.Tensor]) -> Path:
-    """PNG grid: one row per image, columns input | each map (per-pixel magnitude summed over
-    channels, min–max scaled per image). images: (N, C, H, W) in [0, 1]; maps: name → (N, C|1, H, W)."""
-    from fastsat.alignment import _plot_saliency_grid
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _plot_saliency_grid(path, images, maps)
-    return path
-
-
-def robustness_curves(path: str | os.PathLike, curves: dict[str, Sequence[tuple[float, float]]]) -> Path:
-    """Robust accuracy against ε: ``curves`` maps a run name to (ε in pixel units, accuracy) points."""
-    fig = _figure((6, 4))
-    ax = fig.subplots()
-    for name, points in curves.items():
-        eps, acc = zip(*sorted(points))
-        ax.plot([e * 255 for e in eps], acc, marker="o", label=name)
-    ax.set_xlabel("ε (pixel units × 255)")
-    ax.set_ylabel("accuracy under PGD")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _save(fig, Path(path))
+__all__ = ["markdown_table", "write_report"]
 
 
 def _cell(value) -> str:
@@ -81,6 +28,8 @@ def _cell(value) -> str:
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[dict]) -> str:
+    """A Markdown table: one column per name in ``columns``, one line per row (floats to 3
+    decimals; None, NaN and missing values as "–")."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
