@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 
 from fastsat.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     AnnotatedDataset,
     ImageFiles,
     boxes_from_masks,
@@ -68,12 +70,16 @@ def test_cifar10(tmp_path):
     assert len(cifar10(tmp_path, train=False)) == 2
     resized = cifar10(tmp_path, train=False, size=16)
     assert resized.images.shape == (2, 3, 16, 16)
+    # The published CIFAR-10 training statistics, whatever the split or size (not these random pixels').
+    for ds in (train, resized):
+        assert ds.mean == (0.4914, 0.4822, 0.4465) and ds.std == (0.2470, 0.2435, 0.2616)
 
 
 def test_cifar100_and_errors(tmp_path):
     _, labels = _cifar_batch(tmp_path / "train", 4, "fine_labels", 100)
     ds = cifar100(tmp_path)
     assert ds.labels.tolist() == labels and ds.num_classes == 100
+    assert ds.mean == (0.5071, 0.4865, 0.4409) and ds.std == (0.2673, 0.2564, 0.2762)
     with pytest.raises(FileNotFoundError, match="test"):
         cifar100(tmp_path, train=False)
     (tmp_path / "test").write_bytes(b"\x80\x04garbage")
@@ -121,6 +127,9 @@ def test_tiny_imagenet(tmp_path):
     val = tiny_imagenet(tmp_path, split="val", size=32)  # boxes scale with the image (x2)
     assert val[0]["label"].item() == 1 and val[0]["box"].tolist() == [4, 6, 16, 20]
     assert val[0]["image"].shape == (3, 32, 32)
+    assert train.mean == IMAGENET_MEAN == (0.485, 0.456, 0.406) and train.std == IMAGENET_STD == (0.229, 0.224, 0.225)
+    resident = train.materialize()  # decoded into whole tensors, still normalised like ImageNet
+    assert resident.mean == IMAGENET_MEAN and resident.std == IMAGENET_STD
 
 
 def test_tiny_imagenet_errors(tmp_path):
@@ -181,6 +190,7 @@ def test_flowers17(tmp_path):
     assert len(everything) == 4 and set(everything[0]) == {"image", "label"}
     split = flowers17(tmp_path, size=8, indices=[81])
     assert len(split) == 1 and split[0]["label"].item() == 1
+    assert ds.mean == IMAGENET_MEAN and ds.std == IMAGENET_STD
 
 
 def test_flowers17_errors(tmp_path):
@@ -229,6 +239,7 @@ def test_image_folder_voc(tmp_path):
         image_folder(root, annotations=ann, missing_boxes="error")
     plain = image_folder(root, size=8)
     assert len(plain) == 3 and set(plain[0]) == {"image", "label"}
+    assert plain.mean == IMAGENET_MEAN and plain.std == IMAGENET_STD
     batches = loader(ds, batch_size=2, resident=False)
     (batch,) = list(batches)
     assert batch["image"].shape == (2, 3, 10, 20) and batch["box"].shape == (2, 4)
@@ -280,6 +291,7 @@ def test_oxford_pets(tmp_path):
     assert sample["box"].tolist() == [4, 3, 11, 9]
     test = oxford_pets(tmp_path, split="test", size=6)
     assert len(test) == 1 and test[0]["mask"].shape == (1, 6, 6)
+    assert test.mean == IMAGENET_MEAN and test.std == IMAGENET_STD
     resident = loader(ds, batch_size=2, resident=True)
     (batch,) = list(resident)
     assert torch.equal(batch["mask"][1, 0], want)

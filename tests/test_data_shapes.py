@@ -35,6 +35,19 @@ def test_types_and_shapes(small):
     torch.testing.assert_close(sample["image"], small.images[5].float() / 255, rtol=0, atol=0)
 
 
+def test_mean_std_are_the_images_statistics(small):
+    """shapes' normalisation statistics are computed from its own images (float64 reference)."""
+    pixels = small.images.double().div(255).transpose(0, 1).flatten(1)  # (C, N*H*W)
+    assert isinstance(small.mean, tuple) and isinstance(small.std, tuple) and len(small.mean) == 3
+    torch.testing.assert_close(torch.tensor(small.mean, dtype=torch.float64), pixels.mean(1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.tensor(small.std, dtype=torch.float64), pixels.std(1, unbiased=False),
+                               rtol=0, atol=1e-12)
+    # A split of the data keeps the statistics of the whole; another seed has its own.
+    part = small.subset(slice(0, 10))
+    assert part.mean == small.mean and part.std == small.std
+    assert generate_shapes(96, size=16, num_classes=12, seed=4).mean != small.mean
+
+
 def test_labels_balanced_per_chunk():
     labels = generate_shapes(512, size=8, num_classes=12, seed=0).labels  # exactly one chunk
     counts = torch.bincount(labels, minlength=12)
@@ -98,6 +111,7 @@ def test_cache_roundtrip_env_and_corruption(tmp_path, monkeypatch):
     assert len(files) == 1 and files[0].suffix == ".pt", files  # no temporary file left behind
     again = shapes(20, size=16, seed=2)
     assert isinstance(again, AnnotatedDataset) and torch.equal(first.images, again.images)
+    assert again.mean == first.mean and again.std == first.std
     assert torch.equal(first.masks, again.masks) and torch.equal(first.boxes, again.boxes)
     files[0].write_bytes(b"not a torch file")
     with pytest.warns(UserWarning, match="unreadable"):
@@ -120,12 +134,17 @@ def test_cache_roundtrip_env_and_corruption(tmp_path, monkeypatch):
         ({"n": 4, "num_classes": 13}, "num_classes:"),
         ({"n": 4, "num_classes": 1}, "num_classes:"),
         ({"n": 4, "seed": -1}, "seed:"),
+        ({"n": 4, "size": 16.0}, "size:"),
     ],
 )
-def test_bad_arguments(kwargs, match):
+def test_bad_arguments(kwargs, match, tmp_path):
     n = kwargs.pop("n")
     with pytest.raises(ValueError, match=match):
         generate_shapes(n, **kwargs)
+    with pytest.raises(ValueError, match=match):  # checked before the cache is looked at
+        shapes(n, cache_dir=tmp_path, **kwargs)
+    with pytest.raises(TypeError, match="n: expected"):
+        generate_shapes("4")
 
 
 def test_generation_restores_thread_count():

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from fastsat.data import generate_shapes
 from fastsat.models import Normalize, PreActResNet, ResNet, SmallCNN, WideResNet, create, default_cam_layer, names
 
 # Tiny configurations of every registered name (keeps each forward to milliseconds).
@@ -101,8 +102,33 @@ def test_biased_model_is_not_homogeneous():
             nn.init.uniform_(m.bias, 0.1, 0.2)
     x = torch.rand(2, 3, 12, 12)
     assert (model(2 * x) - 2 * model(x)).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="mean"):
-        SmallCNN(num_classes=5, bias=False, mean=(0.5, 0.5, 0.5))
+
+
+@pytest.mark.parametrize("name", ["smallcnn", "resnet", "preact", "wrn"])
+def test_bias_free_models_refuse_an_input_mean(name):
+    """Subtracting a mean is a bias: every bias-free family refuses it with the one shared message
+    (the residual networks used to accept it and silently stop being homogeneous)."""
+    build = {
+        "smallcnn": lambda **kw: SmallCNN(num_classes=5, width=4, hidden=16, bias=False, **kw),
+        "resnet": lambda **kw: ResNet(10, num_classes=5, width=4, norm="none", bias=False, **kw),
+        "preact": lambda **kw: PreActResNet(num_classes=5, width=4, blocks=(1, 1, 1, 1), norm="none", bias=False, **kw),
+        "wrn": lambda **kw: WideResNet(10, 1, num_classes=5, norm="none", bias=False, **kw),
+    }[name]
+    with pytest.raises(ValueError, match=r"mean: expected None for a bias-free network .*Theorem 1.*got tuple \(0\.5,"):
+        build(mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
+    # Dividing by std alone is linear: the network stays exactly homogeneous (powers of two are exact).
+    torch.manual_seed(4)
+    model = build(std=(0.25, 0.5, 2.0)).eval()
+    x = torch.rand(3, 3, 12, 12) + 0.1
+    assert torch.equal(model(4.0 * x), 4.0 * model(x))
+
+
+def test_mean_allowed_where_the_network_has_biases_anyway():
+    """Batch norm (a shift) or a classifier bias already make the network inhomogeneous."""
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)
+    ResNet(10, num_classes=5, width=4, bias=False, mean=mean, std=std)  # norm="batch"
+    WideResNet(10, 1, num_classes=5, norm="none", bias=True, mean=mean, std=std)
+    SmallCNN(num_classes=5, width=4, hidden=16, mean=mean, std=std)
 
 
 @pytest.mark.parametrize("name", ["smallcnn", "resnet10", "wrn-28-10"])
@@ -131,8 +157,28 @@ def test_normalize_validation_and_identity():
     )
     with pytest.raises(ValueError, match="mean: expected 3 values"):
         Normalize((0.5,), None, 3)
-    with pytest.raises(ValueError, match="std: expected positive"):
+    with pytest.raises(ValueError, match="std: expected a finite number > 0, got 0.0"):
         Normalize(None, (1.0, 0.0, 1.0), 3)
+
+
+@pytest.mark.parametrize("name", ["smallcnn", "preactresnet18", "wrn-28-10"])
+def test_create_with_a_data_sets_statistics_normalises(name):
+    """``create(..., mean=ds.mean, std=ds.std)`` standardises that data set's pixels per channel,
+    and the default does no arithmetic at all."""
+    data = generate_shapes(64, size=16, seed=5)
+    x = data.images.float() / 255
+    default = create(name, num_classes=data.num_classes, **TINY[name])
+    assert not default.normalize.enabled and default.normalize(x) is x
+    model = create(name, num_classes=data.num_classes, mean=data.mean, std=data.std, **TINY[name])
+    z = model.normalize(x).double()
+    # The statistics are those of these very images, so the result has mean 0 and std 1 per
+    # channel up to float32 rounding of (x - m) / s (|z| < 5 here: error ~ 5 * 2^-24 per pixel).
+    torch.testing.assert_close(z.mean((0, 2, 3)), torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(z.std((0, 2, 3), unbiased=False), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-6)
+    # And the model's first layer is exactly that map: a model without it, fed z, agrees bit for bit.
+    plain = copy.deepcopy(model).eval()
+    plain.normalize = Normalize(None, None, 3)
+    torch.testing.assert_close(model.eval()(x), plain(model.normalize(x)), rtol=0, atol=0)
 
 
 def test_cam_layer():
@@ -163,8 +209,10 @@ def test_relu_backward_hooks_work():
 
 
 def test_create_errors():
-    with pytest.raises(ValueError, match=r"unknown model 'vgg'.*resnet18"):
+    with pytest.raises(ValueError, match=r"name: expected one of .*'resnet18'.*, got 'vgg'"):
         create("vgg", num_classes=3)
+    with pytest.raises(TypeError, match="name: expected a model name"):
+        create(18, num_classes=3)
     with pytest.raises(ValueError, match="num_classes"):
         create("resnet18", num_classes=0)
     with pytest.raises(ValueError, match="depth"):

@@ -4,6 +4,8 @@ A sample is ``{"image": float32 (C, H, W) in [0, 1] (pixel space), "label": int6
 "box": int64 (4,) (optional), "mask": bool (1, H, W) (optional)}``; boxes are half-open pixel
 coordinates ``(x0, y0, x1, y1)`` (columns ``x0 <= c < x1``, rows ``y0 <= r < y1``) and
 ``(0, 0, 0, 0)`` is the empty box. A batch is the same dict with a leading batch dimension.
+Every data set has ``.mean`` and ``.std`` (per channel, pixel units of [0, 1] images) to build a
+model that normalises like it: ``models.create(name, num_classes=..., mean=ds.mean, std=ds.std)``.
 
 Typical use::
 
@@ -17,9 +19,22 @@ Typical use::
 
 from .augment import Augment, crop_shift, hflip, resize
 from .batch import as_batch, make_loader
-from .dataset import EMPTY_BOX, AnnotatedDataset, boxes_from_masks, clip_boxes, rescale_boxes
+from .dataset import (
+    EMPTY_BOX,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AnnotatedDataset,
+    boxes_from_masks,
+    channel_stats,
+    clip_boxes,
+    rescale_boxes,
+)
 from .loader import DeviceLoader, WorkerLoader, loader
 from .readers import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
     FLOWERS17_CLASSES,
     ImageFiles,
     Record,
@@ -33,8 +48,14 @@ from .readers import (
 from .shapes import SHAPE_NAMES, default_cache_dir, generate_shapes, shapes
 
 __all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
     "EMPTY_BOX",
     "FLOWERS17_CLASSES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "SHAPE_NAMES",
     "AnnotatedDataset",
     "Augment",
@@ -44,6 +65,7 @@ __all__ = [
     "WorkerLoader",
     "as_batch",
     "boxes_from_masks",
+    "channel_stats",
     "cifar10",
     "cifar100",
     "clip_boxes",

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastsat._checks import describe, integer
+
 from .dataset import clip_boxes, rescale_boxes
 
 __all__ = ["Augment", "crop_shift", "hflip", "resize"]
@@ -134,12 +136,11 @@ class Augment:
     size: int | tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.padding, int) or self.padding < 0:
-            raise ValueError(f"padding: expected a non-negative int (pixels), got {self.padding!r}")
+        object.__setattr__(self, "padding", integer(self.padding, "padding", minimum=0))
         if self.size is not None:
             size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
-            if len(size) != 2 or min(size) < 1:
-                raise ValueError(f"size: expected a positive int or (H, W), got {self.size!r}")
+            if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
+                raise ValueError(f"size: expected a positive int or (H, W) in pixels, got {describe(self.size)}")
             object.__setattr__(self, "size", size)
 
     def __call__(

@@ -9,6 +9,9 @@ Conventions used throughout :mod:`fastsat.data`:
 * A **box** is ``(x0, y0, x1, y1)`` in half-open pixel coordinates: the object covers columns
   ``x0 <= c < x1`` and rows ``y0 <= r < y1``. The empty box is ``(0, 0, 0, 0)`` (it covers no
   pixel, so a box-based saliency map is -1 everywhere).
+* Every data set has ``.mean`` and ``.std``: per-channel tuples in pixel units of [0, 1] images,
+  the statistics a model should normalise its input with
+  (``fastsat.models.create(name, num_classes=..., mean=ds.mean, std=ds.std)``).
 """
 
 from __future__ import annotations
@@ -17,17 +20,64 @@ from collections.abc import Sequence
 
 import torch
 
+from fastsat._checks import describe, number
+
 __all__ = [
     "EMPTY_BOX",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "AnnotatedDataset",
     "boxes_from_masks",
+    "channel_stats",
     "check_labels",
+    "check_stats",
     "clip_boxes",
     "rescale_boxes",
 ]
 
 #: The box that covers no pixel.
 EMPTY_BOX = (0, 0, 0, 0)
+
+#: ImageNet's per-channel RGB mean and standard deviation in pixel units of [0, 1] images (the
+#: published values every ImageNet model uses); fastsat's readers of ImageNet-style photographs
+#: (Tiny ImageNet, Flowers-17, ImageFolder, Oxford-IIIT Pet, shards) report them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Stats = tuple[float, ...]
+
+
+def channel_stats(images: torch.Tensor) -> tuple[Stats, Stats]:
+    """Exact per-channel mean and (population) standard deviation of uint8 images, in pixel units
+    of [0, 1] images.
+
+    Args:
+        images: uint8 (N, C, H, W), pixel value = 255 * intensity.
+
+    Returns:
+        ``(mean, std)``, two tuples of C floats. Computed from a 256-bin histogram per channel in
+        float64, so there is no rounding from summing millions of values and no float copy.
+    """
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        raise TypeError(f"images: expected a uint8 tensor of shape (N, C, H, W), got {describe(images)}")
+    values = torch.arange(256, dtype=torch.float64) / 255
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        counts = torch.bincount(images[:, c].reshape(-1), minlength=256).double()
+        p = counts / counts.sum()
+        mean = float((p * values).sum())
+        means.append(mean)
+        stds.append(float((p * (values - mean) ** 2).sum().sqrt()))
+    return tuple(means), tuple(stds)
+
+
+def check_stats(mean: Sequence[float], std: Sequence[float], channels: int) -> tuple[Stats, Stats]:
+    """``(mean, std)`` as tuples of ``channels`` floats, each mean in [0, 1] and each std > 0."""
+    for name, value in (("mean", mean), ("std", std)):
+        if not isinstance(value, Sequence) or len(value) != channels:
+            raise ValueError(f"{name}: expected {channels} values (one per channel), got {describe(value)}")
+    return (tuple(number(m, "mean", minimum=0, maximum=1) for m in mean),
+            tuple(number(s, "std", minimum=0, exclusive_min=True) for s in std))  # fmt: skip
 
 
 def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
@@ -128,6 +178,10 @@ class AnnotatedDataset(torch.utils.data.Dataset):
         boxes: int64 (N, 4) half-open pixel boxes ``(x0, y0, x1, y1)``, or None.
         masks: bool (N, 1, H, W) object masks, or None.
         classes: list of ``num_classes`` class names.
+        mean, std: per-channel tuples (pixel units of [0, 1] images), the statistics a model
+            should normalise with: as given to the constructor (a reader passes the published
+            values of its data set), else computed exactly from ``images`` on first access
+            (:func:`channel_stats`).
 
     ``dataset[i]`` returns the sample dict described in :mod:`fastsat.data.dataset`.
     """
@@ -140,10 +194,12 @@ class AnnotatedDataset(torch.utils.data.Dataset):
         classes: Sequence[str],
         boxes: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-            raise TypeError("images: expected a uint8 tensor of shape (N, C, H, W)")
-        n, _, h, w = images.shape
+            raise TypeError(f"images: expected a uint8 tensor of shape (N, C, H, W), got {describe(images)}")
+        n, c, h, w = images.shape
         if labels.dtype != torch.int64 or labels.shape != (n,):
             raise TypeError(f"labels: expected int64 of shape ({n},), got {labels.dtype} {tuple(labels.shape)}")
         check_labels(labels, len(classes), "labels")
@@ -159,6 +215,24 @@ class AnnotatedDataset(torch.utils.data.Dataset):
         self.boxes = boxes
         self.masks = masks
         self.classes = list(classes)
+        if (mean is None) != (std is None):
+            raise ValueError(f"mean, std: expected both or neither, got mean={describe(mean)}, std={describe(std)}")
+        self._stats = None if mean is None else check_stats(mean, std, c)
+
+    @property
+    def mean(self) -> Stats:
+        """Per-channel mean (pixel units of [0, 1] images)."""
+        return self._channel_stats()[0]
+
+    @property
+    def std(self) -> Stats:
+        """Per-channel standard deviation (pixel units of [0, 1] images)."""
+        return self._channel_stats()[1]
+
+    def _channel_stats(self) -> tuple[Stats, Stats]:
+        if self._stats is None:
+            self._stats = channel_stats(self.images)
+        return self._stats
 
     @property
     def num_classes(self) -> int:
@@ -181,7 +255,10 @@ class AnnotatedDataset(torch.utils.data.Dataset):
         return sample
 
     def subset(self, indices: torch.Tensor | Sequence[int] | slice) -> AnnotatedDataset:
-        """The samples at ``indices`` (a slice, index list or int64/bool tensor) as a new dataset."""
+        """The samples at ``indices`` (a slice, index list or int64/bool tensor) as a new dataset.
+
+        It keeps this data set's ``mean`` and ``std``: a split of the training data is normalised
+        like the rest of it."""
         if not isinstance(indices, slice):
             indices = torch.as_tensor(indices)
         return AnnotatedDataset(
@@ -190,13 +267,16 @@ class AnnotatedDataset(torch.utils.data.Dataset):
             classes=self.classes,
             boxes=None if self.boxes is None else self.boxes[indices],
             masks=None if self.masks is None else self.masks[indices],
+            mean=self.mean,
+            std=self.std,
         )
 
     @classmethod
     def from_samples(cls, dataset: torch.utils.data.Dataset, classes: Sequence[str]) -> AnnotatedDataset:
         """Decode every sample of a map-style ``dataset`` (e.g. a file reader) into whole tensors.
 
-        All samples must have the same image size (readers resize to one size).
+        All samples must have the same image size (readers resize to one size). The result keeps
+        ``dataset.mean``/``dataset.std`` when it has them, else computes them from the images.
         """
         samples = [dataset[i] for i in range(len(dataset))]
         if not samples:
@@ -205,4 +285,5 @@ class AnnotatedDataset(torch.utils.data.Dataset):
         labels = torch.stack([torch.as_tensor(s["label"]) for s in samples]).long()
         boxes = torch.stack([s["box"] for s in samples]) if "box" in samples[0] else None
         masks = torch.stack([s["mask"] for s in samples]) if "mask" in samples[0] else None
-        return cls(images, labels, classes=classes, boxes=boxes, masks=masks)
+        mean, std = getattr(dataset, "mean", None), getattr(dataset, "std", None)
+        return cls(images, labels, classes=classes, boxes=boxes, masks=masks, mean=mean, std=std)

@@ -13,6 +13,9 @@ from collections.abc import Iterator
 
 import torch
 
+from fastsat._checks import integer, positive_int
+from fastsat._checks import seed as check_seed
+
 from .augment import Augment
 from .dataset import AnnotatedDataset
 
@@ -29,8 +32,7 @@ class _Loader:
     """Shared state: batch size, shuffling, augmentation, device and the (seed, epoch) counter."""
 
     def __init__(self, dataset, *, batch_size, shuffle, augment, device, seed, drop_last) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        batch_size = positive_int(batch_size, "batch_size")
         if augment is True:
             augment = Augment()
         elif augment is False:
@@ -44,7 +46,7 @@ class _Loader:
         self.shuffle = bool(shuffle)
         self.augment = augment
         self.device = torch.device(device)
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.drop_last = bool(drop_last)
         self.epoch = 0
 
@@ -106,9 +108,7 @@ class WorkerLoader(_Loader):
 
     def __init__(self, dataset: torch.utils.data.Dataset, *, num_workers: int = 0, **kw) -> None:
         super().__init__(dataset, **kw)
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers: expected a non-negative int, got {num_workers!r}")
-        self.num_workers = num_workers
+        self.num_workers = integer(num_workers, "num_workers", minimum=0)
 
     def __iter__(self) -> Iterator[Batch]:
         order_gen, aug_gen = self._generators()

@@ -23,6 +23,13 @@ ValueError naming the file.
 
 Images are decoded with Pillow and resized with its antialiased bilinear filter; masks with
 nearest neighbour; boxes with :func:`~fastsat.data.dataset.rescale_boxes`.
+
+Normalisation statistics (``.mean``/``.std``, per channel, pixel units of [0, 1] images): CIFAR-10
+and CIFAR-100 report the published statistics of their training sets (:data:`CIFAR10_MEAN` ...;
+the exact population values, not the often-copied (0.2023, 0.1994, 0.2010), which averages
+per-image standard deviations); the photograph readers report ImageNet's
+(:data:`~fastsat.data.dataset.IMAGENET_MEAN`, :data:`~fastsat.data.dataset.IMAGENET_STD`), the
+standard for ImageNet-style data. Test splits report the training statistics too.
 """
 
 from __future__ import annotations
@@ -39,10 +46,25 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fastsat._checks import choice, describe
+
 from .augment import resize
-from .dataset import AnnotatedDataset, boxes_from_masks, check_labels, clip_boxes, rescale_boxes
+from .dataset import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AnnotatedDataset,
+    boxes_from_masks,
+    check_labels,
+    check_stats,
+    clip_boxes,
+    rescale_boxes,
+)
 
 __all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
     "FLOWERS17_CLASSES",
     "ImageFiles",
     "cifar10",
@@ -62,6 +84,13 @@ FLOWERS17_CLASSES = (
     "windflower", "pansy",
 )  # fmt: skip
 
+#: Per-channel RGB mean and standard deviation of the CIFAR-10 / CIFAR-100 training images, in
+#: pixel units of [0, 1] images (over all 50,000 x 32 x 32 pixels).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
 
 def _require(path: Path) -> Path:
     if not path.exists():
@@ -72,9 +101,9 @@ def _require(path: Path) -> Path:
 def _size_hw(size: int | Sequence[int] | None) -> tuple[int, int] | None:
     if size is None:
         return None
-    hw = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
-    if len(hw) != 2 or min(hw) < 1:
-        raise ValueError(f"size: expected a positive int or (H, W) in pixels, got {size!r}")
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if len(hw) != 2 or not all(isinstance(s, int) and s >= 1 for s in hw):
+        raise ValueError(f"size: expected a positive int or (H, W) in pixels, got {describe(size)}")
     return hw
 
 
@@ -113,6 +142,8 @@ class ImageFiles(torch.utils.data.Dataset):
         parse: reads ``Record.annotation`` (see :data:`AnnotationParser`); needed unless every
             annotation is a ``Record.box``.
         where: the index file or directory the records come from (named in label errors).
+        mean, std: the per-channel statistics a model should normalise with (pixel units of
+            [0, 1] images); default ImageNet's.
 
     ``dataset[i]`` returns ``{"image": float32 (3, H, W) in [0, 1], "label": int64 (),
     "box": int64 (4,)?, "mask": bool (1, H, W)?}``. ``materialize()`` decodes everything into an
@@ -128,9 +159,10 @@ class ImageFiles(torch.utils.data.Dataset):
         annotations: str = "none",
         parse: AnnotationParser | None = None,
         where: str | os.PathLike = "records",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        if annotations not in ("none", "box", "mask"):
-            raise ValueError(f"annotations: expected 'none', 'box' or 'mask', got {annotations!r}")
+        choice(annotations, "annotations", ("none", "box", "mask"))
         if not records:
             raise ValueError(f"{where}: no samples found")
         check_labels(torch.tensor([r.label for r in records]), len(classes), str(where))
@@ -139,6 +171,7 @@ class ImageFiles(torch.utils.data.Dataset):
         self.size = _size_hw(size)
         self.annotations = annotations
         self.parse = parse
+        self.mean, self.std = check_stats(mean, std, 3)
 
     @property
     def num_classes(self) -> int:
@@ -218,7 +251,7 @@ def _unpickle(path: Path) -> dict[str, object]:
     raise ValueError(f"{path}: not a CIFAR pickle batch (expected a dict, got {type(blob).__name__})")
 
 
-def _cifar(files: list[Path], label_key: str, classes: list[str], size) -> AnnotatedDataset:
+def _cifar(files: list[Path], label_key: str, classes: list[str], size, stats: tuple) -> AnnotatedDataset:
     images, labels = [], []
     for path in files:
         blob = _unpickle(path)
@@ -234,7 +267,8 @@ def _cifar(files: list[Path], label_key: str, classes: list[str], size) -> Annot
         check_labels(batch_labels, len(classes), str(path))
         images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
         labels.append(batch_labels)
-    data = AnnotatedDataset(torch.cat(images), torch.cat(labels), classes=classes)
+    mean, std = stats
+    data = AnnotatedDataset(torch.cat(images), torch.cat(labels), classes=classes, mean=mean, std=std)
     hw = _size_hw(size)
     if hw is None or hw == (32, 32):
         return data
@@ -242,7 +276,7 @@ def _cifar(files: list[Path], label_key: str, classes: list[str], size) -> Annot
         resize({"image": data.images[i : i + 1024].float().div_(255)}, hw)["image"].mul_(255).round_().to(torch.uint8)
         for i in range(0, len(data), 1024)
     ]
-    return AnnotatedDataset(torch.cat(resized), data.labels, classes=classes)
+    return AnnotatedDataset(torch.cat(resized), data.labels, classes=classes, mean=mean, std=std)
 
 
 def _meta_names(path: Path, key: str, count: int) -> list[str]:
@@ -265,22 +299,25 @@ def cifar10(
         train: the 50,000 training images, else the 10,000 test images.
         size: output (H, W) in pixels; None keeps 32x32.
 
+    ``.mean``/``.std`` are :data:`CIFAR10_MEAN`/:data:`CIFAR10_STD` (for either split).
+
     Note: the batches are Python pickles; only read files you trust.
     """
     root = Path(root)
     files = [root / f"data_batch_{i}" for i in range(1, 6)] if train else [root / "test_batch"]
     classes = _meta_names(root / "batches.meta", "label_names", 10)
-    return _cifar(files, "labels", classes, size)
+    return _cifar(files, "labels", classes, size, (CIFAR10_MEAN, CIFAR10_STD))
 
 
 def cifar100(
     root: str | os.PathLike, *, train: bool = True, size: int | Sequence[int] | None = None
 ) -> AnnotatedDataset:
     """CIFAR-100 (fine labels, 100 classes) from ``root`` (``cifar-100-python``): files ``train``,
-    ``test`` and optionally ``meta``. Arguments as :func:`cifar10`."""
+    ``test`` and optionally ``meta``. Arguments as :func:`cifar10`; ``.mean``/``.std`` are
+    :data:`CIFAR100_MEAN`/:data:`CIFAR100_STD`."""
     root = Path(root)
     classes = _meta_names(root / "meta", "fine_label_names", 100)
-    return _cifar([root / ("train" if train else "test")], "fine_labels", classes, size)
+    return _cifar([root / ("train" if train else "test")], "fine_labels", classes, size, (CIFAR100_MEAN, CIFAR100_STD))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,6 +356,7 @@ def tiny_imagenet(
 
     Box corners in the files are inclusive pixel indices; samples carry them half-open.
     """
+    choice(split, "split", ("train", "val"))
     root = Path(root)
     wnids_file = root / "wnids.txt"
     wnids = [fields[0] for _, fields in _read_lines(wnids_file)]
@@ -338,7 +376,7 @@ def tiny_imagenet(
                 image = root / "train" / wnid / "images" / fields[0]
                 records.append(Record(_require(image), index[wnid], box_of(fields[1:], boxes_file, lineno)))
         where = root / "train"
-    elif split == "val":
+    else:
         where = root / "val" / "val_annotations.txt"
         for lineno, fields in _read_lines(where):
             if len(fields) != 6:
@@ -347,8 +385,6 @@ def tiny_imagenet(
                 raise ValueError(f"{where}:{lineno}: class {fields[1]!r} is not in {wnids_file} (label out of range)")
             image = root / "val" / "images" / fields[0]
             records.append(Record(_require(image), index[fields[1]], box_of(fields[2:], where, lineno)))
-    else:
-        raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
     return ImageFiles(records, wnids, size=size, annotations="box", where=where)
 
 
@@ -468,8 +504,7 @@ def image_folder(
     A sample's box is the union of all ``<bndbox>`` elements in its XML (corners read as VOC's
     1-based inclusive pixels); the XML's ``<size>``, when present, must match the image.
     """
-    if missing_boxes not in ("skip", "error", "full"):
-        raise ValueError(f"missing_boxes: expected 'skip', 'error' or 'full', got {missing_boxes!r}")
+    choice(missing_boxes, "missing_boxes", ("skip", "error", "full"))
     root = _require(Path(root))
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     xml_files = {}
@@ -514,8 +549,7 @@ def oxford_pets(
     mask's tight box.
     """
     root = Path(root)
-    if split not in (None, "trainval", "test"):
-        raise ValueError(f"split: expected None, 'trainval' or 'test', got {split!r}")
+    choice(split, "split", (None, "trainval", "test"))
     index_file = root / "annotations" / ("list.txt" if split is None else f"{split}.txt")
     records, names = [], {}
     for lineno, fields in _read_lines(index_file):

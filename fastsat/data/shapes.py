@@ -26,6 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fastsat._checks import integer, positive_int
+from fastsat._checks import seed as check_seed
+from fastsat._io import atomic_save
+
 from .dataset import AnnotatedDataset, boxes_from_masks
 
 __all__ = ["SHAPE_NAMES", "default_cache_dir", "generate_shapes", "shapes"]
@@ -178,16 +182,17 @@ def _chunk(count: int, size: int, num_classes: int, seed: int) -> tuple[torch.Te
     return images, labels, mask
 
 
+def _checked(n: object, size: object, num_classes: object, seed: object) -> tuple[int, int, int, int]:
+    """The arguments of :func:`shapes` as Python ints, or a ValueError/TypeError naming the bad one."""
+    num_classes = integer(num_classes, "num_classes", minimum=2)
+    if num_classes > len(SHAPE_NAMES):
+        raise ValueError(f"num_classes: expected an integer in [2, {len(SHAPE_NAMES)}], got {num_classes}")
+    return positive_int(n, "n"), integer(size, "size", minimum=8), num_classes, check_seed(seed)
+
+
 def generate_shapes(n: int, *, size: int = 32, num_classes: int = 10, seed: int = 0) -> AnnotatedDataset:
     """Generate the shapes data in memory (no cache). See :func:`shapes` for the arguments."""
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a positive int, got {n!r}")
-    if not isinstance(size, int) or size < 8:
-        raise ValueError(f"size: expected an int >= 8 (pixels), got {size!r}")
-    if not isinstance(num_classes, int) or not 2 <= num_classes <= len(SHAPE_NAMES):
-        raise ValueError(f"num_classes: expected an int in [2, {len(SHAPE_NAMES)}], got {num_classes!r}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    n, size, num_classes, seed = _checked(n, size, num_classes, seed)
     chunk = max(16, min(512, _CHUNK_PIXELS // (size * size)))
     images, labels, masks = [], [], []
     with _one_thread():
@@ -228,13 +233,15 @@ def shapes(
             Use different seeds for training and test data.
         cache_dir: directory of the on-disk cache; None uses :func:`default_cache_dir`
             (``$FASTSAT_CACHE`` or ``~/.cache/fastsat``), False disables caching. Cache files are
-            written atomically (temporary file + ``os.replace``); an unreadable one is regenerated.
+            written atomically (:func:`fastsat._io.atomic_save`); an unreadable one is regenerated.
 
     Returns:
         :class:`AnnotatedDataset` with images uint8 (n, 3, size, size), labels int64 (n,),
         boxes int64 (n, 4) (half-open pixel coordinates, tight box of the mask), masks bool
         (n, 1, size, size). ``dataset[i]`` gives the sample dict with a float32 image in [0, 1].
+        ``.mean``/``.std`` are the exact per-channel statistics of these images.
     """
+    n, size, num_classes, seed = _checked(n, size, num_classes, seed)
     if cache_dir is False:
         return generate_shapes(n, size=size, num_classes=num_classes, seed=seed)
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -253,8 +260,5 @@ def shapes(
             # A truncated or foreign file: regenerate it.
             warnings.warn(f"shapes cache {path} is unreadable ({err}); regenerating it", stacklevel=2)
     data = generate_shapes(n, size=size, num_classes=num_classes, seed=seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save({"images": data.images, "labels": data.labels, "boxes": data.boxes, "masks": data.masks}, tmp)
-    os.replace(tmp, path)
+    atomic_save({"images": data.images, "labels": data.labels, "boxes": data.boxes, "masks": data.masks}, path)
     return data

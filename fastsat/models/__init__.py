@@ -2,9 +2,11 @@
 
 Every model takes images (B, C, H, W) in [0, 1] (pixel space, so ε and saliency maps stay in
 pixel units), applies its own :class:`Normalize` first and returns logits (B, num_classes).
-No torchvision needed. Example::
+The normalisation constants come from the data: every :mod:`fastsat.data` data set has ``.mean``
+and ``.std``; without them :class:`Normalize` is the identity. No torchvision needed. Example::
 
-    model = create("preactresnet18", num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
+    train = fastsat.data.cifar10("cifar-10-batches-py")
+    model = create("preactresnet18", num_classes=10, mean=train.mean, std=train.std)
     layer = default_cam_layer(model)     # model.layer4, for Grad-CAM++
     names()                              # what create() accepts
 """
@@ -15,7 +17,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .layers import Normalize, default_cam_layer, init_weights
+from fastsat._checks import choice, describe, positive_int
+
+from .layers import Normalize, check_homogeneous_input, default_cam_layer, init_weights
 from .resnet import PreActResNet, ResNet, WideResNet
 from .small import SmallCNN
 
@@ -25,6 +29,7 @@ __all__ = [
     "ResNet",
     "SmallCNN",
     "WideResNet",
+    "check_homogeneous_input",
     "create",
     "default_cam_layer",
     "init_weights",
@@ -65,8 +70,16 @@ def create(
             "wrn-28-10", "smallcnn".
         num_classes: K, the number of logits.
         in_channels: C of the input images.
-        mean, std: per-channel input normalisation in pixel units (None: none), see
-            :class:`Normalize`.
+        mean, std: per-channel input normalisation ``(x - mean) / std`` in pixel units of [0, 1]
+            images, length ``in_channels``, see :class:`Normalize`. The default (None, None)
+            does no normalisation at all: the model sees the [0, 1] pixels as they are (what
+            Etmann et al. and Mangla et al. train on, and what a bias-free network needs). To
+            normalise with a data set's statistics, pass them:
+            ``create(name, num_classes=ds.num_classes, mean=ds.mean, std=ds.std)``; every
+            :mod:`fastsat.data` data set has them (the published values for CIFAR-10/100 and
+            ImageNet-style data, measured ones for shapes). Bias-free networks (``bias=False``,
+            and ``norm="none"`` for the residual ones) refuse a ``mean``: see
+            :func:`check_homogeneous_input`.
         **kw: passed to the model class, overriding the name's defaults, e.g. ``stem="imagenet"``
             or ``width=8`` for ResNets, ``depth=10, widen=1`` for WRNs, ``bias=False`` for
             SmallCNN, ``norm="none"`` for the residual networks.
@@ -74,11 +87,10 @@ def create(
     Returns:
         The model (in training mode), with a ``cam_layer`` attribute naming its last conv stage.
     """
-    if not isinstance(name, str) or name.lower() not in _REGISTRY:
-        raise ValueError(f"name: unknown model {name!r}; expected one of {names()}")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
-    if not isinstance(in_channels, int) or in_channels < 1:
-        raise ValueError(f"in_channels: expected a positive int, got {in_channels!r}")
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a model name (str), got {describe(name)}")
+    choice(name.lower(), "name", names())
+    num_classes = positive_int(num_classes, "num_classes")
+    in_channels = positive_int(in_channels, "in_channels")
     cls, defaults = _REGISTRY[name.lower()]
     return cls(**{**defaults, **kw}, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)

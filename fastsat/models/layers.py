@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["Normalize", "default_cam_layer", "init_weights"]
+from fastsat._checks import describe, number
+
+__all__ = ["Normalize", "check_homogeneous_input", "default_cam_layer", "init_weights"]
 
 
 class Normalize(nn.Module):
@@ -30,12 +32,12 @@ class Normalize(nn.Module):
         super().__init__()
         for name, value in (("mean", mean), ("std", std)):
             if value is not None and len(value) != channels:
-                raise ValueError(f"{name}: expected {channels} values (one per input channel), got {len(value)}")
-        if std is not None and min(std) <= 0:
-            raise ValueError(f"std: expected positive values, got {list(std)}")
+                raise ValueError(f"{name}: expected {channels} values (one per input channel), got {describe(value)}")
+        mean = None if mean is None else [number(m, "mean") for m in mean]
+        std = None if std is None else [number(s, "std", minimum=0, exclusive_min=True) for s in std]
         self.enabled = mean is not None or std is not None
-        mean_t = torch.zeros(channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
-        std_t = torch.ones(channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        mean_t = torch.zeros(channels) if mean is None else torch.tensor(mean, dtype=torch.float32)
+        std_t = torch.ones(channels) if std is None else torch.tensor(std, dtype=torch.float32)
         self.register_buffer("mean", mean_t.view(1, channels, 1, 1))
         self.register_buffer("std", std_t.view(1, channels, 1, 1))
 
@@ -48,6 +50,29 @@ class Normalize(nn.Module):
         if not self.enabled:
             return "identity"
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+def check_homogeneous_input(mean: Sequence[float] | None, bias_free: bool, why: str) -> None:
+    """Refuse an input mean for a network built to be bias-free.
+
+    A bias-free ReLU network is positively one-homogeneous, Ψ(λx) = λΨ(x) for λ > 0, which is
+    what makes Euler's identity and Etmann et al.'s Theorem 1 (ρ̃ = α_bin) exact. Subtracting a
+    mean before the first layer is a bias, so it silently breaks that; dividing by ``std`` alone is
+    linear and allowed.
+
+    Args:
+        mean: the model's ``mean`` argument.
+        bias_free: whether the model's other arguments make it bias-free.
+        why: those arguments, for the message, e.g. ``'bias=False, norm="none"'``.
+
+    Raises:
+        ValueError: ``bias_free`` and ``mean`` is not None.
+    """
+    if bias_free and mean is not None:
+        raise ValueError(
+            f"mean: expected None for a bias-free network ({why}): subtracting a mean is a bias and breaks "
+            f"positive homogeneity (Etmann et al., Theorem 1); pass std alone, got {describe(mean)}"
+        )
 
 
 def init_weights(model: nn.Module) -> None:

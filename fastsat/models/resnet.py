@@ -5,8 +5,9 @@ All take pixel-space input (B, in_channels, H, W) in [0, 1], normalise it with t
 pooling makes them work at any input size (8x8 for tests, 32x32, 224x224).
 
 ``norm="none"`` removes the normalisation layers; with ``bias=False`` (no bias in the classifier)
-and ``mean=None``, such a network is built from bias-free convolutions, ReLUs, sums and average
-pooling, so it is positively one-homogeneous: Ψ(λx) = λΨ(x) for λ > 0.
+such a network is built from bias-free convolutions, ReLUs, sums and average pooling, so it is
+positively one-homogeneous: Ψ(λx) = λΨ(x) for λ > 0. It then refuses an input ``mean`` (a bias;
+``std`` alone is allowed), see :func:`~fastsat.models.layers.check_homogeneous_input`.
 
 ReLUs are never in-place, so module backward hooks (guided backprop) and double backprop work.
 """
@@ -18,17 +19,25 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .layers import Normalize, init_weights
+from fastsat._checks import choice, integer, positive_int
+
+from .layers import Normalize, check_homogeneous_input, init_weights
 
 __all__ = ["PreActResNet", "ResNet", "WideResNet"]
 
 
+_NORMS = ("batch", "none")
+_BIAS_FREE = 'bias=False, norm="none"'
+
+
 def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"norm: expected 'batch' or 'none', got {kind!r}")
+    return nn.BatchNorm2d(channels) if kind == "batch" else nn.Identity()
+
+
+def _check_common(norm: str, bias: bool, mean: Sequence[float] | None) -> None:
+    """The checks every residual network shares: the norm kind and the bias-free mean rule."""
+    choice(norm, "norm", _NORMS)
+    check_homogeneous_input(mean, norm == "none" and not bias, _BIAS_FREE)
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -117,21 +126,20 @@ class ResNet(nn.Module):
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        if depth not in _LAYOUTS:
-            raise ValueError(f"depth: expected one of {sorted(_LAYOUTS)}, got {depth!r}")
+        choice(depth, "depth", sorted(_LAYOUTS))
+        choice(stem, "stem", ("cifar", "imagenet"))
+        _check_common(norm, bias, mean)
         block, counts = _LAYOUTS[depth]
         self.normalize = Normalize(mean, std, in_channels)
         if stem == "cifar":
             self.stem = nn.Sequential(_conv3x3(in_channels, width), _norm(norm, width), nn.ReLU())
-        elif stem == "imagenet":
+        else:
             self.stem = nn.Sequential(
                 nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False),
                 _norm(norm, width),
                 nn.ReLU(),
                 nn.MaxPool2d(3, stride=2, padding=1),
             )
-        else:
-            raise ValueError(f"stem: expected 'cifar' or 'imagenet', got {stem!r}")
         cin, stages = width, []
         for i, count in enumerate(counts):
             blocks = []
@@ -204,8 +212,10 @@ class PreActResNet(nn.Module):
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        if len(blocks) != 4 or min(blocks) < 1:
+        if len(blocks) != 4:
             raise ValueError(f"blocks: expected 4 positive counts, got {tuple(blocks)}")
+        blocks = [positive_int(count, "blocks") for count in blocks]
+        _check_common(norm, bias, mean)
         self.normalize = Normalize(mean, std, in_channels)
         self.stem = _conv3x3(in_channels, width)
         cin, stages = width, []
@@ -253,10 +263,10 @@ class WideResNet(nn.Module):
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        if depth < 10 or (depth - 4) % 6:
+        if integer(depth, "depth", minimum=10) % 6 != 4:
             raise ValueError(f"depth: expected 6n + 4 with n >= 1 (e.g. 28, 34), got {depth!r}")
-        if widen < 1:
-            raise ValueError(f"widen: expected a positive int, got {widen!r}")
+        positive_int(widen, "widen")
+        _check_common(norm, bias, mean)
         n = (depth - 4) // 6
         widths = (16, 16 * widen, 32 * widen, 64 * widen)
         self.normalize = Normalize(mean, std, in_channels)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .layers import Normalize, init_weights
+from .layers import Normalize, check_homogeneous_input, init_weights
 
 __all__ = ["SmallCNN"]
 
@@ -23,9 +23,10 @@ class SmallCNN(nn.Module):
         in_channels: C of the input (1 for MNIST, 3 for shapes/CIFAR).
         width: channels of the first convolution (32); the second has twice as many.
         hidden: units of the hidden linear layer (1024).
-        bias: False removes every bias; with ``mean=None`` the network is then built from
-            bias-free linear maps, ReLU, max- and average-pooling only, hence positively
-            one-homogeneous: Ψ(λx) = λΨ(x) for λ > 0 (Etmann et al., Theorem 1).
+        bias: False removes every bias; the network is then built from bias-free linear maps,
+            ReLU, max- and average-pooling only, hence positively one-homogeneous:
+            Ψ(λx) = λΨ(x) for λ > 0 (Etmann et al., Theorem 1), and refuses an input ``mean``
+            (a bias; ``std`` alone is allowed), see :func:`~fastsat.models.layers.check_homogeneous_input`.
         mean, std: input normalisation (pixel units), see :class:`Normalize`.
 
     Shapes: (B, C, H, W) in [0, 1] -> logits (B, K). ``cam_layer = "features"``.
@@ -45,8 +46,7 @@ class SmallCNN(nn.Module):
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        if bias is False and mean is not None:
-            raise ValueError("mean: must be None when bias=False (a mean shift is a bias)")
+        check_homogeneous_input(mean, not bias, "bias=False")
         self.normalize = Normalize(mean, std, in_channels)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 5, padding=2, bias=bias),
