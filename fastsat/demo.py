@@ -15,15 +15,18 @@ import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from fastsat import data, models
+from fastsat._checks import choice, number, positive_int
+from fastsat._checks import seed as check_seed
 from fastsat.evaluate import evaluate
 from fastsat.report import analyze, markdown_table, robustness_curves, write_report
 from fastsat.train import fit, sat_probability
 
-__all__ = ["DEMO_RECIPES", "run_demo"]
+__all__ = ["DEMO_RECIPES", "EVAL_EPS", "VERDICTS", "Comparison", "Finding", "compare", "findings", "run_demo", "sat_verdicts"]
 
 #: run name → (recipe, recipe options). ε = 8/255 for every adversarial recipe.
 DEMO_RECIPES: dict[str, tuple[str, dict]] = {
@@ -74,11 +77,11 @@ def run_demo(
     sizes = dict(_QUICK if quick else _FULL)
     for key, value in (("epochs", epochs), ("n_train", n_train), ("n_test", n_test), ("image_size", image_size)):
         if value is not None:
-            sizes[key] = value
-    names = list(DEMO_RECIPES) if recipes is None else list(recipes)
-    unknown = [n for n in names if n not in DEMO_RECIPES]
-    if unknown or not names:
-        raise ValueError(f"recipes: expected names from {list(DEMO_RECIPES)}, got {names}")
+            sizes[key] = positive_int(value, key)
+    names = list(DEMO_RECIPES) if recipes is None else [choice(n, "recipes", list(DEMO_RECIPES)) for n in recipes]
+    if not names:
+        raise ValueError(f"recipes: expected at least one of {list(DEMO_RECIPES)}, got none")
+    seed = check_seed(seed)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     out_dir = Path(out_dir)
     started = time.perf_counter()
@@ -172,48 +175,103 @@ def _markdown(results: dict, sizes: dict, device: torch.device, wall: float, cur
     ]
     for name, r in results.items():
         lines += [f"## {name}", ""]
-        for key in ("alignment_scatter", "saliency_grid"):
-            path = next((p for k, p in r["files"].items() if key in str(k) or key in str(p)), None)
-            if path is not None:
-                lines += [f"![{name} {key}]({Path(path).relative_to(out_dir).as_posix()})", ""]
+        for key in ("scatter", "saliency_grid"):
+            lines += [f"![{name} {key}]({r['files'][key].relative_to(out_dir).as_posix()})", ""]
     return "\n".join(lines)
 
 
-def _compare(a: float, b: float, n: int) -> str:
-    """'higher than' / 'lower than' / 'not distinguishable from' / 'equal to': a difference of two accuracies on
-    n test images counts only beyond two standard errors of that difference."""
-    se = math.sqrt((a * (1 - a) + b * (1 - b)) / n)
-    diff = a - b
+class Comparison(NamedTuple):
+    """Two accuracies measured on the same n test images, and what their difference says.
+
+    value, reference: the accuracies (fractions of n). difference: value − reference.
+    standard_error: of that difference, sqrt((value(1 − value) + reference(1 − reference)) / n)
+    (binomial standard errors of the two, combined as if independent). verdict: one of
+    :data:`VERDICTS` — "equal" when the difference is 0; "higher" / "lower" when it exceeds two
+    standard errors; "indistinguishable" otherwise.
+    """
+
+    value: float
+    reference: float
+    difference: float
+    standard_error: float
+    verdict: str
+
+
+VERDICTS = ("higher", "lower", "indistinguishable", "equal")
+
+
+def compare(value: float, reference: float, n: int) -> Comparison:
+    """Compare two accuracies on ``n`` test images (see :class:`Comparison`)."""
+    value = number(value, "value", minimum=0, maximum=1)
+    reference = number(reference, "reference", minimum=0, maximum=1)
+    n = positive_int(n, "n")
+    se = math.sqrt((value * (1 - value) + reference * (1 - reference)) / n)
+    diff = value - reference
     if diff == 0:
-        return "equal to"
-    if abs(diff) <= 2 * se:
-        return f"not distinguishable (Δ = {100 * diff:+.1f} points, 2 SE = {200 * se:.1f}) from"
-    return f"{100 * abs(diff):.1f} points {'higher' if diff > 0 else 'lower'} than"
+        verdict = "equal"
+    elif abs(diff) <= 2 * se:
+        verdict = "indistinguishable"
+    else:
+        verdict = "higher" if diff > 0 else "lower"
+    return Comparison(value, reference, diff, se, verdict)
 
 
-def _findings(results: dict, n: int) -> list[str]:
-    """One factual line per comparison: each run's PGD-8/255 and clean accuracy against standard and pgd."""
+class Finding(NamedTuple):
+    """One run against a reference run on one metric ("pgd": accuracy under the strongest PGD of
+    :data:`EVAL_EPS`; "clean": clean accuracy)."""
+
+    run: str
+    reference: str
+    metric: str
+    comparison: Comparison
+
+
+def findings(results: dict, n: int) -> list[Finding]:
+    """Every run against ``standard`` and against ``pgd`` (those present), on PGD-8/255 and clean
+    accuracy. results: run name → {"recipe", "clean", "pgd": {ε: accuracy}} (as :func:`run_demo`
+    collects them); n: test images."""
     strongest = max(EVAL_EPS)
-    label = f"PGD-{round(strongest * 255)}/255"
-    lines = []
+    out = []
     for reference in ("standard", "pgd"):
         if reference not in results:
             continue
         ref = results[reference]
         for name, r in results.items():
-            if name == reference:
-                continue
-            lines.append(f"- {name} vs {reference}: {label} accuracy {r['pgd'][strongest]:.3f} is "
-                         f"{_compare(r['pgd'][strongest], ref['pgd'][strongest], n)} {ref['pgd'][strongest]:.3f}; "
-                         f"clean accuracy {r['clean']:.3f} is {_compare(r['clean'], ref['clean'], n)} {ref['clean']:.3f}.")
-    sat = [name for name in results if results[name]["recipe"] == "sat"]
-    if sat and "standard" in results:
-        base = results["standard"]["pgd"][strongest]
-        helped = [name for name in sat if _compare(results[name]["pgd"][strongest], base, n).endswith("higher than")]
-        if helped:
-            lines.append(f"- SAT alone raised {label} accuracy over standard training beyond noise here: {', '.join(helped)}.")
-        not_helped = [name for name in sat if name not in helped]
-        if not_helped:
-            lines.append(f"- SAT alone did not raise {label} accuracy over standard training beyond noise here: "
-                         f"{', '.join(not_helped)}.")
+            if name != reference:
+                out.append(Finding(name, reference, "pgd", compare(r["pgd"][strongest], ref["pgd"][strongest], n)))
+                out.append(Finding(name, reference, "clean", compare(r["clean"], ref["clean"], n)))
+    return out
+
+
+def sat_verdicts(results: dict, found: list[Finding]) -> dict[str, str]:
+    """SAT-alone run (recipe "sat") → its verdict against ``standard`` on PGD-8/255 accuracy."""
+    return {f.run: f.comparison.verdict for f in found
+            if f.reference == "standard" and f.metric == "pgd" and results[f.run]["recipe"] == "sat"}
+
+
+def _phrase(c: Comparison) -> str:
+    if c.verdict == "equal":
+        return f"{c.value:.3f} is equal to {c.reference:.3f}"
+    if c.verdict == "indistinguishable":
+        return (f"{c.value:.3f} is not distinguishable (Δ = {100 * c.difference:+.1f} points, "
+                f"2 SE = {200 * c.standard_error:.1f}) from {c.reference:.3f}")
+    return f"{c.value:.3f} is {100 * abs(c.difference):.1f} points {c.verdict} than {c.reference:.3f}"
+
+
+def _findings(results: dict, n: int) -> list[str]:
+    """The findings as Markdown list items, rendered from the verdicts of :func:`findings`."""
+    label = f"PGD-{round(max(EVAL_EPS) * 255)}/255"
+    found = findings(results, n)
+    by_pair = {(f.run, f.reference, f.metric): f.comparison for f in found}
+    lines = [f"- {run} vs {reference}: {label} accuracy {_phrase(c)}; "
+             f"clean accuracy {_phrase(by_pair[(run, reference, 'clean')])}."
+             for (run, reference, metric), c in by_pair.items() if metric == "pgd"]
+    sat = sat_verdicts(results, found)
+    helped = [name for name, verdict in sat.items() if verdict == "higher"]
+    not_helped = [name for name, verdict in sat.items() if verdict != "higher"]
+    if helped:
+        lines.append(f"- SAT alone raised {label} accuracy over standard training beyond noise here: {', '.join(helped)}.")
+    if not_helped:
+        lines.append(f"- SAT alone did not raise {label} accuracy over standard training beyond noise here: "
+                     f"{', '.join(not_helped)}.")
     return lines
