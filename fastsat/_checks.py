@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+import os
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -27,9 +28,11 @@ __all__ = [
     "choice",
     "clip_box",
     "describe",
+    "flag",
     "integer",
     "nearest",
     "number",
+    "path",
     "positive_int",
     "seed",
 ]
@@ -120,6 +123,26 @@ def seed(value: object, name: str = "seed") -> int:
     if result >= 2**63:
         raise ValueError(f"{name}: expected an integer in [0, 2**63), got {result}")
     return result
+
+
+def flag(value: object, name: str, *, allow_none: bool = False) -> bool | None:
+    """A switch: ``True`` or ``False`` (None passes with ``allow_none``). 1, 0 and strings are
+    TypeErrors: a switch is not a count or a word."""
+    if (value is None and allow_none) or isinstance(value, bool):
+        return value
+    raise TypeError(f"{name}: expected True or False{' or None' if allow_none else ''}, got {describe(value)}")
+
+
+def path(value: object, name: str, *, allow_none: bool = False) -> str | None:
+    """A file-system path (``str`` or ``os.PathLike``) as a ``str`` (None passes with ``allow_none``)."""
+    if value is None and allow_none:
+        return None
+    expected = "a path" + (" or None" if allow_none else "")
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name}: expected {expected}, got {describe(value)}")
+    if not os.fspath(value):
+        raise ValueError(f"{name}: expected {expected}, got an empty path")
+    return os.fspath(value)
 
 
 def nearest(word: str, options: Iterable[str]) -> str:
