@@ -96,7 +96,8 @@ def saliency_alignment(
         grad = input_grad(model, x, objective="logit", target=y, mode=mode).grad
     else:
         grad = input_grad(model, x, objective="ce", y=y, mode=mode).grad
-    stats = alignment_stats(x.detach(), grad.to(x.dtype))
+    # The float32 gradient of a float16/bfloat16 x goes in as it is (alignment_stats accepts it).
+    stats = alignment_stats(x.detach(), grad)
     zero = int((stats.grad_norm == 0).sum())
     if zero:
         warnings.warn(
@@ -145,7 +146,10 @@ def linearization(
     if logits.dim() != 2 or logits.shape[1] < 2:
         raise ValueError(f"model output: expected (B, K) logits with K >= 2, got shape {tuple(logits.shape)}")
     batch, num_classes = logits.shape
-    jac = logit_jacobian(model, x, chunk_size=chunk_size, mode=mode).to(x.dtype)
+    # The Jacobian comes in x's accumulation dtype (float32 for float16/bfloat16 x) and stays in
+    # it: differences of its rows and of the logits rounded to float16/bfloat16 would lose digits.
+    jac = logit_jacobian(model, x, chunk_size=chunk_size, mode=mode)
+    logits = logits.to(jac.dtype)
     rows = torch.arange(batch, device=x.device)
     prediction = logits.argmax(dim=1)
     # Row (b, j) holds ∇(Ψ^{i*} − Ψ^j); one alignment_stats call gives every ⟨x, ·⟩ and norm.
@@ -154,7 +158,7 @@ def linearization(
     stats = alignment_stats(x_rep.reshape(batch * num_classes, *x.shape[1:]),
                             grad_diffs.reshape(batch * num_classes, *x.shape[1:]))
     grad_norm = stats.grad_norm.reshape(batch, num_classes)
-    margins = (logits[rows, prediction].unsqueeze(1) - logits).to(grad_norm.dtype)
+    margins = logits[rows, prediction].unsqueeze(1) - logits
     ratios = torch.where(grad_norm > 0, margins / torch.where(grad_norm > 0, grad_norm, 1.0), math.inf)
     ratios[rows, prediction] = math.inf
     # When every ratio is +inf argmin could return i* itself; any j ≠ i* is then a minimiser.

@@ -168,6 +168,32 @@ def test_biased_relu_net_gap_is_bounded_by_beta_theorem_2() -> None:
     assert ((gap - bound).abs() <= slack)[same_sign].all(), "the bound is an equality when ⟨x, g⟩ > 0"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_linearization_keeps_the_float32_jacobian(dtype) -> None:
+    # A bias-free linear model in half precision: ∇Ψ^k = W[k] exactly (one-hot backward), so α_bin
+    # and ρ̃ are exact functions of the half-precision x, W and logits. The row differences
+    # W[i*] − W[j] must be taken in float32: rounded to float16/bfloat16 they are off by up to
+    # 2^-11 / 2^-8 relative, which moved α_bin by 0.2% / 2% here. Allowed: float32 sums over 128
+    # elements, 1e-5 relative.
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(D, 3, bias=False)).to(dtype)
+    x = torch.rand(6, C, H, W).to(dtype)
+    lin = al.linearization(model, x)
+    w, xd = model[1].weight.double(), x.double().flatten(1)
+    logits = model(x).double()
+    rows = torch.arange(6)
+    diff = w[lin.prediction] - w[lin.j_star]
+    alpha_bin = (xd * diff).sum(1).abs() / diff.norm(dim=1)
+    rho_tilde = (logits[rows, lin.prediction] - logits[rows, lin.j_star]) / diff.norm(dim=1)
+    assert torch.equal(lin.prediction, logits.argmax(1))
+    assert rel_err(lin.alpha_bin, alpha_bin).max() < 1e-5, f"α_bin: relative errors {rel_err(lin.alpha_bin, alpha_bin)}"
+    assert rel_err(lin.rho_tilde, rho_tilde).max() < 1e-5, f"ρ̃: relative errors {rel_err(lin.rho_tilde, rho_tilde)}"
+    stats = al.saliency_alignment(model, x)
+    g = w[lin.prediction]
+    alpha = (xd * g).sum(1).abs() / g.norm(dim=1)
+    assert rel_err(stats.alignment, alpha).max() < 1e-5
+
+
 def test_alignment_targets_against_autograd() -> None:
     torch.manual_seed(4)
     model, x = relu_net(bias=True), images()
