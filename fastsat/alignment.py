@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from fastsat._checks import choice, describe
+from fastsat._checks import choice, describe, integer
 from fastsat.attacks import DeepFool
 from fastsat.grad import check_input, frozen, input_grad, logit_jacobian
 from fastsat.ops import AlignmentStats, alignment_stats
@@ -321,6 +321,7 @@ def analysis_rows(
     prediction / j_star, floats (pixel units; β in logit units) for the rest.
     """
     choice(target, "target", ALIGNMENT_TARGETS)
+    start = integer(start, "start", minimum=0)
     check_input(model, x)
     expected = f"({x.shape[0]},) integer labels for images of shape {tuple(x.shape)}"
     if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:

@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -33,14 +33,15 @@ __all__ = ["ATTACKS", "evaluate"]
 ATTACKS = ("pgd", "apgd-ce", "apgd-dlr")
 
 
-def _distinct(values: object, name: str, what: str) -> list:
-    """``values`` as a non-empty list without repeats (a repeat would be counted twice)."""
+def _distinct(values: object, name: str, what: str, check: Callable[[object, str], object]) -> list:
+    """``values`` checked one by one with ``check(value, name)``: a non-empty list without repeats
+    (a repeat would be counted twice into the same row)."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"{name}: expected a list of {what}, got {describe(values)}")
-    values = list(values)
-    if not values or len(set(values)) != len(values):
-        raise ValueError(f"{name}: expected a non-empty list of distinct {what}, got {describe(values)}")
-    return values
+    checked = [check(v, name) for v in values]
+    if not checked or len(set(checked)) != len(checked):
+        raise ValueError(f"{name}: expected a non-empty list of distinct {what}, got {describe(checked)}")
+    return checked
 
 
 def _attack(name: str, model: nn.Module, eps: float, steps: int, step_size: float | None, restarts: int, norm: str):
@@ -90,8 +91,8 @@ def evaluate(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
-    attacks = [choice(a, "attacks", ATTACKS) for a in _distinct(attacks, "attacks", "attack names")]
-    eps = [number(e, "eps", minimum=0) for e in _distinct(eps, "eps", "radii (pixel units)")]
+    attacks = _distinct(attacks, "attacks", "attack names", lambda a, name: choice(a, name, ATTACKS))
+    eps = _distinct(eps, "eps", "radii (pixel units)", lambda e, name: number(e, name, minimum=0))
     steps = positive_int(steps, "steps")
     step_size = number(step_size, "step_size", minimum=0, exclusive_min=True, allow_none=True)
     restarts = positive_int(restarts, "restarts")

@@ -112,3 +112,6 @@ def test_evaluate_rejects_repeated_radii_and_attacks():
         evaluate(model, data, eps=[8 / 255, 8 / 255], steps=1)
     with pytest.raises(ValueError, match="attacks"):
         evaluate(model, data, eps=[0.0], attacks=["pgd", "pgd"])
+    # Radii are compared as numbers, whatever real type they come in.
+    with pytest.raises(ValueError, match="distinct"):
+        evaluate(model, data, eps=[torch.tensor(8 / 255, dtype=torch.float64), 8 / 255], steps=1)
