@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import fastsat.train as T
-from fastsat.train.checkpoint import atomic_save, load_checkpoint
+from fastsat._io import atomic_save
+from fastsat.train.checkpoint import load_checkpoint
 
 # The child process of the SIGKILL test runs this same set-up; the parent execs it too, so both
 # sides build identical models and data.
@@ -225,7 +226,9 @@ def test_fast_early_stop_restores_the_best_epoch(tmp_path, monkeypatch):
     accuracies = iter([0.30, 0.40, 0.05, 0.05])
 
     def scripted(model, data, **kw):
-        return {"n": 16, "clean_acc": 0.5, "attacks": {"pgd": [{"eps": 8 / 255, "acc": next(accuracies), "alignment": 1.0, "cosine": 0.1}]}}
+        return {"n": 16, "clean_acc": 0.5, "alignment": 1.0, "cosine": 0.1,
+                "attacks": {"pgd": [{"eps": 8 / 255, "acc": next(accuracies), "last_iterate_alignment": 1.0,
+                                     "last_iterate_cosine": 0.1}]}}
 
     monkeypatch.setattr(fastsat.evaluate, "evaluate", scripted)
     model = tiny_model()
@@ -247,7 +250,9 @@ def test_ema_best_checkpoint_holds_the_evaluated_weights(tmp_path, monkeypatch):
 
     def scripted(model, data, **kw):
         evaluated.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return {"n": 16, "clean_acc": 0.5, "attacks": {"pgd": [{"eps": 8 / 255, "acc": next(accuracies), "alignment": 1.0, "cosine": 0.1}]}}
+        return {"n": 16, "clean_acc": 0.5, "alignment": 1.0, "cosine": 0.1,
+                "attacks": {"pgd": [{"eps": 8 / 255, "acc": next(accuracies), "last_iterate_alignment": 1.0,
+                                     "last_iterate_cosine": 0.1}]}}
 
     monkeypatch.setattr(fastsat.evaluate, "evaluate", scripted)
     model = tiny_model()

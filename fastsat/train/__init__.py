@@ -1,18 +1,24 @@
 """Adversarial and saliency-based training (METHODS.md §2–3).
 
-- :func:`fit` — the trainer: your model, your DataLoader (or a fastsat dataset), a recipe.
+- :class:`TrainConfig` — every training option and its default, in one place (``fit``'s keywords,
+  the YAML keys and ``fastsat train``'s flags are its fields).
+- :func:`fit` — train your model on your DataLoader (or a fastsat dataset) with a recipe;
+  :class:`Trainer` is the loop it runs, as named steps you can override.
 - :func:`recipe_loss` / :class:`Recipe` — one batch's loss (or ``Recipe.train_step``) for your own loop.
 - :func:`teacher_saliency` — SAT's strong maps from a teacher, computed once and cached.
 """
 
-from fastsat.train.checkpoint import atomic_save, load_checkpoint
+from fastsat.train.checkpoint import load_checkpoint
+from fastsat.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from fastsat.train.recipes import (
+    PRECISIONS,
     RECIPES,
     SAT,
     Fast,
     Free,
     GradNorm,
     NonFiniteLossError,
+    PerturbationRecipe,
     PGDTraining,
     Recipe,
     RecipeOutput,
@@ -26,11 +32,37 @@ from fastsat.train.recipes import (
     trades_loss,
 )
 from fastsat.train.teacher import TEACHER_METHODS, SaliencyDataset, teacher_saliency
-from fastsat.train.trainer import OPTIMIZERS, SCHEDULES, FitResult, fit, lr_factor
+from fastsat.train.trainer import FitResult, Trainer, fit, lr_factor
 
 __all__ = [
-    "OPTIMIZERS", "RECIPES", "SAT", "SCHEDULES", "TEACHER_METHODS", "Fast", "FitResult", "Free", "GradNorm",
-    "NonFiniteLossError", "PGDTraining", "Recipe", "RecipeOutput", "SATPlusPGD", "SATPlusTrades", "SaliencyDataset",
-    "Standard", "Trades", "atomic_save", "fit", "load_checkpoint", "lr_factor", "make_recipe",
-    "recipe_loss", "sat_probability", "teacher_saliency", "trades_loss",
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "RECIPES",
+    "SAT",
+    "SCHEDULES",
+    "TEACHER_METHODS",
+    "Fast",
+    "FitResult",
+    "Free",
+    "GradNorm",
+    "NonFiniteLossError",
+    "PGDTraining",
+    "PerturbationRecipe",
+    "Recipe",
+    "RecipeOutput",
+    "SATPlusPGD",
+    "SATPlusTrades",
+    "SaliencyDataset",
+    "Standard",
+    "Trades",
+    "TrainConfig",
+    "Trainer",
+    "fit",
+    "load_checkpoint",
+    "lr_factor",
+    "make_recipe",
+    "recipe_loss",
+    "sat_probability",
+    "teacher_saliency",
+    "trades_loss",
 ]

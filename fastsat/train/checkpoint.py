@@ -1,4 +1,10 @@
-"""Atomic checkpoints and the random-number-generator state a bit-exact resume needs."""
+"""Reading checkpoints, and the random-number-generator state a bit-exact resume needs.
+
+Checkpoints are written (atomically, :func:`fastsat._io.atomic_save`) by
+:meth:`fastsat.train.Trainer.checkpoint`; their ``"format"`` is :data:`CHECKPOINT_FORMAT`.
+Format 1 (fastsat before the TrainConfig) still loads: :func:`load_checkpoint` brings its
+recorded settings to today's names.
+"""
 
 from __future__ import annotations
 
@@ -9,36 +15,47 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text", "capture_rng", "load_checkpoint", "restore_rng"]
+from fastsat.train.recipes import RECIPES, PerturbationRecipe, Recipe
 
+__all__ = ["CHECKPOINT_FORMAT", "capture_rng", "load_checkpoint", "restore_rng"]
 
-def atomic_save(obj: object, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file next to ``path``, flushed to disk, then ``os.replace``:
-    a crash at any moment leaves either the previous file or the new one, never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+#: 2: the config records every option that changes a run's results (TrainConfig's), and the recipe
+#: options hold the input box ``clip`` and no longer Fast's ``early_stop``.
+CHECKPOINT_FORMAT = 2
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint written by the trainer (tensors land on the CPU; ``weights_only``)."""
+    """Load a checkpoint written by the trainer (tensors land on the CPU; ``weights_only``), or
+    best.pt. A format-1 checkpoint comes back in the current format.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: unreadable, or of a newer format.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
+    version = state.get("format") if isinstance(state, dict) else None
+    if version is not None and version > CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} has format {version}; this fastsat reads formats up to "
+                         f"{CHECKPOINT_FORMAT} (upgrade fastsat)")
+    if version == 1:
+        state = _from_format_1(state)
+    return state
+
+
+def _from_format_1(state: dict) -> dict:
+    """Format 1 recorded fewer settings (resuming compares only those) and the recipe options as
+    they were then: Fast's ``early_stop`` among them, and no ``clip`` (it was always (0, 1))."""
+    config = dict(state["config"])
+    options = {k: v for k, v in config["recipe_options"].items() if k != "early_stop"}
+    if issubclass(RECIPES.get(config["recipe"], Recipe), PerturbationRecipe):
+        options["clip"] = (0.0, 1.0)
+    config["recipe_options"] = options
+    return {**state, "format": CHECKPOINT_FORMAT, "config": config}
 
 
 def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict:
@@ -74,17 +91,3 @@ def restore_rng(state: dict, generators: dict[str, torch.Generator] | None = Non
 def _as_tuple(value):
     # torch.save keeps tuples, but be tolerant of lists (python's setstate insists on tuples).
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path

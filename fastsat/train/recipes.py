@@ -1,34 +1,41 @@
 """Training recipes: each computes one batch's training loss (METHODS.md §2–3).
 
-A recipe is a small dataclass. ``recipe.loss(model, batch, epoch=e)`` returns the loss of one
-batch (the single-step helper for people who keep their own loop), and
-``recipe.train_step(model, batch, optimizer, ...)`` does one optimisation step with it — the trainer
-(:func:`fastsat.train.fit`) calls nothing else, so a recipe's math lives in exactly one place.
+A recipe is a small dataclass whose fields are its hyper-parameters (declared with
+:func:`fastsat.train.options.option`: default, units, allowed values). ``recipe.loss(model, batch,
+epoch=e)`` returns the loss of one batch (the single-step helper for people who keep their own
+loop), and ``recipe.train_step(model, batch, optimizer, ...)`` does one optimisation step with it —
+the trainer (:class:`fastsat.train.Trainer`) calls nothing else, so a recipe's math lives in exactly
+one place. What the trainer needs to know about a recipe it reads from declared attributes:
+``early_stop`` (class attribute), ``batch_keys`` (the batch entries it reads) and whether it is a
+:class:`PerturbationRecipe` (then the run's input box ``clip`` is one of its options).
 
-All ε and step sizes are in pixel units (inputs in [0, 1]; models normalise internally).
-``attack_mode`` is the train/eval mode of the model while an attack runs ("eval": batch-norm uses
-running statistics and they are not updated by adversarial batches; "train": as in Madry's and
-Wong's code); the model's own mode is restored afterwards.
+All ε and step sizes are in pixel units (inputs in the box ``clip``, default [0, 1]; models
+normalise internally). ``attack_mode`` is the train/eval mode of the model while an attack runs
+("eval": batch-norm uses running statistics and they are not updated by adversarial batches;
+"train": as in Madry's and Wong's code); the model's own mode is restored afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import dataclasses
+import functools
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastsat._checks import positive_int
+from fastsat._checks import choice, clip_box, integer, nearest, number, positive_int
 from fastsat.attacks import FGSM, PGD, TradesAttack
 from fastsat.data import as_batch
 from fastsat.ops import pgd_step, random_start, sat_perturb
+from fastsat.train.options import option, validate
 
 __all__ = [
+    "PRECISIONS",
     "RECIPES",
     "SAT",
     "Fast",
@@ -36,6 +43,7 @@ __all__ = [
     "GradNorm",
     "NonFiniteLossError",
     "PGDTraining",
+    "PerturbationRecipe",
     "Recipe",
     "RecipeOutput",
     "SATPlusPGD",
@@ -48,10 +56,13 @@ __all__ = [
     "trades_loss",
 ]
 
-_ATTACK_MODES = ("eval", "train")
-_SAT_MAPS = ("boxes", "masks", "saliency")
+ATTACK_MODES = ("eval", "train")
+SAT_MAPS = ("boxes", "masks", "saliency")
 _MAP_KEYS = {"boxes": "box", "masks": "mask", "saliency": "saliency"}
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+_positive = functools.partial(number, minimum=0, exclusive_min=True)
+_non_negative = functools.partial(number, minimum=0)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -69,10 +80,8 @@ class RecipeOutput(NamedTuple):
 def sat_probability(epoch: int, a: float = 0.6) -> float:
     """SAT curriculum p_e = 1 − a^(e/10): the probability of taking the saliency map instead of
     random-sign noise at (0-based) epoch ``e``; 0 at the first epoch, → 1 as training goes on."""
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-        raise ValueError(f"epoch: expected an int >= 0, got {epoch!r}")
-    if not 0.0 < a <= 1.0:
-        raise ValueError(f"a: expected 0 < a <= 1, got {a!r}")
+    epoch = integer(epoch, "epoch", minimum=0)
+    a = number(a, "a", minimum=0, exclusive_min=True, maximum=1)
     return 1.0 - a ** (epoch / 10)
 
 
@@ -93,18 +102,10 @@ def _upcast(t: Tensor) -> Tensor:
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    choice(precision, "precision", PRECISIONS)
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def _check_positive(value: object, name: str, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
 
 
 def _check_finite_loss(loss: Tensor, recipe: str) -> None:
@@ -114,11 +115,21 @@ def _check_finite_loss(loss: Tensor, recipe: str) -> None:
 
 @dataclass
 class Recipe:
-    """Base class. Subclasses set ``name`` and implement :meth:`loss`."""
+    """Base class. Subclasses set ``name``, declare their hyper-parameters as :func:`option`
+    fields and implement :meth:`loss` (or :meth:`train_step`, for recipes that own the optimizer
+    step). Fields are checked on construction."""
 
     name: ClassVar[str] = ""
     #: Whether the trainer should stop on catastrophic overfitting (a collapse of PGD accuracy).
     early_stop: ClassVar[bool] = False
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        """The batch entries the recipe reads (the trainer checks the data has them)."""
+        return ("image", "label")
 
     def loss(self, model: nn.Module, batch: object, *, epoch: int = 0) -> RecipeOutput:
         """The training loss of one batch (model in train mode, the caller's autocast applies).
@@ -156,7 +167,7 @@ class Recipe:
 
     def options(self) -> dict:
         """The recipe's hyper-parameters (what ``make_recipe(name, **options)`` takes)."""
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     def state_dict(self) -> dict:
         """State carried across batches (saved in checkpoints); most recipes have none."""
@@ -181,9 +192,25 @@ def _ce(model: nn.Module, x: Tensor, y: Tensor) -> RecipeOutput:
     return RecipeOutput(F.cross_entropy(_upcast(logits), y), logits.detach())
 
 
-def _check_attack_mode(mode: str) -> None:
-    if mode not in _ATTACK_MODES:
-        raise ValueError(f"attack_mode: expected one of {_ATTACK_MODES}, got {mode!r}")
+# Options several recipes share, declared once (each recipe picks its own default).
+def _eps(default: float = 8 / 255) -> dataclasses.Field:
+    return option(default, "radius ε of the training perturbation (L∞, pixels)", check=_positive)
+
+
+def _step_size(default: float) -> dataclasses.Field:
+    return option(default, "attack step size (pixels)", check=_positive)
+
+
+def _steps(default: int) -> dataclasses.Field:
+    return option(default, "attack iterations", check=positive_int)
+
+
+def _beta(default: float) -> dataclasses.Field:
+    return option(default, "weight β of TRADES' KL term", check=_non_negative)
+
+
+def _attack_mode() -> dataclasses.Field:
+    return option("eval", "model mode while the recipe's attack runs (batch-norm statistics)", choices=ATTACK_MODES)
 
 
 @dataclass
@@ -198,21 +225,26 @@ class Standard(Recipe):
 
 
 @dataclass
-class PGDTraining(Recipe):
+class PerturbationRecipe(Recipe):
+    """Base of the recipes that train on perturbed inputs: within ``eps`` of the clean input and
+    inside the valid input box ``clip`` = (lo, hi) (pixel units, default (0, 1)), which the trainer
+    sets from the run's :attr:`TrainConfig.clip <fastsat.train.TrainConfig.clip>`."""
+
+    eps: float = _eps()
+    clip: tuple[float, float] = option((0.0, 1.0), "valid input box (lo, hi), pixels", check=clip_box)
+
+
+@dataclass
+class PGDTraining(PerturbationRecipe):
     """Madry et al. PGD adversarial training: CE on an L∞ PGD attack from a random start.
 
     eps: radius (pixels, default 8/255). step_size: per step (default 2/255). steps: default 10.
     """
 
     name: ClassVar[str] = "pgd"
-    eps: float = 8 / 255
-    step_size: float = 2 / 255
-    steps: int = 10
-    attack_mode: str = "eval"
-
-    def __post_init__(self):
-        _check_positive(self.eps, "eps")
-        _check_iterative_attack(self)
+    step_size: float = _step_size(2 / 255)
+    steps: int = _steps(10)
+    attack_mode: str = _attack_mode()
 
     def loss(self, model, batch, *, epoch=0):
         batch = as_batch(batch)
@@ -220,45 +252,33 @@ class PGDTraining(Recipe):
         return _ce(model, _pgd_attack(self, model, x, y), y)
 
 
-def _check_iterative_attack(recipe: Recipe) -> None:
-    """Checks shared by the recipes with an iterative attack (step_size, steps, attack_mode; beta
-    where the recipe has one)."""
-    _check_positive(recipe.step_size, "step_size")
-    positive_int(recipe.steps, "steps")
-    if hasattr(recipe, "beta"):
-        _check_positive(recipe.beta, "beta", allow_zero=True)
-    _check_attack_mode(recipe.attack_mode)
-
-
-def _pgd_attack(recipe: Recipe, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """The L∞ PGD adversarial batch (random start) with ``recipe``'s eps/step_size/steps/attack_mode."""
-    attack = PGD(model, eps=recipe.eps, step_size=recipe.step_size, steps=recipe.steps, random_start=True, mode=recipe.attack_mode)
+def _pgd_attack(recipe: PerturbationRecipe, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The L∞ PGD adversarial batch (random start) with ``recipe``'s eps/step_size/steps/attack_mode/clip."""
+    attack = PGD(model, eps=recipe.eps, step_size=recipe.step_size, steps=recipe.steps, random_start=True,
+                 mode=recipe.attack_mode, clip=recipe.clip)
     return _attack(attack, x, y)
 
 
-def _trades_attack(recipe: Recipe, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """TRADES' KL attack batch with ``recipe``'s eps/step_size/steps/attack_mode."""
-    attack = TradesAttack(model, eps=recipe.eps, step_size=recipe.step_size, steps=recipe.steps, mode=recipe.attack_mode)
+def _trades_attack(recipe: PerturbationRecipe, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """TRADES' KL attack batch with ``recipe``'s eps/step_size/steps/attack_mode/clip."""
+    attack = TradesAttack(model, eps=recipe.eps, step_size=recipe.step_size, steps=recipe.steps,
+                          mode=recipe.attack_mode, clip=recipe.clip)
     return _attack(attack, x, y)
 
 
 @dataclass
-class Trades(Recipe):
+class Trades(PerturbationRecipe):
     """TRADES (Zhang et al. 2019): CE(f(x), y) + β·KL(f(x) ‖ f(x')), x' from the KL attack.
 
     eps 0.031, step_size 0.007, steps 10 (pixels), beta 6, attack in eval mode (TRADES' defaults).
     """
 
     name: ClassVar[str] = "trades"
-    eps: float = 0.031
-    step_size: float = 0.007
-    steps: int = 10
-    beta: float = 6.0
-    attack_mode: str = "eval"
-
-    def __post_init__(self):
-        _check_positive(self.eps, "eps")
-        _check_iterative_attack(self)
+    eps: float = _eps(0.031)
+    step_size: float = _step_size(0.007)
+    steps: int = _steps(10)
+    beta: float = _beta(6.0)
+    attack_mode: str = _attack_mode()
 
     def loss(self, model, batch, *, epoch=0):
         batch = as_batch(batch)
@@ -272,54 +292,42 @@ def _trades_output(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: 
 
 
 @dataclass
-class Fast(Recipe):
+class Fast(PerturbationRecipe):
     """Fast AT (Wong, Rice & Kolter 2020): CE on one FGSM step of size 1.25ε from a uniform start.
 
-    eps: default 8/255 (pixels). step_size: default None = 1.25·eps. The trainer's early stop
-    (``early_stop``) restores the best epoch if PGD accuracy collapses (catastrophic overfitting).
+    eps: default 8/255 (pixels). step_size: default None = 1.25·eps. The trainer stops early
+    (``early_stop``) and restores the best epoch if PGD accuracy collapses (catastrophic overfitting).
     """
 
     name: ClassVar[str] = "fast"
-    early_stop: bool = True
-    eps: float = 8 / 255
-    step_size: float | None = None
-    attack_mode: str = "eval"
-
-    def __post_init__(self):
-        _check_positive(self.eps, "eps")
-        if self.step_size is not None:
-            _check_positive(self.step_size, "step_size")
-        _check_attack_mode(self.attack_mode)
+    early_stop: ClassVar[bool] = True
+    step_size: float | None = option(None, "FGSM step size (pixels); None: 1.25·eps",
+                                     check=functools.partial(_positive, allow_none=True))
+    attack_mode: str = _attack_mode()
 
     def loss(self, model, batch, *, epoch=0):
         batch = as_batch(batch)
         x, y = batch["image"], batch["label"]
         step = 1.25 * self.eps if self.step_size is None else self.step_size
-        attack = FGSM(model, eps=self.eps, step_size=step, random_start=True, mode=self.attack_mode)
+        attack = FGSM(model, eps=self.eps, step_size=step, random_start=True, mode=self.attack_mode, clip=self.clip)
         return _ce(model, _attack(attack, x, y), y)
 
 
 @dataclass
-class Free(Recipe):
+class Free(PerturbationRecipe):
     """Free AT (Shafahi et al. 2019): each batch is replayed ``replays`` times; the input gradient
     of every weight update advances δ by an L∞ step of ``eps`` (projected onto the ε-ball, clipped
-    to [0, 1]); δ carries over to the next batch of the same shape. One epoch costs ``replays``
-    forward/backward passes per batch, so divide the epochs by ``replays`` for Free AT's budget.
+    to ``clip``). δ carries over from batch to batch: it is kept at the largest batch seen, and a
+    batch of B samples starts from (and advances) its first B rows, so a smaller last batch does
+    not reset it. One epoch costs ``replays`` forward/backward passes per batch, so divide the
+    epochs by ``replays`` for Free AT's budget.
 
     eps: default 8/255 (pixels). replays: m, default 8.
     """
 
     name: ClassVar[str] = "free"
-    eps: float = 8 / 255
-    replays: int = 8
+    replays: int = option(8, "replays m of each batch (weight updates per batch)", check=positive_int)
     _delta: Tensor | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self):
-        _check_positive(self.eps, "eps")
-        positive_int(self.replays, "replays")
-
-    def options(self):
-        return {"eps": self.eps, "replays": self.replays}
 
     def loss(self, model, batch, *, epoch=0):
         raise TypeError("the 'free' recipe updates the weights `replays` times per batch; call Free.train_step(model, batch, optimizer)")
@@ -327,10 +335,10 @@ class Free(Recipe):
     def train_step(self, model, batch, optimizer, *, epoch=0, precision="fp32", scaler=None):
         batch = as_batch(batch)
         x, y = batch["image"], batch["label"]
-        # A resumed δ was loaded on the CPU: it follows x to its device and dtype.
-        delta = self._delta.to(x) if self._delta is not None and self._delta.shape == x.shape else torch.zeros_like(x)
+        delta = self._carried(x)
+        lo, hi = self.clip
         for _ in range(self.replays):
-            x_adv = (x + delta).clamp_(0.0, 1.0).requires_grad_(True)
+            x_adv = (x + delta).clamp_(lo, hi).requires_grad_(True)
             with _autocast(x.device, precision):
                 out = _ce(model, x_adv, y)
             _check_finite_loss(out.loss, self.name)
@@ -338,9 +346,27 @@ class Free(Recipe):
             _backward_and_step(out.loss, optimizer, scaler)
             # A scaled fp16 gradient can overflow; its sign is all the step needs.
             grad = x_adv.grad.nan_to_num(nan=0.0)
-            delta = pgd_step(x_adv.detach(), grad, x, step_size=self.eps, eps=self.eps) - x
-        self._delta = delta.detach()
+            delta = pgd_step(x_adv.detach(), grad, x, step_size=self.eps, eps=self.eps, clip=self.clip) - x
+        self._keep(delta.detach())
         return out
+
+    def _carried(self, x: Tensor) -> Tensor:
+        """The first B rows of the kept δ, on x's device and dtype (a resumed δ was loaded on the
+        CPU); zeros for rows never seen, or when the image shape changed."""
+        kept = self._delta
+        if kept is None or kept.shape[1:] != x.shape[1:]:
+            return torch.zeros_like(x)
+        kept = kept[: x.shape[0]].to(x)
+        if kept.shape[0] < x.shape[0]:
+            kept = torch.cat([kept, torch.zeros_like(x[kept.shape[0] :])])
+        return kept
+
+    def _keep(self, delta: Tensor) -> None:
+        """Store δ of a batch of B samples as the first B rows, keeping the rows beyond B."""
+        kept = self._delta
+        if kept is not None and kept.shape[1:] == delta.shape[1:] and kept.shape[0] > delta.shape[0]:
+            delta = torch.cat([delta, kept[delta.shape[0] :].to(delta)])
+        self._delta = delta
 
     def state_dict(self):
         return {"delta": self._delta}
@@ -350,7 +376,7 @@ class Free(Recipe):
 
 
 @dataclass
-class SAT(Recipe):
+class SAT(PerturbationRecipe):
     """Saliency-based adversarial training (Mangla et al. 2020, METHODS.md §2):
     CE(f(clip(x − ε·s)), y), s = (1 − w)·n + w·S, w ~ Bernoulli(p_e), p_e = 1 − a^(e/10).
 
@@ -360,15 +386,14 @@ class SAT(Recipe):
     """
 
     name: ClassVar[str] = "sat"
-    eps: float = 8 / 255
-    maps: str = "boxes"
-    a: float = 0.6
+    maps: str = option("boxes", "where SAT's saliency map S comes from: the data's boxes or masks, or saliency "
+                       "maps (a teacher's) in the batch", choices=SAT_MAPS)
+    a: float = option(0.6, "SAT curriculum base a in p_e = 1 − a^(e/10), 0 < a <= 1",
+                      check=functools.partial(number, minimum=0, exclusive_min=True, maximum=1))
 
-    def __post_init__(self):
-        _check_positive(self.eps, "eps")
-        if self.maps not in _SAT_MAPS:
-            raise ValueError(f"maps: expected one of {_SAT_MAPS}, got {self.maps!r}")
-        sat_probability(0, self.a)
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return ("image", "label", _MAP_KEYS[self.maps])
 
     def perturb(self, batch: object, *, epoch: int = 0, start: Tensor | None = None) -> Tensor:
         """The SAT input clip(x − ε·s) for ``batch`` at ``epoch`` (or around ``start`` instead of x).
@@ -381,7 +406,7 @@ class SAT(Recipe):
             raise ValueError(f"recipe {self.name!r} with maps={self.maps!r} needs batches with a {key!r} entry; "
                              "the data has none (use a dataset with these annotations or another maps source)")
         x = batch["image"] if start is None else start
-        return sat_perturb(x, eps=self.eps, p=sat_probability(epoch, self.a), **{self.maps: batch[key]})
+        return sat_perturb(x, eps=self.eps, p=sat_probability(epoch, self.a), clip=self.clip, **{self.maps: batch[key]})
 
     def loss(self, model, batch, *, epoch=0):
         batch = as_batch(batch)
@@ -411,19 +436,15 @@ class SATPlusPGD(SAT):
     start (eps 8/255, ``steps`` 5 of ``step_size`` 2/255); loss CE on the result."""
 
     name: ClassVar[str] = "sat+pgd"
-    step_size: float = 2 / 255
-    steps: int = 5
-    attack_mode: str = "eval"
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_iterative_attack(self)
+    step_size: float = _step_size(2 / 255)
+    steps: int = _steps(5)
+    attack_mode: str = _attack_mode()
 
     def loss(self, model, batch, *, epoch=0):
         batch = as_batch(batch)
         x, y = batch["image"], batch["label"]
         if _coin():
-            x_train = self.perturb(batch, epoch=epoch, start=random_start(x, eps=self.eps))
+            x_train = self.perturb(batch, epoch=epoch, start=random_start(x, eps=self.eps, clip=self.clip))
         else:
             x_train = _pgd_attack(self, model, x, y)
         return _ce(model, x_train, y)
@@ -436,14 +457,10 @@ class SATPlusTrades(SAT):
     β = 1 as in SAT's code."""
 
     name: ClassVar[str] = "sat+trades"
-    step_size: float = 2 / 255
-    steps: int = 10
-    beta: float = 1.0
-    attack_mode: str = "eval"
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_iterative_attack(self)
+    step_size: float = _step_size(2 / 255)
+    steps: int = _steps(10)
+    beta: float = _beta(1.0)
+    attack_mode: str = _attack_mode()
 
     def loss(self, model, batch, *, epoch=0):
         batch = as_batch(batch)
@@ -462,10 +479,8 @@ class GradNorm(Recipe):
     """
 
     name: ClassVar[str] = "gradnorm"
-    lam: float = 0.1
-
-    def __post_init__(self):
-        _check_positive(self.lam, "lam", allow_zero=True)
+    lam: float = option(0.1, "weight λ of the squared input-gradient norm ‖∇ₓCE‖² (per pixel-space sample)",
+                        check=_non_negative)
 
     def loss(self, model, batch, *, epoch=0):
         batch = as_batch(batch)
@@ -490,13 +505,12 @@ def make_recipe(recipe: str | Recipe, **options) -> Recipe:
         if options:
             raise ValueError(f"recipe: options {sorted(options)} given with a Recipe object; set them on the object")
         return recipe
-    if recipe not in RECIPES:
-        raise ValueError(f"recipe: expected one of {sorted(RECIPES)} or a Recipe, got {recipe!r}")
-    cls = RECIPES[recipe]
-    known = {f.name for f in fields(cls) if f.init}
-    unknown = sorted(set(options) - known)
+    cls = RECIPES[choice(recipe, "recipe", tuple(RECIPES))]
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [key for key in options if key not in known]
     if unknown:
-        raise ValueError(f"recipe {recipe!r}: unknown options {unknown}; it takes {sorted(known)}")
+        hints = "".join(nearest(key, known) for key in unknown)
+        raise ValueError(f"recipe {recipe!r}: unknown options {unknown}{hints}; it takes {known}")
     return cls(**options)
 
 

@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from fastsat import saliency
+from fastsat._io import atomic_save
 from fastsat.data import default_cache_dir
 from fastsat.models import default_cam_layer
-from fastsat.train.checkpoint import atomic_save
 
 __all__ = ["TEACHER_METHODS", "SaliencyDataset", "teacher_saliency"]
 
@@ -113,7 +113,9 @@ class SaliencyDataset(torch.utils.data.Dataset):
         if len(dataset) != maps.shape[0]:
             raise ValueError(f"maps: {maps.shape[0]} maps for a dataset of {len(dataset)} samples")
         self.dataset, self.maps = dataset, maps
+        # What a model built for this data reads from a fastsat dataset: its classes and statistics.
         self.classes = getattr(dataset, "classes", None)
+        self.mean, self.std = getattr(dataset, "mean", None), getattr(dataset, "std", None)
 
     def __len__(self) -> int:
         return len(self.dataset)

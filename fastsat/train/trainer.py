@@ -1,9 +1,12 @@
-"""The trainer: :func:`fit` runs a recipe over the user's model and data, evaluates every epoch,
-logs, checkpoints atomically and resumes bit-exactly."""
+"""The trainer: :class:`Trainer` runs one :class:`~fastsat.train.TrainConfig` over the user's model
+and data — train an epoch, evaluate, keep the best, checkpoint atomically, log — and resumes
+bit-exactly; :func:`fit` is the one-call API on top of it."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import inspect
 import io
 import json
 import logging
@@ -11,6 +14,8 @@ import math
 import random
 import sys
 import time
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,20 +24,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastsat._checks import positive_int
+from fastsat import evaluate as evaluation
+from fastsat._checks import choice, nearest
+from fastsat._io import atomic_save, atomic_write_text
 from fastsat.data import as_batch, make_loader
-from fastsat.evaluate import evaluate
-from fastsat.train.checkpoint import atomic_save, atomic_write_text, capture_rng, load_checkpoint, restore_rng
-from fastsat.train.recipes import PRECISIONS, NonFiniteLossError, Recipe, make_recipe
+from fastsat.train.checkpoint import CHECKPOINT_FORMAT, capture_rng, load_checkpoint, restore_rng
+from fastsat.train.config import SCHEDULES, TrainConfig
+from fastsat.train.recipes import NonFiniteLossError, PerturbationRecipe, Recipe, RecipeOutput
 
-__all__ = ["CHECKPOINT_NAME", "OPTIMIZERS", "SCHEDULES", "FitResult", "fit", "lr_factor"]
+__all__ = ["BEST_NAME", "CHECKPOINT_NAME", "FitResult", "Trainer", "fit", "lr_factor"]
 
 log = logging.getLogger("fastsat.train")
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
-SCHEDULES = ("piecewise", "cosine", "onecycle", "constant")
-OPTIMIZERS = ("sgd", "adam")
 _LOG_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "seconds", "images_per_s", "clean_acc", "robust_acc", "alignment", "cosine")
 
 
@@ -54,6 +59,7 @@ def lr_factor(schedule: str, step: int, total_steps: int, steps_per_epoch: int) 
     cosine: ½(1 + cos(π·step/total)). onecycle: linear 0 → 1 over the first 40% of the steps,
     then → 0 (Wong et al.'s cyclic schedule). constant: 1.
     """
+    choice(schedule, "schedule", SCHEDULES)
     if schedule == "piecewise":
         epoch, epochs = step // steps_per_epoch, total_steps / steps_per_epoch
         return 1.0 if epoch < 0.5 * epochs else 0.1 if epoch < 0.75 * epochs else 0.01
@@ -61,9 +67,7 @@ def lr_factor(schedule: str, step: int, total_steps: int, steps_per_epoch: int) 
         return 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
     if schedule == "onecycle":
         return float(np.interp(step + 1, [0, 0.4 * total_steps, total_steps], [0.0, 1.0, 0.0]))
-    if schedule == "constant":
-        return 1.0
-    raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+    return 1.0
 
 
 def _generators(data: object) -> dict[str, torch.Generator]:
@@ -76,23 +80,10 @@ def _generators(data: object) -> dict[str, torch.Generator]:
     return found
 
 
-def _make_optimizer(name, params, lr, momentum, weight_decay):
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"optimizer: expected one of {OPTIMIZERS} or a torch.optim.Optimizer, got {name!r}")
-
-
-def _write_logs(out_dir: Path, history: list[dict]) -> None:
-    """metrics.jsonl and metrics.csv, rewritten atomically from the checkpoint's history (so after a
-    resume the logs hold exactly the completed epochs)."""
-    atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=_LOG_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(out_dir / "metrics.csv", buffer.getvalue())
+def _make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _tensorboard(out_dir: Path | None):
@@ -105,237 +96,370 @@ def _tensorboard(out_dir: Path | None):
     return SummaryWriter(str(out_dir / "tensorboard"))
 
 
-def fit(
-    model: nn.Module,
-    train_data: object,
-    *,
-    recipe: str | Recipe = "sat",
-    recipe_options: dict | None = None,
-    epochs: int = 10,
-    batch_size: int = 128,
-    augment: bool = True,
-    optimizer: str | torch.optim.Optimizer = "sgd",
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    schedule: str = "piecewise",
-    precision: str = "fp32",
-    channels_last: bool = False,
-    compile: bool = False,
-    ema: float | None = None,
-    seed: int = 0,
-    attack_mode: str | None = None,
-    eval_data: object = None,
-    eval_eps: float = 8 / 255,
-    eval_steps: int = 10,
-    eval_batch_size: int = 256,
-    early_stop_drop: float = 0.2,
-    out_dir: str | Path | None = None,
-    resume: bool | str | Path = False,
-    progress: bool | None = None,
-) -> FitResult:
-    """Train ``model`` in place with a recipe; evaluate, log and checkpoint every epoch.
+def _check_batch_keys(data: object, recipe: Recipe) -> None:
+    """The recipe's batch entries are in the first sample of a map-style dataset of dicts (a user's
+    iterable of batches is not peeked at: that could consume its shuffling randomness)."""
+    if not isinstance(data, torch.utils.data.Dataset) or isinstance(data, torch.utils.data.IterableDataset) or not len(data):
+        return
+    sample = data[0]
+    have = set(sample) if isinstance(sample, Mapping) else {"image", "label"}
+    missing = [key for key in recipe.batch_keys if key not in have]
+    if missing:
+        raise ValueError(f"train_data: recipe {recipe.name!r} reads the batch entries {list(recipe.batch_keys)}; "
+                         f"the data's samples have no {missing}")
+
+
+class Trainer:
+    """One training run of ``model`` on ``train_data`` as set by ``config``, as small named steps.
+
+    :meth:`fit` = :meth:`restore`, then per epoch :meth:`train_epoch` (calling :meth:`train_step`
+    per batch), :meth:`evaluate`, :meth:`keep_best`, :meth:`checkpoint`, :meth:`log`; an early stop
+    ends with :meth:`restore_best`. Each step is one place to change:
+
+    - ``self.model`` is the module whose weights are trained, saved and restored, while the batches
+      go through ``self.train_model`` — the same module, or ``torch.compile(model)`` (``compile``);
+      a distributed run wraps it (DDP) there and keeps saving ``model``.
+    - :meth:`train_step` is the whole per-batch work (recipe step, LR schedule, EMA); it returns
+      tensors and never reads them back, so an epoch runs without host syncs until its end.
+    - :attr:`evaluated` is the module evaluated and kept as best (the EMA's average with ``ema``).
+    - :attr:`writes` decides whether this process writes files (checkpoints, logs); :meth:`evaluate`
+      sees the whole evaluation set.
 
     Args:
-        model: any classifier taking pixel-space (B, C, H, W) input in [0, 1] and returning (B, K)
-            logits; it is trained on the device its parameters are on.
+        model: a classifier on pixel-space (B, C, H, W) input in ``config.clip`` returning (B, K)
+            logits; trained in place on the device its parameters are on.
         train_data: a map-style dataset of sample dicts (e.g. ``fastsat.data.shapes(...)``),
-            batched with ``batch_size``, shuffled and (``augment``) padded-crop+flip augmented by
-            :func:`fastsat.data.loader`; or your own iterable of batches with ``len()`` — a
+            batched with ``config.batch_size``, shuffled and (``augment``) augmented by
+            :func:`fastsat.data.make_loader`; or your own iterable of batches with ``len()`` — a
             DataLoader yielding (x, y) tuples or dicts — used as it is.
-        recipe: a name from :data:`fastsat.train.RECIPES` (default "sat") or a :class:`Recipe`.
-        recipe_options: the recipe's hyper-parameters (eps, steps, beta, lam, maps, ...).
-        epochs: number of epochs (default 10). batch_size: default 128 (datasets only).
-        augment: padded crop + flip when ``train_data`` is a dataset (default True).
-        optimizer: "sgd" (momentum, default) or "adam", or an optimizer over the model's parameters.
-        lr: peak learning rate (default 0.1). momentum: SGD momentum (0.9).
-        weight_decay: L2 weight decay (default 5e-4).
-        schedule: per-step learning-rate schedule, one of :data:`SCHEDULES` (see :func:`lr_factor`).
-        precision: "fp32" (default), "bf16" or "fp16" autocast; fp16 uses a GradScaler.
-        channels_last: NHWC memory format for model and inputs (faster convs on GPUs).
-        compile: run the forward through ``torch.compile``.
-        ema: decay of an exponential moving average of the weights (e.g. 0.999) used for
-            evaluation and saved in the checkpoint; None (default) disables it.
-        seed: seeds python, numpy and torch and the data order (default 0).
-        attack_mode: "eval" or "train": the model's mode while a recipe's attack runs; None keeps
-            the recipe's default ("eval").
-        eval_data: data (as ``train_data``) for the per-epoch clean accuracy, PGD-``eval_steps``
-            robust accuracy at ``eval_eps`` (pixels, default 8/255, step eps/4) and the mean
-            alignment and cosine from the attack's last-step gradient; None skips evaluation.
-        eval_batch_size: batch size for ``eval_data`` given as a dataset (default 256).
-        early_stop_drop: for recipes with ``early_stop`` (``fast``): stop and restore the best
-            epoch's weights when PGD accuracy falls this much below its best (default 0.2). With
-            ``ema`` the evaluated, best-kept (best.pt) and restored weights are the EMA's.
-        out_dir: where checkpoint.pt (every epoch, atomic), best.pt, metrics.jsonl/.csv and (if
-            installed) TensorBoard logs go; None keeps nothing on disk.
-        resume: True resumes from ``out_dir``/checkpoint.pt if present (else starts fresh), or a
-            checkpoint path. Model, optimizer, scheduler, scaler, EMA, recipe state, RNG states and
-            epoch are restored; the run then continues exactly as if never interrupted.
-        progress: tqdm progress bars; None shows them only when stderr is a terminal.
-
-    Returns:
-        :class:`FitResult`. The trained weights are in ``model`` (the best epoch's after an early stop).
-
-    Raises:
-        NonFiniteLossError: the loss became NaN/inf; the last good checkpoint stays on disk.
+        config: the run's options (default ``TrainConfig()``).
+        eval_data: data (as ``train_data``) for the per-epoch clean accuracy, PGD robust accuracy
+            (``eval_eps``, ``eval_steps``) and the mean alignment and cosine of the predicted
+            logit's gradient at the clean inputs; None skips evaluation.
+        recipe: a :class:`Recipe` object to use instead of building ``config.recipe`` (e.g. a
+            subclass); its name and options must be the configuration's.
+        optimizer: an optimizer over the model's parameters to use instead of ``config.optimizer``
+            (then ``lr``, ``momentum`` and ``weight_decay`` are its own).
     """
-    options = dict(recipe_options or {})
-    if attack_mode is not None and not isinstance(recipe, Recipe):
-        options["attack_mode"] = attack_mode
-    recipe = make_recipe(recipe, **options)
-    positive_int(epochs, "epochs")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr: expected a number > 0, got {lr!r}")
-    if ema is not None and not 0.0 < ema < 1.0:
-        raise ValueError(f"ema: expected a decay in (0, 1) or None, got {ema!r}")
-    if recipe.early_stop and eval_data is None:
-        raise ValueError(f"eval_data: recipe {recipe.name!r} stops early on a PGD check and needs eval_data")
-    param = next(model.parameters(), None)
-    if param is None:
-        raise ValueError("model: has no parameters to train")
-    device = param.device
-    out_dir = Path(out_dir) if out_dir is not None else None
-    if resume and out_dir is None and not isinstance(resume, (str, Path)):
-        raise ValueError("resume: needs out_dir (or a checkpoint path)")
 
-    loader = make_loader(train_data, batch_size=batch_size, shuffle=True, seed=seed, device=device, augment=augment)
-    eval_loader = None if eval_data is None else make_loader(eval_data, batch_size=eval_batch_size, shuffle=False, seed=seed, device=device)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch < 1:
-        raise ValueError("train_data: yields no batches")
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if isinstance(optimizer, torch.optim.Optimizer):
-        opt, optimizer_name = optimizer, type(optimizer).__name__
-    else:
-        opt, optimizer_name = _make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay), optimizer
-    total_steps = epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(schedule, step, total_steps, steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    averaged = None
-    if ema is not None:
-        averaged = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema), use_buffers=True
-        )
-    train_model = torch.compile(model) if compile else model
-    config = {
-        "recipe": recipe.name, "recipe_options": recipe.options(), "epochs": epochs, "optimizer": optimizer_name,
-        "lr": lr, "schedule": schedule, "precision": precision, "seed": seed, "steps_per_epoch": steps_per_epoch,
-        "ema": ema,
-    }
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: object,
+        config: TrainConfig | None = None,
+        *,
+        eval_data: object = None,
+        recipe: Recipe | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        self.config = config = TrainConfig() if config is None else config
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+        built = config.build_recipe()
+        if recipe is None:
+            recipe = built
+        elif not isinstance(recipe, Recipe):
+            raise TypeError(f"recipe: expected a Recipe, got {type(recipe).__name__}")
+        elif (recipe.name, recipe.options()) != (built.name, built.options()):
+            raise ValueError(f"recipe: the Recipe object ({recipe.name!r}, {recipe.options()}) is not the one the "
+                             f"configuration describes ({built.name!r}, {built.options()})")
+        self.recipe = recipe
+        if recipe.early_stop and config.early_stop_drop is not None and eval_data is None:
+            raise ValueError(f"eval_data: recipe {recipe.name!r} stops early on a PGD check and needs eval_data "
+                             "(or early_stop_drop=None)")
+        param = next(model.parameters(), None)
+        if param is None:
+            raise ValueError("model: has no parameters to train")
+        self.model, self.device = model, param.device
+        self.out_dir = Path(config.out_dir) if config.out_dir is not None else None
+        if config.resume is True and self.out_dir is None:
+            raise ValueError("resume: needs out_dir (or a checkpoint path)")
+        _check_batch_keys(train_data, recipe)
 
-    history: list[dict] = []
-    best: dict | None = None
-    best_state: dict | None = None
-    start_epoch = 0
-    generators = _generators(loader)
-    checkpoint_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
-    resume_path = Path(resume) if isinstance(resume, (str, Path)) else checkpoint_path if resume else None
-    if resume_path is not None and resume_path.exists():
-        state = load_checkpoint(resume_path)
-        differing = sorted(k for k in config if state["config"].get(k) != config[k])
-        if differing:
-            raise ValueError(f"resume: {resume_path} was written with different settings {differing}: "
-                             f"{ {k: state['config'].get(k) for k in differing} } vs now { {k: config[k] for k in differing} }")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None:
-            scaler.load_state_dict(state["scaler"])
-        if averaged is not None:
-            averaged.load_state_dict(state["ema"])
-        recipe.load_state_dict(state["recipe_state"])
-        restore_rng(state["rng"], generators)
-        history, best, start_epoch = state["history"], state["best"], state["epoch"]
-        log.info("resumed from %s after epoch %d", resume_path, start_epoch)
-    else:
-        if resume_path is not None and isinstance(resume, (str, Path)):
-            raise FileNotFoundError(f"resume: checkpoint {resume_path} does not exist")
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        for gen in generators.values():
-            gen.manual_seed(seed)
+        self.loader = make_loader(train_data, batch_size=config.batch_size, shuffle=True, seed=config.seed,
+                                  device=self.device, augment=config.augment)
+        self.eval_loader = None if eval_data is None else make_loader(
+            eval_data, batch_size=config.eval_batch_size, shuffle=False, seed=config.seed, device=self.device)
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch < 1:
+            raise ValueError("train_data: yields no batches")
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.optimizer = optimizer if optimizer is not None else _make_optimizer(config, model.parameters())
+        total = config.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(config.schedule, step, total, self.steps_per_epoch))
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
+        self.ema = None
+        if config.ema is not None:
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema), use_buffers=True)
+        self.train_model = torch.compile(model) if config.compile else model
+        self.generators = _generators(self.loader)
+        # What a checkpoint records and a resume compares: the options that change the results.
+        self.run_config = {**config.recorded(), "steps_per_epoch": self.steps_per_epoch}
+        if optimizer is not None:
+            self.run_config["optimizer"] = type(optimizer).__name__
 
-    board = _tensorboard(out_dir)
-    show = sys.stderr.isatty() if progress is None else progress
-    result = FitResult(history=history, checkpoint=checkpoint_path if start_epoch else None)
-    for epoch in range(start_epoch, epochs):
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.history: list[dict] = []
+        self.best: dict | None = None  # {"epoch", "robust_acc"} of the best evaluated epoch
+        self.best_state: dict | None = None
+        self.epoch = 0  # completed epochs
+        self.checkpoint_path = self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
+        self.board = None
+
+    # --- the run ---------------------------------------------------------------------------------
+
+    def fit(self) -> FitResult:
+        """Run the remaining epochs. Returns :class:`FitResult`; the trained weights are in
+        ``model`` (the best epoch's after an early stop).
+
+        Raises:
+            NonFiniteLossError: the loss became NaN/inf; the last good checkpoint stays on disk.
+        """
+        self.restore()
+        result = FitResult(history=self.history, checkpoint=self.checkpoint_path if self.epoch else None)
+        self.board = _tensorboard(self.out_dir) if self.writes else None
+        try:
+            for epoch in range(self.epoch, self.config.epochs):
+                record = self.train_epoch(epoch)
+                record.update(self.evaluate())
+                self.history.append(record)
+                stop = self.keep_best(record)
+                self.epoch = epoch + 1
+                result.checkpoint = self.checkpoint() or result.checkpoint
+                self.log(record)
+                if stop is not None:
+                    self.restore_best()
+                    log.warning("%s: %s", self.recipe.name, stop)
+                    result.stopped = stop
+                    break
+        finally:
+            if self.board is not None:
+                self.board.close()
+        return result
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run's files (there is an ``out_dir``)."""
+        return self.out_dir is not None
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The module evaluated every epoch, kept in best.pt and restored on an early stop: the
+        EMA's average with ``ema``, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def restore(self) -> bool:
+        """Continue from the checkpoint if ``resume`` asks for one and it exists (True), else seed
+        every generator from ``seed`` for a fresh run (False)."""
+        config = self.config
+        path = Path(config.resume) if isinstance(config.resume, str) else self.checkpoint_path if config.resume else None
+        if path is not None and path.exists():
+            self.load_state_dict(load_checkpoint(path), path)
+            log.info("resumed from %s after epoch %d", path, self.epoch)
+            return True
+        if path is not None and isinstance(config.resume, str):
+            raise FileNotFoundError(f"resume: checkpoint {path} does not exist")
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        for gen in self.generators.values():
+            gen.manual_seed(config.seed)
+        return False
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over the training data (0-based ``epoch``). Returns the epoch's record:
+        epoch (1-based), lr (at its start), train_loss, train_acc, seconds, images_per_s."""
+        if hasattr(self.loader, "set_epoch"):  # fastsat's loaders (and any with this hook) seed each epoch from it
+            self.loader.set_epoch(epoch)
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
         seen = 0
-        epoch_lr = opt.param_groups[0]["lr"]
+        lr = self.optimizer.param_groups[0]["lr"]
+        show = sys.stderr.isatty() if self.config.progress is None else self.config.progress
+        bar = tqdm(self.loader, desc=f"{self.recipe.name} epoch {epoch + 1}/{self.config.epochs}", disable=not show,
+                   leave=False, file=sys.stderr)
         started = time.perf_counter()
-        bar = tqdm(loader, desc=f"{recipe.name} epoch {epoch + 1}/{epochs}", disable=not show, leave=False, file=sys.stderr)
         for index, item in enumerate(bar):
-            batch = as_batch(item, device)
-            if channels_last:
-                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+            batch = as_batch(item, self.device)
             try:
-                out = recipe.train_step(train_model, batch, opt, epoch=epoch, precision=precision, scaler=scaler)
+                out = self.train_step(batch, epoch)
             except NonFiniteLossError as err:
-                kept = (f"the last good checkpoint {checkpoint_path} (after epoch {history[-1]['epoch']}) is intact"
-                        if result.checkpoint is not None else "no checkpoint was written yet")
+                kept = (f"the last good checkpoint {self.checkpoint_path} (after epoch {self.history[-1]['epoch']}) is intact"
+                        if self.writes and self.history else "no checkpoint was written yet")
                 raise NonFiniteLossError(f"{err} in epoch {epoch + 1}, batch {index}; training stopped, {kept}") from None
-            scheduler.step()
-            if averaged is not None:
-                averaged.update_parameters(model)
             size = batch["label"].shape[0]
             loss_sum += out.loss.detach().float() * size
             correct += (out.logits.argmax(1) == batch["label"]).sum()
             seen += size
         seconds = time.perf_counter() - started
-        record = {
-            "epoch": epoch + 1, "lr": epoch_lr, "train_loss": loss_sum.item() / seen,
-            "train_acc": correct.item() / seen, "seconds": seconds, "images_per_s": seen / seconds,
-        }
-        # With EMA the averaged weights are the ones evaluated, kept as best and restored on an early stop.
-        evaluated = averaged.module if averaged is not None else model
-        if eval_loader is not None:
-            metrics = evaluate(evaluated, eval_loader, eps=[eval_eps], steps=eval_steps)
-            robust = metrics["attacks"]["pgd"][0]
-            record.update(clean_acc=metrics["clean_acc"], robust_acc=robust["acc"],
-                          alignment=robust["alignment"], cosine=robust["cosine"])
-        history.append(record)
-        log.info("%s epoch %d/%d: %s", recipe.name, epoch + 1, epochs,
-                 ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch" and v is not None))
+        return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+                "seconds": seconds, "images_per_s": seen / seconds}
 
-        stop = None
-        if "robust_acc" in record:
-            if best is None or record["robust_acc"] > best["robust_acc"]:
-                best = {"epoch": record["epoch"], "robust_acc": record["robust_acc"]}
-                best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
-                if out_dir is not None:
-                    atomic_save({"epoch": best["epoch"], "model": best_state}, out_dir / BEST_NAME)
-            elif recipe.early_stop and record["robust_acc"] < best["robust_acc"] - early_stop_drop:
-                stop = (f"catastrophic overfitting: PGD accuracy fell from {best['robust_acc']:.3f} (epoch {best['epoch']}) "
-                        f"to {record['robust_acc']:.3f} (epoch {record['epoch']}); restored epoch {best['epoch']}'s weights")
-        if out_dir is not None:
-            state = {
-                "format": 1, "config": config, "epoch": epoch + 1, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "ema": averaged.state_dict() if averaged is not None else None,
-                "recipe_state": recipe.state_dict(), "rng": capture_rng(generators), "history": history, "best": best,
-            }
-            result.checkpoint = atomic_save(state, checkpoint_path)
-            _write_logs(out_dir, history)
-            if board is not None:
-                for key, value in record.items():
-                    if key != "epoch" and value is not None:
-                        board.add_scalar(key, value, record["epoch"])
-        if stop is not None:
-            model.load_state_dict(best_state if best_state is not None else load_checkpoint(out_dir / BEST_NAME)["model"])
-            log.warning("%s: %s", recipe.name, stop)
-            result.stopped = stop
-            break
-    if board is not None:
-        board.close()
-    return result
+    def train_step(self, batch: dict, epoch: int) -> RecipeOutput:
+        """One batch: the recipe's optimisation step through ``train_model``, the LR schedule's
+        step and the EMA update."""
+        if self.config.channels_last:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        out = self.recipe.train_step(self.train_model, batch, self.optimizer, epoch=epoch,
+                                     precision=self.config.precision, scaler=self.scaler)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return out
+
+    def evaluate(self) -> dict:
+        """Metrics of :attr:`evaluated` on ``eval_data`` ({} without it): clean_acc, robust_acc
+        (PGD-``eval_steps`` at ``eval_eps``) and the mean alignment and cosine of the predicted
+        logit's gradient at the clean inputs (see :func:`fastsat.evaluate.evaluate`)."""
+        if self.eval_loader is None:
+            return {}
+        metrics = evaluation.evaluate(self.evaluated, self.eval_loader, eps=[self.config.eval_eps],
+                                      steps=self.config.eval_steps)
+        return {"clean_acc": metrics["clean_acc"], "robust_acc": metrics["attacks"]["pgd"][0]["acc"],
+                "alignment": metrics["alignment"], "cosine": metrics["cosine"]}
+
+    def keep_best(self, record: dict) -> str | None:
+        """Track the epoch of best robust accuracy (its weights in memory and in best.pt). Returns
+        why to stop (catastrophic overfitting of a recipe with ``early_stop``), else None."""
+        if "robust_acc" not in record:
+            return None
+        if self.best is None or record["robust_acc"] > self.best["robust_acc"]:
+            self.best = {"epoch": record["epoch"], "robust_acc": record["robust_acc"]}
+            self.best_state = {k: v.detach().clone() for k, v in self.evaluated.state_dict().items()}
+            if self.writes:
+                atomic_save({"epoch": self.best["epoch"], "model": self.best_state}, self.out_dir / BEST_NAME)
+            return None
+        drop = self.config.early_stop_drop
+        if self.recipe.early_stop and drop is not None and record["robust_acc"] < self.best["robust_acc"] - drop:
+            return (f"catastrophic overfitting: PGD accuracy fell from {self.best['robust_acc']:.3f} (epoch "
+                    f"{self.best['epoch']}) to {record['robust_acc']:.3f} (epoch {record['epoch']}); restored epoch "
+                    f"{self.best['epoch']}'s weights")
+        return None
+
+    def restore_best(self) -> None:
+        """Load the best epoch's weights into ``model`` (from memory, or best.pt after a resume)."""
+        state = self.best_state if self.best_state is not None else load_checkpoint(self.out_dir / BEST_NAME)["model"]
+        self.model.load_state_dict(state)
+
+    def checkpoint(self) -> Path | None:
+        """Write checkpoint.pt atomically (when :attr:`writes`). Returns its path, else None."""
+        if not self.writes:
+            return None
+        return atomic_save(self.state_dict(), self.checkpoint_path)
+
+    def log(self, record: dict) -> None:
+        """Report the epoch: the logger, and (when :attr:`writes`) metrics.jsonl and metrics.csv,
+        rewritten from the whole history (so after a resume they hold exactly the completed
+        epochs), and TensorBoard if installed."""
+        log.info("%s epoch %d/%d: %s", self.recipe.name, record["epoch"], self.config.epochs,
+                 ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch" and v is not None))
+        if not self.writes:
+            return
+        atomic_write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in self.history))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=_LOG_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(self.out_dir / "metrics.csv", buffer.getvalue())
+        if self.board is not None:
+            for key, value in record.items():
+                if key != "epoch" and value is not None:
+                    self.board.add_scalar(key, value, record["epoch"])
+
+    # --- checkpoint contents -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything a bit-exact resume needs (the checkpoint's contents)."""
+        return {
+            "format": CHECKPOINT_FORMAT, "config": self.run_config, "epoch": self.epoch, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "recipe_state": self.recipe.state_dict(), "rng": capture_rng(self.generators),
+            "history": self.history, "best": self.best,
+        }
+
+    def load_state_dict(self, state: dict, source: object = "checkpoint") -> None:
+        """Inverse of :meth:`state_dict`. Refuses a checkpoint written with other settings (the
+        ones it recorded: a checkpoint of an older format recorded fewer)."""
+        saved = state["config"]
+        differing = [k for k in self.run_config if k in saved and saved[k] != self.run_config[k]]
+        if differing:
+            raise ValueError(f"resume: {source} was written with different settings {differing}: "
+                             f"{ {k: saved[k] for k in differing} } vs now { {k: self.run_config[k] for k in differing} }")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.recipe.load_state_dict(state["recipe_state"])
+        restore_rng(state["rng"], self.generators)
+        self.history, self.best, self.epoch = state["history"], state["best"], state["epoch"]
+
+
+def fit(model: nn.Module, train_data: object, config: TrainConfig | None = None, *, eval_data: object = None,
+        **options) -> FitResult:
+    """Train ``model`` in place with a recipe; evaluate, log and checkpoint every epoch.
+
+    The one-call API over :class:`Trainer`: ``options`` are the fields of :class:`TrainConfig`
+    (recipe, recipe_options, epochs, batch_size, augment, optimizer, lr, ..., out_dir, resume,
+    progress — every one with its default and units there), applied on top of ``config`` if given.
+    Two of them also take objects: ``recipe`` a :class:`Recipe` (then no ``recipe_options``) and
+    ``optimizer`` a ``torch.optim.Optimizer`` over the model's parameters.
+
+    Args:
+        model, train_data, eval_data: see :class:`Trainer`.
+
+    Example::
+
+        fit(model, fastsat.data.shapes(10_000), recipe="pgd", recipe_options={"steps": 7}, epochs=30,
+            eval_data=test, out_dir="runs/pgd", resume=True)
+
+    Returns:
+        :class:`FitResult`. The trained weights are in ``model`` (the best epoch's after an early stop).
+
+    Raises:
+        TypeError: an unknown option (naming the nearest one).
+        NonFiniteLossError: the loss became NaN/inf; the last good checkpoint stays on disk.
+    """
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in options:
+        if key not in names:
+            raise TypeError(f"fit: unknown option {key!r}{nearest(key, names)}; the options are TrainConfig's fields")
+    recipe, optimizer = options.get("recipe"), options.get("optimizer")
+    if isinstance(recipe, Recipe):
+        if options.get("recipe_options"):
+            raise ValueError(f"recipe_options: {sorted(options['recipe_options'])} given with a Recipe object; "
+                             "set them on the object")
+        described = {k: v for k, v in recipe.options().items() if k != "clip"}
+        options = {**options, "recipe": recipe.name, "recipe_options": described}
+        if isinstance(recipe, PerturbationRecipe):
+            options.setdefault("clip", recipe.clip)
+    else:
+        recipe = None
+    if isinstance(optimizer, torch.optim.Optimizer):
+        options = {k: v for k, v in options.items() if k != "optimizer"}
+    else:
+        optimizer = None
+    config = dataclasses.replace(config, **options) if config is not None else TrainConfig(**options)
+    return Trainer(model, train_data, config, eval_data=eval_data, recipe=recipe, optimizer=optimizer).fit()
+
+
+def _signature() -> inspect.Signature:
+    """fit's signature with every TrainConfig field as a keyword (for help(), IDEs and the tests)."""
+    hints = typing.get_type_hints(TrainConfig)
+    head = list(inspect.signature(fit).parameters.values())[:-1]  # model, train_data, config, eval_data
+    fields = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                                default=f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+              for f in dataclasses.fields(TrainConfig)]
+    return inspect.Signature([*head, *fields], return_annotation=FitResult)
+
+
+fit.__signature__ = _signature()

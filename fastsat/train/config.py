@@ -1,0 +1,161 @@
+"""The one configuration of a training run: :class:`TrainConfig`.
+
+Every training option and its default is declared once, here: :func:`fastsat.train.fit` takes the
+fields as keyword arguments, ``fastsat train`` generates its flags and ``--help`` from them, and its
+YAML files use the same keys (see :mod:`fastsat.train.options` for how, and why no library).
+
+Outside Python — on the command line and in YAML — a run is written as *flat settings*: every
+field except ``recipe_options``, plus the recipe's own options by name (``eps: 8/255``,
+``steps: 5``, ``maps: masks``, ...; the union over :data:`fastsat.train.RECIPES`, declared on the
+recipe classes). :meth:`TrainConfig.from_settings` reads them, :meth:`TrainConfig.settings` writes
+them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import typing
+from collections.abc import Mapping
+
+from fastsat._checks import clip_box, describe, flag, number, path, positive_int, seed
+from fastsat.train.options import Spec, option, parse, show, specs, unknown_keys, validate
+from fastsat.train.recipes import PRECISIONS, RECIPES, PerturbationRecipe, Recipe, make_recipe
+
+__all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig", "recipe_option_specs"]
+
+log = logging.getLogger("fastsat.train")
+
+SCHEDULES = ("piecewise", "cosine", "onecycle", "constant")
+OPTIMIZERS = ("sgd", "adam")
+
+_positive = functools.partial(number, minimum=0, exclusive_min=True)
+
+
+def _recipe_options(value: object, name: str) -> dict:
+    if value is None:  # as fit always took it: no options
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name}: expected a mapping of option: value, got {describe(value)}")
+    if "clip" in value:
+        raise ValueError(f"{name}: 'clip' is the run's input box; set it as TrainConfig.clip (fit(clip=...))")
+    return dict(value)
+
+
+def _resume(value: object, name: str) -> bool | str:
+    return value if isinstance(value, bool) else path(value, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every option of a training run, with its default. Checked on construction (TypeError for a
+    value of the wrong kind, ValueError for one out of range; any real number where a number is
+    meant). Build one with keywords, :meth:`from_settings` (YAML), or ``dataclasses.replace``."""
+
+    recipe: str = option("sat", "training recipe (fastsat.train.RECIPES)", choices=tuple(RECIPES))
+    recipe_options: Mapping[str, object] = option(
+        factory=dict, check=_recipe_options,
+        help="the recipe's own hyper-parameters by name (eps, steps, maps, ...); unset ones (or None) keep the "
+        "recipe's defaults")
+    epochs: int = option(10, "training epochs", check=positive_int)
+    batch_size: int = option(128, "images per batch (train_data given as a dataset)", check=positive_int)
+    augment: bool = option(True, "padded random crop (4 px) + horizontal flip (train_data given as a dataset)",
+                           check=flag)
+    optimizer: str = option("sgd", "optimizer: SGD with momentum, or Adam", choices=OPTIMIZERS)
+    lr: float = option(0.1, "peak learning rate", check=_positive)
+    momentum: float = option(0.9, "SGD momentum", check=functools.partial(number, minimum=0, maximum=1, exclusive_max=True))
+    weight_decay: float = option(5e-4, "L2 weight decay", check=functools.partial(number, minimum=0))
+    schedule: str = option("piecewise", "per-step learning-rate schedule (see fastsat.train.lr_factor)", choices=SCHEDULES)
+    precision: str = option("fp32", "autocast precision; fp16 adds a GradScaler", choices=PRECISIONS)
+    channels_last: bool = option(False, "NHWC memory format for model and inputs (faster convolutions on GPUs)", check=flag)
+    compile: bool = option(False, "run the training forward through torch.compile", check=flag)
+    ema: float | None = option(
+        None, "decay of an exponential moving average of the weights (e.g. 0.999), which is evaluated, kept as best "
+        "and saved; None: off", check=functools.partial(number, minimum=0, maximum=1, exclusive_min=True,
+                                                        exclusive_max=True, allow_none=True))
+    seed: int = option(0, "seed of python, numpy and torch and of the data order", check=seed)
+    clip: tuple[float, float] = option((0.0, 1.0), "valid input box (lo, hi) in pixel units; every recipe keeps its "
+                                       "inputs inside it", check=clip_box)
+    eval_eps: float = option(8 / 255, "per-epoch evaluation: PGD radius (pixels, L∞)", check=_positive)
+    eval_steps: int = option(10, "per-epoch evaluation: PGD iterations (step eval_eps/4)", check=positive_int)
+    eval_batch_size: int = option(256, "per-epoch evaluation: images per batch (eval_data given as a dataset)",
+                                  check=positive_int)
+    early_stop_drop: float | None = option(
+        0.2, "recipes that stop early (fast): stop and restore the best epoch when PGD accuracy falls this much "
+        "below its best (accuracy, 0-1); None: never stop early",
+        check=functools.partial(number, minimum=0, maximum=1, exclusive_min=True, allow_none=True))
+    out_dir: str | None = option(
+        None, "run directory: checkpoint.pt (every epoch), best.pt, metrics.jsonl/.csv, TensorBoard logs; "
+        "None: nothing is kept on disk", check=functools.partial(path, allow_none=True), recorded=False)
+    resume: bool | str = option(False, "true: continue from out_dir/checkpoint.pt if it exists; or a checkpoint's path",
+                                check=_resume, recorded=False)
+    progress: bool | None = option(None, "progress bars; None: only when stderr is a terminal",
+                                   check=functools.partial(flag, allow_none=True), recorded=False)
+
+    def __post_init__(self):
+        validate(self)
+        self.build_recipe()  # the recipe checks its options now, not at the first batch
+
+    def build_recipe(self) -> Recipe:
+        """The recipe this configuration describes (the run's ``clip`` goes to recipes that perturb inputs)."""
+        run = {"clip": self.clip} if issubclass(RECIPES[self.recipe], PerturbationRecipe) else {}
+        return make_recipe(self.recipe, **self.recipe_options, **run)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping, where: str = "settings") -> TrainConfig:
+        """A configuration from flat settings (YAML keys, command-line options): fields by name
+        (``recipe_options`` excepted) and recipe options by name; text is read as the field's
+        type (``"8/255"``). A recipe option the chosen recipe does not take is ignored with a
+        warning (one file can serve several recipes); a recipe option that is None keeps the
+        recipe's default.
+
+        Raises:
+            ValueError: an unknown key (naming the nearest valid one), or a value that does not read.
+        """
+        fields = {spec.name: spec for spec in specs(cls) if spec.name != "recipe_options"}
+        recipe_specs = {spec.name: spec for spec in recipe_option_specs()}
+        unknown_keys(settings, [*fields, *recipe_specs], where)
+        values = {key: parse(fields[key].type, value, key) for key, value in settings.items() if key in fields}
+        recipe = values.get("recipe", cls.recipe)
+        takes = [f.name for f in dataclasses.fields(RECIPES[recipe])] if recipe in RECIPES else []
+        options = {}
+        for key, value in settings.items():
+            if key in recipe_specs and value is not None:
+                if key in takes:
+                    options[key] = parse(recipe_specs[key].type, value, key)
+                else:
+                    log.warning("%s: recipe %r takes no %r; ignored", where, recipe, key)
+        return cls(**values, recipe_options=options)
+
+    def settings(self) -> dict:
+        """The flat settings (inverse of :meth:`from_settings`); plain values, ready for YAML."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "recipe_options"}
+        flat["clip"] = list(self.clip)
+        return {**flat, **self.recipe_options}
+
+    def recorded(self) -> dict:
+        """The options that can change a run's results (checkpoints record them; resuming compares
+        them), with the recipe's options in full."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["recorded"]}
+        values["recipe_options"] = self.build_recipe().options()
+        return values
+
+
+def recipe_option_specs() -> list[Spec]:
+    """The recipe options as flat settings: one per option name over all recipes (``clip`` excepted:
+    it is the run's), default None (each recipe's own), the help naming each recipe's default."""
+    run_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    by_name: dict[str, list[tuple[str, Spec]]] = {}
+    for name, cls in RECIPES.items():
+        for spec in specs(cls):
+            if spec.name not in run_fields:
+                by_name.setdefault(spec.name, []).append((name, spec))
+    rows = []
+    for key, entries in by_name.items():
+        first = entries[0][1]
+        defaults = ", ".join(f"{recipe} {show(spec.default)}" for recipe, spec in entries)
+        own = "".join(f"; {recipe}: {spec.help}" for recipe, spec in entries if spec.help != first.help)
+        help = f"{first.help}{own}. Recipe option; None: the recipe's default ({defaults})"
+        rows.append(Spec(key, typing.Optional[first.type], None, help, first.choices))  # noqa: UP045
+    return rows
