@@ -18,9 +18,12 @@ Tolerances, per dtype, and why:
 
 from __future__ import annotations
 
+import inspect
 import math
+import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -53,6 +56,13 @@ ULP = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10
 
 SHAPES = [(2, 3, 37, 41), (1, 3, 37, 41), (3, 10), (4, 1, 5, 5)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# (dtype of x, dtype of the gradient): the same, or a float32 gradient for a 16-bit x.
+DTYPE_PAIRS = [(d, d) for d in DTYPES] + [(torch.float16, torch.float32), (torch.bfloat16, torch.float32)]
+
+
+def _pair_id(pair):
+    x_dtype, grad_dtype = pair
+    return str(x_dtype) if x_dtype == grad_dtype else f"{x_dtype}-grad-{grad_dtype}"
 
 
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -65,13 +75,35 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t
 
 
-def _inputs(shape, dtype, device, layout, eps):
-    gen = torch.Generator().manual_seed(hash((shape, str(dtype), layout)) % 2**31)
+def _case_seed(*parts: object) -> int:
+    """Seed of a test case from its parameters: the CRC-32 of their text, the same in every process
+    (``hash`` of a str changes with PYTHONHASHSEED, so a failing case could not be replayed)."""
+    return zlib.crc32("|".join(map(str, parts)).encode())
+
+
+def _inputs(shape, dtype, device, layout, eps, grad_dtype=None):
+    """x, g, x_nat of ``shape`` in ``dtype`` (g in ``grad_dtype``, default ``dtype``), laid out as
+    ``layout``. The gradient's entries span ten orders of magnitude (down to ~1e-9, which float16
+    flushes to zero) and every seventh is exactly 0 (sign 0: no L∞ step)."""
+    grad_dtype = dtype if grad_dtype is None else grad_dtype
+    gen = torch.Generator().manual_seed(_case_seed(shape, dtype, grad_dtype, layout))
     x_nat = torch.rand(shape, generator=gen, dtype=torch.float64)
     x = (x_nat + (2 * torch.rand(shape, generator=gen, dtype=torch.float64) - 1) * 1.5 * eps).clamp(0, 1)
-    g = torch.randn(shape, generator=gen, dtype=torch.float64)
-    g.view(-1)[::7] = 0.0  # sign(0) = 0: those elements take no L∞ step
-    return [_layout(t.to(dtype).to(device), layout) for t in (x, g, x_nat)]
+    magnitude = 10.0 ** -torch.randint(0, 10, shape, generator=gen, dtype=torch.float64)
+    g = torch.randn(shape, generator=gen, dtype=torch.float64) * magnitude
+    g.view(-1)[::7] = 0.0
+    return [_layout(t.to(d).to(device), layout) for t, d in ((x, dtype), (g, grad_dtype), (x_nat, dtype))]
+
+
+def test_case_seed_is_the_same_in_every_process():
+    """The seed of a case does not depend on PYTHONHASHSEED: a failing case replays."""
+    code = f"import zlib\n{inspect.getsource(_case_seed)}\nprint(_case_seed((2, 3, 37, 41), 'torch.float16', 'x'))"
+    seeds = {
+        subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": hash_seed},
+                       capture_output=True, text=True, check=True).stdout.strip()
+        for hash_seed in ("1", "2")
+    }
+    assert seeds == {str(_case_seed((2, 3, 37, 41), torch.float16, "x"))}
 
 
 def _layouts_for(shape):
@@ -100,12 +132,13 @@ def _reference_step(x, g, x_nat, **kw):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=_pair_id)
 @pytest.mark.parametrize("shape,layout", CASES, ids=str)
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_pgd_step_matches_reference(backend, dtype, shape, layout, norm):
+def test_pgd_step_matches_reference(backend, dtypes, shape, layout, norm):
+    dtype, grad_dtype = dtypes
     eps, step = (0.03, 0.01) if norm == "linf" else (0.5, 0.3)
-    x, g, x_nat = _inputs(shape, dtype, _device(backend), layout, eps)
+    x, g, x_nat = _inputs(shape, dtype, _device(backend), layout, eps, grad_dtype)
     kw = {"step_size": step, "eps": eps, "norm": norm, "clip": (0.0, 1.0)}
     got, stats = ops.pgd_step(x, g, x_nat, return_stats=True, backend=backend, **kw)
     want, want_stats = _reference_step(x, g, x_nat, **kw)
@@ -130,6 +163,79 @@ def test_pgd_step_matches_reference(backend, dtype, shape, layout, norm):
         f"dot: got {stats.dot}, expected {want_stats.dot}"
     _assert_close(stats.grad_norm, want_stats.grad_norm, atol=0.0, rtol=rtol, what="grad_norm")
     _assert_close(stats.x_norm, want_stats.x_norm, atol=0.0, rtol=rtol, what="x_norm")
+
+
+def _float16_x_and_float32_gradient(device):
+    """float16 x, x_nat and a float32 gradient that float16 cannot hold: sample 0 spans 1e-9..1
+    (with 1e-8 and -3e-9, which round to 0 in float16), sample 1 lies entirely below float16's
+    smallest subnormal 6e-8 (all of it rounds to 0), sample 2 lies among float16's subnormals
+    (1e-7..1e-6, spaced 6e-8 apart: one to four significant bits)."""
+    gen = torch.Generator().manual_seed(_case_seed("float16 x, float32 gradient"))
+    shape = (3, 2, 5, 7)
+    x_nat = torch.rand(shape, generator=gen).half()
+    x = (x_nat.float() + 0.02 * (2 * torch.rand(shape, generator=gen) - 1)).clamp(0, 1).half()
+    sign = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+    exponent = torch.rand(shape, generator=gen)
+    g = torch.stack([sign[0] * 10.0 ** (-9 * exponent[0]),
+                     sign[1] * 10.0 ** (-9 + exponent[1]),
+                     sign[2] * 10.0 ** (-7 + exponent[2])])
+    g[0, 0, 0, :2] = torch.tensor([1e-8, -3e-9])
+    assert bool((g.half()[1] == 0).all()) and bool((g.half()[0] == 0).any()), "the case must flush entries to 0"
+    return x.to(device), g.to(device), x_nat.to(device)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_pgd_step_linf_reads_a_float32_gradient_of_a_float16_input(backend):
+    """The L∞ step takes the sign of the float32 gradient, not of its float16 rounding (which is 0
+    for the tiny entries): bitwise the float32 computation clip(Π(x + α·sign(g))) rounded once
+    to float16. The statistics see the float32 gradient too (‖g‖ within RED_RTOL of float64)."""
+    x, g, x_nat = _float16_x_and_float32_gradient(_device(backend))
+    step, eps = 0.01, 0.03
+    got, stats = ops.pgd_step(x, g, x_nat, step_size=step, eps=eps, return_stats=True, backend=backend)
+    xf, nf = x.float(), x_nat.float()
+    want = torch.minimum(torch.maximum(xf + step * torch.sign(g), nf - eps), nf + eps).clamp(0.0, 1.0).half()
+    assert got.dtype == torch.float16
+    _assert_close(got, want, atol=0.0, what="linf step from a float32 gradient")
+    g64 = g.double().reshape(len(g), -1)
+    _assert_close(stats.grad_norm, g64.norm(dim=1), atol=0.0, rtol=RED_RTOL[torch.float32], what="grad_norm")
+    aligned = ops.alignment_stats(x, g, backend=backend)
+    _assert_close(aligned.grad_norm, g64.norm(dim=1), atol=0.0, rtol=RED_RTOL[torch.float32], what="alignment grad_norm")
+    _assert_close(aligned.dot, (x.double().reshape(len(x), -1) * g64).sum(1), atol=0.0,
+                  rtol=RED_RTOL[torch.float32], what="alignment dot")
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_pgd_step_l2_follows_the_float32_gradient_of_a_float16_input(backend):
+    """The L2 step moves along g/‖g‖ of the float32 gradient: compared with the float64
+    computation from that gradient. Tolerance: half a float16 ulp at 1.0 (2^-11) for the one final
+    rounding, plus RED_RTOL·ε for the float32 arithmetic and sums. The float16 rounding of the
+    gradient would take no step on sample 1 and bend the direction of sample 2."""
+    x, g, x_nat = _float16_x_and_float32_gradient(_device(backend))
+    step, eps = 0.3, 0.5
+    got = ops.pgd_step(x, g, x_nat, step_size=step, eps=eps, norm="l2", backend=backend)
+    x64, g64, n64 = (t.double().reshape(len(t), -1) for t in (x, g, x_nat))
+    delta = x64 + step * g64 / g64.norm(dim=1, keepdim=True) - n64
+    delta = delta * (eps / delta.norm(dim=1, keepdim=True)).clamp(max=1.0)
+    want = (n64 + delta).clamp(0.0, 1.0).reshape(x.shape)
+    assert got.dtype == torch.float16
+    _assert_close(got, want, atol=ULP[torch.float16] / 2 + RED_RTOL[torch.float32] * eps,
+                  what="l2 step from a float32 gradient")
+
+
+def test_differentiable_alignment_of_a_float16_input_and_float32_gradient():
+    """A float32 g with a float16 x: the value is taken from the float32 g (in x's dtype) and each
+    input gets its gradient in its own dtype, matching the float64 autograd gradient."""
+    x, g, _ = _float16_x_and_float32_gradient("cpu")
+    x, g = x.requires_grad_(), g.requires_grad_()
+    value = ops.differentiable_alignment(x, g, normalize=True)
+    value.sum().backward()
+    x64, g64 = x.detach().double().requires_grad_(), g.detach().double().requires_grad_()
+    want = (x64 * g64).flatten(1).sum(1).abs() / (x64.flatten(1).norm(dim=1) * g64.flatten(1).norm(dim=1))
+    want.sum().backward()
+    assert value.dtype == torch.float16 and x.grad.dtype == torch.float16 and g.grad.dtype == torch.float32
+    _assert_close(value, want, atol=0.0, rtol=2.0**-10, what="cosine")
+    _assert_close(x.grad, x64.grad, atol=1e-3 * float(x64.grad.abs().max()), rtol=2.0**-10, what="d/dx")
+    _assert_close(g.grad, g64.grad, atol=0.0, rtol=1e-4, what="d/dg")
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -264,10 +370,11 @@ def test_random_start_l2_is_uniform_in_ball(backend):
 # --- alignment_stats and alignment -------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=_pair_id)
 @pytest.mark.parametrize("shape,layout", CASES, ids=str)
-def test_alignment_stats_matches_reference(backend, dtype, shape, layout):
-    x, g, _ = _inputs(shape, dtype, _device(backend), layout, 0.1)
+def test_alignment_stats_matches_reference(backend, dtypes, shape, layout):
+    dtype, grad_dtype = dtypes
+    x, g, _ = _inputs(shape, dtype, _device(backend), layout, 0.1, grad_dtype)
     got = ops.alignment_stats(x, g, backend=backend)
     want = ops.alignment_stats(x, g, backend="torch")
     rtol = RED_RTOL[dtype]
@@ -523,7 +630,7 @@ def test_out_partially_overlapping_an_input_is_refused():
     buffer = torch.rand(3, 3, 4, 4)
     x = buffer[:2]
     g = torch.randn_like(x)
-    with pytest.raises(ValueError, match="out must be x itself or not overlap"):
+    with pytest.raises(ValueError, match="out: expected x itself or memory disjoint from x"):
         ops.pgd_step(x, g, x.clone(), step_size=0.1, eps=0.1, out=buffer[1:])
     # A disjoint part of the same storage stays allowed.
     disjoint = torch.rand(4, 3, 4, 4)
@@ -561,6 +668,6 @@ def test_numpy_scalars_are_accepted_and_bad_clip_names_clip():
     boxes = torch.tensor([[0, 0, 2, 2], [1, 1, 4, 4]])
     got = ops.sat_perturb(x, eps=0.1, p=np.float32(0.5), seed=1, boxes=boxes, backend="torch")
     _assert_close(got, ops.sat_perturb(x, eps=0.1, p=0.5, seed=1, boxes=boxes, backend="torch"), atol=0, what="numpy p")
-    with pytest.raises(TypeError, match="p must be a number"):
+    with pytest.raises(TypeError, match="p: expected a finite number"):
         ops.sat_perturb(x, eps=0.1, p="0.5", boxes=boxes)
 

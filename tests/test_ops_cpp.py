@@ -47,6 +47,11 @@ def _opcheck_cases():
         ("random_start l2 bf16", fastsat_ops.random_start, (x_nat.bfloat16(), 0.5, True, 0.0, 1.0, 7)),
         ("alignment_stats", fastsat_ops.alignment_stats, (x, g)),
         ("alignment_stats fp16", fastsat_ops.alignment_stats, (x.half(), g.half())),
+        ("pgd_step l2 fp16 x fp32 grad stats", fastsat_ops.pgd_step,
+         (x.half(), g, x_nat.half(), torch.empty_like(x.half()), 0.2, 0.5, True, 0.0, 1.0, True)),
+        ("pgd_step linf bf16 x fp32 grad", fastsat_ops.pgd_step,
+         (x.bfloat16(), g, x_nat.bfloat16(), torch.empty_like(x.bfloat16()), 0.01, 0.03, False, 0.0, 1.0, False)),
+        ("alignment_stats bf16 x fp32 g", fastsat_ops.alignment_stats, (x.bfloat16(), g)),
         ("sat_perturb saliency", fastsat_ops.sat_perturb, (x, 0.03, 0.5, 3, 0.0, 1.0, saliency, None, None)),
         ("sat_perturb boxes channels_last", fastsat_ops.sat_perturb, (cl, 0.03, 0.5, 3, 0.0, 1.0, None, boxes, None)),
         ("sat_perturb masks", fastsat_ops.sat_perturb, (x, 0.03, 0.5, 3, 0.0, 1.0, None, None, masks)),
@@ -211,14 +216,28 @@ def test_out_may_alias_x_nat(norm):
 def test_binding_rejects_memory_it_cannot_index():
     x = torch.rand(4, 3, 6, 6)
     strided = x[:, :, ::2]
-    with pytest.raises(RuntimeError, match="contiguous or channels_last"):
+    with pytest.raises(RuntimeError, match="x: expected a contiguous or channels_last tensor"):
         fastsat_ops.alignment_stats(strided, strided)
-    with pytest.raises(RuntimeError, match="memory layout of x"):
+    with pytest.raises(RuntimeError, match="out: expected the memory layout of x"):
         fastsat_ops.pgd_step(x, x, x, x.contiguous(memory_format=torch.channels_last), 0.1, 0.1, False, 0.0, 1.0, False)
-    with pytest.raises(RuntimeError, match="exactly one of saliency, boxes, masks"):
+    with pytest.raises(RuntimeError, match="saliency, boxes, masks: expected exactly one of them, got 0"):
         fastsat_ops.sat_perturb(x, 0.1, 0.5, 0, 0.0, 1.0, None, None, None)
-    with pytest.raises(RuntimeError, match="boxes must be a contiguous int64"):
+    with pytest.raises(RuntimeError, match="boxes: expected a contiguous int64"):
         fastsat_ops.sat_perturb(x, 0.1, 0.5, 0, 0.0, 1.0, None, torch.zeros(4, 4, dtype=torch.int32), None)
+
+
+@pytest.mark.parametrize("x_dtype,grad_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float64),
+                                                (torch.float16, torch.bfloat16), (torch.float32, torch.float64)])
+def test_binding_takes_a_gradient_only_in_the_dtype_of_x_or_its_accumulation_dtype(x_dtype, grad_dtype):
+    """The kernels read the gradient as T or acc_t<T>; any other dtype would be read as the wrong type.
+    (C++ names the dtypes as c10 does: Half, BFloat16, Float, Double.)"""
+    x = torch.rand(2, 3, 4, 4, dtype=x_dtype)
+    g = torch.randn(2, 3, 4, 4, dtype=grad_dtype)
+    c10_name = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float64: "Double"}[grad_dtype]
+    with pytest.raises(RuntimeError, match=f"grad: expected dtype .*, got {c10_name}$"):
+        fastsat_ops.pgd_step(x, g, x, torch.empty_like(x), 0.1, 0.1, False, 0.0, 1.0, False)
+    with pytest.raises(RuntimeError, match="g: expected dtype"):
+        fastsat_ops.alignment_stats(x, g)
 
 
 def test_has_cuda_matches_dispatcher():
@@ -254,7 +273,10 @@ def test_setup_cuda_switches():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_cuda_sources_compile_with_nvcc():
-    """Every .cu compiles for sm_90 and sm_80, and the binding's CUDA part compiles (see the script)."""
+    """Every .cu compiles for sm_90 and sm_80, and the binding's CUDA part compiles (see the script)
+    against the torch running the tests (the script's python3 is this interpreter)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     result = subprocess.run([str(ROOT / "scripts" / "check_cuda_compile.sh")], check=False, capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=600, env=env)
     assert result.returncode == 0, f"CUDA compile check failed:\n{result.stdout}\n{result.stderr}"
+    assert "ok      c++ -fsyntax-only -DFASTSAT_WITH_CUDA csrc/bindings.cpp" in result.stdout, result.stdout

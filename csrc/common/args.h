@@ -3,7 +3,9 @@
 //
 // Every tensor is a batch of `batch` samples, each one dense block of `per_sample` elements in
 // memory (contiguous or channels_last); outputs have the layout of the input. Element pointers
-// have the storage type T the kernel is instantiated for; statistics have type acc_t<T>.
+// have the storage type T the kernel is instantiated for, except the gradient (PgdStepArgs::grad,
+// AlignmentStatsArgs::g), which has type G: T or acc_t<T> (float32 for a 16-bit T); statistics
+// have type acc_t<T>.
 #pragma once
 
 #include <stdint.h>
@@ -12,7 +14,7 @@ namespace fastsat {
 
 struct PgdStepArgs {
   const void* x;
-  const void* grad;
+  const void* grad;  // G
   const void* x_nat;
   void* out;    // may alias x (or x_nat): each element is read before it is written
   void* stats;  // (batch, 4): <x_nat, g>, ||g||_2, ||x_nat||_2, ||out - x_nat||_p; nullptr: none
@@ -39,7 +41,7 @@ struct RandomStartArgs {
 
 struct AlignmentStatsArgs {
   const void* x;
-  const void* g;
+  const void* g;  // G
   void* stats;  // (batch, 3): <x, g>, ||g||_2, ||x||_2
   int64_t batch;
   int64_t per_sample;

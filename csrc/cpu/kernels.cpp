@@ -4,7 +4,8 @@
 // A task streams its range in tiles of kTile elements: inputs are converted to the arithmetic type
 // into small local arrays, the formulas of common/math.h run over those arrays (loops the compiler
 // vectorises; the local arrays also keep an in-place `out` from defeating vectorisation), and
-// results are rounded once to the storage type. Per-sample sums are kept per task in kLanes
+// results are rounded once to the storage type. A gradient may be stored in float32 for a 16-bit
+// input (G = float): it is read as it is, never rounded to 16 bits. Per-sample sums are kept per task in kLanes
 // independent accumulators (per tile in the arithmetic type, across tiles in float64) and added up
 // per sample in task order, so every result is the same whatever the number of threads. The hot per-task functions are compiled for AVX-512, AVX2
 // and baseline x86-64 and picked at load time (GCC target_clones); contraction is off
@@ -158,13 +159,13 @@ std::vector<double> per_sample_sums(const Tasks& tasks, const std::vector<double
 
 // --- pgd_step ----------------------------------------------------------------------------------
 
-template <typename T, bool kStats>
+template <typename T, typename G, bool kStats>
 FASTSAT_ISA_CLONES void linf_step_task(const PgdStepArgs& a, int64_t sample, int64_t begin, int64_t end,
                                        double* partial) {
   using A = acc_t<T>;
   const int64_t base = sample * a.per_sample;
   const T* x = static_cast<const T*>(a.x) + base;
-  const T* g = static_cast<const T*>(a.grad) + base;
+  const G* g = static_cast<const G*>(a.grad) + base;
   const T* nat = static_cast<const T*>(a.x_nat) + base;
   T* out = static_cast<T*>(a.out) + base;
   const A step = static_cast<A>(a.step_size), eps = static_cast<A>(a.eps);
@@ -194,13 +195,13 @@ FASTSAT_ISA_CLONES void linf_step_task(const PgdStepArgs& a, int64_t sample, int
 }
 
 // L2 reduction pass: ‖g‖², ⟨d, g⟩, ‖d‖² with d = x − x_nat (+ ⟨x_nat, g⟩, ‖x_nat‖² for stats).
-template <typename T, bool kStats>
+template <typename T, typename G, bool kStats>
 FASTSAT_ISA_CLONES void l2_reduce_task(const PgdStepArgs& a, int64_t sample, int64_t begin, int64_t end,
                                        double* partial) {
   using A = acc_t<T>;
   const int64_t base = sample * a.per_sample;
   const T* x = static_cast<const T*>(a.x) + base;
-  const T* g = static_cast<const T*>(a.grad) + base;
+  const G* g = static_cast<const G*>(a.grad) + base;
   const T* nat = static_cast<const T*>(a.x_nat) + base;
   A xb[kTile], gb[kTile], nb[kTile], db[kTile];
   LaneSums<5> sums;
@@ -222,13 +223,13 @@ FASTSAT_ISA_CLONES void l2_reduce_task(const PgdStepArgs& a, int64_t sample, int
 }
 
 // L2 write pass with the per-sample coefficients; ‖out − x_nat‖² for stats.
-template <typename T, bool kStats>
+template <typename T, typename G, bool kStats>
 FASTSAT_ISA_CLONES void l2_apply_task(const PgdStepArgs& a, int64_t sample, int64_t begin, int64_t end,
                                       acc_t<T> scale, acc_t<T> factor, double* partial) {
   using A = acc_t<T>;
   const int64_t base = sample * a.per_sample;
   const T* x = static_cast<const T*>(a.x) + base;
-  const T* g = static_cast<const T*>(a.grad) + base;
+  const G* g = static_cast<const G*>(a.grad) + base;
   const T* nat = static_cast<const T*>(a.x_nat) + base;
   T* out = static_cast<T*>(a.out) + base;
   const A lo = static_cast<A>(a.lo), hi = static_cast<A>(a.hi);
@@ -250,7 +251,7 @@ FASTSAT_ISA_CLONES void l2_apply_task(const PgdStepArgs& a, int64_t sample, int6
   if constexpr (kStats) sums.write(partial);
 }
 
-template <typename T, bool kStats>
+template <typename T, typename G, bool kStats>
 void pgd_step_impl(const PgdStepArgs& a) {
   using A = acc_t<T>;
   const Tasks tasks(a.batch, a.per_sample);
@@ -258,7 +259,7 @@ void pgd_step_impl(const PgdStepArgs& a) {
   if (!a.l2) {
     std::vector<double> partial(kStats ? tasks.count() * 4 : 0);
     parallel_tasks(tasks, [&](int64_t t) {
-      linf_step_task<T, kStats>(a, tasks.sample(t), tasks.begin(t), tasks.end(t), partial.data() + (kStats ? t * 4 : 0));
+      linf_step_task<T, G, kStats>(a, tasks.sample(t), tasks.begin(t), tasks.end(t), partial.data() + (kStats ? t * 4 : 0));
     });
     if constexpr (kStats) {
       for (int64_t b = 0; b < a.batch; ++b) {
@@ -278,7 +279,7 @@ void pgd_step_impl(const PgdStepArgs& a) {
   }
   std::vector<double> partial(tasks.count() * 5);
   parallel_tasks(tasks, [&](int64_t t) {
-    l2_reduce_task<T, kStats>(a, tasks.sample(t), tasks.begin(t), tasks.end(t), partial.data() + t * 5);
+    l2_reduce_task<T, G, kStats>(a, tasks.sample(t), tasks.begin(t), tasks.end(t), partial.data() + t * 5);
   });
   const std::vector<double> sums = per_sample_sums(tasks, partial, 5);
   std::vector<A> scale(a.batch), factor(a.batch);
@@ -289,7 +290,7 @@ void pgd_step_impl(const PgdStepArgs& a) {
   std::vector<double> delta_partial(kStats ? tasks.count() : 0);
   parallel_tasks(tasks, [&](int64_t t) {
     const int64_t b = tasks.sample(t);
-    l2_apply_task<T, kStats>(a, b, tasks.begin(t), tasks.end(t), scale[b], factor[b],
+    l2_apply_task<T, G, kStats>(a, b, tasks.begin(t), tasks.end(t), scale[b], factor[b],
                              delta_partial.data() + (kStats ? t : 0));
   });
   if constexpr (kStats) {
@@ -305,13 +306,13 @@ void pgd_step_impl(const PgdStepArgs& a) {
 
 // --- alignment_stats ---------------------------------------------------------------------------
 
-template <typename T>
+template <typename T, typename G>
 FASTSAT_ISA_CLONES void alignment_task(const AlignmentStatsArgs& a, int64_t sample, int64_t begin, int64_t end,
                                        double* partial) {
   using A = acc_t<T>;
   const int64_t base = sample * a.per_sample;
   const T* x = static_cast<const T*>(a.x) + base;
-  const T* g = static_cast<const T*>(a.g) + base;
+  const G* g = static_cast<const G*>(a.g) + base;
   A xb[kTile], gb[kTile];
   LaneSums<3> sums;
   for (int64_t s = begin; s < end; s += kTile) {
@@ -494,22 +495,22 @@ FASTSAT_ISA_CLONES void sat_task(const SatPerturbArgs& a, int64_t sample, int64_
 
 // --- entry points ------------------------------------------------------------------------------
 
-template <typename T>
+template <typename T, typename G>
 void pgd_step(const PgdStepArgs& args) {
   if (args.stats != nullptr) {
-    pgd_step_impl<T, true>(args);
+    pgd_step_impl<T, G, true>(args);
   } else {
-    pgd_step_impl<T, false>(args);
+    pgd_step_impl<T, G, false>(args);
   }
 }
 
-template <typename T>
+template <typename T, typename G>
 void alignment_stats(const AlignmentStatsArgs& a) {
   using A = acc_t<T>;
   const Tasks tasks(a.batch, a.per_sample);
   std::vector<double> partial(tasks.count() * 3);
   parallel_tasks(tasks, [&](int64_t t) {
-    alignment_task<T>(a, tasks.sample(t), tasks.begin(t), tasks.end(t), partial.data() + t * 3);
+    alignment_task<T, G>(a, tasks.sample(t), tasks.begin(t), tasks.end(t), partial.data() + t * 3);
   });
   const std::vector<double> sums = per_sample_sums(tasks, partial, 3);
   A* stats = static_cast<A*>(a.stats);
@@ -550,14 +551,22 @@ void sat_perturb(const SatPerturbArgs& a) {
 }
 
 #define FASTSAT_INSTANTIATE(T)                                    \
-  template void pgd_step<T>(const PgdStepArgs&);                  \
+  template void pgd_step<T, T>(const PgdStepArgs&);               \
   template void random_start<T>(const RandomStartArgs&);          \
-  template void alignment_stats<T>(const AlignmentStatsArgs&);    \
+  template void alignment_stats<T, T>(const AlignmentStatsArgs&); \
   template void sat_perturb<T>(const SatPerturbArgs&);
 FASTSAT_INSTANTIATE(float)
 FASTSAT_INSTANTIATE(double)
 FASTSAT_INSTANTIATE(c10::Half)
 FASTSAT_INSTANTIATE(c10::BFloat16)
 #undef FASTSAT_INSTANTIATE
+
+// A float32 gradient of a 16-bit input.
+#define FASTSAT_INSTANTIATE_FLOAT_GRADIENT(T)                         \
+  template void pgd_step<T, float>(const PgdStepArgs&);               \
+  template void alignment_stats<T, float>(const AlignmentStatsArgs&);
+FASTSAT_INSTANTIATE_FLOAT_GRADIENT(c10::Half)
+FASTSAT_INSTANTIATE_FLOAT_GRADIENT(c10::BFloat16)
+#undef FASTSAT_INSTANTIATE_FLOAT_GRADIENT
 
 }  // namespace fastsat::cpu

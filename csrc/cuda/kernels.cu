@@ -4,7 +4,8 @@
 // Grid: one block of kThreads threads per task = kChunk elements of one sample (blockIdx.x =
 // sample · chunks + chunk). Per-sample sums are reduced per block (warp shuffles) into float64
 // partials in the workspace and added up per sample in chunk order, so results are deterministic
-// (no atomics). Random numbers: thread-per-Philox-call, four consecutive elements per call, the
+// (no atomics). A gradient stored in float32 for a 16-bit input (G = float) is read as it is.
+// Random numbers: thread-per-Philox-call, four consecutive elements per call, the
 // same streams as the CPU kernels (common/math.h). Built with --fmad=false: no contraction, so the
 // element formulas round exactly as the reference and the CPU kernels do.
 //
@@ -102,13 +103,13 @@ __device__ __forceinline__ double sample_total(const double* partial, int64_t sa
 // --- pgd_step ----------------------------------------------------------------------------------
 
 // Partials: ⟨x_nat, g⟩, ‖g‖², ‖x_nat‖², max |out − x_nat|.
-template <typename T, bool kStats>
+template <typename T, typename G, bool kStats>
 __global__ void __launch_bounds__(kThreads) linf_step_kernel(PgdStepArgs a, double* partial) {
   using A = acc_t<T>;
   const Task task = this_task(a.per_sample);
   const int64_t base = task.sample * a.per_sample;
   const T* x = static_cast<const T*>(a.x) + base;
-  const T* g = static_cast<const T*>(a.grad) + base;
+  const G* g = static_cast<const G*>(a.grad) + base;
   const T* nat = static_cast<const T*>(a.x_nat) + base;
   T* out = static_cast<T*>(a.out) + base;
   const A step = static_cast<A>(a.step_size), eps = static_cast<A>(a.eps);
@@ -139,13 +140,13 @@ __global__ void __launch_bounds__(kThreads) linf_step_kernel(PgdStepArgs a, doub
 }
 
 // Partials: ‖g‖², ⟨d, g⟩, ‖d‖² with d = x − x_nat, and for stats ⟨x_nat, g⟩, ‖x_nat‖².
-template <typename T, bool kStats>
+template <typename T, typename G, bool kStats>
 __global__ void __launch_bounds__(kThreads) l2_reduce_kernel(PgdStepArgs a, double* partial) {
   using A = acc_t<T>;
   const Task task = this_task(a.per_sample);
   const int64_t base = task.sample * a.per_sample;
   const T* x = static_cast<const T*>(a.x) + base;
-  const T* g = static_cast<const T*>(a.grad) + base;
+  const G* g = static_cast<const G*>(a.grad) + base;
   const T* nat = static_cast<const T*>(a.x_nat) + base;
   A sums[5] = {A(0), A(0), A(0), A(0), A(0)};
 #pragma unroll 4
@@ -168,7 +169,7 @@ __global__ void __launch_bounds__(kThreads) l2_reduce_kernel(PgdStepArgs a, doub
 }
 
 // Write pass; partial 5: ‖out − x_nat‖².
-template <typename T, bool kStats>
+template <typename T, typename G, bool kStats>
 __global__ void __launch_bounds__(kThreads) l2_apply_kernel(PgdStepArgs a, double* partial) {
   using A = acc_t<T>;
   const Task task = this_task(a.per_sample);
@@ -184,7 +185,7 @@ __global__ void __launch_bounds__(kThreads) l2_apply_kernel(PgdStepArgs a, doubl
   const A scale = coefficients[0], factor = coefficients[1];
   const int64_t base = task.sample * a.per_sample;
   const T* x = static_cast<const T*>(a.x) + base;
-  const T* g = static_cast<const T*>(a.grad) + base;
+  const G* g = static_cast<const G*>(a.grad) + base;
   const T* nat = static_cast<const T*>(a.x_nat) + base;
   T* out = static_cast<T*>(a.out) + base;
   const A lo = static_cast<A>(a.lo), hi = static_cast<A>(a.hi);
@@ -226,13 +227,13 @@ __global__ void pgd_stats_kernel(const double* partial, int64_t batch, int64_t c
 
 // --- alignment_stats ---------------------------------------------------------------------------
 
-template <typename T>
+template <typename T, typename G>
 __global__ void __launch_bounds__(kThreads) alignment_reduce_kernel(AlignmentStatsArgs a, double* partial) {
   using A = acc_t<T>;
   const Task task = this_task(a.per_sample);
   const int64_t base = task.sample * a.per_sample;
   const T* x = static_cast<const T*>(a.x) + base;
-  const T* g = static_cast<const T*>(a.g) + base;
+  const G* g = static_cast<const G*>(a.g) + base;
   A sums[3] = {A(0), A(0), A(0)};
 #pragma unroll 4
   for (int64_t i = task.begin + threadIdx.x; i < task.end; i += kThreads) {
@@ -376,23 +377,23 @@ int64_t workspace_bytes(int64_t batch, int64_t per_sample) {
   return batch * chunks_of(per_sample) * kPartials * static_cast<int64_t>(sizeof(double));
 }
 
-template <typename T>
+template <typename T, typename G>
 cudaError_t pgd_step(const PgdStepArgs& a, void* workspace, cudaStream_t stream) {
   double* partial = static_cast<double*>(workspace);
   const unsigned int blocks = blocks_for(a.batch, a.per_sample);
   const bool stats = a.stats != nullptr;
   if (!a.l2) {
     if (stats) {
-      linf_step_kernel<T, true><<<blocks, kThreads, 0, stream>>>(a, partial);
+      linf_step_kernel<T, G, true><<<blocks, kThreads, 0, stream>>>(a, partial);
     } else {
-      linf_step_kernel<T, false><<<blocks, kThreads, 0, stream>>>(a, partial);
+      linf_step_kernel<T, G, false><<<blocks, kThreads, 0, stream>>>(a, partial);
     }
   } else if (stats) {
-    l2_reduce_kernel<T, true><<<blocks, kThreads, 0, stream>>>(a, partial);
-    l2_apply_kernel<T, true><<<blocks, kThreads, 0, stream>>>(a, partial);
+    l2_reduce_kernel<T, G, true><<<blocks, kThreads, 0, stream>>>(a, partial);
+    l2_apply_kernel<T, G, true><<<blocks, kThreads, 0, stream>>>(a, partial);
   } else {
-    l2_reduce_kernel<T, false><<<blocks, kThreads, 0, stream>>>(a, partial);
-    l2_apply_kernel<T, false><<<blocks, kThreads, 0, stream>>>(a, partial);
+    l2_reduce_kernel<T, G, false><<<blocks, kThreads, 0, stream>>>(a, partial);
+    l2_apply_kernel<T, G, false><<<blocks, kThreads, 0, stream>>>(a, partial);
   }
   if (stats) {
     pgd_stats_kernel<acc_t<T>><<<blocks_per_sample_kernel(a.batch), kThreads, 0, stream>>>(
@@ -414,10 +415,10 @@ cudaError_t random_start(const RandomStartArgs& a, void* workspace, cudaStream_t
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, typename G>
 cudaError_t alignment_stats(const AlignmentStatsArgs& a, void* workspace, cudaStream_t stream) {
   double* partial = static_cast<double*>(workspace);
-  alignment_reduce_kernel<T><<<blocks_for(a.batch, a.per_sample), kThreads, 0, stream>>>(a, partial);
+  alignment_reduce_kernel<T, G><<<blocks_for(a.batch, a.per_sample), kThreads, 0, stream>>>(a, partial);
   alignment_stats_kernel<acc_t<T>><<<blocks_per_sample_kernel(a.batch), kThreads, 0, stream>>>(
       partial, a.batch, chunks_of(a.per_sample), static_cast<acc_t<T>*>(a.stats));
   return cudaGetLastError();
@@ -430,14 +431,22 @@ cudaError_t sat_perturb(const SatPerturbArgs& a, cudaStream_t stream) {
 }
 
 #define FASTSAT_INSTANTIATE(T)                                                                  \
-  template cudaError_t pgd_step<T>(const PgdStepArgs&, void*, cudaStream_t);                    \
+  template cudaError_t pgd_step<T, T>(const PgdStepArgs&, void*, cudaStream_t);                 \
   template cudaError_t random_start<T>(const RandomStartArgs&, void*, cudaStream_t);            \
-  template cudaError_t alignment_stats<T>(const AlignmentStatsArgs&, void*, cudaStream_t);      \
+  template cudaError_t alignment_stats<T, T>(const AlignmentStatsArgs&, void*, cudaStream_t);   \
   template cudaError_t sat_perturb<T>(const SatPerturbArgs&, cudaStream_t);
 FASTSAT_INSTANTIATE(float)
 FASTSAT_INSTANTIATE(double)
 FASTSAT_INSTANTIATE(__half)
 FASTSAT_INSTANTIATE(__nv_bfloat16)
 #undef FASTSAT_INSTANTIATE
+
+// A float32 gradient of a 16-bit input.
+#define FASTSAT_INSTANTIATE_FLOAT_GRADIENT(T)                                                   \
+  template cudaError_t pgd_step<T, float>(const PgdStepArgs&, void*, cudaStream_t);             \
+  template cudaError_t alignment_stats<T, float>(const AlignmentStatsArgs&, void*, cudaStream_t);
+FASTSAT_INSTANTIATE_FLOAT_GRADIENT(__half)
+FASTSAT_INSTANTIATE_FLOAT_GRADIENT(__nv_bfloat16)
+#undef FASTSAT_INSTANTIATE_FLOAT_GRADIENT
 
 }  // namespace fastsat::cuda
