@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsat._checks import positive_int
+from fastsat._checks import choice, describe, positive_int
 from fastsat.ops import accumulation_dtype
 
 __all__ = [
@@ -76,8 +76,7 @@ def frozen(model: nn.Module, mode: str | None = None, *, freeze_params: bool = T
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if mode not in _MODES:
-        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+    choice(mode, "mode", _MODES)
     module_flags = [(m, m.training) for m in model.modules()]
     param_flags = [(p, p.requires_grad) for p in model.parameters()] if freeze_params else []
     try:
@@ -99,15 +98,15 @@ def _check_labels(name: str, labels: torch.Tensor | None, batch: int, num_classe
     if labels is None:
         return
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name}: expected a (B,) int64 tensor, got {type(labels).__name__}")
+        raise TypeError(f"{name}: expected a (B,) int64 tensor, got {describe(labels)}")
     if labels.dtype != torch.long or labels.shape != (batch,):
         raise ValueError(
             f"{name}: expected a ({batch},) int64 tensor, got shape {tuple(labels.shape)} dtype {labels.dtype}"
         )
     if batch and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(
-            f"{name}: labels must lie in [0, {num_classes}), got range "
-            f"[{int(labels.min())}, {int(labels.max())}]"
+            f"{name}: expected class indices in [0, {num_classes}), got indices from "
+            f"{int(labels.min())} to {int(labels.max())}"
         )
 
 
@@ -116,14 +115,13 @@ def check_input(model: nn.Module, x: torch.Tensor) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"x: expected a torch.Tensor, got {describe(x)}")
     if not x.is_floating_point() or x.dim() < 2:
         raise ValueError(f"x: expected a floating (B, ...) tensor, got shape {tuple(x.shape)} dtype {x.dtype}")
     param = next(model.parameters(), None)
     if param is not None and param.device != x.device:
-        raise ValueError(
-            f"x: on device {x.device} but the model's parameters are on device {param.device}; move one of them"
-        )
+        raise ValueError(f"x: expected a tensor on the device of the model's parameters ({param.device}), "
+                         f"got one on {x.device}; move one of them")
 
 
 def check_objective_args(
@@ -136,26 +134,25 @@ def check_objective_args(
     clean_logits: torch.Tensor | None = None,
 ) -> None:
     """Validate the arguments of :func:`objective_value` for logits of shape (B, K)."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    choice(objective, "objective", OBJECTIVES)
     batch, num_classes = logits_shape
     _check_labels("target", target, batch, num_classes)
     _check_labels("other", other, batch, num_classes)
     _check_labels("y", y, batch, num_classes)
     if objective in ("ce", "cw", "dlr", "dlr_targeted") and y is None:
-        raise ValueError(f"y: objective {objective!r} needs the labels y, got None")
+        raise ValueError(f"y: expected the labels for objective {objective!r}, got None")
     if objective == "dlr" and num_classes < 3:
-        raise ValueError(f"objective 'dlr' needs at least 3 classes, the model returns {num_classes}")
+        raise ValueError(f"objective: 'dlr' expected a model with at least 3 classes, got {num_classes}")
     if objective == "dlr_targeted" and (target is None or num_classes < 4):
         raise ValueError(
-            f"objective 'dlr_targeted' needs the target classes and at least 4 classes, got target "
-            f"{'None' if target is None else 'given'} and {num_classes} classes"
+            f"objective: 'dlr_targeted' expected the target classes and a model with at least 4 classes, got "
+            f"target {'None' if target is None else 'given'} and {num_classes} classes"
         )
     if objective in ("logit_diff", "cw", "dlr") and num_classes < 2:
-        raise ValueError(f"objective {objective!r} needs at least 2 classes, the model returns {num_classes}")
+        raise ValueError(f"objective: {objective!r} expected a model with at least 2 classes, got {num_classes}")
     if objective == "kl":
         if clean_logits is None:
-            raise ValueError("clean_logits: objective 'kl' needs the clean (B, K) logits, got None")
+            raise ValueError("clean_logits: expected the clean (B, K) logits for objective 'kl', got None")
         if tuple(clean_logits.shape) != tuple(logits_shape):
             raise ValueError(
                 f"clean_logits: expected shape {tuple(logits_shape)}, got {tuple(clean_logits.shape)}"
@@ -267,10 +264,9 @@ def input_grad(
     Returns :class:`InputGrad` (grad shaped like x, detached logits (B, K), detached value (B,)).
     """
     check_input(model, x)
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    choice(objective, "objective", OBJECTIVES)
     if clean_logits is not None and not isinstance(clean_logits, torch.Tensor):
-        raise TypeError(f"clean_logits: expected a (B, K) tensor, got {type(clean_logits).__name__}")
+        raise TypeError(f"clean_logits: expected a (B, K) tensor, got {describe(clean_logits)}")
     with frozen(model, mode, freeze_params=not create_graph):
         return _input_grad(
             model, x, objective, check=True, create_graph=create_graph,
@@ -318,7 +314,7 @@ def logit_jacobian(
     mode: None / "eval" / "train" as in :func:`input_grad`.
     """
     check_input(model, x)
-    positive_int(chunk_size, "chunk_size", allow_none=True)
+    chunk_size = positive_int(chunk_size, "chunk_size", allow_none=True)
     with frozen(model, mode):
         x_in = x.detach().requires_grad_(True)
         logits = model(x_in)
@@ -329,13 +325,11 @@ def logit_jacobian(
         else:
             class_idx = torch.as_tensor(classes, device=x.device)
             if class_idx.dtype != torch.long or class_idx.dim() not in (1, 2) or class_idx.numel() == 0:
-                raise ValueError(
-                    f"classes: expected n int indices or a (B, n) int64 tensor, got {classes!r}"
-                )
+                raise ValueError(f"classes: expected n int indices or a (B, n) int64 tensor, got {describe(classes)}")
             if class_idx.dim() == 2 and class_idx.shape[0] != batch:
-                raise ValueError(f"classes: a 2-D tensor needs {batch} rows, got shape {tuple(class_idx.shape)}")
+                raise ValueError(f"classes: expected a ({batch}, n) tensor, got shape {tuple(class_idx.shape)}")
             if int(class_idx.min()) < 0 or int(class_idx.max()) >= num_classes:
-                raise ValueError(f"classes: indices must lie in [0, {num_classes}), got {classes!r}")
+                raise ValueError(f"classes: expected indices in [0, {num_classes}), got {describe(classes)}")
         per_sample = class_idx.expand(batch, -1) if class_idx.dim() == 1 else class_idx
         # seeds[c, b] = e_{classes[b, c]}: the c-th batched backward gives ∇Ψ^{classes[b, c]} for every b.
         seeds = F.one_hot(per_sample.t(), num_classes)

@@ -3,6 +3,7 @@ autocast, and the batched logit Jacobian."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -246,3 +247,13 @@ def test_bad_arguments_raise_clear_errors():
         logit_jacobian(_linear(), x, classes=[0, 9])
     with pytest.raises(ValueError, match="dlr"):
         input_grad(nn.Sequential(nn.Flatten(), nn.Linear(32, 2)).double(), x, objective="dlr", y=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("wrap", [np.int64, torch.tensor], ids=["numpy", "0-d tensor"])
+def test_counts_may_be_numpy_scalars_or_0d_tensors(wrap):
+    """Where a number is meant, any real is accepted (fastsat._checks): the same Jacobian."""
+    model, x = _cnn(), torch.rand(3, 3, 8, 8)
+    torch.testing.assert_close(logit_jacobian(model, x, chunk_size=wrap(2)), logit_jacobian(model, x, chunk_size=2),
+                               atol=0, rtol=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        logit_jacobian(model, x, chunk_size=wrap(0))
