@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastsat import ops
-from fastsat.attacks import APGD, FGSM, PGD, DeepFool, TradesAttack, apgd, deepfool, fgsm, pgd, trades_attack
+from fastsat.attacks import APGD, FGSM, PGD, DeepFool, TradesAttack, apgd, base, deepfool, fgsm, pgd, trades_attack
 from fastsat.attacks.apgd import checkpoints, halve_step
 from fastsat.attacks.base import Candidate
 
@@ -586,6 +586,34 @@ def test_argument_errors_name_the_argument_and_the_kind():
         PGD(model, clip=(1.0, 0.0))
     with pytest.raises(TypeError, match="backend"):
         DeepFool(model, backend="torch")  # DeepFool runs no fused op: no backend argument
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: FGSM(m, eps=0.125),
+    lambda m: PGD(m, eps=0.125, step_size=0.125, steps=1, random_start=False),
+    lambda m: TradesAttack(m, eps=0.125, step_size=0.125, steps=1, init_std=0.0),
+], ids=["fgsm", "pgd", "trades"])
+def test_float16_step_uses_the_float32_gradient_unrounded(monkeypatch, make):
+    # Input gradients come in float32 (InputGrad's contract). Entries below float16's smallest
+    # subnormal (6e-8) must still give their sign to the step: a float16 x moves exactly as a
+    # float32 x would on the same gradient, rounded once to float16. Rounding the gradient to
+    # float16 first (the old code) flushed them to 0, and those pixels did not move.
+    model = _linear(3).half()
+    x = (0.25 + 0.5 * torch.rand(4, 1, 4, 4)).half()
+    y = torch.randint(0, 3, (4,))
+    grad = torch.randn(4, 1, 4, 4)
+    grad[:, :, :2] *= 1e-9
+    assert (grad.half()[:, :, :2] == 0).all(), "the construction needs entries that flush in float16"
+    real_input_grad = base._input_grad
+
+    def injected(*args, **kwargs):
+        return real_input_grad(*args, **kwargs)._replace(grad=grad.clone())
+
+    monkeypatch.setattr(base, "_input_grad", injected)
+    x_adv = make(model)(x, y).x_adv
+    expected = (x.float() + 0.125 * grad.sign()).clamp(0, 1).half()
+    assert x_adv.dtype == torch.float16
+    torch.testing.assert_close(x_adv, expected, atol=0, rtol=0)
 
 
 @pytest.mark.filterwarnings("ignore:.*all-zero input gradient")

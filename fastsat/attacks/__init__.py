@@ -7,14 +7,20 @@ x, box [0, 1] by default); models that normalise inputs do so inside ``forward``
 the model as found (mode, ``requires_grad``, no parameter ``.grad``) and audit their output.
 """
 
-from fastsat.attacks.apgd import APGD, apgd
+from fastsat.attacks.apgd import APGD, APGDT, apgd, apgdt
 from fastsat.attacks.base import Attack, AttackResult
+from fastsat.attacks.cw import CW, cw
 from fastsat.attacks.deepfool import DeepFool, DeepFoolResult, deepfool
+from fastsat.attacks.fab import FAB, fab
 from fastsat.attacks.pgd import FGSM, LOSSES, PGD, fgsm, pgd
+from fastsat.attacks.square import Square, square
 from fastsat.attacks.trades import TradesAttack, trades_attack
 
 __all__ = [
     "APGD",
+    "APGDT",
+    "CW",
+    "FAB",
     "FGSM",
     "LOSSES",
     "PGD",
@@ -22,10 +28,15 @@ __all__ = [
     "AttackResult",
     "DeepFool",
     "DeepFoolResult",
+    "Square",
     "TradesAttack",
     "apgd",
+    "apgdt",
+    "cw",
     "deepfool",
+    "fab",
     "fgsm",
     "pgd",
+    "square",
     "trades_attack",
 ]

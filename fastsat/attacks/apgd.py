@@ -1,4 +1,5 @@
-"""APGD (Croce & Hein, ICML 2020): step-size-free PGD with momentum, CE and DLR losses.
+"""APGD (Croce & Hein, ICML 2020): step-size-free PGD with momentum, CE and DLR losses, and APGD-T
+(targeted DLR over the top non-true classes).
 
 Follows the paper (Algorithm 1, as in the authors' auto-attack code): initial step 2ε, momentum
 0.75 (none on the first step), checkpoints w_j = ⌈p_j·N⌉ with p_0 = 0, p_1 = 0.22,
@@ -23,9 +24,9 @@ from torch import nn
 
 from fastsat import ops
 from fastsat._checks import choice, number, positive_int
-from fastsat.attacks.base import Attack, AttackResult, Candidate, check_backend, per_sample
+from fastsat.attacks.base import Attack, AttackResult, Candidate, check_backend, per_sample, top_other_classes
 
-__all__ = ["APGD", "apgd", "checkpoints", "halve_step"]
+__all__ = ["APGD", "APGDT", "apgd", "apgdt", "checkpoints", "halve_step"]
 
 _MOMENTUM = 0.75
 
@@ -82,6 +83,8 @@ class APGD(Attack):
     the returned point.
     """
 
+    losses: tuple[str, ...] = ("ce", "dlr")
+
     def __init__(
         self,
         model: nn.Module,
@@ -100,7 +103,7 @@ class APGD(Attack):
         self.backend = check_backend(backend)
         self.steps = positive_int(steps, "steps")
         self.restarts = positive_int(restarts, "restarts")
-        self.loss = choice(loss, "loss", ("ce", "dlr"))
+        self.loss = choice(loss, "loss", self.losses)
         self.rho = number(rho, "rho", minimum=0, maximum=1)
 
     def _project(self, v: torch.Tensor, x: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -110,12 +113,14 @@ class APGD(Attack):
         )
 
     def _direction(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """Unit step direction: sign(g) for L∞, g/‖g‖₂ per sample for L2 (zero where g = 0)."""
+        """Unit step direction in the dtype of x: sign(g) for L∞, g/‖g‖₂ per sample for L2 (zero
+        where g = 0), computed from the gradient as given (float32 for float16/bfloat16 x), so a
+        low-precision x steps as a float32 one would, up to the rounding of the direction."""
         if self.norm == "linf":
-            return grad.sign()
+            return grad.sign().to(x.dtype)
         grad_norm = ops.alignment_stats(x, grad, backend=self.backend).grad_norm
         scale = torch.where(grad_norm > 0, 1.0 / grad_norm.clamp_min(torch.finfo(grad_norm.dtype).tiny), 0.0)
-        return grad * per_sample(scale.to(grad.dtype), grad)
+        return (grad * per_sample(scale.to(grad.dtype), grad)).to(x.dtype)
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, *, need_success: bool) -> AttackResult:
         best = None
@@ -124,13 +129,16 @@ class APGD(Attack):
             best = candidate if best is None else best.merge(candidate)
         return AttackResult(x_adv=best.x_adv, success=best.success, delta_norm=None, stats=best.stats)
 
-    def _single_run(self, x: torch.Tensor, y: torch.Tensor, first: bool) -> Candidate:
+    def _single_run(
+        self, x: torch.Tensor, y: torch.Tensor, first: bool, target: torch.Tensor | None = None
+    ) -> Candidate:
+        """One run from a random start; ``target`` (B,) are the target classes of the targeted loss."""
         marks = set(checkpoints(self.steps))
         zeros = torch.zeros_like(x)
 
         x_adv = ops.random_start(x, eps=self.eps, norm=self.norm, clip=self.clip, backend=self.backend)
-        result = self._grad(x_adv, self.loss, first=first, y=y)
-        grad = result.grad.to(x.dtype)
+        result = self._grad(x_adv, self.loss, first=first, y=y, target=target)
+        grad = result.grad  # float32 for float16/bfloat16 x: its small entries keep their sign
         ever_adv = self._misclassified(result.logits, y)
         x_last_adv = x_adv.clone()
         x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), result.value.clone()
@@ -150,8 +158,8 @@ class APGD(Attack):
                 x_new = self._project(x_adv + _MOMENTUM * (z - x_adv) + (1 - _MOMENTUM) * (x_adv - x_prev), x, zeros)
             x_prev, x_adv = x_adv, x_new
 
-            result = self._grad(x_adv, self.loss, first=False, y=y)
-            grad, value = result.grad.to(x.dtype), result.value
+            result = self._grad(x_adv, self.loss, first=False, y=y, target=target)
+            grad, value = result.grad, result.value
             now_adv = self._misclassified(result.logits, y)
             ever_adv |= now_adv
             x_last_adv = torch.where(per_sample(now_adv, x), x_adv, x_last_adv)
@@ -170,13 +178,80 @@ class APGD(Attack):
                 losses = [value]
 
         x_out = torch.where(per_sample(ever_adv, x), x_last_adv, x_best)
-        success, value = self._final(x_out, y, self.loss)
+        success, value = self._final(x_out, y, self.loss, target=target)
         align = ops.alignment_stats(x, last_grad, backend=self.backend)
         delta_norm = self._distance(x, x_out).to(align.dot.dtype)
         stats = ops.StepStats(dot=align.dot, grad_norm=align.grad_norm, x_norm=align.x_norm, delta_norm=delta_norm)
         return Candidate(x_out, success, value, stats)
 
 
+class APGDT(APGD):
+    """APGD-T, ``APGDT(model, eps=8/255, steps=100, n_target_classes=9)(x, y) -> AttackResult``:
+    APGD on the targeted DLR loss (Croce & Hein 2020, as in AutoAttack).
+
+    For each of the ``n_target_classes`` highest-scoring classes other than y at the clean x
+    (default 9, at most K − 1; K ≥ 4), best first, ``restarts`` APGD runs (default 1) ascend
+    −(Ψ^y − Ψ^t) / (Ψ^{π1} − (Ψ^{π3} + Ψ^{π4})/2), each only on the points not yet misclassified.
+    ``success`` is untargeted, as in AutoAttack: the prediction differs from y (whichever class
+    it moved to). Points misclassified at x are returned unchanged, successful.
+
+    Arguments as :class:`APGD` (no ``loss``). Per sample the result is the first successful run's
+    point, else the highest-loss point over all runs (the clean x if no run beat it), with the
+    :class:`fastsat.ops.StepStats` of that run's last step (of the first target's gradient at x
+    for the clean x). Costs one forward and one gradient at x, then ``steps`` gradients per
+    run; one host sync per run (to select the points still robust).
+    """
+
+    losses = ("dlr_targeted",)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eps: float = 8 / 255,
+        steps: int = 100,
+        norm: str = "linf",
+        restarts: int = 1,
+        n_target_classes: int = 9,
+        rho: float = 0.75,
+        mode: str | None = "eval",
+        clip: tuple[float, float] = (0.0, 1.0),
+        backend: str | None = None,
+    ):
+        super().__init__(
+            model, eps=eps, steps=steps, norm=norm, restarts=restarts, loss="dlr_targeted", rho=rho, mode=mode,
+            clip=clip, backend=backend,
+        )
+        self.n_target_classes = positive_int(n_target_classes, "n_target_classes")
+
+    def _run(self, x: torch.Tensor, y: torch.Tensor, *, need_success: bool) -> AttackResult:
+        logits = self._clean_logits(x)
+        targets = top_other_classes(logits, y, self.n_target_classes)
+        start = self._grad(x, self.loss, first=True, y=y, target=targets[:, 0])
+        align = ops.alignment_stats(x, start.grad, backend=self.backend)
+        best = Candidate(
+            x_adv=x.clone(),
+            success=self._misclassified(start.logits, y),
+            value=start.value,
+            stats=ops.StepStats(
+                dot=align.dot, grad_norm=align.grad_norm, x_norm=align.x_norm, delta_norm=torch.zeros_like(align.dot)
+            ),
+        )
+        for k in range(targets.shape[1]):
+            for _ in range(self.restarts):
+                robust = (~best.success).nonzero().squeeze(1)
+                if robust.numel() == 0:
+                    return AttackResult(x_adv=best.x_adv, success=best.success, delta_norm=None, stats=best.stats)
+                run = self._single_run(x[robust], y[robust], first=False, target=targets[robust, k])
+                best = best.merge_rows(robust, run)
+        return AttackResult(x_adv=best.x_adv, success=best.success, delta_norm=None, stats=best.stats)
+
+
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> AttackResult:
     """Functional form of :class:`APGD`."""
     return APGD(model, **kwargs)(x, y)
+
+
+def apgdt(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> AttackResult:
+    """Functional form of :class:`APGDT`."""
+    return APGDT(model, **kwargs)(x, y)

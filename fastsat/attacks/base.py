@@ -176,6 +176,14 @@ class Attack(abc.ABC):
                 stacklevel=2,
             )
 
+    def _clean_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, K) logits at x from one gradient-free forward, checked to be (B, K) with K ≥ 2."""
+        with torch.no_grad():
+            logits = self.model(x)
+        if logits.dim() != 2 or logits.shape[0] != x.shape[0] or logits.shape[1] < 2:
+            raise ValueError(f"model output: expected ({x.shape[0]}, K) logits with K >= 2, got {tuple(logits.shape)}")
+        return logits
+
     def _misclassified(self, logits: torch.Tensor, y: torch.Tensor, targeted: bool = False) -> torch.Tensor:
         pred = logits.argmax(dim=1)
         return pred == y if targeted else pred != y
@@ -222,6 +230,13 @@ def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+def top_other_classes(logits: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, min(n, K − 1)) int64: per sample the highest-scoring classes other than y, best first
+    (the target classes of APGD-T and FAB-T)."""
+    count = min(n, logits.shape[1] - 1)
+    return logits.scatter(1, y[:, None], float("-inf")).topk(count, dim=1).indices
+
+
 @dataclass
 class Candidate:
     """One restart's outcome, compared per sample: success first, then the objective value."""
@@ -239,4 +254,23 @@ class Candidate:
             success=self.success | other.success,
             value=torch.where(better, other.value, self.value),
             stats=merge_stats(better, other.stats, self.stats),
+        )
+
+    def merge_rows(self, rows: torch.Tensor, other: Candidate) -> Candidate:
+        """self with the samples ``rows`` (int64 indices) replaced by their merge with ``other``, a
+        candidate for exactly those samples (an attack run on a subset of the batch)."""
+        part = Candidate(
+            x_adv=self.x_adv[rows],
+            success=self.success[rows],
+            value=self.value[rows],
+            stats=StepStats(*(getattr(self.stats, f.name)[rows] for f in dataclasses.fields(StepStats))),
+        ).merge(other)
+        return Candidate(
+            x_adv=self.x_adv.index_copy(0, rows, part.x_adv),
+            success=self.success.index_copy(0, rows, part.success),
+            value=self.value.index_copy(0, rows, part.value),
+            stats=StepStats(*(
+                getattr(self.stats, f.name).index_copy(0, rows, getattr(part.stats, f.name))
+                for f in dataclasses.fields(StepStats)
+            )),
         )

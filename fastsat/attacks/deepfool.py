@@ -84,12 +84,7 @@ class DeepFool(Attack):
 
     def _run(self, x: torch.Tensor, y: torch.Tensor | None, *, need_success: bool) -> DeepFoolResult:
         lo, hi = self.clip
-        with torch.no_grad():
-            clean_logits = self.model(x)
-        if clean_logits.dim() != 2 or clean_logits.shape[0] != x.shape[0] or clean_logits.shape[1] < 2:
-            raise ValueError(
-                f"model output: expected ({x.shape[0]}, K) logits with K >= 2, got {tuple(clean_logits.shape)}"
-            )
+        clean_logits = self._clean_logits(x)
         check_objective_args("logit", tuple(clean_logits.shape), y=y)
         num_classes = clean_logits.shape[1]
         ranked = clean_logits.topk(min(self.candidates, num_classes), dim=1).indices

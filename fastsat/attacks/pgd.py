@@ -85,7 +85,9 @@ class PGD(Attack):
                 x_adv = x.clone()
             for step in range(self.steps):
                 grad = self._grad(x_adv, self.loss, first=restart == 0 and step == 0, y=y).grad
-                ascent = (-grad if self.targeted else grad).to(x.dtype)
+                # The gradient goes in as computed (float32 for float16/bfloat16 x): its sign is taken
+                # before any rounding to x's dtype, which would flush its small entries to 0.
+                ascent = -grad if self.targeted else grad
                 x_adv, stats = ops.pgd_step(
                     x_adv, ascent, x, step_size=self.step_size, eps=self.eps, norm=self.norm, clip=self.clip,
                     return_stats=True, out=x_adv, backend=self.backend,

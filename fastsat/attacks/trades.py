@@ -62,7 +62,7 @@ class TradesAttack(Attack):
         for step in range(self.steps):
             grad = self._grad(x_adv, "kl", first=step == 0, clean_logits=clean_logits, y=y).grad
             x_adv, stats = ops.pgd_step(
-                x_adv, grad.to(x.dtype), x, step_size=self.step_size, eps=self.eps, norm="linf", clip=self.clip,
+                x_adv, grad, x, step_size=self.step_size, eps=self.eps, norm="linf", clip=self.clip,
                 return_stats=True, out=x_adv, backend=self.backend,
             )
         if not need_success:
