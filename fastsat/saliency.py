@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsat._checks import positive_int
+from fastsat import _checks
+from fastsat._checks import choice, describe, integer, number, positive_int
 from fastsat.grad import check_input, check_objective_args, frozen, input_grad
 from fastsat.ops import accumulation_dtype
 
@@ -56,14 +57,13 @@ IG_METHODS = ("trapezoid", "left", "right", "midpoint")
 
 
 def _given_target(x: torch.Tensor, target: int | torch.Tensor | None) -> torch.Tensor | None:
-    """``target`` as (B,) int64 class indices on x's device, None staying None."""
+    """``target`` as (B,) int64 class indices on x's device, None staying None. One class for the
+    whole batch may be any integer: Python, numpy, or a 0-d CPU tensor."""
     batch = x.shape[0]
     if target is None:
         return None
-    if isinstance(target, int) and not isinstance(target, bool):
-        return torch.full((batch,), target, dtype=torch.long, device=x.device)
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target: expected None, an int or a ({batch},) int64 tensor, got {type(target).__name__}")
+    if not isinstance(target, torch.Tensor) or target.dim() == 0:
+        return torch.full((batch,), integer(target, "target", minimum=0), dtype=torch.long, device=x.device)
     if target.dtype != torch.long or target.shape != (batch,):
         raise ValueError(
             f"target: expected a ({batch},) int64 tensor, got shape {tuple(target.shape)} dtype {target.dtype}"
@@ -156,16 +156,12 @@ def smoothgrad(
     draws per forward/backward pass (see the module docstring).
     """
     check_input(model, x)
-    positive_int(n_samples, "n_samples")
-    positive_int(chunk_size, "chunk_size", allow_none=True)
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0:
-        raise ValueError(f"sigma: expected a non-negative float, got {sigma!r}")
-    if sigma_units not in SIGMA_UNITS:
-        raise ValueError(f"sigma_units: expected one of {SIGMA_UNITS}, got {sigma_units!r}")
-    if variant not in SMOOTHGRAD_VARIANTS:
-        raise ValueError(f"variant: expected one of {SMOOTHGRAD_VARIANTS}, got {variant!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+    n_samples = positive_int(n_samples, "n_samples")
+    chunk_size = positive_int(chunk_size, "chunk_size", allow_none=True)
+    sigma = number(sigma, "sigma", minimum=0)
+    choice(sigma_units, "sigma_units", SIGMA_UNITS)
+    choice(variant, "variant", SMOOTHGRAD_VARIANTS)
+    seed = None if seed is None else _checks.seed(seed)
     target = _resolve_target(model, x, target, mode)
     x = x.detach()
     if sigma_units == "range":
@@ -200,7 +196,7 @@ def _ig_path(steps: int, method: str) -> tuple[list[float], list[float]]:
     """Points t_k ∈ [0, 1] and quadrature weights w_k (Σ w_k = 1) of the path integral."""
     if method == "trapezoid":
         if steps < 2:
-            raise ValueError(f"steps: the trapezoid rule needs at least 2 points, got {steps}")
+            raise ValueError(f"steps: expected at least 2 points for the trapezoid rule, got {steps}")
         ts = [k / (steps - 1) for k in range(steps)]
         weights = [1.0 / (steps - 1)] * steps
         weights[0] = weights[-1] = 0.5 / (steps - 1)
@@ -222,7 +218,7 @@ def integrated_gradients(
 ) -> torch.Tensor:
     """Integrated Gradients (Sundararajan et al. 2017): (x − x') ⊙ ∫₀¹ ∇Ψ^target(x' + t(x − x')) dt.
 
-    baseline x': None (default, the zero image), a float (constant image) or a tensor that
+    baseline x': None (default, the zero image), a number (constant image) or a tensor that
     broadcasts to x's shape, in pixel space. steps: number of gradient evaluations along the path
     (default 50). method: quadrature — "trapezoid" (default; t_k = k/(steps−1), end points at half
     weight), or the Riemann sums "left" (k/steps), "right" ((k+1)/steps), "midpoint"
@@ -231,25 +227,23 @@ def integrated_gradients(
     Returns float32, shaped like x.
     """
     check_input(model, x)
-    positive_int(steps, "steps")
-    positive_int(chunk_size, "chunk_size", allow_none=True)
-    if method not in IG_METHODS:
-        raise ValueError(f"method: expected one of {IG_METHODS}, got {method!r}")
+    steps = positive_int(steps, "steps")
+    chunk_size = positive_int(chunk_size, "chunk_size", allow_none=True)
+    choice(method, "method", IG_METHODS)
     ts, weights = _ig_path(steps, method)
     x = x.detach()
     if baseline is None:
         baseline = torch.zeros_like(x)
-    elif isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        baseline = torch.full_like(x, float(baseline))
     elif isinstance(baseline, torch.Tensor):
         try:
             baseline = torch.broadcast_to(baseline.detach().to(device=x.device, dtype=x.dtype), x.shape)
         except RuntimeError as err:
             raise ValueError(
-                f"baseline: shape {tuple(baseline.shape)} does not broadcast to x's shape {tuple(x.shape)}"
+                f"baseline: expected a tensor that broadcasts to x's shape {tuple(x.shape)}, "
+                f"got shape {tuple(baseline.shape)}"
             ) from err
     else:
-        raise TypeError(f"baseline: expected None, a float or a tensor, got {type(baseline).__name__}")
+        baseline = torch.full_like(x, number(baseline, "baseline"))
     target = _resolve_target(model, x, target, mode)
     delta = x - baseline
     total = _accumulator(x)
@@ -292,7 +286,7 @@ def guided_backprop(
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
     if not relus:
         raise ValueError(
-            "model: guided backprop needs nn.ReLU modules to hook, found none "
+            "model: expected nn.ReLU modules for guided backprop to hook, got none "
             "(functional relu calls cannot be hooked)"
         )
     handles = [m.register_forward_hook(_guide_relu) for m in relus]
@@ -322,9 +316,9 @@ def gradcam_pp(
     """
     check_input(model, x)
     if not isinstance(layer, nn.Module) or not any(m is layer for m in model.modules()):
-        raise ValueError("layer: expected a submodule of model")
+        raise ValueError(f"layer: expected a submodule of model, got {describe(layer)}")
     if x.dim() != 4:
-        raise ValueError(f"x: Grad-CAM++ expects (B, C, H, W) images, got shape {tuple(x.shape)}")
+        raise ValueError(f"x: expected (B, C, H, W) images for Grad-CAM++, got shape {tuple(x.shape)}")
     target = _given_target(x, target)
     activations: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda module, inputs, output: activations.append(output))
@@ -334,7 +328,8 @@ def gradcam_pp(
     finally:
         handle.remove()
     if len(activations) != 1:
-        raise ValueError(f"layer: expected it to run once per forward pass, it ran {len(activations)} times")
+        raise ValueError(f"layer: expected a layer that runs once per forward pass, got one that ran "
+                         f"{len(activations)} times")
     act = activations[0]
     if not isinstance(act, torch.Tensor) or act.dim() != 4 or act.shape[0] != x.shape[0]:
         raise ValueError(f"layer: expected a (B, C, h, w) output, got {getattr(act, 'shape', type(act).__name__)}")
@@ -383,6 +378,5 @@ def compute(method: str, model: nn.Module, x: torch.Tensor, **kwargs: object) ->
     E.g. ``compute("smoothgrad", teacher, x, n_samples=10)`` or
     ``compute("gradcam_pp", teacher, x, layer=teacher.layer4)``.
     """
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {tuple(METHODS)}, got {method!r}")
+    choice(method, "method", tuple(METHODS))
     return METHODS[method](model, x, **kwargs)

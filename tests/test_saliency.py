@@ -7,6 +7,7 @@ tolerances below are stated relative to that.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -370,3 +371,28 @@ def test_bad_arguments_raise_before_work() -> None:
     for call, error, name in cases:
         with pytest.raises(error, match=name):
             call()
+
+
+@pytest.mark.parametrize("kind", ["numpy", "0-d tensor"])
+def test_numbers_may_be_numpy_scalars_or_0d_tensors(kind: str) -> None:
+    """Where a number is meant (target class, counts, σ, seed, baseline), numpy scalars and 0-d
+    CPU tensors give the same maps as Python numbers. The values are exact in float32."""
+    _seed(14)
+    model, x = relu_net(), images()
+
+    def wrap(value):
+        if kind == "numpy":
+            return np.int64(value) if isinstance(value, int) else np.float32(value)
+        return torch.tensor(value)
+
+    assert torch.equal(saliency.gradient(model, x, wrap(2)), saliency.gradient(model, x, 2))
+    smooth = {"n_samples": 3, "sigma": 0.125, "seed": 7, "chunk_size": 2}
+    assert torch.equal(saliency.smoothgrad(model, x, **{k: wrap(v) for k, v in smooth.items()}),
+                       saliency.smoothgrad(model, x, **smooth))
+    integrated = {"steps": 5, "chunk_size": 2, "baseline": 0.25}
+    assert torch.equal(saliency.integrated_gradients(model, x, **{k: wrap(v) for k, v in integrated.items()}),
+                       saliency.integrated_gradients(model, x, **integrated))
+    with pytest.raises(ValueError, match="n_samples"):
+        saliency.smoothgrad(model, x, n_samples=wrap(0))
+    with pytest.raises(ValueError, match="target"):
+        saliency.gradient(model, x, wrap(-1))
