@@ -31,7 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastsat import ops
-from fastsat.ops import reference
+from fastsat.ops import NORMS, reference
 
 KERNEL_BACKENDS = ("cpp", "triton", "cuda")
 AVAILABLE = ops.available_backends()
@@ -658,16 +658,40 @@ def test_alignment_backward_float16_large_image(normalize):
         _assert_close(got.double(), want, atol=1e-3 * float(want.abs().max()), rtol=2.0**-10, what=name)
 
 
-def test_numpy_scalars_are_accepted_and_bad_clip_names_clip():
+@pytest.mark.parametrize("kind", ["numpy", "0-d tensor"])
+def test_numbers_may_be_numpy_scalars_or_0d_tensors(kind):
+    """Where a number is meant (ε, α, p, clip, seed), numpy scalars and 0-d CPU tensors give the
+    same result as Python numbers, on the default backend. The values are exact in float32."""
     np = pytest.importorskip("numpy")
+
+    def wrap(value):
+        if kind == "numpy":
+            return np.int64(value) if isinstance(value, int) else np.float32(value)
+        return torch.tensor(value)
+
+    x, g, x_nat = _inputs((2, 3, 4, 4), torch.float32, "cpu", "contiguous", 0.125)
+    for norm in NORMS:
+        got = ops.pgd_step(x, g, x_nat, step_size=wrap(0.0625), eps=wrap(0.125), norm=norm, clip=(wrap(0.0), wrap(1.0)))
+        want = ops.pgd_step(x, g, x_nat, step_size=0.0625, eps=0.125, norm=norm, clip=(0.0, 1.0))
+        _assert_close(got, want, atol=0, what=f"pgd_step {norm}")
+        got = ops.random_start(x, eps=wrap(0.125), norm=norm, seed=wrap(5))
+        _assert_close(got, ops.random_start(x, eps=0.125, norm=norm, seed=5), atol=0, what=f"random_start {norm}")
+    boxes = torch.tensor([[0, 0, 2, 2], [1, 1, 4, 4]])
+    got = ops.sat_perturb(x, eps=wrap(0.125), p=wrap(0.5), seed=wrap(1), boxes=boxes, clip=(wrap(0.0), wrap(1.0)))
+    _assert_close(got, ops.sat_perturb(x, eps=0.125, p=0.5, seed=1, boxes=boxes), atol=0, what="sat_perturb")
+    with pytest.raises(ValueError, match="eps"):
+        ops.random_start(x, eps=wrap(-0.125))
+
+
+def test_numbers_of_the_wrong_kind_name_the_argument():
     x = torch.rand(2, 3, 4, 4)
-    got = ops.random_start(x, eps=np.float32(0.1), seed=np.int64(5), backend="torch")
-    _assert_close(got, ops.random_start(x, eps=0.1, seed=5, backend="torch"), atol=0, what="numpy scalars")
     with pytest.raises(TypeError, match="clip"):
         ops.random_start(x, eps=0.1, clip=("a", 1.0))
-    boxes = torch.tensor([[0, 0, 2, 2], [1, 1, 4, 4]])
-    got = ops.sat_perturb(x, eps=0.1, p=np.float32(0.5), seed=1, boxes=boxes, backend="torch")
-    _assert_close(got, ops.sat_perturb(x, eps=0.1, p=0.5, seed=1, boxes=boxes, backend="torch"), atol=0, what="numpy p")
     with pytest.raises(TypeError, match="p: expected a finite number"):
-        ops.sat_perturb(x, eps=0.1, p="0.5", boxes=boxes)
-
+        ops.sat_perturb(x, eps=0.1, p="0.5", boxes=torch.tensor([[0, 0, 2, 2], [1, 1, 4, 4]]))
+    with pytest.raises(TypeError, match="eps: expected a finite number"):
+        ops.pgd_step(x, x, x, step_size=0.1, eps=True)
+    with pytest.raises(ValueError, match="norm: expected one of 'linf', 'l2', got 'l3'"):
+        ops.pgd_step(x, x, x, step_size=0.1, eps=0.1, norm="l3")
+    with pytest.raises(ValueError, match="backend: expected one of .* got 'tritno' \\(did you mean 'triton'\\?\\)"):
+        ops.alignment_stats(x, x, backend="tritno")
