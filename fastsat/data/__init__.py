@@ -15,6 +15,14 @@ Typical use::
     batches = data.loader(train, batch_size=128, shuffle=True, augment=True, device="cuda")
     for batch in batches:
         x, y, box, mask = batch["image"], batch["label"], batch["box"], batch["mask"]
+
+Data that does not fit in memory: decode in worker processes, crop per sample, prefetch to the
+device (see :mod:`fastsat.data.loader`), from image files or from tar shards::
+
+    data.pack_shards("imagenet/train", "shards/train", boxes="imagenet/Annotation")   # once
+    train = data.shards("shards/train")
+    batches = data.loader(train, batch_size=256, shuffle=True, transform=data.RandomResizedCrop(224),
+                          num_workers=8, device="cuda")
 """
 
 from .augment import Augment, crop_shift, hflip, resize
@@ -29,7 +37,7 @@ from .dataset import (
     clip_boxes,
     rescale_boxes,
 )
-from .loader import DeviceLoader, WorkerLoader, loader
+from .loader import DeviceLoader, DevicePrefetcher, WorkerLoader, loader
 from .readers import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -46,6 +54,8 @@ from .readers import (
     tiny_imagenet,
 )
 from .shapes import SHAPE_NAMES, default_cache_dir, generate_shapes, shapes
+from .shards import ShardDataset, pack_shards, shards
+from .transforms import CenterCrop, RandomResizedCrop, Resize, crop_resize
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -59,9 +69,14 @@ __all__ = [
     "SHAPE_NAMES",
     "AnnotatedDataset",
     "Augment",
+    "CenterCrop",
     "DeviceLoader",
+    "DevicePrefetcher",
     "ImageFiles",
+    "RandomResizedCrop",
     "Record",
+    "Resize",
+    "ShardDataset",
     "WorkerLoader",
     "as_batch",
     "boxes_from_masks",
@@ -69,6 +84,7 @@ __all__ = [
     "cifar10",
     "cifar100",
     "clip_boxes",
+    "crop_resize",
     "crop_shift",
     "default_cache_dir",
     "flowers17",
@@ -78,8 +94,10 @@ __all__ = [
     "loader",
     "make_loader",
     "oxford_pets",
+    "pack_shards",
     "rescale_boxes",
     "resize",
     "shapes",
+    "shards",
     "tiny_imagenet",
 ]

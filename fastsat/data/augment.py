@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastsat._checks import describe, integer
+from fastsat._checks import integer
 
-from .dataset import clip_boxes, rescale_boxes
+from .dataset import clip_boxes, rescale_boxes, size_hw
 
 __all__ = ["Augment", "crop_shift", "hflip", "resize"]
 
@@ -97,8 +97,9 @@ def hflip(batch: dict[str, torch.Tensor], which: torch.Tensor) -> dict[str, torc
 def resize(batch: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
     """Resize a batch to ``size`` = (H', W') pixels.
 
-    Images: bilinear with antialiasing (for downscaling). Masks: nearest-exact (pixel centres).
-    Boxes: :func:`rescale_boxes` (smallest integer box containing the scaled box).
+    Images: bilinear with antialiasing (for downscaling), float in [0, 1] or uint8 (0-255, resized
+    as bytes: the CPU's fast path, saturating and rounding to bytes). Masks: nearest-exact (pixel
+    centres). Boxes: :func:`rescale_boxes` (smallest integer box containing the scaled box).
     """
     image = batch["image"]
     h, w = image.shape[-2:]
@@ -106,10 +107,13 @@ def resize(batch: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, t
     if size == (h, w):
         return dict(batch)
     out = dict(batch)
-    out["image"] = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
+    resized = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+    out["image"] = resized.clamp_(0, 1) if image.is_floating_point() else resized
     if "mask" in batch:
-        # float: nearest interpolation of integer dtypes is not implemented on every device.
-        out["mask"] = F.interpolate(batch["mask"].to(image.dtype), size=size, mode="nearest-exact") > 0.5
+        # Float on a GPU (nearest interpolation of integer dtypes is not implemented on every
+        # device); bytes on the CPU, where they are.
+        dtype = torch.uint8 if image.device.type == "cpu" else torch.float32
+        out["mask"] = F.interpolate(batch["mask"].to(dtype), size=size, mode="nearest-exact") > 0
     if "saliency" in batch:
         out["saliency"] = F.interpolate(batch["saliency"], size=size, mode="bilinear", align_corners=False, antialias=True)
     if "box" in batch:
@@ -138,10 +142,7 @@ class Augment:
     def __post_init__(self) -> None:
         object.__setattr__(self, "padding", integer(self.padding, "padding", minimum=0))
         if self.size is not None:
-            size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
-            if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
-                raise ValueError(f"size: expected a positive int or (H, W) in pixels, got {describe(self.size)}")
-            object.__setattr__(self, "size", size)
+            object.__setattr__(self, "size", size_hw(self.size))
 
     def __call__(
         self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None

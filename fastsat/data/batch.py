@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fastsat.data.loader import loader
+from fastsat.data.shards import ShardDataset
 
 __all__ = ["as_batch", "make_loader"]
 
@@ -55,12 +56,14 @@ def as_batch(item: object, device: torch.device | str | None = None) -> dict[str
 
 def make_loader(data: object, *, batch_size: int, shuffle: bool, seed: int, device: torch.device, augment: bool = False):
     """``data`` as an iterable of batches: a map-style dataset (e.g. :func:`fastsat.data.shapes`)
-    goes through :func:`fastsat.data.loader` (device-resident for in-memory data); anything else
+    or a :class:`~fastsat.data.ShardDataset` goes through :func:`fastsat.data.loader`
+    (device-resident for in-memory data, worker processes otherwise); anything else
     iterable with ``len()`` (a user's DataLoader, a list of (x, y) batches) is used as it is, and a
     single ``(x, y)`` tensor pair is one batch."""
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         return [data]
-    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+    map_style = isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset)
+    if map_style or isinstance(data, ShardDataset):
         return loader(data, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device, augment=augment)
     if not hasattr(data, "__iter__") or not hasattr(data, "__len__"):
         raise TypeError(f"data: expected a Dataset or an iterable of batches with len(), got {type(data).__name__}")

@@ -33,6 +33,7 @@ __all__ = [
     "check_stats",
     "clip_boxes",
     "rescale_boxes",
+    "size_hw",
 ]
 
 #: The box that covers no pixel.
@@ -78,6 +79,14 @@ def check_stats(mean: Sequence[float], std: Sequence[float], channels: int) -> t
             raise ValueError(f"{name}: expected {channels} values (one per channel), got {describe(value)}")
     return (tuple(number(m, "mean", minimum=0, maximum=1) for m in mean),
             tuple(number(s, "std", minimum=0, exclusive_min=True) for s in std))  # fmt: skip
+
+
+def size_hw(size: int | Sequence[int], name: str = "size") -> tuple[int, int]:
+    """``size`` (an int for a square, or (H, W)) as a pair of positive ints, in pixels."""
+    hw = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, Sequence) else None
+    if hw is None or len(hw) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in hw):
+        raise ValueError(f"{name}: expected a positive int or (H, W) in pixels, got {describe(size)}")
+    return hw
 
 
 def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
@@ -246,12 +255,21 @@ class AnnotatedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        sample = {"image": self.images[index].float().div_(255), "label": self.labels[index]}
+    def read(self, index: int, transform=None, rng=None) -> dict[str, torch.Tensor]:
+        """Sample ``index`` with its image as stored, uint8 (C, H, W): what loader workers ship.
+
+        ``transform(sample, rng)``, if given, is a per-sample transform such as
+        :class:`~fastsat.data.transforms.RandomResizedCrop` (its box moves with the crop)."""
+        sample = {"image": self.images[index], "label": self.labels[index]}
         if self.boxes is not None:
             sample["box"] = self.boxes[index]
         if self.masks is not None:
             sample["mask"] = self.masks[index]
+        return sample if transform is None else transform(sample, rng)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.read(index)
+        sample["image"] = sample["image"].float().div_(255)
         return sample
 
     def subset(self, indices: torch.Tensor | Sequence[int] | slice) -> AnnotatedDataset:
@@ -278,10 +296,15 @@ class AnnotatedDataset(torch.utils.data.Dataset):
         All samples must have the same image size (readers resize to one size). The result keeps
         ``dataset.mean``/``dataset.std`` when it has them, else computes them from the images.
         """
-        samples = [dataset[i] for i in range(len(dataset))]
+        # read() gives the decoded bytes where the data set has it (fastsat's readers); a float
+        # sample in [0, 1] is rounded back to bytes.
+        get = getattr(dataset, "read", dataset.__getitem__)
+        samples = [get(i) for i in range(len(dataset))]
         if not samples:
             raise ValueError("dataset: is empty")
-        images = torch.stack([s["image"] for s in samples]).mul_(255).round_().to(torch.uint8)
+        images = torch.stack([s["image"] for s in samples])
+        if images.dtype != torch.uint8:
+            images = images.mul_(255).round_().to(torch.uint8)
         labels = torch.stack([torch.as_tensor(s["label"]) for s in samples]).long()
         boxes = torch.stack([s["box"] for s in samples]) if "box" in samples[0] else None
         masks = torch.stack([s["mask"] for s in samples]) if "mask" in samples[0] else None

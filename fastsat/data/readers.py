@@ -21,8 +21,9 @@ raises ValueError naming it (at construction for index files, at ``dataset[i]`` 
 masks); a mask whose size differs from its image, or a label outside ``[0, num_classes)``, raises
 ValueError naming the file.
 
-Images are decoded with Pillow and resized with its antialiased bilinear filter; masks with
-nearest neighbour; boxes with :func:`~fastsat.data.dataset.rescale_boxes`.
+Images are decoded with Pillow to uint8 and resized (:class:`~fastsat.data.transforms.Resize`)
+with torch's antialiased bilinear filter; masks with nearest neighbour; boxes with
+:func:`~fastsat.data.dataset.rescale_boxes`.
 
 Normalisation statistics (``.mean``/``.std``, per channel, pixel units of [0, 1] images): CIFAR-10
 and CIFAR-100 report the published statistics of their training sets (:data:`CIFAR10_MEAN` ...;
@@ -34,8 +35,10 @@ standard for ImageNet-style data. Test splits report the training statistics too
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import random
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Sequence
@@ -46,7 +49,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastsat._checks import choice, describe
+from fastsat._checks import choice
 
 from .augment import resize
 from .dataset import (
@@ -57,8 +60,9 @@ from .dataset import (
     check_labels,
     check_stats,
     clip_boxes,
-    rescale_boxes,
+    size_hw,
 )
+from .transforms import Resize, SampleTransform
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -96,15 +100,6 @@ def _require(path: Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     return path
-
-
-def _size_hw(size: int | Sequence[int] | None) -> tuple[int, int] | None:
-    if size is None:
-        return None
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    if len(hw) != 2 or not all(isinstance(s, int) and s >= 1 for s in hw):
-        raise ValueError(f"size: expected a positive int or (H, W) in pixels, got {describe(size)}")
-    return hw
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,8 +141,10 @@ class ImageFiles(torch.utils.data.Dataset):
             [0, 1] images); default ImageNet's.
 
     ``dataset[i]`` returns ``{"image": float32 (3, H, W) in [0, 1], "label": int64 (),
-    "box": int64 (4,)?, "mask": bool (1, H, W)?}``. ``materialize()`` decodes everything into an
-    :class:`AnnotatedDataset` for the device-resident loader.
+    "box": int64 (4,)?, "mask": bool (1, H, W)?}``; ``read(i, transform, rng)`` the same with the
+    image as uint8, optionally cropped by a per-sample transform (what loader workers use).
+    ``materialize()`` decodes everything into an :class:`AnnotatedDataset` for the device-resident
+    loader.
     """
 
     def __init__(
@@ -168,7 +165,7 @@ class ImageFiles(torch.utils.data.Dataset):
         check_labels(torch.tensor([r.label for r in records]), len(classes), str(where))
         self.records = list(records)
         self.classes = list(classes)
-        self.size = _size_hw(size)
+        self.size = None if size is None else size_hw(size)
         self.annotations = annotations
         self.parse = parse
         self.mean, self.std = check_stats(mean, std, 3)
@@ -185,26 +182,36 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def read(
+        self, index: int, transform: SampleTransform | None = None, rng: random.Random | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Sample ``index`` with its image as decoded bytes: what loader workers ship.
+
+        Args:
+            index: sample number.
+            transform: applied to the sample at the image's own resolution (e.g. a
+                :class:`~fastsat.data.transforms.RandomResizedCrop`); None resizes to ``size``
+                (or keeps the image as it is when ``size`` is None).
+            rng: the transform's randomness.
+
+        Returns:
+            ``{"image": uint8 (3, H, W), "label": int64 (), "box": int64 (4,)?, "mask": bool (1, H, W)?}``;
+            for "mask" annotations the box is the tight box of the transformed mask.
+        """
         record = self.records[index]
         image = _decode(record.image, "image").convert("RGB")
-        w, h = image.size
-        out_hw = self.size or (h, w)
-        sample = {"label": torch.tensor(record.label, dtype=torch.int64)}
-        if self.annotations == "mask":
-            mask = self.parse(record, image)
-            mask_img = Image.fromarray(mask.astype(np.uint8)).resize(out_hw[::-1], Image.Resampling.NEAREST)
-            mask_t = torch.from_numpy(np.asarray(mask_img) > 0)[None]
-            sample["mask"] = mask_t
-            sample["box"] = boxes_from_masks(mask_t[None])[0]
-        elif self.annotations == "box":
+        mask = None if self.annotations != "mask" else self.parse(record, image)
+        box = None
+        if self.annotations == "box":
             box = record.box if record.box is not None else self.parse(record, image)
-            box_t = clip_boxes(torch.tensor(box, dtype=torch.int64), (h, w))
-            sample["box"] = rescale_boxes(box_t, (h, w), out_hw)
-        if (h, w) != out_hw:
-            image = image.resize(out_hw[::-1], Image.Resampling.BILINEAR)
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-        sample["image"] = pixels.float().div_(255)
+        sample = annotated_sample(pixels(image), record.label, box=box, mask=mask)
+        if transform is None and self.size is not None:
+            transform = Resize(self.size)
+        return finish_sample(sample, transform, rng)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.read(index)
+        sample["image"] = sample["image"].float().div_(255)
         return sample
 
     def materialize(self) -> AnnotatedDataset:
@@ -214,14 +221,47 @@ class ImageFiles(torch.utils.data.Dataset):
         return AnnotatedDataset.from_samples(self, self.classes)
 
 
-def _decode(path: Path, what: str) -> Image.Image:
-    """Open and fully decode an image file; errors name the file."""
-    _require(path)
+def pixels(image: Image.Image) -> torch.Tensor:
+    """A decoded RGB PIL image as uint8 (3, H, W) (a view of one fresh copy of its bytes)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def annotated_sample(
+    image: torch.Tensor, label: int, *, box: Sequence[int] | None = None, mask: np.ndarray | None = None
+) -> dict[str, torch.Tensor]:
+    """The sample dict of a decoded uint8 (C, H, W) image at its own resolution: ``box`` (source
+    pixels, half-open) clipped to the image, ``mask`` (bool (H, W) array) as bool (1, H, W)."""
+    sample = {"image": image, "label": torch.tensor(label, dtype=torch.int64)}
+    if mask is not None:
+        sample["mask"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))[None]
+    if box is not None:
+        sample["box"] = clip_boxes(torch.tensor(box, dtype=torch.int64), tuple(image.shape[-2:]))
+    return sample
+
+
+def finish_sample(
+    sample: dict[str, torch.Tensor], transform: SampleTransform | None, rng: random.Random | None
+) -> dict[str, torch.Tensor]:
+    """Apply ``transform``; a masked sample's box becomes the tight box of its final mask."""
+    if transform is not None:
+        sample = transform(sample, rng)
+    if "mask" in sample:
+        sample["box"] = boxes_from_masks(sample["mask"][None])[0]
+    sample["image"] = sample["image"].contiguous()
+    return sample
+
+
+def _decode(source: Path | bytes, what: str, name: str | None = None) -> Image.Image:
+    """Open and fully decode an image file (or its bytes, called ``name`` in errors); errors name it."""
+    if isinstance(source, Path):
+        _require(source)
     try:
-        with Image.open(path) as raw:
-            return raw.copy()  # decodes; the copy outlives the closed file
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as raw:
+            image = raw.copy()  # decodes; the copy outlives the closed file
+            image.format = raw.format  # "JPEG", "PNG", ... (a copy has none)
+            return image
     except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"{path}: cannot decode {what} ({err})") from err
+        raise ValueError(f"{source if name is None else name}: cannot decode {what} ({err})") from err
 
 
 def _open_mask(record: Record, image: Image.Image) -> Image.Image:
@@ -269,7 +309,7 @@ def _cifar(files: list[Path], label_key: str, classes: list[str], size, stats: t
         labels.append(batch_labels)
     mean, std = stats
     data = AnnotatedDataset(torch.cat(images), torch.cat(labels), classes=classes, mean=mean, std=std)
-    hw = _size_hw(size)
+    hw = None if size is None else size_hw(size)
     if hw is None or hw == (32, 32):
         return data
     resized = [
@@ -487,46 +527,67 @@ def image_folder(
     root: str | os.PathLike,
     *,
     annotations: str | os.PathLike | None = None,
+    masks: str | os.PathLike | None = None,
     size: int | Sequence[int] | None = 224,
     missing_boxes: str = "skip",
 ) -> ImageFiles:
-    """ImageFolder layout ``root/<class>/<image>`` with optional PASCAL VOC XML boxes.
+    """ImageFolder layout ``root/<class>/<image>`` with optional PASCAL VOC XML boxes or masks.
 
     Args:
         root: one sub-directory per class (sorted names = label order) holding images
             (.jpg/.jpeg/.png/.bmp/.webp, any case).
         annotations: directory of ``<image stem>.xml`` files, flat or in ``<class>/``
             sub-directories (ImageNet's ``Annotation/<wnid>/<stem>.xml``); None: no boxes.
+        masks: instead of ``annotations``, a directory of ``<image stem>.png`` segmentation masks
+            (flat or in ``<class>/`` sub-directories) the size of their images; a nonzero pixel
+            is the object. Samples also get the mask's tight box.
         size: output (H, W) in pixels; default 224. Boxes are rescaled with the image.
-        missing_boxes: for an image without an XML file: "skip" it, "error", or "full" (box
-            = the whole image).
+        missing_boxes: for an image without its XML (or mask) file: "skip" it, "error", or "full"
+            (box, or mask, = the whole image).
 
     A sample's box is the union of all ``<bndbox>`` elements in its XML (corners read as VOC's
     1-based inclusive pixels); the XML's ``<size>``, when present, must match the image.
     """
     choice(missing_boxes, "missing_boxes", ("skip", "error", "full"))
+    if annotations is not None and masks is not None:
+        raise ValueError("annotations, masks: expected boxes (annotations=) or masks (masks=), got both")
     root = _require(Path(root))
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    xml_files = {}
-    if annotations is not None:
-        xml_files = {p.stem: p for p in _require(Path(annotations)).rglob("*.xml")}
+    kind, folder, suffix = ("box", annotations, ".xml") if masks is None else ("mask", masks, ".png")
+    files = {}
+    if folder is not None:
+        files = {p.stem: p for p in _require(Path(folder)).rglob("*" + suffix)}
     records = []
     for label, name in enumerate(classes):
         for path in sorted((root / name).iterdir()):
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
-            if annotations is None:
+            if folder is None:
                 records.append(Record(path, label))
-            elif path.stem in xml_files:
-                records.append(Record(path, label, annotation=xml_files[path.stem]))
+            elif path.stem in files:
+                records.append(Record(path, label, annotation=files[path.stem]))
             elif missing_boxes == "error":
-                raise FileNotFoundError(f"{Path(annotations) / (path.stem + '.xml')}: no box annotation for {path}")
+                what = "box annotation" if kind == "box" else "mask"
+                raise FileNotFoundError(f"{Path(folder) / (path.stem + suffix)}: no {what} for {path}")
             elif missing_boxes == "full":
-                # A box larger than any image; clipped to the image when decoded.
-                records.append(Record(path, label, box=(0, 0, 1 << 30, 1 << 30)))
+                # No annotation file: the mask parser covers the image; the box is larger than
+                # any image and clipped to it when decoded.
+                records.append(Record(path, label, box=(0, 0, 1 << 30, 1 << 30) if kind == "box" else None))
     return ImageFiles(
-        records, classes, size=size, annotations="none" if annotations is None else "box", parse=_voc_box, where=root
+        records,
+        classes,
+        size=size,
+        annotations="none" if folder is None else kind,
+        parse=_voc_box if kind == "box" else _nonzero_mask,
+        where=root,
     )
+
+
+def _nonzero_mask(record: Record, image: Image.Image) -> np.ndarray:
+    """The nonzero pixels of ``record.annotation`` (any image mode), or the whole image without one."""
+    if record.annotation is None:
+        return np.ones(image.size[::-1], dtype=bool)
+    return np.asarray(_open_mask(record, image).convert("L")) > 0
 
 
 # ----------------------------------------------------------------------------------------------
