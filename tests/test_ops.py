@@ -134,7 +134,7 @@ def _reference_step(x, g, x_nat, **kw):
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=_pair_id)
 @pytest.mark.parametrize("shape,layout", CASES, ids=str)
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", NORMS)
 def test_pgd_step_matches_reference(backend, dtypes, shape, layout, norm):
     dtype, grad_dtype = dtypes
     eps, step = (0.03, 0.01) if norm == "linf" else (0.5, 0.3)
@@ -239,7 +239,7 @@ def test_differentiable_alignment_of_a_float16_input_and_float32_gradient():
 
 
 @pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", NORMS)
 def test_pgd_step_in_place_equals_out_of_place(backend, norm):
     x, g, x_nat = _inputs((2, 3, 6, 5), torch.float32, _device(backend), "contiguous", 0.1)
     kw = {"step_size": 0.05, "eps": 0.1, "norm": norm}
@@ -292,7 +292,7 @@ def test_pgd_step_l2_zero_gradient_takes_no_step(backend):
     dims=st.lists(st.integers(1, 9), min_size=1, max_size=3),
     eps=st.floats(0.0, 0.5),
     step=st.floats(0.0, 2.0),
-    norm=st.sampled_from(["linf", "l2"]),
+    norm=st.sampled_from(NORMS),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_pgd_step_invariants(backend, batch, dims, eps, step, norm, seed):
@@ -321,7 +321,7 @@ def test_pgd_step_invariants(backend, batch, dims, eps, step, norm, seed):
 # --- random_start ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", NORMS)
 def test_random_start_reproducible_and_inside(backend, norm):
     device = _device(backend)
     x_nat = torch.rand(3, 3, 7, 5).to(device)

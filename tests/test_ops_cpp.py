@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fastsat import ops
+from fastsat.ops import NORMS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,7 +137,7 @@ def _all_outputs(seed=5):
     g = torch.randn(shape, generator=gen)
     boxes = torch.tensor([[3, 5, 40, 60]] * 8)
     results = {}
-    for norm in ("linf", "l2"):
+    for norm in NORMS:
         eps = 0.03 if norm == "linf" else 1.0
         step, stats = ops.pgd_step(x, g, x_nat, step_size=eps / 3, eps=eps, norm=norm, return_stats=True, backend="cpp")
         results[f"pgd_step {norm}"] = step
@@ -164,7 +165,7 @@ def test_results_do_not_depend_on_thread_count():
 # --- samples longer than one task --------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(1, 3, 224, 224), (3, 1, 131, 127)], ids=str)
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", NORMS)
 def test_rows_longer_than_a_task(shape, norm):
     """Per-sample sums and the L2 projection combine several tasks of a sample (here 2–10 of them,
     the last one partial) and equal the reference: L∞ bitwise, sums within 1e-5 relative (float64
@@ -194,7 +195,7 @@ def test_rows_longer_than_a_task(shape, norm):
     assert bool((size <= eps * (1 + 1e-6)).all()), f"random start left the ball: {size}"
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", NORMS)
 def test_out_may_alias_x_nat(norm):
     """The kernels read a tile's inputs and take the statistics before writing the tile, so
     `out=x_nat` gives the result and statistics of a separate output (bitwise)."""

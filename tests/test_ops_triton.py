@@ -23,7 +23,7 @@ import torch
 
 from bench import gpu as bench_gpu
 from fastsat import ops
-from fastsat.ops import reference
+from fastsat.ops import NORMS, reference
 
 HAS_TRITON = ops.available_backends()["triton"]
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton backend not available")
@@ -111,7 +111,7 @@ def test_short_rows_share_a_program(triton_module):
     g = torch.randn(13, 5, generator=gen).to(DEVICE)
     tiles = triton_module._tiles(x)
     assert tiles.rows > 1 and tiles.grid[0] == math.ceil(13 / tiles.rows)
-    for norm in ("linf", "l2"):
+    for norm in NORMS:
         got, stats = ops.pgd_step(x, g, x_nat, step_size=0.1, eps=0.3, norm=norm, return_stats=True, backend="triton")
         want, want_stats = ops.pgd_step(x, g, x_nat, step_size=0.1, eps=0.3, norm=norm, return_stats=True,
                                         backend="torch")
