@@ -19,7 +19,9 @@ loads per input. At 512×3×32×32: 512 programs of one 4096-block (3072 used); 
 sample may hold up to 2**30 elements.
 
 Arithmetic is float32 whatever the storage dtype (float16, bfloat16, float32) and the result is
-rounded once, to nearest even, when stored. Per-sample reductions are deterministic two-stage
+rounded once, to nearest even, when stored. Every load is converted to float32, so the gradient
+of a float16/bfloat16 x may itself be float32 (the kernels are specialised on each pointer's
+dtype) and is then used unrounded. Per-sample reductions are deterministic two-stage
 sums: every program writes its per-row partial sums to a (B, chunks, K) float32 buffer, and
 ``_finalize_kernel`` adds each sample's chunks in an order fixed by its tile shape, so results
 repeat bit for bit from run to run (no atomics). The second stage is one extra launch
