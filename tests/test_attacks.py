@@ -17,7 +17,23 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastsat import ops
-from fastsat.attacks import APGD, FGSM, PGD, DeepFool, TradesAttack, apgd, base, deepfool, fgsm, pgd, trades_attack
+from fastsat.attacks import (
+    APGD,
+    APGDT,
+    CW,
+    FAB,
+    FGSM,
+    PGD,
+    DeepFool,
+    Square,
+    TradesAttack,
+    apgd,
+    base,
+    deepfool,
+    fgsm,
+    pgd,
+    trades_attack,
+)
 from fastsat.attacks.apgd import checkpoints, halve_step
 from fastsat.attacks.base import Candidate
 
@@ -395,6 +411,10 @@ ALL_ATTACKS = [
     lambda m: TradesAttack(m, 0.1, 0.02, 3),
     lambda m: APGD(m, eps=0.1, steps=5, loss="dlr"),
     lambda m: DeepFool(m, steps=5, bisection_steps=5),
+    lambda m: APGDT(m, eps=0.1, steps=3),
+    lambda m: Square(m, eps=0.1, n_queries=5),
+    lambda m: FAB(m, eps=0.1, steps=3),
+    lambda m: CW(m, steps=5, binary_search_steps=2),
 ]
 
 
@@ -424,7 +444,7 @@ def _live_tensors() -> int:
     return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
 
 
-@pytest.mark.parametrize("make", [ALL_ATTACKS[1], ALL_ATTACKS[3], ALL_ATTACKS[4], ALL_ATTACKS[5]])
+@pytest.mark.parametrize("make", [ALL_ATTACKS[i] for i in (1, 3, 4, 5, 6, 7, 8, 9)])
 def test_no_tensor_growth_over_100_calls(make):
     model = _guarded_model().eval()
     x = torch.rand(4, 1, 4, 4)
@@ -460,6 +480,9 @@ class _HostSyncCounter(TorchDispatchMode):
     lambda m, s: APGD(m, eps=0.1, steps=s, loss="dlr"),
     lambda m, s: APGD(m, eps=0.5, steps=s, norm="l2"),
     lambda m, s: TradesAttack(m, 0.1, 0.02, s),
+    lambda m, s: APGDT(m, eps=0.1, steps=s, n_target_classes=2),
+    lambda m, s: FAB(m, eps=None, steps=s, n_target_classes=2),
+    lambda m, s: CW(m, steps=s, binary_search_steps=2, abort_early=False),
 ])
 def test_step_loops_do_not_sync_with_the_host(make):
     # Argument checks and the output audit sync a fixed number of times per call; the step loop

@@ -225,7 +225,7 @@ class APGDT(APGD):
         self.n_target_classes = positive_int(n_target_classes, "n_target_classes")
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, *, need_success: bool) -> AttackResult:
-        logits = self._clean_logits(x)
+        logits = self._clean_logits(x, y)
         targets = top_other_classes(logits, y, self.n_target_classes)
         start = self._grad(x, self.loss, first=True, y=y, target=targets[:, 0])
         align = ops.alignment_stats(x, start.grad, backend=self.backend)

@@ -17,7 +17,7 @@ from torch import nn
 
 from fastsat import ops
 from fastsat._checks import choice, clip_box, number
-from fastsat.grad import InputGrad, _input_grad, check_input, frozen, objective_value
+from fastsat.grad import InputGrad, _input_grad, check_input, check_objective_args, frozen, objective_value
 from fastsat.ops import StepStats, accumulation_dtype
 
 __all__ = ["Attack", "AttackResult"]
@@ -176,12 +176,15 @@ class Attack(abc.ABC):
                 stacklevel=2,
             )
 
-    def _clean_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, K) logits at x from one gradient-free forward, checked to be (B, K) with K ≥ 2."""
+    def _clean_logits(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """(B, K) logits at x from one gradient-free forward, checked to be (B, K) with K ≥ 2, and
+        the labels y (if given) checked to lie in [0, K) before they index anything (one host
+        sync)."""
         with torch.no_grad():
             logits = self.model(x)
         if logits.dim() != 2 or logits.shape[0] != x.shape[0] or logits.shape[1] < 2:
             raise ValueError(f"model output: expected ({x.shape[0]}, K) logits with K >= 2, got {tuple(logits.shape)}")
+        check_objective_args("logit", tuple(logits.shape), y=y)
         return logits
 
     def _misclassified(self, logits: torch.Tensor, y: torch.Tensor, targeted: bool = False) -> torch.Tensor:

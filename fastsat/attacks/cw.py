@@ -24,11 +24,12 @@ from torch import nn
 from fastsat import ops
 from fastsat._checks import number, positive_int
 from fastsat.attacks.base import Attack, AttackResult, per_sample
-from fastsat.grad import check_objective_args, objective_value
+from fastsat.grad import objective_value
 
 __all__ = ["CW", "cw"]
 
 _UPPER = 1e10  # "no successful c yet" in the binary search
+_BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8  # Adam's defaults
 
 
 class CW(Attack):
@@ -88,29 +89,36 @@ class CW(Attack):
         centre, half = (hi + lo) / 2, (hi - lo) / 2
         acc = w0.dtype
         x_acc = x.to(acc)
-        modifier = torch.zeros_like(w0, requires_grad=True)
-        optimizer = torch.optim.Adam([modifier], lr=self.lr)
+        modifier = torch.zeros_like(w0)
+        moment1, moment2 = torch.zeros_like(w0), torch.zeros_like(w0)
         best = x.clone()
         best_sq = torch.full((x.shape[0],), torch.inf, dtype=acc, device=x.device)
         check_every = max(self.steps // 10, 1)
         previous = math.inf
         for step in range(self.steps):
+            modifier.requires_grad_(True)
             x_new = (centre + half * torch.tanh(w0 + modifier)).to(x.dtype)
             logits = self.model(x_new)
             dist_sq = (x_new.to(acc) - x_acc).flatten(1).square().sum(1)
             # objective "cw" is max_{j≠y} Ψ^j − Ψ^y: the margin to push below −κ.
             margin = -objective_value(logits, "cw", y=y)
             loss = (dist_sq + const * (margin + self.confidence).clamp_min(0)).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (grad,) = torch.autograd.grad(loss, modifier)
+            modifier = modifier.detach()
             if first and step == 0:
-                self._warn_suspicious(logits.detach(), modifier.grad)
+                self._warn_suspicious(logits.detach(), grad)
             with torch.no_grad():
                 adversarial = margin < -self.confidence if self.confidence > 0 else self._misclassified(logits, y)
                 better = adversarial & (dist_sq < best_sq)
                 best = torch.where(per_sample(better, x), x_new, best)
                 best_sq = torch.where(better, dist_sq, best_sq)
-            optimizer.step()
+                # Adam (torch.optim.Adam's update, written out: its step counter would cost a
+                # host sync per step).
+                moment1.lerp_(grad, 1 - _BETA1)
+                moment2.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
+                correction1, correction2 = 1 - _BETA1 ** (step + 1), 1 - _BETA2 ** (step + 1)
+                denom = (moment2 / correction2).sqrt_().add_(_ADAM_EPS)
+                modifier.addcdiv_(moment1, denom, value=-self.lr / correction1)
             if self.abort_early and (step + 1) % check_every == 0:
                 total = loss.item()  # host sync, once per tenth of the steps
                 if total > previous * 0.9999:
@@ -119,8 +127,7 @@ class CW(Attack):
         return best, best_sq
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, *, need_success: bool) -> AttackResult:
-        logits = self._clean_logits(x)
-        check_objective_args("cw", tuple(logits.shape), y=y)  # labels in [0, K)
+        logits = self._clean_logits(x, y)
         acc = ops.accumulation_dtype(x.dtype)
         misclassified = self._misclassified(logits, y)
         min_norm = torch.where(misclassified, 0.0, torch.inf).to(acc)

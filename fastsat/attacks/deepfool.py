@@ -17,7 +17,7 @@ from torch import nn
 
 from fastsat._checks import integer, number, positive_int
 from fastsat.attacks.base import Attack, AttackResult, per_sample
-from fastsat.grad import batched_logit_grads, check_objective_args
+from fastsat.grad import batched_logit_grads
 from fastsat.ops import accumulation_dtype
 
 __all__ = ["DeepFool", "DeepFoolResult", "deepfool"]
@@ -84,8 +84,7 @@ class DeepFool(Attack):
 
     def _run(self, x: torch.Tensor, y: torch.Tensor | None, *, need_success: bool) -> DeepFoolResult:
         lo, hi = self.clip
-        clean_logits = self._clean_logits(x)
-        check_objective_args("logit", tuple(clean_logits.shape), y=y)
+        clean_logits = self._clean_logits(x, y)
         num_classes = clean_logits.shape[1]
         ranked = clean_logits.topk(min(self.candidates, num_classes), dim=1).indices
         orig, others = ranked[:, 0], ranked[:, 1:]

@@ -21,7 +21,6 @@ from torch import nn
 from fastsat import ops
 from fastsat._checks import number, positive_int
 from fastsat.attacks.base import Attack, AttackResult, check_backend, per_sample, top_other_classes
-from fastsat.grad import check_objective_args
 
 __all__ = ["FAB", "fab", "project_onto_hyperplane"]
 
@@ -164,8 +163,7 @@ class FAB(Attack):
         return best, best_norm
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, *, need_success: bool) -> AttackResult:
-        logits = self._clean_logits(x)
-        check_objective_args("logit_diff", tuple(logits.shape), target=y, y=y)  # labels in [0, K)
+        logits = self._clean_logits(x, y)
         targets = top_other_classes(logits, y, self.n_target_classes)
         acc = ops.accumulation_dtype(x.dtype)
         misclassified = self._misclassified(logits, y)

@@ -25,7 +25,7 @@ from torch import nn
 from fastsat import ops
 from fastsat._checks import number, positive_int
 from fastsat.attacks.base import Attack, AttackResult, check_backend, per_sample
-from fastsat.grad import check_objective_args, objective_value
+from fastsat.grad import objective_value
 
 __all__ = ["Square", "p_schedule", "square"]
 
@@ -200,8 +200,7 @@ class Square(Attack):
         return x_best, fooled
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, *, need_success: bool) -> AttackResult:
-        logits = self._clean_logits(x)
-        check_objective_args("cw", tuple(logits.shape), y=y)  # labels in [0, K)
+        logits = self._clean_logits(x, y)
         success = self._misclassified(logits, y)
         x_adv = x.clone()
         for _ in range(self.restarts):
