@@ -49,17 +49,17 @@ def test_help_lists_every_option_with_its_default(command, capsys):
         cli.main([command, "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for option in cli.COMMANDS[command][0]:
+    for option in cli.command_specs(command):
         flag = "--" + option.name.replace("_", "-")
         assert flag in text, f"{command}: {flag} missing from --help"
-    assert text.count("(default:") >= len(cli.COMMANDS[command][0])
+    assert text.count("(default:") >= len(cli.command_specs(command))
 
 
 def test_demo_help_states_the_demo_sizes():
     # The demo's sizes live in fastsat.demo; its --help must quote them, not a stale copy.
     from fastsat.demo import _FULL, _QUICK
 
-    helps = {option.name: option.help for option in cli.COMMANDS["demo"][0]}
+    helps = {option.name: option.help for option in cli.command_specs("demo")}
     for key in ("epochs", "n_train", "n_test", "image_size"):
         want = f"None: {_FULL[key]}, quick: {_QUICK[key]}"
         assert want in helps[key], f"demo --{key} help {helps[key]!r} does not say {want!r}"
@@ -69,13 +69,13 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     common = ["--n-train", "32", "--n-test", "16", "--image-size", "12", "--num-classes", "3", "--model", "smallcnn",
               "--width", "4", "--batch-size", "16", "--device", "cpu"]
-    status = cli.main(["train", *common, "--recipe", "sat", "--sat-maps", "masks", "--epochs", "2", "--eval-steps", "2",
+    status = cli.main(["train", *common, "--recipe", "sat", "--maps", "masks", "--epochs", "2", "--eval-steps", "2",
                        "--out-dir", str(out), "--no-augment", "--no-progress"])
     assert status == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["recipe"] == "sat" and saved["sat_maps"] == "masks"
+    assert saved["recipe"] == "sat" and saved["maps"] == "masks"
     # eval takes data and model settings from the run's config.yaml.
     status = cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--eps", "0,8/255", "--steps", "2",
                        "--out", str(tmp_path / "eval.json")])
@@ -93,7 +93,7 @@ def test_teacher_maps_then_saliency_and_analyze(tmp_path, monkeypatch):
     teacher = tmp_path / "teacher"
     assert cli.main(["train", *common, "--recipe", "standard", "--epochs", "1", "--out-dir", str(teacher)]) == 0
     student = tmp_path / "student"
-    assert cli.main(["train", *common, "--recipe", "sat", "--sat-maps", "teacher", "--teacher", str(teacher / "checkpoint.pt"),
+    assert cli.main(["train", *common, "--recipe", "sat", "--maps", "saliency", "--teacher", str(teacher / "checkpoint.pt"),
                      "--saliency-method", "guided_backprop", "--epochs", "1", "--out-dir", str(student)]) == 0
     cached = list((tmp_path / "cache").glob("sat-maps-guided_backprop-*.pt"))
     assert len(cached) == 1, f"expected one cached map file, found {cached}"
@@ -111,13 +111,35 @@ def test_a_checkpoint_with_ema_loads_the_averaged_weights(tmp_path):
 
     from fastsat import data, train
 
-    cfg = {"model": "smallcnn", "width": 4, "checkpoint": str(tmp_path / "checkpoint.pt")}
+    options = cli.ModelOptions(model="smallcnn", width=4)
+    train_set = data.shapes(32, size=12, num_classes=3, seed=0, cache_dir=False)
     torch.manual_seed(0)
-    model = cli._model(cfg, 3)
-    train.fit(model, data.shapes(32, size=12, num_classes=3, seed=0, cache_dir=False), recipe="standard", epochs=1,
-              batch_size=16, ema=0.5, out_dir=tmp_path, progress=False)
+    model = cli._model(options, train_set)
+    train.fit(model, train_set, recipe="standard", epochs=1, batch_size=16, ema=0.5, out_dir=tmp_path, progress=False)
     ema = train.load_checkpoint(tmp_path / "checkpoint.pt")["ema"]
-    loaded = cli._trained_model(cfg, 3, torch.device("cpu")).state_dict()
+    loaded = cli._trained_model(options, train_set, torch.device("cpu"), str(tmp_path / "checkpoint.pt")).state_dict()
     for key, value in loaded.items():
         assert torch.equal(value, ema["module." + key]), f"{key}: loaded weights differ from the EMA's"
     assert any(not torch.equal(v, model.state_dict()[k]) for k, v in loaded.items()), "EMA equals the raw weights: the test cannot tell"
+
+
+def test_models_normalise_with_the_training_sets_statistics(tmp_path):
+    # `fastsat train` builds the model with the training set's .mean/.std, and `fastsat eval` rebuilds it so.
+    import torch
+
+    from fastsat import data
+    from fastsat.train import load_checkpoint
+
+    out = tmp_path / "run"
+    assert cli.main(["train", "--n-train", "32", "--n-test", "8", "--image-size", "12", "--num-classes", "3",
+                     "--model", "smallcnn", "--width", "4", "--batch-size", "16", "--device", "cpu", "--recipe", "standard",
+                     "--epochs", "1", "--eval-steps", "1", "--out-dir", str(out), "--no-progress"]) == 0
+    train_set = data.shapes(32, size=12, num_classes=3, seed=0)
+    state = load_checkpoint(out / "checkpoint.pt")["model"]
+    for key in ("mean", "std"):
+        want = torch.tensor(getattr(train_set, key))
+        assert torch.allclose(state[f"normalize.{key}"].flatten(), want, rtol=0, atol=1e-7), f"{key}: {state[f'normalize.{key}']}"
+    assert not torch.allclose(torch.tensor(train_set.mean), torch.zeros(3)), "identity statistics: the test cannot tell"
+    model = cli._trained_model(cli.ModelOptions(model="smallcnn", width=4), train_set, torch.device("cpu"),
+                               str(out / "checkpoint.pt"))
+    assert model.normalize.enabled

@@ -202,3 +202,73 @@ def test_bad_arguments():
         as_batch({"image": torch.rand(2, 3, 8, 8), "label": torch.rand(2)})
     with pytest.raises(ValueError, match="epoch"):
         T.sat_probability(-1)
+
+
+class _Inputs(nn.Module):
+    """Wraps a model and records the inputs it is trained on (its train-mode forwards; the recipes'
+    attacks run it in eval mode, and their outputs are audited by the attacks themselves)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, x):
+        if self.training:
+            self.seen.append(x.detach().clone())
+        return self.model(x)
+
+
+def test_free_delta_carries_over_a_smaller_last_batch():
+    # An epoch of 8 + 5 samples, then the next epoch's first batch of 8: δ must not reset. It is kept
+    # at the largest batch; the batch of 5 starts from (and advances) its first 5 rows only.
+    torch.manual_seed(0)
+    model = _Inputs(tiny_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay: only δ moves
+    recipe = T.Free(replays=1, eps=4 / 255)
+    full, last = tiny_batch(8), tiny_batch(13)
+    last = {k: v[8:] for k, v in last.items()}
+    recipe.train_step(model, full, opt)
+    after_full = recipe.state_dict()["delta"].clone()
+    assert after_full.abs().max() > 0
+    model.seen.clear()
+    recipe.train_step(model, last, opt)
+    assert torch.equal(model.seen[0], (last["image"] + after_full[:5]).clamp(0, 1)), "the small batch did not start from δ"
+    kept = recipe.state_dict()["delta"]
+    assert kept.shape == after_full.shape, f"δ shrank to {tuple(kept.shape)}"
+    assert torch.equal(kept[5:], after_full[5:]) and not torch.equal(kept[:5], after_full[:5])
+    model.seen.clear()
+    recipe.train_step(model, full, opt)
+    assert torch.equal(model.seen[0], (full["image"] + kept).clamp(0, 1)), "δ was reset at the next epoch"
+
+
+@pytest.mark.parametrize("name", [name for name, cls in sorted(T.RECIPES.items()) if issubclass(cls, T.PerturbationRecipe)])
+def test_perturbing_recipes_keep_every_input_in_the_run_box(name):
+    # Images in the box (3/8, 5/8) (exact in binary), ε = 32/255 > its half-width: every input the model
+    # is trained on must stay in the box. Free-AT clipped to (0, 1) whatever the run's box was.
+    lo, hi, eps = 0.375, 0.625, 32 / 255
+    batch = tiny_batch()
+    batch["image"] = lo + (hi - lo) * torch.rand(batch["image"].shape, generator=torch.Generator().manual_seed(0))
+    model = _Inputs(tiny_model())
+    recipe = T.make_recipe(name, eps=eps, clip=(lo, hi), **({"replays": 2} if name == "free" else {}))
+    for seed in range(2):  # both branches of the sat+* coin
+        torch.manual_seed(seed)
+        if name == "free":
+            recipe.train_step(model, batch, torch.optim.SGD(model.parameters(), lr=0.1))
+        else:
+            recipe.loss(model, batch, epoch=30).loss.backward()
+    inputs = torch.stack(model.seen)
+    assert inputs.min() >= lo and inputs.max() <= hi, f"{name}: inputs in [{inputs.min():.4f}, {inputs.max():.4f}]"
+    assert (inputs == lo).any() or (inputs == hi).any(), f"{name}: no input reached the box's edge; the test cannot tell"
+
+
+def test_fit_gives_the_run_box_to_the_recipe():
+    lo, hi = 0.375, 0.625
+    data = tiny_data(16)
+    x, y = lo + (hi - lo) * data.images.float() / 255, data.labels
+    model = _Inputs(tiny_model())
+    T.fit(model, [(x[:8], y[:8]), (x[8:], y[8:])], recipe="free", recipe_options={"replays": 2}, epochs=1,
+          clip=(lo, hi), progress=False)
+    inputs = torch.stack(model.seen)
+    assert inputs.min() >= lo and inputs.max() <= hi
+    with pytest.raises(ValueError, match="clip"):
+        T.fit(model, [(x, y)], recipe=T.Free(clip=(0.0, 1.0)), clip=(lo, hi), epochs=1, progress=False)

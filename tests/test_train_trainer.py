@@ -262,3 +262,78 @@ def test_ema_best_checkpoint_holds_the_evaluated_weights(tmp_path, monkeypatch):
     assert best["epoch"] == 2
     _assert_same_weights(evaluated[1], best["model"], "best.pt vs the EMA weights evaluated at epoch 2")
     _assert_same_weights(evaluated[1], _weights(model), "model after early stop vs the EMA weights evaluated at epoch 2")
+
+
+def test_a_format_1_checkpoint_still_resumes(tmp_path):
+    # Checkpoints written before TrainConfig (format 1) recorded fewer settings, Fast's early_stop among
+    # the recipe options and no clip. Converted back to that form, one must resume bit-exactly.
+    options = {k: v for k, v in FIT.items() if k != "recipe_options"}
+    full_model = tiny_model()
+    full = T.fit(full_model, train, recipe="fast", **options)
+
+    class CrashFast(T.Fast):
+        def train_step(self, model, batch, optimizer, *, epoch=0, **kw):
+            if epoch == 1:
+                raise KeyboardInterrupt
+            return super().train_step(model, batch, optimizer, epoch=epoch, **kw)
+
+    with pytest.raises(KeyboardInterrupt):
+        T.fit(tiny_model(), train, recipe=CrashFast(), out_dir=tmp_path, **options)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    old = {k: state["config"][k] for k in ("recipe", "epochs", "optimizer", "lr", "schedule", "precision", "seed",
+                                           "steps_per_epoch", "ema")}
+    old["recipe_options"] = {"early_stop": True, **{k: v for k, v in state["config"]["recipe_options"].items() if k != "clip"}}
+    atomic_save({**state, "format": 1, "config": old}, path)
+    resumed_model = tiny_model()
+    resumed = T.fit(resumed_model, train, recipe="fast", out_dir=tmp_path, resume=True, **options)
+    _assert_same_weights(_weights(full_model), _weights(resumed_model), "resumed from format 1 vs uninterrupted")
+    assert _strip_times(resumed.history) == _strip_times(full.history)
+    atomic_save({**state, "format": 3}, path)
+    with pytest.raises(ValueError, match="format 3"):
+        T.fit(tiny_model(), train, recipe="fast", out_dir=tmp_path, resume=True, **options)
+
+
+def test_the_trained_module_may_differ_from_the_saved_one(tmp_path):
+    # Distributed training wraps the model (DDP) for the steps and saves the bare module: the Trainer
+    # keeps the two apart (train_model vs model), so a wrapper never leaks into the checkpoint.
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.module(x)
+
+    model = tiny_model()
+    config = T.TrainConfig(recipe="standard", epochs=1, batch_size=16, out_dir=str(tmp_path), progress=False)
+    trainer = T.Trainer(model, train, config)
+    trainer.train_model = Wrapper(model)
+    trainer.fit()
+    assert trainer.train_model.calls == trainer.steps_per_epoch
+    assert set(load_checkpoint(tmp_path / "checkpoint.pt")["model"]) == set(model.state_dict())
+
+
+def test_the_epoch_record_holds_the_clean_input_alignment(monkeypatch):
+    # evaluate() reports Etmann's alignment at the clean input (top level) apart from the attack's
+    # last-iterate statistics; the trainer logs the former.
+    import fastsat.evaluate
+
+    def scripted(model, data, **kw):
+        return {"n": 16, "clean_acc": 0.5, "alignment": 0.25, "cosine": 0.125,
+                "attacks": {"pgd": [{"eps": 8 / 255, "acc": 0.3, "last_iterate_alignment": 0.75, "last_iterate_cosine": 0.5}]}}
+
+    monkeypatch.setattr(fastsat.evaluate, "evaluate", scripted)
+    result = T.fit(tiny_model(), train, recipe="standard", **{**FIT, "epochs": 1, "recipe_options": None})
+    assert {k: result.history[0][k] for k in ("clean_acc", "robust_acc", "alignment", "cosine")} == {
+        "clean_acc": 0.5, "robust_acc": 0.3, "alignment": 0.25, "cosine": 0.125}
+
+
+def test_data_without_the_recipes_batch_entries_is_refused_before_training():
+    model = tiny_model()
+    before = _weights(model)
+    xs, ys = train.images.float() / 255, train.labels
+    with pytest.raises(ValueError, match=r"train_data: recipe 'sat' reads .*'box'"):
+        T.fit(model, torch.utils.data.TensorDataset(xs, ys), recipe="sat", epochs=1, progress=False)
+    _assert_same_weights(before, _weights(model), "weights after the refused run")

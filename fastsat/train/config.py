@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import typing
+import warnings
 from collections.abc import Mapping
 
 from fastsat._checks import clip_box, describe, flag, number, path, positive_int, seed
@@ -24,8 +24,6 @@ from fastsat.train.options import Spec, option, parse, show, specs, unknown_keys
 from fastsat.train.recipes import PRECISIONS, RECIPES, PerturbationRecipe, Recipe, make_recipe
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig", "recipe_option_specs"]
-
-log = logging.getLogger("fastsat.train")
 
 SCHEDULES = ("piecewise", "cosine", "onecycle", "constant")
 OPTIMIZERS = ("sgd", "adam")
@@ -103,6 +101,13 @@ class TrainConfig:
         return make_recipe(self.recipe, **self.recipe_options, **run)
 
     @classmethod
+    def setting_specs(cls) -> list[Spec]:
+        """The flat settings: the fields in order, with :func:`recipe_option_specs` in place of
+        ``recipe_options`` (right after ``recipe``)."""
+        return [row for spec in specs(cls)
+                for row in (recipe_option_specs() if spec.name == "recipe_options" else [spec])]
+
+    @classmethod
     def from_settings(cls, settings: Mapping, where: str = "settings") -> TrainConfig:
         """A configuration from flat settings (YAML keys, command-line options): fields by name
         (``recipe_options`` excepted) and recipe options by name; text is read as the field's
@@ -113,8 +118,8 @@ class TrainConfig:
         Raises:
             ValueError: an unknown key (naming the nearest valid one), or a value that does not read.
         """
-        fields = {spec.name: spec for spec in specs(cls) if spec.name != "recipe_options"}
         recipe_specs = {spec.name: spec for spec in recipe_option_specs()}
+        fields = {spec.name: spec for spec in cls.setting_specs() if spec.name not in recipe_specs}
         unknown_keys(settings, [*fields, *recipe_specs], where)
         values = {key: parse(fields[key].type, value, key) for key, value in settings.items() if key in fields}
         recipe = values.get("recipe", cls.recipe)
@@ -125,7 +130,7 @@ class TrainConfig:
                 if key in takes:
                     options[key] = parse(recipe_specs[key].type, value, key)
                 else:
-                    log.warning("%s: recipe %r takes no %r; ignored", where, recipe, key)
+                    warnings.warn(f"{where}: recipe {recipe!r} takes no {key!r}; ignored", stacklevel=2)
         return cls(**values, recipe_options=options)
 
     def settings(self) -> dict:

@@ -19,14 +19,15 @@ pairs and lists).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 
 from fastsat._checks import choice, describe, nearest
 
-__all__ = ["Spec", "option", "parse", "show", "specs", "unknown_keys", "validate"]
+__all__ = ["Spec", "is_sequence", "option", "parse", "show", "specs", "unknown_keys", "validate"]
 
 Check = Callable[[object, str], object]
 
@@ -76,8 +77,10 @@ def validate(obj: object) -> None:
         if not field.init:
             continue
         value = getattr(obj, field.name)
-        if field.metadata.get("choices") is not None:
-            value = choice(value, field.name, field.metadata["choices"])
+        choices = field.metadata.get("choices")
+        if choices is not None:  # of a list option: of each item
+            one = functools.partial(choice, name=field.name, choices=choices)
+            value = [one(v) for v in value] if isinstance(value, (list, tuple)) else one(value)
         if field.metadata.get("check") is not None:
             value = field.metadata["check"](value, field.name)
         object.__setattr__(obj, field.name, value)  # also for frozen dataclasses
@@ -103,6 +106,7 @@ def unknown_keys(keys: object, known: object, where: str) -> None:
             raise ValueError(f"{where}: unknown key {key!r}{nearest(key, known)}; known keys: {', '.join(sorted(known))}")
 
 
+_SEQUENCES = (list, tuple, Sequence)  # annotation origins read as comma-separated items (Sequence: a list)
 _NONE = ("none", "null", "")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -126,9 +130,9 @@ def parse(kind: object, value: object, name: str) -> object:
             word = isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE
             return _boolean(value, name) if isinstance(value, bool) or word else value
         return parse(others[0], value, name) if len(others) == 1 else value
-    if origin in (list, tuple) and isinstance(value, (list, tuple, str)):
+    if origin in _SEQUENCES and isinstance(value, (list, tuple, str)):
         items = [item.strip() for item in value.split(",")] if isinstance(value, str) else value
-        return origin(parse(args[0], item, name) for item in items)
+        return (tuple if origin is tuple else list)(parse(args[0], item, name) for item in items)
     if not isinstance(value, str):
         return value
     if kind is bool:
@@ -144,6 +148,14 @@ def parse(kind: object, value: object, name: str) -> object:
         except (ValueError, ZeroDivisionError):
             raise ValueError(f"{name}: expected a number or a fraction like 8/255, got {describe(value)}") from None
     return value
+
+
+def is_sequence(kind: object) -> bool:
+    """Whether the annotation ``kind`` holds several values (a list, pair or sequence; optional or not)."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
+        kind = args[0]
+    return typing.get_origin(kind) in _SEQUENCES
 
 
 def _boolean(value: object, name: str) -> bool:
