@@ -245,6 +245,27 @@ def test_image_folder_voc(tmp_path):
     assert batch["image"].shape == (2, 3, 10, 20) and batch["box"].shape == (2, 4)
 
 
+def test_image_folder_masks(tmp_path):
+    root, masks = tmp_path / "train", tmp_path / "masks"
+    _save_image(root / "a" / "a_1.jpg", 12, 16)
+    _save_image(root / "a" / "a_2.jpg", 12, 16)  # no mask
+    mask = np.zeros((12, 16), np.uint8)
+    mask[3:7, 5:12] = 200
+    _png(masks / "a" / "a_1.png", mask)
+    ds = image_folder(root, masks=masks, size=(12, 16))
+    assert len(ds) == 1 and torch.equal(ds[0]["mask"][0], torch.from_numpy(mask > 0))
+    assert ds[0]["box"].tolist() == [5, 3, 12, 7]
+    full = image_folder(root, masks=masks, size=(6, 8), missing_boxes="full")
+    assert len(full) == 2 and full[1]["mask"].all() and full[1]["box"].tolist() == [0, 0, 8, 6]
+    with pytest.raises(FileNotFoundError, match=r"a_2.png: no mask for"):
+        image_folder(root, masks=masks, missing_boxes="error")
+    with pytest.raises(ValueError, match="annotations, masks"):
+        image_folder(root, annotations=tmp_path, masks=masks)
+    _png(masks / "a" / "a_1.png", np.zeros((5, 5), np.uint8))
+    with pytest.raises(ValueError, match=r"a_1.png: mask size 5x5 does not match image"):
+        ds[0]
+
+
 def test_image_folder_voc_errors(tmp_path):
     root, ann = tmp_path / "train", tmp_path / "ann"
     _save_image(root / "a" / "a_1.jpg", 20, 40)

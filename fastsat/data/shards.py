@@ -50,7 +50,7 @@ from fastsat._checks import seed as check_seed
 from fastsat._io import atomic_write, atomic_write_text
 
 from .dataset import AnnotatedDataset, check_labels, check_stats, clip_boxes, size_hw
-from .readers import ImageFiles, _decode, annotated_sample, finish_sample, image_folder, pixels
+from .readers import ImageFiles, annotated_sample, decode_image, finish_sample, image_folder, pixels
 from .transforms import Resize, SampleTransform
 
 __all__ = ["ShardDataset", "pack_shards", "partition", "shards"]
@@ -88,7 +88,7 @@ def _sample_files(data: ImageFiles, index: int, key: str, root: Path | None) -> 
     """The tar members of record ``index``: image bytes as they are, label, metadata, mask."""
     record = data.records[index]
     raw = record.image.read_bytes()
-    image = _decode(raw, "image", str(record.image))  # a full decode: a corrupt file fails here, not mid-epoch
+    image = decode_image(raw, "image", str(record.image))  # a full decode: a corrupt file fails here, not mid-epoch
     ext = {"jpeg": "jpg"}.get((image.format or "").lower(), (image.format or "").lower())
     if ext not in _IMAGE_EXTENSIONS:
         raise ValueError(f"{record.image}: image format {image.format} is not one of {_IMAGE_EXTENSIONS}")
@@ -272,14 +272,14 @@ class ShardDataset:
         ext = next((e for e in _IMAGE_EXTENSIONS if e in files), None)
         if ext is None or "cls" not in files:
             raise ValueError(f"{where}: expected an image ({', '.join(_IMAGE_EXTENSIONS)}) and a .cls, got {sorted(files)}")
-        image = _decode(files[ext], "image", where).convert("RGB")
+        image = decode_image(files[ext], "image", where)
         label = int(files["cls"])
         check_labels(torch.tensor([label]), self.num_classes, where)
         box = mask = None
         if self.annotations == "box":
             box = json.loads(files["json"])["box"]
         elif self.annotations == "mask":
-            mask = np.asarray(_decode(files["mask.png"], "mask", where).convert("L")) > 0
+            mask = np.asarray(decode_image(files["mask.png"], "mask", where).convert("L")) > 0
         return annotated_sample(pixels(image), label, box=box, mask=mask)
 
 
