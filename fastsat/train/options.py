@@ -78,7 +78,7 @@ def validate(obj: object) -> None:
             continue
         value = getattr(obj, field.name)
         choices = field.metadata.get("choices")
-        if choices is not None:  # of a list option: of each item
+        if choices is not None and not (value is None and _optional(type(obj), field.name)):  # lists: each item
             one = functools.partial(choice, name=field.name, choices=choices)
             value = [one(v) for v in value] if isinstance(value, (list, tuple)) else one(value)
         if field.metadata.get("check") is not None:
@@ -86,9 +86,19 @@ def validate(obj: object) -> None:
         object.__setattr__(obj, field.name, value)  # also for frozen dataclasses
 
 
+@functools.cache
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _optional(cls: type, name: str) -> bool:
+    """Whether the field ``name`` of ``cls`` is declared ``X | None``."""
+    return type(None) in typing.get_args(_hints(cls)[name])
+
+
 def specs(cls: type) -> list[Spec]:
     """The options of the dataclass ``cls``, in field order."""
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     rows = []
     for field in dataclasses.fields(cls):
         if not field.init:
