@@ -74,18 +74,39 @@ def test_apgdt_breaks_exactly_the_points_a_targeted_corner_breaks_on_a_linear_mo
     assert result.stats is not None and result.stats.alignment.shape == (64,)
 
 
-def test_apgdt_targets_the_top_other_classes_only_and_keeps_misclassified_points():
-    # Four targets of a 10-class model with 16 inputs... with n_target_classes=1 only the runner-up
-    # is tried: a point that only the third class can overtake stays robust.
+def test_apgdt_runs_the_top_other_classes_in_order_on_the_points_still_robust(monkeypatch):
     model = _linear(6)
     x = _points(32)
     y = _labels(model, x)
-    y_wrong = (y + 1) % 6  # every point misclassified at x: returned unchanged, successful
-    result = apgdt(model, x, y_wrong, eps=0.05, steps=5, clip=WIDE)
-    assert result.success.all() and torch.equal(result.x_adv, x)
-    one = APGDT(model, eps=0.05, steps=20, n_target_classes=1, clip=WIDE)(x, y)
-    every = APGDT(model, eps=0.05, steps=20, n_target_classes=9, clip=WIDE)(x, y)
-    assert not (one.success & ~every.success).any(), "more targets lost a success"
+    with torch.no_grad():
+        z = model(x)
+    ranking = z.masked_fill(F.one_hot(y, 6).bool(), -torch.inf).argsort(1, descending=True)
+    runs = []
+    real_run = APGDT._single_run
+
+    def recording(self, x_sub, y_sub, first, target=None):
+        runs.append((x_sub, target))
+        return real_run(self, x_sub, y_sub, first, target)
+
+    monkeypatch.setattr(APGDT, "_single_run", recording)
+    result = APGDT(model, eps=0.05, steps=10, n_target_classes=3, clip=WIDE)(x, y)
+    assert 2 <= len(runs) <= 3, "the test needs points that survive the first target"
+    rows = []
+    for k, (x_sub, target) in enumerate(runs):
+        index = (x_sub.flatten(1)[:, None] == x.flatten(1)[None]).all(2).double().argmax(1)
+        assert torch.equal(target, ranking[index, k]), f"run {k} did not target the class ranked {k + 2}"
+        rows.append(set(index.tolist()))
+    assert rows[0] == set(range(32))
+    for k in range(1, len(rows)):
+        assert rows[k] <= rows[k - 1] and result.success[sorted(rows[k - 1] - rows[k])].all(), (
+            f"run {k} is not exactly the points run {k - 1} left robust"
+        )
+    assert set((~result.success).nonzero().flatten().tolist()) <= rows[-1]
+    # Points misclassified at x are returned unchanged and successful, without a run.
+    runs.clear()
+    y_wrong = (y + 1) % 6
+    wrong = apgdt(model, x, y_wrong, eps=0.05, steps=5, clip=WIDE)
+    assert wrong.success.all() and torch.equal(wrong.x_adv, x) and not runs
     with pytest.raises(ValueError, match="dlr_targeted.*4 classes"):
         APGDT(_linear(3), steps=2)(x, _labels(_linear(3), x))
 

@@ -1,10 +1,13 @@
 """Adversarial attacks on the fused ops: FGSM, PGD (L∞/L2), the TRADES inner attack, APGD-CE/DLR,
-DeepFool with bisection.
+APGD-T, Square, FAB-T, Carlini–Wagner L2, and DeepFool with bisection.
 
-Each attack is a class called as ``attack(x, y)`` returning :class:`AttackResult`, with a
-functional twin (``pgd(model, x, y, **kw)``). ε and step sizes are in pixel space (the space of
-x, box [0, 1] by default); models that normalise inputs do so inside ``forward``. Attacks leave
-the model as found (mode, ``requires_grad``, no parameter ``.grad``) and audit their output.
+Each attack is a class called as ``attack(x, y)`` returning :class:`AttackResult` (per-sample
+``success`` and ``delta_norm``), with a functional twin (``pgd(model, x, y, **kw)``) and
+``perturb(x, y)`` for training loops. ε and step sizes are in pixel space (the space of x, box
+[0, 1] by default); models that normalise inputs do so inside ``forward``. Attacks leave the
+model as found (mode, ``requires_grad``, no parameter ``.grad``) and audit their output. No attack
+couples the samples of a batch (Square shares only its random window positions across it), so
+any subset of points can be attacked on its own.
 """
 
 from fastsat.attacks.apgd import APGD, APGDT, apgd, apgdt

@@ -31,11 +31,15 @@ class AttackResult:
 
     x_adv: adversarial batch, shape/dtype of x, inside the box and (where ε applies) the ε-ball.
     success: (B,) bool — misclassified (untargeted: prediction ≠ y; targeted: prediction = target;
-        DeepFool: prediction ≠ the clean prediction) at x_adv.
-    delta_norm: (B,) ‖x_adv − x‖ in the attack's norm (pixel units), float32 (float64 for float64
-        x); DeepFool: the boundary distance ρ, inf where it failed.
+        DeepFool: prediction ≠ the clean prediction) at x_adv. Points misclassified at x count as
+        successes; APGD-T, Square, FAB and CW return them unchanged without attacking them.
+    delta_norm: (B,) float32 (float64 for float64 x), pixel units: ‖x_adv − x‖ in the attack's
+        norm. For the minimal-norm attacks (DeepFool, FAB, CW) instead the norm of the smallest
+        adversarial perturbation found, inf where none was (DeepFool: the boundary distance ρ); it
+        may exceed ε, and x_adv is then x.
     stats: :class:`fastsat.ops.StepStats` of the last step's gradient (⟨x, g⟩, ‖g‖, ‖x‖ of the
-        clean x and that gradient; ``.alignment``, ``.cosine``) or None for attacks without one.
+        clean x and that gradient; ``.alignment``, ``.cosine``; ``delta_norm`` ‖δ‖ of the point
+        it belongs to) or None for attacks without one (DeepFool, Square, FAB, CW).
     """
 
     x_adv: torch.Tensor

@@ -72,7 +72,8 @@ class Square(Attack):
         clip: valid input box (lo, hi), default (0, 1). backend: fastsat.ops backend.
 
     Returns :class:`AttackResult` with ``stats`` None (no gradient). Points misclassified at x
-    are returned unchanged, successful; the others get the lowest-margin point found. Each query
+    are returned unchanged, successful; the others get their first misclassified point, or the
+    lowest-margin point found (x if no query lowered the clean margin). Each query
     costs one forward pass on the points still correctly classified and one host sync (to select
     them and to stop once none is left).
     """
@@ -182,8 +183,8 @@ class Square(Attack):
         delta[window] = new
         return self._l2_point(x, delta)
 
-    def _single_run(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_best, fooled) after ``n_queries`` queries on points all correctly classified at x."""
+    def _single_run(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_best, its margin, fooled) after ``n_queries`` queries on points correctly classified at x."""
         x_best = self._start(x)
         margin, fooled = self._margin(x_best, y)
         for query in range(self.n_queries - 1):
@@ -197,20 +198,24 @@ class Square(Attack):
             x_best[active] = torch.where(per_sample(improved, x_new), x_new, x_best_a)
             margin[active] = torch.where(improved, margin_new, margin[active])
             fooled[active] = torch.where(improved, fooled_new, False)
-        return x_best, fooled
+        return x_best, margin, fooled
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, *, need_success: bool) -> AttackResult:
         logits = self._clean_logits(x, y)
         success = self._misclassified(logits, y)
+        margin = -objective_value(logits, "cw", y=y)
         x_adv = x.clone()
         for _ in range(self.restarts):
             robust = (~success).nonzero().squeeze(1)  # host sync
             if robust.numel() == 0:
                 break
-            x_run, fooled = self._single_run(x[robust], y[robust])
-            won = robust[fooled]
-            x_adv[won] = x_run[fooled]
-            success[won] = True
+            x_run, margin_run, fooled = self._single_run(x[robust], y[robust])
+            # Per point the run's result if it broke the point or lowered its margin further.
+            keep = fooled | (margin_run < margin[robust])
+            take = robust[keep]
+            x_adv[take] = x_run[keep]
+            margin[take] = margin_run[keep]
+            success[robust[fooled]] = True
         return AttackResult(x_adv=x_adv, success=success, delta_norm=None, stats=None)
 
 
