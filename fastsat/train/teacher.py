@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fastsat import saliency
+from fastsat._checks import choice, describe, positive_int
 from fastsat._io import atomic_save
 from fastsat.data import default_cache_dir
 from fastsat.models import default_cam_layer
@@ -73,10 +74,10 @@ def teacher_saliency(
     Returns:
         float32 (N, C, H, W) maps on the CPU (Grad-CAM++: (N, 1, H, W)).
     """
-    if method not in TEACHER_METHODS:
-        raise ValueError(f"method: expected one of {tuple(TEACHER_METHODS)}, got {method!r}")
+    choice(method, "method", tuple(TEACHER_METHODS))
+    batch_size = positive_int(batch_size, "batch_size")
     if not isinstance(images, Tensor) or images.dim() != 4:
-        raise TypeError(f"images: expected an (N, C, H, W) tensor, got {getattr(images, 'shape', type(images).__name__)}")
+        raise TypeError(f"images: expected an (N, C, H, W) tensor, got {describe(images)}")
     options = {**TEACHER_METHODS[method], **options}
     if method == "gradcam_pp":
         options.setdefault("layer", default_cam_layer(teacher))
