@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Mapping
 
 from fastsat._checks import clip_box, describe, flag, number, path, positive_int, seed
-from fastsat.train.options import Spec, option, parse, show, specs, unknown_keys, validate
+from fastsat.train.options import Spec, document, option, parse, show, specs, unknown_keys, validate
 from fastsat.train.recipes import PRECISIONS, RECIPES, PerturbationRecipe, Recipe, make_recipe
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig", "recipe_option_specs"]
@@ -45,6 +45,7 @@ def _resume(value: object, name: str) -> bool | str:
     return value if isinstance(value, bool) else path(value, name)
 
 
+@document
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Every option of a training run, with its default. Checked on construction (TypeError for a
@@ -60,7 +61,7 @@ class TrainConfig:
     batch_size: int = option(128, "images per batch (train_data given as a dataset)", check=positive_int)
     augment: bool = option(True, "padded random crop (4 px) + horizontal flip (train_data given as a dataset)",
                            check=flag)
-    optimizer: str = option("sgd", "optimizer: SGD with momentum, or Adam", choices=OPTIMIZERS)
+    optimizer: str = option("sgd", "SGD with momentum, or Adam", choices=OPTIMIZERS)
     lr: float = option(0.1, "peak learning rate", check=_positive)
     momentum: float = option(0.9, "SGD momentum", check=functools.partial(number, minimum=0, maximum=1, exclusive_max=True))
     weight_decay: float = option(5e-4, "L2 weight decay", check=functools.partial(number, minimum=0))

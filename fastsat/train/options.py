@@ -27,7 +27,7 @@ from fractions import Fraction
 
 from fastsat._checks import choice, describe, nearest
 
-__all__ = ["Spec", "is_sequence", "option", "parse", "show", "specs", "unknown_keys", "validate"]
+__all__ = ["Spec", "document", "is_sequence", "option", "parse", "show", "specs", "unknown_keys", "validate"]
 
 Check = Callable[[object, str], object]
 
@@ -106,6 +106,15 @@ def specs(cls: type) -> list[Spec]:
         default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
         rows.append(Spec(field.name, hints[field.name], default, field.metadata.get("help", ""), field.metadata.get("choices")))
     return rows
+
+
+def document(cls: type) -> type:
+    """Append an "Options" section generated from the fields to the docstring of the dataclass
+    ``cls`` (so ``help(cls)`` shows each option's meaning, choices and default); returns ``cls``."""
+    lines = [f"    {spec.name}: {spec.help}" + (f"; one of {', '.join(map(str, spec.choices))}" if spec.choices else "")
+             + f" (default: {show(spec.default)})." for spec in specs(cls)]
+    cls.__doc__ = f"{cls.__doc__.rstrip()}\n\n    Options:\n\n" + "\n".join(lines) + "\n"
+    return cls
 
 
 def unknown_keys(keys: object, known: object, where: str) -> None:
