@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from fastsat import data, models, saliency
-from fastsat._checks import flag, number, path, positive_int, seed
+from fastsat._checks import choice, flag, number, path, positive_int, seed
 from fastsat._io import atomic_save, atomic_write_text
 from fastsat.alignment import ALIGNMENT_TARGETS
 from fastsat.demo import _FULL, _QUICK, DEMO_RECIPES, run_demo
@@ -296,9 +296,14 @@ def _kinds(kind: object) -> list:
 
 
 def _converter(spec: Spec) -> Callable[[str], object]:
+    """Text → value, checked against the choices at once (the message names the nearest one)."""
     def convert(text: str) -> object:
         try:
-            return parse(spec.type, text, spec.name)
+            value = parse(spec.type, text, spec.name)
+            if spec.choices is not None and value is not None:
+                for item in value if is_sequence(spec.type) else [value]:
+                    choice(item, spec.name, spec.choices)
+            return value
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -323,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd.add_argument(flag, nargs="?", const=True, type=_converter(spec), default=argparse.SUPPRESS,
                                  help=_help(spec), metavar=spec.name.upper())
             else:
-                cmd.add_argument(flag, type=_converter(spec), choices=None if is_sequence(spec.type) else spec.choices,
-                                 default=argparse.SUPPRESS, help=_help(spec), metavar=spec.name.upper())
+                cmd.add_argument(flag, type=_converter(spec), default=argparse.SUPPRESS, help=_help(spec),
+                                 metavar=spec.name.upper())
     return parser
 
 
