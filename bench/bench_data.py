@@ -13,6 +13,8 @@ size of an ImageNet JPEG) as an ImageFolder in a temporary directory and measure
 
 * ``files, previous``: what the file reader did before: PIL decode, PIL resize of the whole image
   to 224×224, float32 out of the worker;
+* ``files, Resize``: ``ImageFiles.read`` resizing the whole image to 224×224 (uint8 out), the
+  like-for-like replacement of the previous path;
 * ``files, RandomResizedCrop``: ``ImageFiles.read`` with ``RandomResizedCrop(224)`` (decode,
   crop, antialiased resize and flip, uint8 out), the training path;
 * ``files, CenterCrop``: the same with ``CenterCrop(224)``, the evaluation path;
@@ -21,7 +23,7 @@ size of an ImageNet JPEG) as an ImageFolder in a temporary directory and measure
 
 then the end-to-end ``loader`` (RandomResizedCrop, batch 64, ``--workers`` processes, batches
 delivered as float32 on the CPU) for files and shards, and the one-off ``pack_shards`` time.
-Each figure is the median of ``--repeats`` passes. The machine's load is printed: figures measured
+Each figure is the median of ``--repeats`` passes, interleaved across the paths. The machine's load is printed: figures measured
 beside other work are lower bounds.
 """
 
@@ -41,17 +43,29 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastsat.data import CenterCrop, RandomResizedCrop, generate_shapes, image_folder, loader, pack_shards, shards
+from fastsat.data import (
+    CenterCrop,
+    RandomResizedCrop,
+    Resize,
+    generate_shapes,
+    image_folder,
+    loader,
+    pack_shards,
+    shards,
+)
 from fastsat.data.shards import ShardStream, _members
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
+def _median_times(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function; the repeats are interleaved (one pass of every function per
+    round) so that a change of the machine's load hits all of them alike."""
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_shapes(args: argparse.Namespace) -> None:
@@ -122,18 +136,20 @@ def bench_stream(args: argparse.Namespace) -> None:
 
         per_worker = {
             "files, previous (PIL resize to 224, float32 out)": lambda: _previous_path(files),
+            "files, Resize(224), uint8 out": lambda: read_all(Resize(224)),
             "files, RandomResizedCrop(224), uint8 out": lambda: read_all(crop),
             "files, CenterCrop(224), uint8 out": lambda: read_all(centre),
             "shards, RandomResizedCrop(224), uint8 out": lambda: list(ShardStream(packed, transform=crop)),
             "shards, tar read only (no decode)": tar_only,
         }
-        rows = [(name, args.n / _median_time(fn, args.repeats)) for name, fn in per_worker.items()]
+        rows = [(name, args.n / t) for name, t in _median_times(per_worker, args.repeats).items()]
         torch.set_num_threads(2)
-        end_to_end = []
-        for name, data in (("files", files), ("shards", packed)):
-            batches = loader(data, batch_size=64, shuffle=True, transform=crop, num_workers=args.workers)
+        loaders = {name: loader(data, batch_size=64, shuffle=True, transform=crop, num_workers=args.workers)
+                   for name, data in (("files", files), ("shards", packed))}  # fmt: skip
+        for batches in loaders.values():
             list(batches)  # start the workers
-            end_to_end.append((name, args.n / _median_time(lambda: list(batches), args.repeats)))
+        end_to_end = _median_times({name: lambda b=b: list(b) for name, b in loaders.items()}, args.repeats)
+        end_to_end = [(name, args.n / t) for name, t in end_to_end.items()]
     print(f"# Streaming input pipeline, {platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}, "
           f"Pillow {Image.__version__}; load average {load[0]:.2f} / {load[1]:.2f} (1 / 5 min) before the run")
     print(f"{args.n} JPEGs 500×375 (mean {nbytes / args.n / 1024:.0f} KiB), output 224×224; median of {args.repeats} passes")
@@ -156,7 +172,7 @@ def main() -> None:
     shapes_parser.add_argument("--repeats", type=int, default=3, help="timed repeats (default: 3)")
     stream_parser = sub.add_parser("stream", help="JPEG decode + augmentation images/s, files and shards")
     stream_parser.add_argument("--n", type=int, default=256, help="JPEG files (default: 256)")
-    stream_parser.add_argument("--repeats", type=int, default=3, help="timed passes (default: 3)")
+    stream_parser.add_argument("--repeats", type=int, default=5, help="timed passes (default: 5)")
     stream_parser.add_argument("--workers", type=int, default=2, help="loader workers end to end (default: 2)")
     args = parser.parse_args()
     (bench_shapes if args.what == "shapes" else bench_stream)(args)
