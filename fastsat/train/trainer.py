@@ -119,11 +119,12 @@ class Trainer:
     - ``self.model`` is the module whose weights are trained, saved and restored, while the batches
       go through ``self.train_model`` — the same module, or ``torch.compile(model)`` (``compile``);
       a distributed run wraps it (DDP) there and keeps saving ``model``.
-    - :meth:`train_step` is the whole per-batch work (recipe step, LR schedule, EMA); it returns
-      tensors and never reads them back, so an epoch runs without host syncs until its end.
+    - :meth:`train_step` is the whole per-batch work (recipe step, LR schedule, EMA); the epoch's
+      loss and accuracy are summed on the device and read once at its end (the recipe's finite-loss
+      check is the one host sync per step left).
     - :attr:`evaluated` is the module evaluated and kept as best (the EMA's average with ``ema``).
-    - :attr:`writes` decides whether this process writes files (checkpoints, logs); :meth:`evaluate`
-      sees the whole evaluation set.
+    - :attr:`writes` decides whether this process writes files (checkpoints, logs: rank 0 only in a
+      distributed run); :meth:`evaluate` is where a sharded evaluation would reduce its counts.
 
     Args:
         model: a classifier on pixel-space (B, C, H, W) input in ``config.clip`` returning (B, K)
