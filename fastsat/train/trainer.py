@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastsat import evaluate as evaluation
-from fastsat._checks import choice, nearest
+from fastsat._checks import choice, describe, nearest
 from fastsat._io import atomic_save, atomic_write_text
 from fastsat.data import as_batch, make_loader
 from fastsat.train.checkpoint import CHECKPOINT_FORMAT, capture_rng, load_checkpoint, restore_rng
@@ -155,12 +155,12 @@ class Trainer:
     ) -> None:
         self.config = config = TrainConfig() if config is None else config
         if not isinstance(config, TrainConfig):
-            raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+            raise TypeError(f"config: expected a TrainConfig, got {describe(config)}")
         built = config.build_recipe()
         if recipe is None:
             recipe = built
         elif not isinstance(recipe, Recipe):
-            raise TypeError(f"recipe: expected a Recipe, got {type(recipe).__name__}")
+            raise TypeError(f"recipe: expected a Recipe, got {describe(recipe)}")
         elif (recipe.name, recipe.options()) != (built.name, built.options()):
             raise ValueError(f"recipe: the Recipe object ({recipe.name!r}, {recipe.options()}) is not the one the "
                              f"configuration describes ({built.name!r}, {built.options()})")
@@ -187,7 +187,7 @@ class Trainer:
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {describe(optimizer)}")
         self.optimizer = optimizer if optimizer is not None else _make_optimizer(config, model.parameters())
         total = config.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
