@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fastsat._checks import describe, number
+from fastsat._checks import describe, number, positive_int
 
 __all__ = [
     "EMPTY_BOX",
@@ -82,11 +82,13 @@ def check_stats(mean: Sequence[float], std: Sequence[float], channels: int) -> t
 
 
 def size_hw(size: int | Sequence[int], name: str = "size") -> tuple[int, int]:
-    """``size`` (an int for a square, or (H, W)) as a pair of positive ints, in pixels."""
-    hw = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, Sequence) else None
-    if hw is None or len(hw) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in hw):
-        raise ValueError(f"{name}: expected a positive int or (H, W) in pixels, got {describe(size)}")
-    return hw
+    """``size`` (an int for a square, or (H, W)) as a pair of positive Python ints, in pixels."""
+    if isinstance(size, Sequence) and not isinstance(size, str):
+        if len(size) != 2:
+            raise ValueError(f"{name}: expected a positive int or (H, W) in pixels, got {describe(size)}")
+        return positive_int(size[0], name), positive_int(size[1], name)
+    side = positive_int(size, name)
+    return side, side
 
 
 def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,8 @@ with torch's antialiased bilinear filter; masks with nearest neighbour; boxes wi
 
 Normalisation statistics (``.mean``/``.std``, per channel, pixel units of [0, 1] images): CIFAR-10
 and CIFAR-100 report the published statistics of their training sets (:data:`CIFAR10_MEAN` ...;
-the exact population values, not the often-copied (0.2023, 0.1994, 0.2010), which averages
-per-image standard deviations); the photograph readers report ImageNet's
+the standard deviation over all training pixels, not the often-copied (0.2023, 0.1994, 0.2010),
+which is not that statistic); the photograph readers report ImageNet's
 (:data:`~fastsat.data.dataset.IMAGENET_MEAN`, :data:`~fastsat.data.dataset.IMAGENET_STD`), the
 standard for ImageNet-style data. Test splits report the training statistics too.
 """
