@@ -123,7 +123,8 @@ def pack_shards(
     Args:
         source: an ImageFolder directory ``<class>/<image>`` (read with
             :func:`~fastsat.data.image_folder`), or any file reader's :class:`ImageFiles` (Tiny
-            ImageNet, Flowers-17, Oxford-IIIT Pet, ...), whose annotations are packed with it.
+            ImageNet, Flowers-17, Oxford-IIIT Pet, ...), whose annotations are packed with it
+            (not its ``size``: shards keep the source images; :func:`shards` takes the size).
         out_dir: where the shards and ``index.json`` go (created; files of the same names are
             replaced, each atomically, ``index.json`` last).
         shard_size: samples per shard (default 1000: about 110 MB of ImageNet JPEGs).
@@ -224,7 +225,8 @@ class ShardDataset:
     decodes them all into an :class:`AnnotatedDataset`.
     """
 
-    def __init__(self, root: Path, *, size: int | Sequence[int] | None = 224) -> None:
+    def __init__(self, root: str | os.PathLike, *, size: int | Sequence[int] | None = 224) -> None:
+        root = Path(root)
         index_file = root / "index.json"
         if not index_file.is_file():
             raise FileNotFoundError(f"{index_file}: no such file (write one with fastsat.data.pack_shards)")
