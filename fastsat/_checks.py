@@ -16,15 +16,18 @@ This module sits below every other one (it imports only torch and the standard l
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import numbers
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
 __all__ = [
+    "host_checks_enabled",
+    "no_host_checks",
     "choice",
     "clip_box",
     "describe",
@@ -167,3 +170,31 @@ def clip_box(clip: object, name: str = "clip") -> tuple[float, float]:
     if lo > hi:
         raise ValueError(f"{name}: expected lo <= hi, got {describe(clip)}")
     return lo, hi
+
+
+# --- checks that read tensor values on the host ---------------------------------------------------
+
+_host_checks_disabled = 0
+
+
+@contextlib.contextmanager
+def no_host_checks() -> Iterator[None]:
+    """Inside this context, skip the checks that must read tensor *values* back to the host — and so
+    stall a GPU until it catches up: finiteness, value ranges (inputs inside the box, labels below
+    K, boxes inside the image), attack output audits and the zero-gradient/probability warnings.
+    Checks of shapes, dtypes and devices still run (they cost nothing).
+
+    The trainer checks the first batch of every epoch with everything on, then runs the rest of the
+    epoch inside this context, so that a training step never waits for the device. Nestable.
+    """
+    global _host_checks_disabled
+    _host_checks_disabled += 1
+    try:
+        yield
+    finally:
+        _host_checks_disabled -= 1
+
+
+def host_checks_enabled() -> bool:
+    """False inside :func:`no_host_checks`."""
+    return _host_checks_disabled == 0
