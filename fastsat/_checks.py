@@ -26,14 +26,14 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 
 __all__ = [
-    "host_checks_enabled",
-    "no_host_checks",
     "choice",
     "clip_box",
     "describe",
     "flag",
+    "host_checks_enabled",
     "integer",
     "nearest",
+    "no_host_checks",
     "number",
     "path",
     "positive_int",
