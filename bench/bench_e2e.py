@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.type == "cuda"
     settings = Settings(
         device=device,
-        model="preactresnet18" if cuda else "smallcnn",
+        model="preactresnet18" if cuda else "madrycnn",
         width=None if cuda else 16,
         batch=512 if cuda else (64 if args.quick else 128),
         size=32,

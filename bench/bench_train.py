@@ -152,7 +152,7 @@ RECIPES = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--model", default="smallcnn", help="fastsat.models name (default: smallcnn)")
+    parser.add_argument("--model", default="madrycnn", help="fastsat.models name (default: madrycnn)")
     parser.add_argument("--width", type=int, default=16, help="model width (default: 16)")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (default: 32)")
     parser.add_argument("--batch", type=int, default=128, help="batch size (default: 128)")
@@ -169,7 +169,7 @@ def main() -> None:
         part = slice(i * args.batch, (i + 1) * args.batch)
         batches.append({"image": data.images[part].float().div(255).to(device), "label": data.labels[part].to(device),
                         "box": data.boxes[part].to(device), "mask": data.masks[part].to(device)})
-    kwargs = {"width": args.width} if args.model == "smallcnn" else {}
+    kwargs = {"width": args.width} if args.model == "madrycnn" else {}
     model = models.create(args.model, num_classes=10, **kwargs).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext

@@ -67,7 +67,7 @@ def test_demo_help_states_the_demo_sizes():
 
 def test_train_then_eval_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    common = ["--n-train", "32", "--n-test", "16", "--image-size", "12", "--num-classes", "3", "--model", "smallcnn",
+    common = ["--n-train", "32", "--n-test", "16", "--image-size", "12", "--num-classes", "3", "--model", "madrycnn",
               "--width", "4", "--batch-size", "16", "--device", "cpu"]
     status = cli.main(["train", *common, "--recipe", "sat", "--maps", "masks", "--epochs", "2", "--eval-steps", "2",
                        "--out-dir", str(out), "--no-augment", "--no-progress"])
@@ -88,7 +88,7 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
 
 def test_teacher_maps_then_saliency_and_analyze(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSAT_CACHE", str(tmp_path / "cache"))
-    common = ["--n-train", "32", "--n-test", "8", "--image-size", "12", "--num-classes", "3", "--model", "smallcnn",
+    common = ["--n-train", "32", "--n-test", "8", "--image-size", "12", "--num-classes", "3", "--model", "madrycnn",
               "--width", "4", "--batch-size", "16", "--device", "cpu", "--no-progress", "--eval-steps", "1"]
     teacher = tmp_path / "teacher"
     assert cli.main(["train", *common, "--recipe", "standard", "--epochs", "1", "--out-dir", str(teacher)]) == 0
@@ -111,7 +111,7 @@ def test_a_checkpoint_with_ema_loads_the_averaged_weights(tmp_path):
 
     from fastsat import data, train
 
-    options = cli.ModelOptions(model="smallcnn", width=4)
+    options = cli.ModelOptions(model="madrycnn", width=4)
     train_set = data.shapes(32, size=12, num_classes=3, seed=0, cache_dir=False)
     torch.manual_seed(0)
     model = cli._model(options, train_set)
@@ -132,7 +132,7 @@ def test_models_normalise_with_the_training_sets_statistics(tmp_path):
 
     out = tmp_path / "run"
     assert cli.main(["train", "--n-train", "32", "--n-test", "8", "--image-size", "12", "--num-classes", "3",
-                     "--model", "smallcnn", "--width", "4", "--batch-size", "16", "--device", "cpu", "--recipe", "standard",
+                     "--model", "madrycnn", "--width", "4", "--batch-size", "16", "--device", "cpu", "--recipe", "standard",
                      "--epochs", "1", "--eval-steps", "1", "--out-dir", str(out), "--no-progress"]) == 0
     train_set = data.shapes(32, size=12, num_classes=3, seed=0)
     state = load_checkpoint(out / "checkpoint.pt")["model"]
@@ -140,6 +140,6 @@ def test_models_normalise_with_the_training_sets_statistics(tmp_path):
         want = torch.tensor(getattr(train_set, key))
         assert torch.allclose(state[f"normalize.{key}"].flatten(), want, rtol=0, atol=1e-7), f"{key}: {state[f'normalize.{key}']}"
     assert not torch.allclose(torch.tensor(train_set.mean), torch.zeros(3)), "identity statistics: the test cannot tell"
-    model = cli._trained_model(cli.ModelOptions(model="smallcnn", width=4), train_set, torch.device("cpu"),
+    model = cli._trained_model(cli.ModelOptions(model="madrycnn", width=4), train_set, torch.device("cpu"),
                                str(out / "checkpoint.pt"))
     assert model.normalize.enabled

@@ -7,11 +7,22 @@ import torch
 from torch import nn
 
 from fastsat.data import generate_shapes
-from fastsat.models import Normalize, PreActResNet, ResNet, SmallCNN, WideResNet, create, default_cam_layer, names
+from fastsat.models import (
+    EtmannCNN,
+    MadryCNN,
+    Normalize,
+    PreActResNet,
+    ResNet,
+    WideResNet,
+    create,
+    default_cam_layer,
+    names,
+)
 
 # Tiny configurations of every registered name (keeps each forward to milliseconds).
 TINY = {
-    "smallcnn": {"width": 4, "hidden": 16},
+    "madrycnn": {"width": 4, "hidden": 16},
+    "etmanncnn": {"width": 4, "hidden": 16, "image_size": 8},
     "preactresnet18": {"width": 4},
     "resnet10": {"width": 4},
     "resnet18": {"width": 4},
@@ -65,14 +76,15 @@ def test_full_size_parameter_counts(name, kwargs, count):
 
 def _homogeneous_models():
     return {
-        "smallcnn": SmallCNN(num_classes=5, width=4, hidden=16, bias=False),
+        "madrycnn": MadryCNN(num_classes=5, width=4, hidden=16, bias=False),
+        "etmanncnn": EtmannCNN(num_classes=5, in_channels=3, image_size=12, width=4, hidden=16, bias=False),
         "resnet": ResNet(10, num_classes=5, width=4, norm="none", bias=False),
         "preact": PreActResNet(num_classes=5, width=4, blocks=(1, 1, 1, 1), norm="none", bias=False),
         "wrn": WideResNet(10, 1, num_classes=5, norm="none", bias=False),
     }
 
 
-@pytest.mark.parametrize("name", ["smallcnn", "resnet", "preact", "wrn"])
+@pytest.mark.parametrize("name", ["madrycnn", "etmanncnn", "resnet", "preact", "wrn"])
 def test_bias_free_models_are_positively_homogeneous(name):
     torch.manual_seed(1)
     model = _homogeneous_models()[name].eval()
@@ -96,7 +108,7 @@ def test_bias_free_models_are_positively_homogeneous(name):
 
 def test_biased_model_is_not_homogeneous():
     torch.manual_seed(2)
-    model = SmallCNN(num_classes=5, width=4, hidden=16).eval()
+    model = MadryCNN(num_classes=5, width=4, hidden=16).eval()
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.uniform_(m.bias, 0.1, 0.2)
@@ -104,12 +116,14 @@ def test_biased_model_is_not_homogeneous():
     assert (model(2 * x) - 2 * model(x)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["smallcnn", "resnet", "preact", "wrn"])
+@pytest.mark.parametrize("name", ["madrycnn", "etmanncnn", "resnet", "preact", "wrn"])
 def test_bias_free_models_refuse_an_input_mean(name):
     """Subtracting a mean is a bias: every bias-free family refuses it with the one shared message
     (the residual networks used to accept it and silently stop being homogeneous)."""
     build = {
-        "smallcnn": lambda **kw: SmallCNN(num_classes=5, width=4, hidden=16, bias=False, **kw),
+        "madrycnn": lambda **kw: MadryCNN(num_classes=5, width=4, hidden=16, bias=False, **kw),
+        "etmanncnn": lambda **kw: EtmannCNN(num_classes=5, in_channels=3, image_size=12, width=4, hidden=16,
+                                            bias=False, **kw),
         "resnet": lambda **kw: ResNet(10, num_classes=5, width=4, norm="none", bias=False, **kw),
         "preact": lambda **kw: PreActResNet(num_classes=5, width=4, blocks=(1, 1, 1, 1), norm="none", bias=False, **kw),
         "wrn": lambda **kw: WideResNet(10, 1, num_classes=5, norm="none", bias=False, **kw),
@@ -128,10 +142,10 @@ def test_mean_allowed_where_the_network_has_biases_anyway():
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)
     ResNet(10, num_classes=5, width=4, bias=False, mean=mean, std=std)  # norm="batch"
     WideResNet(10, 1, num_classes=5, norm="none", bias=True, mean=mean, std=std)
-    SmallCNN(num_classes=5, width=4, hidden=16, mean=mean, std=std)
+    MadryCNN(num_classes=5, width=4, hidden=16, mean=mean, std=std)
 
 
-@pytest.mark.parametrize("name", ["smallcnn", "resnet10", "wrn-28-10"])
+@pytest.mark.parametrize("name", ["madrycnn", "resnet10", "wrn-28-10"])
 def test_normalisation_inside_model(name):
     torch.manual_seed(3)
     mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)
@@ -161,7 +175,7 @@ def test_normalize_validation_and_identity():
         Normalize(None, (1.0, 0.0, 1.0), 3)
 
 
-@pytest.mark.parametrize("name", ["smallcnn", "preactresnet18", "wrn-28-10"])
+@pytest.mark.parametrize("name", ["madrycnn", "preactresnet18", "wrn-28-10"])
 def test_create_with_a_data_sets_statistics_normalises(name):
     """``create(..., mean=ds.mean, std=ds.std)`` standardises that data set's pixels per channel,
     and the default does no arithmetic at all."""
@@ -188,7 +202,7 @@ def test_cam_layer():
     assert default_cam_layer(model) is model.layer4
     wrn = create("wrn-28-10", num_classes=3, depth=10, widen=1)
     assert default_cam_layer(wrn) is wrn.block3
-    small = create("smallcnn", num_classes=3)
+    small = create("madrycnn", num_classes=3)
     assert default_cam_layer(small) is small.features
     foreign = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.Flatten())
     assert default_cam_layer(foreign) is foreign[2]
@@ -222,3 +236,28 @@ def test_create_errors():
     with pytest.raises(ValueError, match="depth"):
         create("wrn-28-10", num_classes=3, depth=12)
     assert isinstance(create("ResNet18", num_classes=3, width=4), ResNet)
+
+
+def test_etmanncnn_is_the_authors_mnist_network():
+    """conv3x3 32/64/128 (each ReLU + maxpool2), FC 128, dropout 0.5, FC K: the parameter count of
+    smallnet.py at 28x28 (3x3 feature map after three poolings), computed by hand."""
+    model = create("etmanncnn", num_classes=10, in_channels=1)
+    convs = (9 * 1 * 32 + 32) + (9 * 32 * 64 + 64) + (9 * 64 * 128 + 128)
+    dense = (128 * 3 * 3 * 128 + 128) + (128 * 10 + 10)
+    assert sum(p.numel() for p in model.parameters()) == convs + dense
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert len(dropouts) == 1 and dropouts[0].p == 0.5
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    digits = create("etmanncnn", num_classes=10, in_channels=1, image_size=8)
+    assert digits(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match="image_size"):
+        digits(torch.rand(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="image_size"):
+        create("etmanncnn", num_classes=10, image_size=4)
+
+
+def test_madrycnn_replaces_smallcnn():
+    """The Madry et al. MNIST network is registered under its own name only."""
+    assert "madrycnn" in names() and "smallcnn" not in names()
+    with pytest.raises(ValueError, match="name"):
+        create("smallcnn", num_classes=3)

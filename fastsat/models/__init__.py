@@ -21,13 +21,14 @@ from fastsat._checks import choice, describe, positive_int
 
 from .layers import Normalize, check_homogeneous_input, default_cam_layer, init_weights
 from .resnet import PreActResNet, ResNet, WideResNet
-from .small import SmallCNN
+from .small import EtmannCNN, MadryCNN
 
 __all__ = [
+    "EtmannCNN",
+    "MadryCNN",
     "Normalize",
     "PreActResNet",
     "ResNet",
-    "SmallCNN",
     "WideResNet",
     "check_homogeneous_input",
     "create",
@@ -38,7 +39,8 @@ __all__ = [
 
 # name -> (class, default keyword arguments); create(**kw) overrides the defaults.
 _REGISTRY: dict[str, tuple[type[nn.Module], dict]] = {
-    "smallcnn": (SmallCNN, {}),
+    "madrycnn": (MadryCNN, {}),
+    "etmanncnn": (EtmannCNN, {}),
     "preactresnet18": (PreActResNet, {}),
     "resnet10": (ResNet, {"depth": 10}),
     "resnet18": (ResNet, {"depth": 18}),
@@ -67,7 +69,7 @@ def create(
 
     Args:
         name: one of :func:`names` (case-insensitive), e.g. "preactresnet18", "resnet50",
-            "wrn-28-10", "smallcnn".
+            "wrn-28-10", "madrycnn", "etmanncnn".
         num_classes: K, the number of logits.
         in_channels: C of the input images.
         mean, std: per-channel input normalisation ``(x - mean) / std`` in pixel units of [0, 1]
@@ -82,7 +84,7 @@ def create(
             :func:`check_homogeneous_input`.
         **kw: passed to the model class, overriding the name's defaults, e.g. ``stem="imagenet"``
             or ``width=8`` for ResNets, ``depth=10, widen=1`` for WRNs, ``bias=False`` for
-            SmallCNN, ``norm="none"`` for the residual networks.
+            MadryCNN and EtmannCNN, ``image_size=8`` for EtmannCNN on 8x8 digits, ``norm="none"`` for the residual networks.
 
     Returns:
         The model (in training mode), with a ``cam_layer`` attribute naming its last conv stage.
