@@ -1,6 +1,8 @@
 """Every reader on tiny fixture files written in the real on-disk format, and its error paths."""
 
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,8 +15,10 @@ from fastsat.data import (
     AnnotatedDataset,
     ImageFiles,
     boxes_from_masks,
+    channel_stats,
     cifar10,
     cifar100,
+    digits,
     flowers17,
     image_folder,
     loader,
@@ -332,3 +336,47 @@ def test_oxford_pets_errors(tmp_path):
     (tmp_path / "images" / "Bengal_3.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="Bengal_3.jpg"):
         oxford_pets(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- digits
+
+
+def test_digits_splits_are_the_bundled_data_scaled_to_bytes():
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    bunch = sklearn_datasets.load_digits()
+    train, test = digits(), digits(train=False)
+    assert len(train) + len(test) == 1797 and len(test) == round(0.25 * 1797)
+    assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (1, 8, 8)
+    assert train.classes == [str(d) for d in range(10)]
+    # Every image is one of sklearn's, grey levels 0–16 scaled to 0–255, with its own label; the
+    # two splits together are the data set exactly once (compare as sorted byte rows + labels).
+    expected = np.rint(bunch.images * 255 / 16).astype(np.uint8).reshape(1797, 64)
+    rows = np.concatenate([train.images.reshape(-1, 64).numpy(), test.images.reshape(-1, 64).numpy()])
+    labels = np.concatenate([train.labels.numpy(), test.labels.numpy()])
+    key = lambda r, y: np.lexsort(np.column_stack([r, y]).T[::-1])
+    ours, theirs = key(rows, labels), key(expected, bunch.target)
+    np.testing.assert_array_equal(rows[ours], expected[theirs])
+    np.testing.assert_array_equal(labels[ours], bunch.target[theirs])
+    # The statistics are the training split's, for either split.
+    assert train.mean == test.mean == channel_stats(train.images)[0]
+    assert train.std == test.std == channel_stats(train.images)[1]
+    # The seed changes the split; the same seed repeats it.
+    assert torch.equal(digits(seed=0).images, train.images)
+    assert not torch.equal(digits(seed=1).images, train.images)
+    assert len(digits(test_fraction=0.5, train=False)) == round(0.5 * 1797)
+    assert digits(size=16).images.shape[1:] == (1, 16, 16)
+    with pytest.raises(ValueError, match="test_fraction"):
+        digits(test_fraction=1.0)
+
+
+def test_digits_without_scikit_learn_names_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now raises ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ImportError, match="scikit-learn"):
+        digits()
+
+
+def test_importing_fastsat_does_not_import_scikit_learn():
+    code = "import sys, fastsat, fastsat.data, fastsat.cli; print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

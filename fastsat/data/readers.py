@@ -14,6 +14,7 @@ reader              layout under ``root``                  annotations          
                     ``trimaps/image_XXXX.png``
 :func:`image_folder` ``<class>/<image>``, VOC ``.xml``     boxes (optional)           ImageFiles
 :func:`oxford_pets` ``images/*.jpg``, ``annotations/...``  masks (+ tight boxes)      ImageFiles
+:func:`digits`      none: bundled with scikit-learn        none                       AnnotatedDataset
 ==================  =====================================  =========================  ===============
 
 Errors: a missing file raises FileNotFoundError naming it; an undecodable or malformed file
@@ -30,7 +31,8 @@ and CIFAR-100 report the published statistics of their training sets (:data:`CIF
 the standard deviation over all training pixels, not the often-copied (0.2023, 0.1994, 0.2010),
 which is not that statistic); the photograph readers report ImageNet's
 (:data:`~fastsat.data.dataset.IMAGENET_MEAN`, :data:`~fastsat.data.dataset.IMAGENET_STD`), the
-standard for ImageNet-style data. Test splits report the training statistics too.
+standard for ImageNet-style data; :func:`digits` reports the exact statistics of its training split.
+Test splits report the training statistics too.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastsat._checks import choice
+from fastsat._checks import choice, number
+from fastsat._checks import seed as check_seed
 
 from .augment import resize
 from .dataset import (
@@ -57,6 +60,7 @@ from .dataset import (
     IMAGENET_STD,
     AnnotatedDataset,
     boxes_from_masks,
+    channel_stats,
     check_labels,
     check_stats,
     clip_boxes,
@@ -73,6 +77,7 @@ __all__ = [
     "ImageFiles",
     "cifar10",
     "cifar100",
+    "digits",
     "flowers17",
     "image_folder",
     "oxford_pets",
@@ -635,3 +640,53 @@ def oxford_pets(
         return (trimap == 1) | (trimap == 3)
 
     return ImageFiles(records, classes, size=size, annotations="mask", parse=parse, where=index_file)
+
+
+# ----------------------------------------------------------------------------------------------
+# scikit-learn's handwritten digits (bundled with the package: a real data set without a download)
+
+
+def digits(
+    *, train: bool = True, test_fraction: float = 0.25, seed: int = 0, size: int | Sequence[int] | None = None
+) -> AnnotatedDataset:
+    """scikit-learn's handwritten digits (UCI optical digits test set): 1,797 grey 8x8 images of
+    the digits 0–9, shipped inside the scikit-learn package (``sklearn.datasets.load_digits``),
+    so it needs no download: a real data set for Etmann et al.'s MNIST-style experiments on a CPU.
+
+    Args:
+        train: the training split, else the test split.
+        test_fraction: share of the 1,797 images in the test split (default 0.25: 1,348 / 449),
+            strictly between 0 and 1.
+        seed: seed of the random permutation that splits them (the same seed gives the same,
+            disjoint splits).
+        size: output (H, W) in pixels; None keeps 8x8.
+
+    Returns:
+        An :class:`AnnotatedDataset` of uint8 (N, 1, H, W) images (the 0–16 grey levels scaled to
+        0–255, rounded), int64 labels 0–9, classes "0".."9"; ``.mean``/``.std`` are the exact
+        statistics of the training split (for either split).
+
+    Raises:
+        ImportError: scikit-learn is not installed (``pip install scikit-learn``, or
+            ``pip install fastsat[paper]``).
+    """
+    test_fraction = number(test_fraction, "test_fraction", minimum=0, maximum=1, exclusive_min=True, exclusive_max=True)
+    seed = check_seed(seed)
+    try:
+        from sklearn.datasets import load_digits  # optional dependency: imported only when this reader is used
+    except ImportError as err:
+        raise ImportError(
+            "digits: needs the scikit-learn package (it ships the data set); install it with "
+            "`pip install scikit-learn` or `pip install fastsat[paper]`"
+        ) from err
+    bunch = load_digits()
+    images = torch.from_numpy(np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8))[:, None]
+    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    n_test = round(test_fraction * len(labels))
+    test_part, train_part = order[:n_test], order[n_test:]
+    if size is not None and size_hw(size) != (8, 8):
+        images = resize({"image": images}, size_hw(size))["image"]
+    mean, std = channel_stats(images[train_part])
+    part = train_part if train else test_part
+    return AnnotatedDataset(images[part], labels[part], classes=[str(d) for d in range(10)], mean=mean, std=std)
