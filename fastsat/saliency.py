@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastsat import _checks
-from fastsat._checks import choice, describe, integer, number, positive_int
+from fastsat._checks import choice, describe, flag, integer, number, positive_int
 from fastsat.grad import check_input, check_objective_args, frozen, input_grad
 from fastsat.ops import accumulation_dtype
 
@@ -44,6 +44,7 @@ __all__ = [
     "compute",
     "gradcam_pp",
     "gradient",
+    "gradient_sign",
     "gradient_x_input",
     "guided_backprop",
     "integrated_gradients",
@@ -54,6 +55,9 @@ __all__ = [
 SMOOTHGRAD_VARIANTS = ("mean", "squared", "vargrad")
 SIGMA_UNITS = ("range", "pixel")
 IG_METHODS = ("trapezoid", "left", "right", "midpoint")
+#: What Integrated Gradients integrates: the target's logit (Sundararajan et al.; fastsat's default)
+#: or its cross-entropy loss (what the SAT authors' code does, with the true label as target).
+IG_OBJECTIVES = ("logit", "loss")
 
 
 def _given_target(x: torch.Tensor, target: int | torch.Tensor | None) -> torch.Tensor | None:
@@ -82,9 +86,14 @@ def _resolve_target(
         return model(x).argmax(dim=1)
 
 
-def _logit_grad(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None, mode: str | None) -> torch.Tensor:
-    """∇_x Ψ^target(x) shaped like x, float64 for float64 x, else float32; target None: the
-    class predicted in the same forward pass (labels range-checked by ``input_grad``)."""
+def _logit_grad(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor | None, mode: str | None, objective: str = "logit"
+) -> torch.Tensor:
+    """∇_x Ψ^target(x) (``objective="loss"``: ∇_x CE(Ψ(x), target)) shaped like x, float64 for
+    float64 x, else float32; target None: the class predicted in the same forward pass (labels
+    range-checked by ``input_grad``)."""
+    if objective == "loss":
+        return input_grad(model, x, objective="ce", y=target, mode=mode).grad
     return input_grad(model, x, objective="logit", target=target, mode=mode).grad
 
 
@@ -104,10 +113,11 @@ def _point_grads(
     points: list[torch.Tensor],
     target: torch.Tensor,
     mode: str | None,
+    objective: str = "logit",
 ) -> torch.Tensor:
     """Gradients at several (B, ...) points in one pass: (len(points), B, ...), dtype as _logit_grad."""
     stacked = torch.cat(points)
-    grads = _logit_grad(model, stacked, target.repeat(len(points)), mode)
+    grads = _logit_grad(model, stacked, target.repeat(len(points)), mode, objective)
     return grads.reshape(len(points), *points[0].shape)
 
 
@@ -117,6 +127,18 @@ def gradient(
     """Vanilla saliency ∇_x Ψ^target(x): float32, shaped like x (B, ...), pixel space."""
     check_input(model, x)
     return _logit_grad(model, x, _given_target(x, target), mode).float()
+
+
+def gradient_sign(
+    model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | None = None, *, mode: str | None = "eval"
+) -> torch.Tensor:
+    """The sign of the vanilla saliency, sign(∇_x Ψ^target(x)) ∈ {−1, 0, 1}: float32, shaped like x.
+
+    This is what the SAT authors' "guided backprop" teacher maps are (METHODS.md §6): their hook
+    sits on ``nn.ReLU`` modules but their ResNet applies ``F.relu``, so it never fires and the map
+    is the sign of the plain gradient. fastsat's :func:`guided_backprop` is the real method.
+    """
+    return gradient(model, x, target, mode=mode).sign()
 
 
 def gradient_x_input(
@@ -214,22 +236,27 @@ def integrated_gradients(
     steps: int = 50,
     method: str = "trapezoid",
     chunk_size: int | None = None,
+    objective: str = "logit",
     mode: str | None = "eval",
 ) -> torch.Tensor:
-    """Integrated Gradients (Sundararajan et al. 2017): (x − x') ⊙ ∫₀¹ ∇Ψ^target(x' + t(x − x')) dt.
+    """Integrated Gradients (Sundararajan et al. 2017): (x − x') ⊙ ∫₀¹ ∇F(x' + t(x − x')) dt with
+    F = Ψ^target (``objective="logit"``, the default: the method as published) or F = the
+    cross-entropy loss CE(Ψ(·), target) (``objective="loss"``: what the SAT authors' code
+    integrates, with the true label as ``target``; METHODS.md §6).
 
     baseline x': None (default, the zero image), a number (constant image) or a tensor that
     broadcasts to x's shape, in pixel space. steps: number of gradient evaluations along the path
     (default 50). method: quadrature — "trapezoid" (default; t_k = k/(steps−1), end points at half
     weight), or the Riemann sums "left" (k/steps), "right" ((k+1)/steps), "midpoint"
     ((k+½)/steps). Completeness: the map sums to Ψ^target(x) − Ψ^target(x') up to the quadrature
-    error. chunk_size: path points per forward/backward pass (see the module docstring).
-    Returns float32, shaped like x.
+    error (F(x) − F(x') for either objective). chunk_size: path points per forward/backward pass
+    (see the module docstring). Returns float32, shaped like x.
     """
     check_input(model, x)
     steps = positive_int(steps, "steps")
     chunk_size = positive_int(chunk_size, "chunk_size", allow_none=True)
     choice(method, "method", IG_METHODS)
+    choice(objective, "objective", IG_OBJECTIVES)
     ts, weights = _ig_path(steps, method)
     x = x.detach()
     if baseline is None:
@@ -248,7 +275,7 @@ def integrated_gradients(
     delta = x - baseline
     total = _accumulator(x)
     for chunk in _chunks(steps, chunk_size):
-        grads = _point_grads(model, [baseline + ts[k] * delta for k in chunk], target, mode)
+        grads = _point_grads(model, [baseline + ts[k] * delta for k in chunk], target, mode, objective)
         for k, g in zip(chunk, grads, strict=True):
             total += weights[k] * g
     return (delta * total).float()
@@ -303,6 +330,7 @@ def gradcam_pp(
     target: int | torch.Tensor | None = None,
     *,
     layer: nn.Module,
+    relu: bool = True,
     mode: str | None = "eval",
 ) -> torch.Tensor:
     """Grad-CAM++ (Chattopadhyay et al. 2018) at ``layer``: float32 (B, 1, H, W) maps.
@@ -312,9 +340,12 @@ def gradcam_pp(
     paper, in which higher derivatives are powers of G):
     α_kij = G²_kij / (2 G²_kij + Σ_ab A_kab · G³_kij) (0 where G = 0), w_k = Σ_ij α_kij · relu(G_kij),
     map = relu(Σ_k w_k A_k), upsampled bilinearly (align_corners=False) to x's H×W.
-    The single channel broadcasts over x's channels.
+    The single channel broadcasts over x's channels. relu: False leaves out the final ReLU
+    (map = Σ_k w_k A_k, negative evidence kept), as the SAT authors' code does before its min–max
+    scaling (METHODS.md §6); the default True is the published method.
     """
     check_input(model, x)
+    relu = flag(relu, "relu")
     if not isinstance(layer, nn.Module) or not any(m is layer for m in model.modules()):
         raise ValueError(f"layer: expected a submodule of model, got {describe(layer)}")
     if x.dim() != 4:
@@ -343,7 +374,9 @@ def gradcam_pp(
     denom = 2.0 * grad_sq + act.sum(dim=(2, 3), keepdim=True) * grad_sq * grad
     alpha = torch.where(grad != 0, grad_sq / torch.where(denom != 0, denom, 1.0), 0.0)
     weights = (alpha * grad.clamp(min=0)).sum(dim=(2, 3), keepdim=True)
-    cam = (weights * act).sum(dim=1, keepdim=True).clamp(min=0)
+    cam = (weights * act).sum(dim=1, keepdim=True)
+    if relu:
+        cam = cam.clamp(min=0)
     return F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
@@ -364,6 +397,7 @@ def minmax_scale(maps: torch.Tensor) -> torch.Tensor:
 
 METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "gradient": gradient,
+    "gradient_sign": gradient_sign,
     "gradient_x_input": gradient_x_input,
     "smoothgrad": smoothgrad,
     "integrated_gradients": integrated_gradients,

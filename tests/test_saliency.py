@@ -396,3 +396,57 @@ def test_numbers_may_be_numpy_scalars_or_0d_tensors(kind: str) -> None:
         saliency.smoothgrad(model, x, n_samples=wrap(0))
     with pytest.raises(ValueError, match="target"):
         saliency.gradient(model, x, wrap(-1))
+
+
+# ---------------------------------------------------------------------- the SAT authors' variants
+
+
+def test_gradient_sign_is_the_sign_of_the_input_gradient() -> None:
+    _seed(20)
+    model, x = relu_net().eval(), images()
+    target = torch.tensor([1, 0, 4, 2])
+    signs = saliency.gradient_sign(model, x, target)
+    assert signs.dtype == torch.float32 and signs.shape == x.shape
+    assert torch.equal(signs, reference_grad(model, x, target).sign().float())
+    assert set(signs.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    predicted = model(x).argmax(dim=1)
+    assert torch.equal(saliency.compute("gradient_sign", model, x), reference_grad(model, x, predicted).sign().float())
+
+
+def test_guided_backprop_is_not_the_gradient_sign_with_relu_modules() -> None:
+    """The authors' hook never fired, so their 'guided backprop' was gradient_sign; fastsat's
+    guided backprop does fire on nn.ReLU modules and gives a different map."""
+    _seed(21)
+    model, x = relu_net().eval(), images()
+    assert not torch.equal(saliency.guided_backprop(model, x).sign(), saliency.gradient_sign(model, x))
+
+
+def test_integrated_gradients_of_the_true_label_loss_is_complete() -> None:
+    """objective="loss" integrates ∇CE(Ψ(·), y): the attributions sum to CE(x, y) − CE(x', y)."""
+    _seed(22)
+    model, x = smooth_net().eval(), images()
+    labels = torch.tensor([2, 0, 1, 4])
+    base = torch.rand_like(x)
+    ig = saliency.integrated_gradients(model, x, labels, baseline=base, steps=256, objective="loss")
+    with torch.no_grad():
+        gap = F.cross_entropy(model(x), labels, reduction="none") - F.cross_entropy(model(base), labels, reduction="none")
+    rel = (ig.double().sum(dim=(1, 2, 3)) - gap).abs() / gap.abs()
+    assert rel.max() < 0.01, f"completeness of the loss IG: relative gaps {rel.tolist()}"
+    # Not the logit's IG: the loss integrates −Ψ^y + logsumexp Ψ.
+    logit_ig = saliency.integrated_gradients(model, x, labels, baseline=base, steps=256)
+    assert not torch.allclose(ig, logit_ig, atol=1e-3)
+    with pytest.raises(ValueError, match="objective"):
+        saliency.integrated_gradients(model, x, labels, objective="ce")
+
+
+def test_gradcam_pp_without_relu_keeps_negative_evidence() -> None:
+    _seed(23)
+    model = CamNet(1).double()
+    x = images(3)
+    # At the convolution (before its ReLU) activations have both signs, so Σ_k w_k A_k can be negative.
+    raw = saliency.gradcam_pp(model, x, layer=model.conv, relu=False)
+    published = saliency.gradcam_pp(model, x, layer=model.conv)
+    assert torch.equal(raw.clamp(min=0), published)
+    assert (raw < 0).any(), "the test needs a map with negative values to tell the two apart"
+    with pytest.raises(TypeError, match="relu"):
+        saliency.gradcam_pp(model, x, layer=model.features, relu="no")

@@ -31,7 +31,7 @@ from fastsat.train.recipes import (
     sat_probability,
     trades_loss,
 )
-from fastsat.train.teacher import TEACHER_METHODS, SaliencyDataset, teacher_saliency
+from fastsat.train.teacher import TEACHER_METHODS, TEACHER_STYLES, SaliencyDataset, teacher_saliency
 from fastsat.train.trainer import FitResult, Trainer, fit, lr_factor
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "SAT",
     "SCHEDULES",
     "TEACHER_METHODS",
+    "TEACHER_STYLES",
     "Fast",
     "FitResult",
     "Free",
