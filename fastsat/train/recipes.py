@@ -232,6 +232,17 @@ class PerturbationRecipe(Recipe):
 
     eps: float = _eps()
     clip: tuple[float, float] = option((0.0, 1.0), "valid input box (lo, hi), pixels", check=clip_box)
+    eps_warmup: int = option(0, "epochs of a linear ε warm-up: epoch e < eps_warmup trains at ε·(e+1)/(eps_warmup+1); "
+                             "0: full ε from the start", check=functools.partial(integer, minimum=0))
+
+    def eps_at(self, epoch: int) -> float:
+        """The radius used at (0-based) ``epoch``: ε·min(1, (epoch + 1)/(eps_warmup + 1)), pixels.
+
+        A linear warm-up (as in Wong et al.'s and many PGD-AT codes' ε schedules) lets a small
+        network learn the clean task before the full-radius attack; without it, PGD training of a
+        small network from scratch can stall at chance (the constant predictor is a saddle the
+        full-ε attack keeps it in)."""
+        return self.eps * min(1.0, (epoch + 1) / (self.eps_warmup + 1))
 
 
 @dataclass
@@ -249,19 +260,19 @@ class PGDTraining(PerturbationRecipe):
     def loss(self, model, batch, *, epoch=0):
         batch = as_batch(batch)
         x, y = batch["image"], batch["label"]
-        return _ce(model, _pgd_attack(self, model, x, y), y)
+        return _ce(model, _pgd_attack(self, model, x, y, epoch), y)
 
 
-def _pgd_attack(recipe: PerturbationRecipe, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """The L∞ PGD adversarial batch (random start) with ``recipe``'s eps/step_size/steps/attack_mode/clip."""
-    attack = PGD(model, eps=recipe.eps, step_size=recipe.step_size, steps=recipe.steps, random_start=True,
+def _pgd_attack(recipe: PerturbationRecipe, model: nn.Module, x: Tensor, y: Tensor, epoch: int) -> Tensor:
+    """The L∞ PGD adversarial batch (random start) with ``recipe``'s eps (at ``epoch``)/step_size/steps/attack_mode/clip."""
+    attack = PGD(model, eps=recipe.eps_at(epoch), step_size=recipe.step_size, steps=recipe.steps, random_start=True,
                  mode=recipe.attack_mode, clip=recipe.clip)
     return _attack(attack, x, y)
 
 
-def _trades_attack(recipe: PerturbationRecipe, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """TRADES' KL attack batch with ``recipe``'s eps/step_size/steps/attack_mode/clip."""
-    attack = TradesAttack(model, eps=recipe.eps, step_size=recipe.step_size, steps=recipe.steps,
+def _trades_attack(recipe: PerturbationRecipe, model: nn.Module, x: Tensor, y: Tensor, epoch: int) -> Tensor:
+    """TRADES' KL attack batch with ``recipe``'s eps (at ``epoch``)/step_size/steps/attack_mode/clip."""
+    attack = TradesAttack(model, eps=recipe.eps_at(epoch), step_size=recipe.step_size, steps=recipe.steps,
                           mode=recipe.attack_mode, clip=recipe.clip)
     return _attack(attack, x, y)
 
@@ -283,7 +294,7 @@ class Trades(PerturbationRecipe):
     def loss(self, model, batch, *, epoch=0):
         batch = as_batch(batch)
         x, y = batch["image"], batch["label"]
-        return _trades_output(model, x, _trades_attack(self, model, x, y), y, self.beta)
+        return _trades_output(model, x, _trades_attack(self, model, x, y, epoch), y, self.beta)
 
 
 def _trades_output(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float) -> RecipeOutput:
@@ -308,8 +319,9 @@ class Fast(PerturbationRecipe):
     def loss(self, model, batch, *, epoch=0):
         batch = as_batch(batch)
         x, y = batch["image"], batch["label"]
-        step = 1.25 * self.eps if self.step_size is None else self.step_size
-        attack = FGSM(model, eps=self.eps, step_size=step, random_start=True, mode=self.attack_mode, clip=self.clip)
+        eps = self.eps_at(epoch)
+        step = 1.25 * eps if self.step_size is None else self.step_size
+        attack = FGSM(model, eps=eps, step_size=step, random_start=True, mode=self.attack_mode, clip=self.clip)
         return _ce(model, _attack(attack, x, y), y)
 
 
@@ -346,7 +358,7 @@ class Free(PerturbationRecipe):
             _backward_and_step(out.loss, optimizer, scaler)
             # A scaled fp16 gradient can overflow; its sign is all the step needs.
             grad = x_adv.grad.nan_to_num(nan=0.0)
-            delta = pgd_step(x_adv.detach(), grad, x, step_size=self.eps, eps=self.eps, clip=self.clip) - x
+            delta = pgd_step(x_adv.detach(), grad, x, step_size=self.eps_at(epoch), eps=self.eps_at(epoch), clip=self.clip) - x
         self._keep(delta.detach())
         return out
 
@@ -406,7 +418,7 @@ class SAT(PerturbationRecipe):
             raise ValueError(f"recipe {self.name!r} with maps={self.maps!r} needs batches with a {key!r} entry; "
                              "the data has none (use a dataset with these annotations or another maps source)")
         x = batch["image"] if start is None else start
-        return sat_perturb(x, eps=self.eps, p=sat_probability(epoch, self.a), clip=self.clip, **{self.maps: batch[key]})
+        return sat_perturb(x, eps=self.eps_at(epoch), p=sat_probability(epoch, self.a), clip=self.clip, **{self.maps: batch[key]})
 
     def loss(self, model, batch, *, epoch=0):
         batch = as_batch(batch)
@@ -444,9 +456,9 @@ class SATPlusPGD(SAT):
         batch = as_batch(batch)
         x, y = batch["image"], batch["label"]
         if _coin():
-            x_train = self.perturb(batch, epoch=epoch, start=random_start(x, eps=self.eps, clip=self.clip))
+            x_train = self.perturb(batch, epoch=epoch, start=random_start(x, eps=self.eps_at(epoch), clip=self.clip))
         else:
-            x_train = _pgd_attack(self, model, x, y)
+            x_train = _pgd_attack(self, model, x, y, epoch)
         return _ce(model, x_train, y)
 
 
@@ -465,7 +477,7 @@ class SATPlusTrades(SAT):
     def loss(self, model, batch, *, epoch=0):
         batch = as_batch(batch)
         x, y = batch["image"], batch["label"]
-        x_adv = self.perturb(batch, epoch=epoch) if _coin() else _trades_attack(self, model, x, y)
+        x_adv = self.perturb(batch, epoch=epoch) if _coin() else _trades_attack(self, model, x, y, epoch)
         return _trades_output(model, x, x_adv, y, self.beta)
 
 
@@ -474,12 +486,16 @@ class GradNorm(Recipe):
     """Input-gradient-norm regularisation (double backprop, as in Etmann et al.):
     mean_i [CE_i + λ·‖∇_{x_i} CE_i‖²], the gradient per sample in pixel space.
 
-    lam: λ, default 0.1 (it multiplies the per-sample squared L2 norm of a pixel-space gradient;
-    λ = 1 already stalls learning of a small ResNet on 16 px shapes).
+    lam: λ, default 1e-3: it multiplies each sample's own squared L2 norm of a pixel-space
+    gradient. Etmann et al.'s code penalises the squared norm of the gradient of the batch-mean
+    loss, i.e. λ_theirs/B² per sample: their MNIST setting (λ = 10, B = 100) is λ = 1e-3 here, the
+    default, so the default reproduces the paper. Their comment that the model "starts to
+    degenerate" at λ_theirs = 1000 is λ = 0.1 here (fastsat's former default, ~100× stronger);
+    sweep λ upwards from the default for more robustness (bench/paper_claims.py sweeps 0 to 0.1).
     """
 
     name: ClassVar[str] = "gradnorm"
-    lam: float = option(0.1, "weight λ of the squared input-gradient norm ‖∇ₓCE‖² (per pixel-space sample)",
+    lam: float = option(1e-3, "weight λ of the squared input-gradient norm ‖∇ₓCE‖² (per pixel-space sample)",
                         check=_non_negative)
 
     def loss(self, model, batch, *, epoch=0):
