@@ -36,7 +36,15 @@ from fastsat.demo import _FULL, _QUICK, DEMO_RECIPES, run_demo
 from fastsat.evaluate import ATTACKS, evaluate
 from fastsat.models import default_cam_layer
 from fastsat.report import analyze, saliency_grid
-from fastsat.train import TEACHER_METHODS, SaliencyDataset, TrainConfig, fit, load_checkpoint, teacher_saliency
+from fastsat.train import (
+    TEACHER_METHODS,
+    TEACHER_STYLES,
+    SaliencyDataset,
+    TrainConfig,
+    fit,
+    load_checkpoint,
+    teacher_saliency,
+)
 from fastsat.train.options import Spec, is_sequence, option, parse, show, specs, unknown_keys, validate
 
 __all__ = ["COMMANDS", "build_parser", "command_specs", "load_config", "main"]
@@ -141,6 +149,8 @@ class TeacherOptions:
                                  check=functools.partial(path, allow_none=True))
     saliency_method: str = option("smoothgrad", "maps=saliency: the teacher's saliency method",
                                   choices=tuple(TEACHER_METHODS))
+    saliency_style: str = option("fastsat", "maps=saliency: the published methods (fastsat) or what the SAT authors' "
+                                 "code computes (authors; see fastsat.train.teacher)", choices=tuple(TEACHER_STYLES))
 
     def __post_init__(self):
         validate(self)
@@ -393,7 +403,8 @@ def cmd_train(cfg: dict) -> dict:
         model_keys = {f.name for f in fields(ModelOptions)}
         teacher_model = ModelOptions(**{**{k: cfg[k] for k in model_keys}, **_run_settings(teacher.teacher, model_keys)})
         teacher_net = _trained_model(teacher_model, train_set, device, teacher.teacher)
-        maps = teacher_saliency(teacher_net, train_set.images, method=teacher.saliency_method)
+        maps = teacher_saliency(teacher_net, train_set.images, method=teacher.saliency_method,
+                                style=teacher.saliency_style, labels=train_set.labels)
         train_data = SaliencyDataset(train_set, maps)  # augmentation moves the maps too
     if config.out_dir is None:
         log.warning("no --out-dir: no checkpoint, logs or config.yaml of this run are kept")
