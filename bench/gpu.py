@@ -25,7 +25,9 @@ The functions timed are the backend interface of ``fastsat.ops.reference`` (argu
 checked and laid out), so the numbers are those of the kernels, without the argument checks of
 the public API. Results go to ``<out>/gpu-<date>-<gpu>.csv`` and ``.md`` together with the GPU
 name, torch / triton / CUDA versions and the date; the markdown ends with which of triton and
-cuda is faster per op — the preference ``auto`` should follow on that GPU.
+cuda is faster per op variant and, per op, the ``AUTO_CUDA`` table of ``fastsat/ops/_backends.py``
+with the order these timings give, in that file's exact form (also printed): the next session
+pastes it over the provisional one.
 
 The attack (PGD-10), saliency (SmoothGrad / IG, chunked or not) and training-throughput (per
 recipe) benchmarks follow in the same run and the same CSV and markdown; they are described in
@@ -123,7 +125,8 @@ def implementations(with_compile: bool) -> list[Impl]:
     device = torch.device("cuda")
     for name in KERNEL_BACKENDS:
         try:
-            impls.append(Impl(name, _backends.resolve(name, device), name))
+            # An explicitly named backend is the same module for every op.
+            impls.append(Impl(name, _backends.resolve(name, device, _backends.OPS[0]), name))
         except RuntimeError as err:
             print(f"skipping {name}: {err}")
     return impls
@@ -356,6 +359,28 @@ def preferences(rows: Sequence[Row]) -> dict[str, tuple[str, float]]:
     return result
 
 
+def auto_table(rows: Sequence[Row]) -> str:
+    """``_backends.AUTO_CUDA`` as these timings order it, in that file's exact form. Per op the
+    faster of triton and cuda by the geometric mean, over variants, shapes and dtypes, of the
+    cuda/triton time ratio; both stay listed (the slower one is the fallback). An op without both
+    timed keeps its current row, marked as not measured."""
+    times: dict[str, dict[tuple[str, str, str], dict[str, float]]] = {}
+    for r in rows:
+        if r.impl in KERNEL_BACKENDS:
+            times.setdefault(r.op, {}).setdefault((r.variant, r.shape, r.dtype), {})[r.impl] = r.ms
+    lines = ["AUTO_CUDA: dict[str, tuple[str, ...]] = {"]
+    for op in _backends.OPS:
+        pairs = [(t["triton"], t["cuda"]) for t in times.get(op, {}).values() if set(t) == set(KERNEL_BACKENDS)]
+        if not pairs:
+            lines.append(f"    {op!r}: {_backends.AUTO_CUDA[op]!r},  # not measured".replace("'", '"'))
+            continue
+        log_ratio = sum(math.log(cuda / triton) for triton, cuda in pairs) / len(pairs)
+        order = ("triton", "cuda") if log_ratio > 0 else ("cuda", "triton")
+        lines.append(f'    "{op}": ("{order[0]}", "{order[1]}"),  # {order[0]} {math.exp(abs(log_ratio)):.2f}x faster')
+    lines.append("}")
+    return "\n".join(lines)
+
+
 def to_markdown(rows: Sequence[Row], env: dict[str, str], paths: Sequence[gpu_paths.PathRow] = ()) -> str:
     lines = [f"# fastsat GPU benchmark — {env['gpu']}", ""]
     lines += [f"- {key}: {value}" for key, value in env.items()]
@@ -387,6 +412,8 @@ def to_markdown(rows: Sequence[Row], env: dict[str, str], paths: Sequence[gpu_pa
         lines += ["", f"Faster on {max(wins, len(prefs) - wins)} of {len(prefs)} op variants: **{overall}**."]
     else:
         lines.append("Only one of triton / cuda was available; no preference measured.")
+    lines += ["", "Per op, for `AUTO_CUDA` in `fastsat/ops/_backends.py` (paste as it is):", "", "```python",
+              auto_table(rows), "```"]
     lines += ["", *gpu_paths.markdown_sections(paths)]
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -453,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_atomically(args.out / f"{stem}.csv", to_csv(rows, env["gpu"], env["date"], paths))
     write_atomically(args.out / f"{stem}.md", markdown)
     print(markdown)
+    print("auto's table for fastsat/ops/_backends.py:", auto_table(rows), sep="\n")
     print(f"wrote {args.out / stem}.csv and .md")
     return 0
 

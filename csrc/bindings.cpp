@@ -77,6 +77,15 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& x, bool
               "), got strides ", t.strides());
 }
 
+// The seed: a (1,) int64 tensor on the device of x, read by the kernels through its pointer.
+const int64_t* seed_pointer(const at::Tensor& seed, const at::Tensor& x) {
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, "seed: expected a (1,) int64 tensor, got ",
+              seed.scalar_type(), " of shape ", seed.sizes());
+  TORCH_CHECK(seed.device() == x.device(), "seed: expected a tensor on the device of x (", x.device(),
+              "), got one on ", seed.device());
+  return seed.data_ptr<int64_t>();
+}
+
 // --- argument structs (pointers filled in per device) ------------------------------------------
 
 PgdStepArgs pgd_step_args(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x_nat, at::Tensor& out,
@@ -96,10 +105,10 @@ at::Tensor stats_tensor(const at::Tensor& x, int64_t columns, bool wanted) {
 }
 
 RandomStartArgs random_start_args(const at::Tensor& x_nat, const at::Tensor& out, double eps, bool l2, double lo,
-                                  double hi, int64_t seed) {
+                                  double hi, const at::Tensor& seed) {
   check_batch(x_nat, "x_nat");
   return RandomStartArgs{x_nat.data_ptr(), out.data_ptr(), x_nat.size(0), per_sample(x_nat), eps, lo, hi,
-                         static_cast<uint64_t>(seed), l2};
+                         seed_pointer(seed, x_nat), l2};
 }
 
 AlignmentStatsArgs alignment_stats_args(const at::Tensor& x, const at::Tensor& g, const at::Tensor& stats) {
@@ -108,7 +117,7 @@ AlignmentStatsArgs alignment_stats_args(const at::Tensor& x, const at::Tensor& g
   return AlignmentStatsArgs{x.data_ptr(), g.data_ptr(), stats.data_ptr(), x.size(0), per_sample(x)};
 }
 
-SatPerturbArgs sat_perturb_args(const at::Tensor& x, const at::Tensor& out, double eps, double p, int64_t seed,
+SatPerturbArgs sat_perturb_args(const at::Tensor& x, const at::Tensor& out, double eps, double p, const at::Tensor& seed,
                                 double lo, double hi, const std::optional<at::Tensor>& saliency,
                                 const std::optional<at::Tensor>& boxes, const std::optional<at::Tensor>& masks) {
   check_batch(x, "x");
@@ -118,7 +127,7 @@ SatPerturbArgs sat_perturb_args(const at::Tensor& x, const at::Tensor& out, doub
   const int64_t batch = x.size(0);
   SatPerturbArgs a{x.data_ptr(), out.data_ptr(), nullptr, SaliencySource::kDense, batch, per_sample(x),
                    image ? x.size(1) : 0, image ? x.size(2) : 0, image ? x.size(3) : 0,
-                   image && !x.is_contiguous(), eps, p, lo, hi, static_cast<uint64_t>(seed)};
+                   image && !x.is_contiguous(), eps, p, lo, hi, seed_pointer(seed, x)};
   const auto check_image = [&](const char* name) {
     TORCH_CHECK(image, name, ": expected an x of shape (B, C, H, W) to index, got x of shape ", x.sizes());
   };
@@ -189,7 +198,7 @@ at::Tensor pgd_step_cpu(const at::Tensor& x, const at::Tensor& grad, const at::T
   return stats;
 }
 
-at::Tensor random_start_cpu(const at::Tensor& x_nat, double eps, bool l2, double lo, double hi, int64_t seed) {
+at::Tensor random_start_cpu(const at::Tensor& x_nat, double eps, bool l2, double lo, double hi, const at::Tensor& seed) {
   check_cpu(x_nat, "x_nat");
   at::Tensor out = at::empty_like(x_nat);
   const RandomStartArgs args = random_start_args(x_nat, out, eps, l2, lo, hi, seed);
@@ -211,7 +220,7 @@ at::Tensor alignment_stats_cpu(const at::Tensor& x, const at::Tensor& g) {
   return stats;
 }
 
-at::Tensor sat_perturb_cpu(const at::Tensor& x, double eps, double p, int64_t seed, double lo, double hi,
+at::Tensor sat_perturb_cpu(const at::Tensor& x, double eps, double p, const at::Tensor& seed, double lo, double hi,
                            const std::optional<at::Tensor>& saliency, const std::optional<at::Tensor>& boxes,
                            const std::optional<at::Tensor>& masks) {
   check_cpu(x, "x");
@@ -267,7 +276,8 @@ at::Tensor pgd_step_cuda(const at::Tensor& x, const at::Tensor& grad, const at::
   return stats;
 }
 
-at::Tensor random_start_cuda(const at::Tensor& x_nat, double eps, bool l2, double lo, double hi, int64_t seed) {
+at::Tensor random_start_cuda(const at::Tensor& x_nat, double eps, bool l2, double lo, double hi,
+                             const at::Tensor& seed) {
   check_cuda(x_nat, "x_nat");
   const c10::cuda::CUDAGuard guard(x_nat.device());
   at::Tensor out = at::empty_like(x_nat);
@@ -293,7 +303,7 @@ at::Tensor alignment_stats_cuda(const at::Tensor& x, const at::Tensor& g) {
   return stats;
 }
 
-at::Tensor sat_perturb_cuda(const at::Tensor& x, double eps, double p, int64_t seed, double lo, double hi,
+at::Tensor sat_perturb_cuda(const at::Tensor& x, double eps, double p, const at::Tensor& seed, double lo, double hi,
                             const std::optional<at::Tensor>& saliency, const std::optional<at::Tensor>& boxes,
                             const std::optional<at::Tensor>& masks) {
   check_cuda(x, "x");
@@ -312,9 +322,9 @@ at::Tensor sat_perturb_cuda(const at::Tensor& x, double eps, double p, int64_t s
 TORCH_LIBRARY_FRAGMENT(fastsat, m) {
   m.def("pgd_step(Tensor x, Tensor grad, Tensor x_nat, Tensor(a!) out, float step_size, float eps, bool l2, "
         "float lo, float hi, bool with_stats) -> Tensor");
-  m.def("random_start(Tensor x_nat, float eps, bool l2, float lo, float hi, int seed) -> Tensor");
+  m.def("random_start(Tensor x_nat, float eps, bool l2, float lo, float hi, Tensor seed) -> Tensor");
   m.def("alignment_stats(Tensor x, Tensor g) -> Tensor");
-  m.def("sat_perturb(Tensor x, float eps, float p, int seed, float lo, float hi, Tensor? saliency, "
+  m.def("sat_perturb(Tensor x, float eps, float p, Tensor seed, float lo, float hi, Tensor? saliency, "
         "Tensor? boxes, Tensor? masks) -> Tensor");
 }
 

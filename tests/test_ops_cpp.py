@@ -44,8 +44,8 @@ def _opcheck_cases():
         ("pgd_step l2", fastsat_ops.pgd_step, (x, g, x_nat, torch.empty_like(x), 0.2, 0.5, True, 0.0, 1.0, False)),
         ("pgd_step l2 fp64 stats", fastsat_ops.pgd_step,
          (x.double(), g.double(), x_nat.double(), torch.empty_like(x.double()), 0.2, 0.5, True, 0.0, 1.0, True)),
-        ("random_start linf", fastsat_ops.random_start, (x_nat, 0.03, False, 0.0, 1.0, 7)),
-        ("random_start l2 bf16", fastsat_ops.random_start, (x_nat.bfloat16(), 0.5, True, 0.0, 1.0, 7)),
+        ("random_start linf", fastsat_ops.random_start, (x_nat, 0.03, False, 0.0, 1.0, torch.tensor([7]))),
+        ("random_start l2 bf16", fastsat_ops.random_start, (x_nat.bfloat16(), 0.5, True, 0.0, 1.0, torch.tensor([7]))),
         ("alignment_stats", fastsat_ops.alignment_stats, (x, g)),
         ("alignment_stats fp16", fastsat_ops.alignment_stats, (x.half(), g.half())),
         ("pgd_step l2 fp16 x fp32 grad stats", fastsat_ops.pgd_step,
@@ -53,9 +53,9 @@ def _opcheck_cases():
         ("pgd_step linf bf16 x fp32 grad", fastsat_ops.pgd_step,
          (x.bfloat16(), g, x_nat.bfloat16(), torch.empty_like(x.bfloat16()), 0.01, 0.03, False, 0.0, 1.0, False)),
         ("alignment_stats bf16 x fp32 g", fastsat_ops.alignment_stats, (x.bfloat16(), g)),
-        ("sat_perturb saliency", fastsat_ops.sat_perturb, (x, 0.03, 0.5, 3, 0.0, 1.0, saliency, None, None)),
-        ("sat_perturb boxes channels_last", fastsat_ops.sat_perturb, (cl, 0.03, 0.5, 3, 0.0, 1.0, None, boxes, None)),
-        ("sat_perturb masks", fastsat_ops.sat_perturb, (x, 0.03, 0.5, 3, 0.0, 1.0, None, None, masks)),
+        ("sat_perturb saliency", fastsat_ops.sat_perturb, (x, 0.03, 0.5, torch.tensor([3]), 0.0, 1.0, saliency, None, None)),
+        ("sat_perturb boxes channels_last", fastsat_ops.sat_perturb, (cl, 0.03, 0.5, torch.tensor([3]), 0.0, 1.0, None, boxes, None)),
+        ("sat_perturb masks", fastsat_ops.sat_perturb, (x, 0.03, 0.5, torch.tensor([3]), 0.0, 1.0, None, None, masks)),
     ]
 
 
@@ -222,9 +222,15 @@ def test_binding_rejects_memory_it_cannot_index():
     with pytest.raises(RuntimeError, match="out: expected the memory layout of x"):
         fastsat_ops.pgd_step(x, x, x, x.contiguous(memory_format=torch.channels_last), 0.1, 0.1, False, 0.0, 1.0, False)
     with pytest.raises(RuntimeError, match="saliency, boxes, masks: expected exactly one of them, got 0"):
-        fastsat_ops.sat_perturb(x, 0.1, 0.5, 0, 0.0, 1.0, None, None, None)
+        fastsat_ops.sat_perturb(x, 0.1, 0.5, torch.tensor([0]), 0.0, 1.0, None, None, None)
     with pytest.raises(RuntimeError, match="boxes: expected a contiguous int64"):
-        fastsat_ops.sat_perturb(x, 0.1, 0.5, 0, 0.0, 1.0, None, torch.zeros(4, 4, dtype=torch.int32), None)
+        fastsat_ops.sat_perturb(x, 0.1, 0.5, torch.tensor([0]), 0.0, 1.0, None, torch.zeros(4, 4, dtype=torch.int32), None)
+    # The kernels read one int64 seed through its pointer.
+    for seed in (torch.tensor([0], dtype=torch.int32), torch.tensor([0, 1]), torch.tensor([], dtype=torch.int64)):
+        with pytest.raises(RuntimeError, match=r"seed: expected a \(1,\) int64 tensor"):
+            fastsat_ops.random_start(x, 0.1, False, 0.0, 1.0, seed)
+        with pytest.raises(RuntimeError, match=r"seed: expected a \(1,\) int64 tensor"):
+            fastsat_ops.sat_perturb(x, 0.1, 0.5, seed, 0.0, 1.0, None, None, torch.ones(4, 1, 6, 6, dtype=torch.uint8))
 
 
 @pytest.mark.parametrize("x_dtype,grad_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float64),

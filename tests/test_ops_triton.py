@@ -13,9 +13,12 @@ terms are all positive) still catches any wrong or missing term (errors of O(1/N
 
 from __future__ import annotations
 
+import ast
 import csv
 import io
 import math
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -200,12 +203,12 @@ def test_opcheck_every_triton_op(triton_module):
         (lib.pgd_step_triton, (x, g, x_nat, torch.empty_like(x), 0.1, 0.2, l2, 0.0, 1.0, stats))
         for l2 in (False, True) for stats in (False, True)
     ] + [
-        (lib.random_start_triton, (x_nat, 0.2, l2, 0.0, 1.0, 5)) for l2 in (False, True)
+        (lib.random_start_triton, (x_nat, 0.2, l2, 0.0, 1.0, torch.tensor([5], device=DEVICE))) for l2 in (False, True)
     ] + [
         (lib.alignment_stats_triton, (x, g)),
-        (lib.sat_perturb_triton, (x, 0.1, 0.5, 9, 0.0, 1.0, torch.rand_like(x), None, None)),
-        (lib.sat_perturb_triton, (x, 0.1, 0.5, 9, 0.0, 1.0, None, boxes, None)),
-        (lib.sat_perturb_triton, (x, 0.1, 0.5, 9, 0.0, 1.0, None, None, masks)),
+        (lib.sat_perturb_triton, (x, 0.1, 0.5, torch.tensor([9], device=DEVICE), 0.0, 1.0, torch.rand_like(x), None, None)),
+        (lib.sat_perturb_triton, (x, 0.1, 0.5, torch.tensor([9], device=DEVICE), 0.0, 1.0, None, boxes, None)),
+        (lib.sat_perturb_triton, (x, 0.1, 0.5, torch.tensor([9], device=DEVICE), 0.0, 1.0, None, None, masks)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
@@ -263,6 +266,46 @@ def test_bench_preference_and_markdown():
     assert "| pgd_step linf | triton | 1.0000 | 4 | 0 | 0.01 | n/a | n/a |" in md
     assert "| pgd_step linf | triton | 1.26× |" in md
     assert "**triton**" in md
+
+
+def test_bench_prints_autos_table_in_the_form_of_backends():
+    """The per-op winner comes out as the AUTO_CUDA table of fastsat/ops/_backends.py, in the
+    same form (it evaluates to a dict with every op, both backends per row): pgd_step is timed
+    for both (triton wins by √(2/1.25)); the others keep their current row, marked not measured."""
+    from fastsat.ops import _backends
+
+    rows = [_row("triton", 1.0), _row("cuda", 2.0), _row("triton", 1.25, shape="b"), _row("cuda", 1.0, shape="b"),
+            _row("triton", 1.0, op="sat_perturb", variant="boxes")]
+    text = bench_gpu.auto_table(rows)
+    assert text.startswith("AUTO_CUDA: dict[str, tuple[str, ...]] = {\n") and text.endswith("\n}")
+    table = ast.literal_eval(text.split(" = ", 1)[1])
+    assert list(table) == list(_backends.OPS) == list(_backends.AUTO_CUDA)
+    assert table["pgd_step"] == ("triton", "cuda")
+    assert f"triton {math.sqrt(2.0 / 1.25):.2f}x faster" in text
+    assert {op: table[op] for op in _backends.OPS[1:]} == {op: _backends.AUTO_CUDA[op] for op in _backends.OPS[1:]}
+    assert text.count("# not measured") == 3
+    # Same form as the file: its header line, one row per op in the same pattern, the closing brace.
+    source = Path(_backends.__file__).read_text().splitlines()
+    start = source.index(text.splitlines()[0])
+    row = re.compile(r'    "(\w+)": \("(\w+)", "(\w+)"\),')
+    assert [row.fullmatch(line)[1] for line in source[start + 1:start + 1 + len(_backends.OPS)]] == list(_backends.OPS)
+    assert source[start + 1 + len(_backends.OPS)] == "}"
+    assert all(row.fullmatch(line.split("  #")[0]) for line in text.splitlines()[1:-1])
+
+
+def test_auto_follows_the_per_op_table(monkeypatch):
+    """`auto` on a CUDA tensor takes the first available backend of the op's row."""
+    from fastsat.ops import _backends
+
+    modules = {"cuda": SimpleNamespace(name="cuda"), "triton": SimpleNamespace(name="triton")}
+    monkeypatch.setattr(_backends, "_load", lambda name: modules.get(name, name))
+    monkeypatch.setattr(_backends, "_unavailable_reason", lambda name, device: None)
+    monkeypatch.setitem(_backends.AUTO_CUDA, "alignment_stats", ("triton", "cuda"))
+    cuda = torch.device("cuda")
+    assert _backends.resolve("auto", cuda, "alignment_stats").name == "triton"
+    assert _backends.resolve("auto", cuda, "pgd_step").name == _backends.AUTO_CUDA["pgd_step"][0]
+    monkeypatch.setattr(_backends, "_unavailable_reason", lambda name, device: "missing" if name == "triton" else None)
+    assert _backends.resolve("auto", cuda, "alignment_stats").name == "cuda"
 
 
 def test_bench_times_every_case_for_every_implementation(monkeypatch):

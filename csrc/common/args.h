@@ -5,7 +5,8 @@
 // memory (contiguous or channels_last); outputs have the layout of the input. Element pointers
 // have the storage type T the kernel is instantiated for, except the gradient (PgdStepArgs::grad,
 // AlignmentStatsArgs::g), which has type G: T or acc_t<T> (float32 for a 16-bit T); statistics
-// have type acc_t<T>.
+// have type acc_t<T>. The seed is read through a pointer to one int64 on the data's device (a tensor
+// torch's own generator may have just filled), so no host ever needs its value.
 #pragma once
 
 #include <stdint.h>
@@ -35,7 +36,7 @@ struct RandomStartArgs {
   double eps;
   double lo;
   double hi;
-  uint64_t seed;
+  const int64_t* seed;
   bool l2;
 };
 
@@ -70,7 +71,7 @@ struct SatPerturbArgs {
   double p;
   double lo;
   double hi;
-  uint64_t seed;
+  const int64_t* seed;
 };
 
 }  // namespace fastsat

@@ -364,7 +364,8 @@ FASTSAT_INLINE void fill_gaussians(uint64_t seed, int64_t sample, int64_t s, int
 }
 
 template <typename T>
-FASTSAT_ISA_CLONES void linf_start_task(const RandomStartArgs& a, int64_t sample, int64_t begin, int64_t end) {
+FASTSAT_ISA_CLONES void linf_start_task(const RandomStartArgs& a, uint64_t seed, int64_t sample, int64_t begin,
+                                       int64_t end) {
   using A = acc_t<T>;
   const int64_t base = sample * a.per_sample;
   const T* nat = static_cast<const T*>(a.x_nat) + base;
@@ -375,7 +376,7 @@ FASTSAT_ISA_CLONES void linf_start_task(const RandomStartArgs& a, int64_t sample
   for (int64_t s = begin; s < end; s += kTile) {
     const int64_t n = std::min(kTile, end - s);
     const A* nv = view_as(nat + s, nb, n);
-    fill_words(a.seed, kStreamUniform, sample, s, n, words);
+    fill_words(seed, kStreamUniform, sample, s, n, words);
     for (int64_t j = 0; j < n; ++j) {
       const A delta = (A(2) * static_cast<A>(uniform_co(words[j])) - A(1)) * eps;
       ob[j] = clamp_to(nv[j] + delta, lo, hi);
@@ -397,8 +398,8 @@ FASTSAT_ISA_CLONES void gaussian_norm_task(uint64_t seed, int64_t sample, int64_
 }
 
 template <typename T>
-FASTSAT_ISA_CLONES void l2_start_task(const RandomStartArgs& a, int64_t sample, int64_t begin, int64_t end,
-                                      acc_t<T> scale) {
+FASTSAT_ISA_CLONES void l2_start_task(const RandomStartArgs& a, uint64_t seed, int64_t sample, int64_t begin,
+                                      int64_t end, acc_t<T> scale) {
   using A = acc_t<T>;
   const int64_t base = sample * a.per_sample;
   const T* nat = static_cast<const T*>(a.x_nat) + base;
@@ -409,7 +410,7 @@ FASTSAT_ISA_CLONES void l2_start_task(const RandomStartArgs& a, int64_t sample, 
   for (int64_t s = begin; s < end; s += kTile) {
     const int64_t n = std::min(kTile, end - s);
     const A* nv = view_as(nat + s, nb, n);
-    fill_gaussians(a.seed, sample, s, n, z);
+    fill_gaussians(seed, sample, s, n, z);
     for (int64_t j = 0; j < n; ++j) ob[j] = clamp_to(nv[j] + static_cast<A>(z[j]) * scale, lo, hi);
     store(ob, out + s, n);
   }
@@ -471,7 +472,7 @@ FASTSAT_INLINE void fill_saliency(const SatPerturbArgs& a, int64_t sample, int64
 }
 
 template <typename T>
-FASTSAT_ISA_CLONES void sat_task(const SatPerturbArgs& a, int64_t sample, int64_t begin, int64_t end) {
+FASTSAT_ISA_CLONES void sat_task(const SatPerturbArgs& a, uint64_t seed, int64_t sample, int64_t begin, int64_t end) {
   using A = acc_t<T>;
   const int64_t base = sample * a.per_sample;
   const T* x = static_cast<const T*>(a.x) + base;
@@ -484,8 +485,8 @@ FASTSAT_ISA_CLONES void sat_task(const SatPerturbArgs& a, int64_t sample, int64_
     const int64_t n = std::min(kTile, end - s);
     const A* xv = view_as(x + s, xb, n);
     fill_saliency<T>(a, sample, s, n, sb);
-    fill_words(a.seed, kStreamSign, sample, s, n, sign_words);
-    fill_words(a.seed, kStreamKeep, sample, s, n, keep_words);
+    fill_words(seed, kStreamSign, sample, s, n, sign_words);
+    fill_words(seed, kStreamKeep, sample, s, n, keep_words);
     for (int64_t j = 0; j < n; ++j) sb[j] = sat_value(xv[j], sb[j], sign_words[j], keep_words[j], p, eps, lo, hi);
     store(sb, out + s, n);
   }
@@ -525,29 +526,31 @@ template <typename T>
 void random_start(const RandomStartArgs& a) {
   using A = acc_t<T>;
   const Tasks tasks(a.batch, a.per_sample);
+  const uint64_t seed = static_cast<uint64_t>(*a.seed);
   if (!a.l2) {
-    parallel_tasks(tasks, [&](int64_t t) { linf_start_task<T>(a, tasks.sample(t), tasks.begin(t), tasks.end(t)); });
+    parallel_tasks(tasks, [&](int64_t t) { linf_start_task<T>(a, seed, tasks.sample(t), tasks.begin(t), tasks.end(t)); });
     return;
   }
   std::vector<double> partial(tasks.count());
   parallel_tasks(tasks, [&](int64_t t) {
-    gaussian_norm_task(a.seed, tasks.sample(t), tasks.begin(t), tasks.end(t), partial.data() + t);
+    gaussian_norm_task(seed, tasks.sample(t), tasks.begin(t), tasks.end(t), partial.data() + t);
   });
   const std::vector<double> gaussian_sq = per_sample_sums(tasks, partial, 1);
   std::vector<A> scale(a.batch);
   for (int64_t b = 0; b < a.batch; ++b) {
-    scale[b] = static_cast<A>(l2_start_scale(a.seed, b, a.per_sample, a.eps, gaussian_sq[b]));
+    scale[b] = static_cast<A>(l2_start_scale(seed, b, a.per_sample, a.eps, gaussian_sq[b]));
   }
   parallel_tasks(tasks, [&](int64_t t) {
     const int64_t b = tasks.sample(t);
-    l2_start_task<T>(a, b, tasks.begin(t), tasks.end(t), scale[b]);
+    l2_start_task<T>(a, seed, b, tasks.begin(t), tasks.end(t), scale[b]);
   });
 }
 
 template <typename T>
 void sat_perturb(const SatPerturbArgs& a) {
   const Tasks tasks(a.batch, a.per_sample);
-  parallel_tasks(tasks, [&](int64_t t) { sat_task<T>(a, tasks.sample(t), tasks.begin(t), tasks.end(t)); });
+  const uint64_t seed = static_cast<uint64_t>(*a.seed);
+  parallel_tasks(tasks, [&](int64_t t) { sat_task<T>(a, seed, tasks.sample(t), tasks.begin(t), tasks.end(t)); });
 }
 
 #define FASTSAT_INSTANTIATE(T)                                    \

@@ -262,6 +262,7 @@ __global__ void alignment_stats_kernel(const double* partial, int64_t batch, int
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) linf_start_kernel(RandomStartArgs a) {
+  const uint64_t seed = static_cast<uint64_t>(*a.seed);
   using A = acc_t<T>;
   const Task task = this_task(a.per_sample);
   const int64_t base = task.sample * a.per_sample;
@@ -269,7 +270,7 @@ __global__ void __launch_bounds__(kThreads) linf_start_kernel(RandomStartArgs a)
   T* out = static_cast<T*>(a.out) + base;
   const A eps = static_cast<A>(a.eps), lo = static_cast<A>(a.lo), hi = static_cast<A>(a.hi);
   for (int64_t q = task.begin / 4 + threadIdx.x; 4 * q < task.end; q += kThreads) {
-    const Words4 r = random_words(a.seed, kStreamUniform, task.sample, q);
+    const Words4 r = random_words(seed, kStreamUniform, task.sample, q);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int64_t i = 4 * q + k;
@@ -283,11 +284,12 @@ __global__ void __launch_bounds__(kThreads) linf_start_kernel(RandomStartArgs a)
 
 // Partial 0: squared norm of the sample's Gaussians in this chunk.
 __global__ void __launch_bounds__(kThreads) gaussian_norm_kernel(RandomStartArgs a, double* partial) {
+  const uint64_t seed = static_cast<uint64_t>(*a.seed);
   const Task task = this_task(a.per_sample);
   float sum[1] = {0.0f};
   for (int64_t q = task.begin / 4 + threadIdx.x; 4 * q < task.end; q += kThreads) {
     float z[4];
-    gaussians4(a.seed, task.sample, q, z);
+    gaussians4(seed, task.sample, q, z);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       if (4 * q + k < task.end) sum[0] += z[k] * z[k];
@@ -299,12 +301,13 @@ __global__ void __launch_bounds__(kThreads) gaussian_norm_kernel(RandomStartArgs
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) l2_start_kernel(RandomStartArgs a, const double* partial) {
+  const uint64_t seed = static_cast<uint64_t>(*a.seed);
   using A = acc_t<T>;
   const Task task = this_task(a.per_sample);
   __shared__ A scale_shared;
   if (threadIdx.x == 0) {
     const double norm_sq = sample_total(partial, task.sample, chunks_of(a.per_sample), 0);
-    scale_shared = static_cast<A>(l2_start_scale(a.seed, task.sample, a.per_sample, a.eps, norm_sq));
+    scale_shared = static_cast<A>(l2_start_scale(seed, task.sample, a.per_sample, a.eps, norm_sq));
   }
   __syncthreads();
   const A scale = scale_shared;
@@ -314,7 +317,7 @@ __global__ void __launch_bounds__(kThreads) l2_start_kernel(RandomStartArgs a, c
   const A lo = static_cast<A>(a.lo), hi = static_cast<A>(a.hi);
   for (int64_t q = task.begin / 4 + threadIdx.x; 4 * q < task.end; q += kThreads) {
     float z[4];
-    gaussians4(a.seed, task.sample, q, z);
+    gaussians4(seed, task.sample, q, z);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int64_t i = 4 * q + k;
@@ -344,6 +347,7 @@ __device__ __forceinline__ acc_t<T> saliency_at(const SatPerturbArgs& a, int64_t
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) sat_kernel(SatPerturbArgs a) {
+  const uint64_t seed = static_cast<uint64_t>(*a.seed);
   using A = acc_t<T>;
   const Task task = this_task(a.per_sample);
   const int64_t base = task.sample * a.per_sample;
@@ -352,8 +356,8 @@ __global__ void __launch_bounds__(kThreads) sat_kernel(SatPerturbArgs a) {
   const A eps = static_cast<A>(a.eps), lo = static_cast<A>(a.lo), hi = static_cast<A>(a.hi);
   const float p = static_cast<float>(a.p);
   for (int64_t q = task.begin / 4 + threadIdx.x; 4 * q < task.end; q += kThreads) {
-    const Words4 sign = random_words(a.seed, kStreamSign, task.sample, q);
-    const Words4 keep = random_words(a.seed, kStreamKeep, task.sample, q);
+    const Words4 sign = random_words(seed, kStreamSign, task.sample, q);
+    const Words4 keep = random_words(seed, kStreamKeep, task.sample, q);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int64_t i = 4 * q + k;

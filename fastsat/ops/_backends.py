@@ -8,9 +8,8 @@ loads ``fastsat._C`` and never touches a GPU.
 - ``cuda``: the CUDA kernels of the same extension when built with CUDA (CUDA tensors).
 - ``triton``: the Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``).
 
-``auto`` picks ``cpp`` for CPU tensors and, for CUDA tensors, ``cuda`` then ``triton`` in
-that order of preference — the order ``python -m bench.gpu`` is there to confirm or overturn on a
-given GPU — falling back to ``torch`` when neither is available.
+``auto`` picks ``cpp`` for CPU tensors and, for CUDA tensors, the first available backend of the
+op's row of :data:`AUTO_CUDA`, falling back to ``torch`` when neither is available.
 """
 
 from __future__ import annotations
@@ -23,6 +22,20 @@ import torch
 from fastsat._checks import choice
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
+#: The ops that dispatch through :func:`resolve`.
+OPS = ("pgd_step", "random_start", "alignment_stats", "sat_perturb")
+
+# `auto`'s choice for CUDA tensors, per op: the backends in order of preference. PROVISIONAL: this
+# is the order the project started from (cuda, then triton), not a measurement — no fastsat kernel
+# has run on a GPU yet. `python -m bench.gpu` on a GPU prints this table, with the order its
+# timings give, in exactly this form; paste it here (and keep both backends: until measured, no
+# backend is known never to win).
+AUTO_CUDA: dict[str, tuple[str, ...]] = {
+    "pgd_step": ("cuda", "triton"),
+    "random_start": ("cuda", "triton"),
+    "alignment_stats": ("cuda", "triton"),
+    "sat_perturb": ("cuda", "triton"),
+}
 
 _HOW_TO_GET = {
     "cpp": "build the extension: `pip install --no-build-isolation -e .` (needs a C++ compiler)",
@@ -88,15 +101,15 @@ def available_backends() -> dict[str, bool]:
     return {name: _unavailable_reason(name, None) is None for name in BACKENDS[1:]}
 
 
-def resolve(backend: str | None, device: torch.device) -> ModuleType:
-    """The backend module that runs an op on tensors on ``device``. Traceable by torch.compile,
-    which bakes the choice into the graph."""
+def resolve(backend: str | None, device: torch.device, op: str) -> ModuleType:
+    """The backend module that runs ``op`` (one of :data:`OPS`) on tensors on ``device``.
+    Traceable by torch.compile, which bakes the choice into the graph."""
     if backend is None:
         name = choice(os.environ.get("FASTSAT_BACKEND", "auto"), "backend (from $FASTSAT_BACKEND)", BACKENDS)
     else:
         name = choice(backend, "backend", BACKENDS)
     if name == "auto":
-        preference = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
+        preference = AUTO_CUDA[op] if device.type == "cuda" else ("cpp",)
         name = next((c for c in preference if _unavailable_reason(c, device) is None), "torch")
     reason = _unavailable_reason(name, device)
     if reason is not None:

@@ -5,7 +5,9 @@ the backend missing and how to build it), which registers ``torch.ops.fastsat.pg
 ``random_start``, ``alignment_stats`` and ``sat_perturb`` with CPU (and, when built with CUDA,
 CUDA) kernels; this module adds their fake implementations so ``torch.compile`` can trace them.
 The four functions follow the backend interface of :mod:`fastsat.ops.reference`; the device of
-the tensors picks the kernel.
+the tensors picks the kernel. Seeds reach the kernels as a (1,) int64 tensor on the device of the
+data (:func:`fastsat.ops.reference.seed_tensor`), read through a pointer: no host sync, and
+graph-safe on CUDA.
 
 RNG: Philox4x32-10 keyed by the seed; call q of sample b on stream s (counter ``(q, b, s)``) gives
 the draws of the sample's elements 4q..4q+3 in memory order, so results do not depend on the
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fastsat import _C
-from fastsat.ops.reference import accumulation_dtype
+from fastsat.ops.reference import accumulation_dtype, seed_tensor
 
 __all__ = ["HAS_CUDA", "alignment_stats", "pgd_step", "random_start", "sat_perturb"]
 
@@ -51,14 +53,14 @@ def pgd_step(x: Tensor, grad: Tensor, x_nat: Tensor, out: Tensor, step_size: flo
     return torch.ops.fastsat.pgd_step(x, grad, x_nat, out, step_size, eps, l2, lo, hi, with_stats)
 
 
-def random_start(x_nat: Tensor, eps: float, l2: bool, lo: float, hi: float, seed: int) -> Tensor:
-    return torch.ops.fastsat.random_start(x_nat, eps, l2, lo, hi, seed)
+def random_start(x_nat: Tensor, eps: float, l2: bool, lo: float, hi: float, seed: int | None) -> Tensor:
+    return torch.ops.fastsat.random_start(x_nat, eps, l2, lo, hi, seed_tensor(seed, x_nat.device))
 
 
 def alignment_stats(x: Tensor, g: Tensor) -> Tensor:
     return torch.ops.fastsat.alignment_stats(x, g)
 
 
-def sat_perturb(x: Tensor, eps: float, p: float, seed: int, lo: float, hi: float, saliency: Tensor | None,
+def sat_perturb(x: Tensor, eps: float, p: float, seed: int | None, lo: float, hi: float, saliency: Tensor | None,
                 boxes: Tensor | None, masks: Tensor | None) -> Tensor:
-    return torch.ops.fastsat.sat_perturb(x, eps, p, seed, lo, hi, saliency, boxes, masks)
+    return torch.ops.fastsat.sat_perturb(x, eps, p, seed_tensor(seed, x.device), lo, hi, saliency, boxes, masks)

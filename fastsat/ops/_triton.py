@@ -40,7 +40,8 @@ Passes over memory (reads of the inputs / writes of the output):
   regenerates the same draws (same counters) and writes x_nat + z·r/‖z‖ with r = ε·U^(1/N).
 - ``sat_perturb``: one pass; box maps are evaluated from the element's (h, w).
 
-Random numbers are Philox (``tl.randint4x``) keyed by the seed, with the element's index in the
+Random numbers are Philox (``tl.randint4x``) keyed by the seed — read from a (1,) int64 tensor on
+the device (``reference.seed_tensor``), so no host sync and fresh numbers in every CUDA-graph replay — with the element's index in the
 batch's logical (contiguous, NCHW) order as counter, so a channels_last input gets the same
 numbers as its contiguous copy. SAT takes the random sign and the Bernoulli draw from two of the
 four independent Philox outputs of that counter; the L2 radius of sample b uses the third output
@@ -264,12 +265,13 @@ def _alignment_kernel(x_ptr, g_ptr, partials_ptr, batch, n, chunks, ROWS: tl.con
 
 # --- random_start ------------------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _linf_start_kernel(
-    nat_ptr, out_ptr, batch, n, chunks, seed, eps, lo, hi, channels, hw,
+    nat_ptr, out_ptr, batch, n, chunks, seed_ptr, eps, lo, hi, channels, hw,
     CHANNELS_LAST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     _, _, start, index, mask = _tile(batch, n, chunks, ROWS, BLOCK)
+    seed = tl.load(seed_ptr)
     offs = start + index
     nat = tl.load(nat_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     uniform = tl.rand(seed, _counter(start, index, channels, hw, CHANNELS_LAST))
@@ -277,24 +279,26 @@ def _linf_start_kernel(
     tl.store(out_ptr + offs, _round_to(new, out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _gaussian_norm_kernel(
-    partials_ptr, batch, n, chunks, seed, channels, hw,
+    partials_ptr, batch, n, chunks, seed_ptr, channels, hw,
     CHANNELS_LAST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Pass 1 of the L2 random start: partial sums of z² of the samples' Gaussian draws."""
     rows, row_ok, start, index, mask = _tile(batch, n, chunks, ROWS, BLOCK)
+    seed = tl.load(seed_ptr)
     z = tl.where(mask, tl.randn(seed, _counter(start, index, channels, hw, CHANNELS_LAST)), 0.0)
     tl.store(partials_ptr + _partial_slots(rows, chunks, 1), tl.sum(z * z, axis=1), mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _l2_start_kernel(
-    nat_ptr, out_ptr, norms_ptr, batch, n, chunks, seed, eps, inv_dim, lo, hi, channels, hw,
+    nat_ptr, out_ptr, norms_ptr, batch, n, chunks, seed_ptr, eps, inv_dim, lo, hi, channels, hw,
     CHANNELS_LAST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Pass 2 of the L2 random start: the same draws z, scaled to the radius ε·U^(1/N)."""
     rows, row_ok, start, index, mask = _tile(batch, n, chunks, ROWS, BLOCK)
+    seed = tl.load(seed_ptr)
     _, _, radius_bits, _ = tl.randint4x(seed, start)
     radius = eps * tl.exp(tl.log(tl.uint_to_uniform_float(radius_bits)) * inv_dim)
     norm = tl.load(norms_ptr + rows, mask=row_ok, other=1.0)[:, None]
@@ -307,15 +311,16 @@ def _l2_start_kernel(
 
 # --- sat_perturb -------------------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _sat_kernel(
-    x_ptr, source_ptr, out_ptr, batch, n, chunks, seed, eps, p, lo, hi, channels, height, width,
+    x_ptr, source_ptr, out_ptr, batch, n, chunks, seed_ptr, eps, p, lo, hi, channels, height, width,
     SOURCE: tl.constexpr, CHANNELS_LAST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """clip(x − ε·s), s = S where a Bernoulli(p) draw hits, a random sign elsewhere. S comes from
     ``source_ptr``: a map shaped like x (SOURCE 0), a (B, 1, H, W) map (1), (B, 4) int64 boxes
     x0, y0, x1, y1 (2) or (B, 1, H, W) uint8 masks (3)."""
     rows, row_ok, start, index, mask = _tile(batch, n, chunks, ROWS, BLOCK)
+    seed = tl.load(seed_ptr)
     offs = start + index
     hw = height * width
     if SOURCE == 0:
@@ -458,7 +463,7 @@ def _pgd_step_op(
 
 
 @_register("fastsat::random_start_triton", mutates_args=())
-def _random_start_op(x_nat: Tensor, eps: float, l2: bool, lo: float, hi: float, seed: int) -> Tensor:
+def _random_start_op(x_nat: Tensor, eps: float, l2: bool, lo: float, hi: float, seed: Tensor) -> Tensor:
     tiles = _tiles(x_nat)
     rows = (tiles.batch, tiles.numel, tiles.chunks)
     channels, height, width, channels_last = _image_layout(x_nat)
@@ -489,7 +494,7 @@ def _alignment_stats_op(x: Tensor, g: Tensor) -> Tensor:
 
 @_register("fastsat::sat_perturb_triton", mutates_args=())
 def _sat_perturb_op(
-    x: Tensor, eps: float, p: float, seed: int, lo: float, hi: float,
+    x: Tensor, eps: float, p: float, seed: Tensor, lo: float, hi: float,
     saliency: Tensor | None, boxes: Tensor | None, masks: Tensor | None,
 ) -> Tensor:
     tiles = _tiles(x)
@@ -516,9 +521,10 @@ def pgd_step(
     return impl(x, grad, x_nat, out, step_size, eps, l2, lo, hi, with_stats)
 
 
-def random_start(x_nat: Tensor, eps: float, l2: bool, lo: float, hi: float, seed: int) -> Tensor:
-    impl = reference.random_start if x_nat.dtype == torch.float64 else _random_start_op
-    return impl(x_nat, eps, l2, lo, hi, seed)
+def random_start(x_nat: Tensor, eps: float, l2: bool, lo: float, hi: float, seed: int | None) -> Tensor:
+    if x_nat.dtype == torch.float64:
+        return reference.random_start(x_nat, eps, l2, lo, hi, seed)
+    return _random_start_op(x_nat, eps, l2, lo, hi, reference.seed_tensor(seed, x_nat.device))
 
 
 def alignment_stats(x: Tensor, g: Tensor) -> Tensor:
@@ -527,8 +533,9 @@ def alignment_stats(x: Tensor, g: Tensor) -> Tensor:
 
 
 def sat_perturb(
-    x: Tensor, eps: float, p: float, seed: int, lo: float, hi: float,
+    x: Tensor, eps: float, p: float, seed: int | None, lo: float, hi: float,
     saliency: Tensor | None, boxes: Tensor | None, masks: Tensor | None,
 ) -> Tensor:
-    impl = reference.sat_perturb if x.dtype == torch.float64 else _sat_perturb_op
-    return impl(x, eps, p, seed, lo, hi, saliency, boxes, masks)
+    if x.dtype == torch.float64:
+        return reference.sat_perturb(x, eps, p, seed, lo, hi, saliency, boxes, masks)
+    return _sat_perturb_op(x, eps, p, reference.seed_tensor(seed, x.device), lo, hi, saliency, boxes, masks)

@@ -3,7 +3,9 @@
 All tensors are batches ``(B, ...)``; per-sample quantities reduce over every element of a
 sample. Values are in pixel space — the space the model receives — with the valid box ``clip``
 (default ``(0.0, 1.0)``). Checks run before any kernel and raise ``ValueError``/``TypeError``
-naming the argument.
+naming the argument. The two that read tensor values on the host — x_nat finite, boxes inside the
+image — are skipped inside ``fastsat._checks.no_host_checks()``, under torch.compile and during
+CUDA-graph capture; shape, dtype and device checks always run.
 
 Memory layout: contiguous and channels_last inputs are used as they are (each sample is one
 dense block either way); any other strided input is copied to contiguous memory first. Outputs
@@ -111,15 +113,23 @@ def _grad_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
     return tuple(dict.fromkeys((dtype, accumulation_dtype(dtype))))
 
 
-def _seed_or_draw(value: object) -> int:
-    if value is None:
-        # Drawn from torch's global generator so that torch.manual_seed makes runs reproducible.
-        return int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    return _checks.seed(value, "seed")
+def _seed(value: object) -> int | None:
+    """An int seed, checked, or None: the backend then draws one on the device from torch's
+    generator (no host sync; see ``reference.seed_tensor``)."""
+    return None if value is None else _checks.seed(value, "seed")
 
 
-# The finiteness check needs a reduction and a host sync; an attack passes the same unchanged
-# x_nat to every step, so the last tensor found finite (and its version counter) is remembered.
+def _host_checks(t: Tensor) -> bool:
+    """Whether to run the checks that read tensor values on the host: not inside
+    ``fastsat._checks.no_host_checks()``, not while torch.compile traces (fake tensors have no
+    values) and not while a CUDA graph is being captured (a sync would break the capture)."""
+    if not _checks.host_checks_enabled() or torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+# The finiteness check needs a reduction and a host sync (skipped inside no_host_checks()); an
+# attack passes the same unchanged x_nat to every step, so the last tensor found finite (and its version counter) is remembered.
 # In-place torch ops bump the version counter, which views share with their base, so those are
 # seen. Writes that bypass it (through ``t.data``, a numpy array sharing the memory) are not: such
 # a tensor is checked again only once another tensor has been checked. Inference tensors have no
@@ -129,7 +139,7 @@ _last_finite: tuple[weakref.ref, int] | None = None
 
 def _check_finite(t: Tensor, name: str) -> None:
     global _last_finite
-    if torch.compiler.is_compiling():
+    if not _host_checks(t):
         return
     cacheable = not t.is_inference()
     if cacheable and _last_finite is not None and _last_finite[0]() is t and _last_finite[1] == t._version:
@@ -157,6 +167,15 @@ def _check_out(out: object, x: Tensor, inputs: dict[str, Tensor]) -> Tensor:
         if t_begin < out_end and out_begin < t_begin + t.numel() * t.element_size():
             raise ValueError(f"out: expected {name} itself or memory disjoint from {name}, got a partial overlap")
     return out
+
+
+def _check_boxes_inside(boxes: Tensor, height: int, width: int) -> None:
+    x0, y0, x1, y1 = boxes.unbind(1)
+    out_of_range = (x0 < 0) | (y0 < 0) | (x1 > width) | (y1 > height) | (x1 < x0) | (y1 < y0)
+    if bool(out_of_range.any()):
+        first = int(out_of_range.nonzero()[0, 0])
+        raise ValueError(f"boxes: expected 0 <= x0 <= x1 <= W={width} and 0 <= y0 <= y1 <= H={height}, "
+                         f"got {boxes[first].tolist()} for sample {first}")
 
 
 def _check_image_batch(x: Tensor, name: str) -> None:
@@ -234,7 +253,7 @@ def pgd_step(
         out = torch.empty_like(x)
     else:
         _check_out(out, x, {"x": x, "grad": grad, "x_nat": x_nat})
-    impl = _backends.resolve(backend, x.device)
+    impl = _backends.resolve(backend, x.device, "pgd_step")
     stats = impl.pgd_step(x, grad, x_nat, out, step_size, eps, l2, lo, hi, return_stats)
     if not return_stats:
         return out
@@ -255,7 +274,9 @@ def random_start(
     L∞: δ uniform in [−ε, ε] per element. L2: δ uniform in the L2 ball of the sample's dimension
     (uniform direction, radius ε·U^(1/d)). Numbers come from a counter-based generator (Philox
     in the kernels): the same ``seed`` gives the same output on the same backend and device;
-    backends do not share streams. ``seed=None`` draws a seed from torch's global generator.
+    backends do not share streams. ``seed=None`` draws fresh numbers from torch's generator of
+    ``x_nat``'s device without a host sync (reproducible under ``torch.manual_seed``; fresh on every
+    replay of a captured CUDA graph).
 
     Args:
         x_nat: (B, ...) clean input, pixel space.
@@ -268,10 +289,10 @@ def random_start(
     eps = number(eps, "eps", minimum=0)
     l2 = choice(norm, "norm", NORMS) == "l2"
     lo, hi = clip_box(clip)
-    seed = _seed_or_draw(seed)
+    seed = _seed(seed)
     _check_finite(x_nat, "x_nat")
     x_nat = _dense(x_nat, _memory_format(x_nat))
-    return _backends.resolve(backend, x_nat.device).random_start(x_nat, eps, l2, lo, hi, seed)
+    return _backends.resolve(backend, x_nat.device, "random_start").random_start(x_nat, eps, l2, lo, hi, seed)
 
 
 def alignment_stats(x: Tensor, g: Tensor, *, backend: str | None = None) -> AlignmentStats:
@@ -290,7 +311,7 @@ def alignment_stats(x: Tensor, g: Tensor, *, backend: str | None = None) -> Alig
     _check_like(g, "g", x, gradient=True)
     fmt = _memory_format(x)
     x, g = _dense(x, fmt), _dense(g, fmt)
-    stats = _backends.resolve(backend, x.device).alignment_stats(x, g)
+    stats = _backends.resolve(backend, x.device, "alignment_stats").alignment_stats(x, g)
     return AlignmentStats(dot=stats[:, 0], grad_norm=stats[:, 1], x_norm=stats[:, 2])
 
 
@@ -383,7 +404,7 @@ def sat_perturb(
             ``saliency``). eps: ε in pixel units (the paper uses 8/255).
         p: probability of taking S instead of noise — the curriculum p_e = 1 − 0.6^(e/10).
         seed: counter-based RNG seed; same seed → same output on the same backend; None draws
-            one from torch's global generator.
+            fresh numbers from torch's generator of x's device, without a host sync.
         clip: valid box (lo, hi).
 
     Returns:
@@ -421,14 +442,9 @@ def sat_perturb(
             raise ValueError(f"boxes: expected shape (B, 4) = ({batch}, 4), got {tuple(boxes.shape)}")
         if boxes.device != x.device:
             raise ValueError(f"boxes: expected a tensor on the device of x ({x.device}), got one on {boxes.device}")
-        height, width = x.shape[2], x.shape[3]
-        x0, y0, x1, y1 = boxes.unbind(1)
-        out_of_range = (x0 < 0) | (y0 < 0) | (x1 > width) | (y1 > height) | (x1 < x0) | (y1 < y0)
-        # A data-dependent check needs a host sync; a compiled graph skips it (as for x_nat).
-        if not torch.compiler.is_compiling() and bool(out_of_range.any()):
-            first = int(out_of_range.nonzero()[0, 0])
-            raise ValueError(f"boxes: expected 0 <= x0 <= x1 <= W={width} and 0 <= y0 <= y1 <= H={height}, "
-                             f"got {boxes[first].tolist()} for sample {first}")
+        # A data-dependent check needs a host sync; skipped where _host_checks says so (as for x_nat).
+        if _host_checks(x):
+            _check_boxes_inside(boxes, x.shape[2], x.shape[3])
         boxes = boxes.to(torch.int64).contiguous()
     if masks is not None:
         _check_image_batch(x, "masks")
@@ -439,6 +455,6 @@ def sat_perturb(
         if masks.device != x.device:
             raise ValueError(f"masks: expected a tensor on the device of x ({x.device}), got one on {masks.device}")
         masks = masks.to(torch.uint8).contiguous()
-    seed = _seed_or_draw(seed)
-    impl = _backends.resolve(backend, x.device)
+    seed = _seed(seed)
+    impl = _backends.resolve(backend, x.device, "sat_perturb")
     return impl.sat_perturb(x, eps, p, seed, lo, hi, saliency, boxes, masks)

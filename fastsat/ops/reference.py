@@ -9,10 +9,16 @@ bfloat16 ``x``, float32; every other floating-point tensor has the dtype of ``x`
 - ``pgd_step(x, grad, x_nat, out, step_size, eps, l2, lo, hi, with_stats) -> stats``
   writes the new iterate into ``out`` (which may be ``x``); returns a (B, 4) tensor
   ``[<x_nat, g>, ||g||_2, ||x_nat||_2, ||x_new - x_nat||_p]`` when ``with_stats`` else an empty one.
-- ``random_start(x_nat, eps, l2, lo, hi, seed) -> x0``
+- ``random_start(x_nat, eps, l2, lo, hi, seed) -> x0``, ``seed`` an int or None (see below)
 - ``alignment_stats(x, g) -> (B, 3)`` ``[<x, g>, ||g||_2, ||x||_2]``
 - ``sat_perturb(x, eps, p, seed, lo, hi, saliency, boxes, masks) -> x'`` with exactly one of
   ``saliency`` / ``boxes`` / ``masks`` given.
+
+Seeds: an int seed gives the same numbers on every call (per backend). ``None`` draws fresh
+numbers from torch's generator of the tensors' device without reading anything back to the host:
+the reference samples from that generator directly; the kernel backends draw a device-resident
+seed with :func:`seed_tensor` and read it through a pointer, so a captured CUDA graph (whose
+torch Philox offset advances on every replay) draws fresh numbers on every replay.
 
 Arithmetic is done in float32 for float16/bfloat16/float32 inputs and in float64 for float64
 inputs; results are rounded to the input dtype once, at the end. Statistics are returned in that
@@ -25,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["accumulation_dtype", "alignment_stats", "pgd_step", "random_start", "sat_perturb"]
+__all__ = ["accumulation_dtype", "alignment_stats", "pgd_step", "random_start", "sat_perturb", "seed_tensor"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -85,11 +91,21 @@ def pgd_step(
     return stats
 
 
-def _generator(device: torch.device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+def seed_tensor(seed: int | None, device: torch.device) -> Tensor:
+    """The seed as the kernels read it: a (1,) int64 tensor on ``device``. ``None`` draws one in
+    [0, 2**62) from torch's generator of that device (no host sync; graph-safe on CUDA), so
+    ``torch.manual_seed`` makes the draws reproducible."""
+    if seed is None:
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+    return torch.full((1,), seed, dtype=torch.int64, device=device)
 
 
-def random_start(x_nat: Tensor, eps: float, l2: bool, lo: float, hi: float, seed: int) -> Tensor:
+def _generator(device: torch.device, seed: int | None) -> torch.Generator | None:
+    """A generator seeded with ``seed``, or None (torch's default generator of the device)."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+def random_start(x_nat: Tensor, eps: float, l2: bool, lo: float, hi: float, seed: int | None) -> Tensor:
     acc = accumulation_dtype(x_nat.dtype)
     gen = _generator(x_nat.device, seed)
     nf = x_nat.to(acc)
@@ -129,7 +145,7 @@ def sat_perturb(
     x: Tensor,
     eps: float,
     p: float,
-    seed: int,
+    seed: int | None,
     lo: float,
     hi: float,
     saliency: Tensor | None,
