@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from fastsat import data, models, saliency
+from fastsat import _dist, data, models, saliency
 from fastsat._checks import choice, flag, number, path, positive_int, seed
 from fastsat._io import atomic_save, atomic_write_text
 from fastsat.alignment import ALIGNMENT_TARGETS
@@ -41,6 +41,7 @@ from fastsat.train import (
     TEACHER_STYLES,
     SaliencyDataset,
     TrainConfig,
+    distributed,
     fit,
     load_checkpoint,
     teacher_saliency,
@@ -389,10 +390,19 @@ def _first_images(dataset, n: int, device: torch.device):
 # --- commands ------------------------------------------------------------------------------------
 
 def cmd_train(cfg: dict) -> dict:
+    """Train; under ``torchrun`` on every rank (DDP, see :mod:`fastsat.train.distributed`): each rank
+    on its own device (``cuda:LOCAL_RANK`` for a CUDA device), rank 0 writing the files."""
     parts = _sections("train", cfg)
+    device = distributed.setup(_device(parts[DeviceOptions].device))
+    try:
+        return _train(cfg, parts, device)
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: dict, parts: dict, device: torch.device) -> dict:
     config: TrainConfig = parts[TrainConfig]
     teacher: TeacherOptions = parts[TeacherOptions]
-    device = _device(parts[DeviceOptions].device)
     torch.manual_seed(config.seed)
     train_set, test_set = DATASETS[parts[DataOptions].dataset](parts[DataOptions])
     model = _model(parts[ModelOptions], train_set).to(device)
@@ -408,11 +418,12 @@ def cmd_train(cfg: dict) -> dict:
         train_data = SaliencyDataset(train_set, maps)  # augmentation moves the maps too
     if config.out_dir is None:
         log.warning("no --out-dir: no checkpoint, logs or config.yaml of this run are kept")
-    else:
+    elif _dist.is_main():
         atomic_write_text(Path(config.out_dir) / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     result = fit(model, train_data, config, eval_data=test_set)
     last = result.history[-1]
-    print(json.dumps({"checkpoint": str(result.checkpoint), "stopped": result.stopped, **last}, indent=1))
+    if _dist.is_main():
+        print(json.dumps({"checkpoint": str(result.checkpoint), "stopped": result.stopped, **last}, indent=1))
     return last
 
 

@@ -105,10 +105,14 @@ class _Loader:
         return self._batches_of(len(range(self.rank, len(self.dataset), self.world_size)))
 
     def _next_epoch(self) -> tuple[int, int, torch.Generator]:
-        """(epoch, its seed, device generator for augmentation) of this iteration; advances the counter."""
+        """(epoch, its seed, device generator for augmentation) of this iteration; advances the counter.
+
+        The batch augmentation's stream is this rank's own (ranks must not draw the same crops and
+        flips for their different samples); rank 0's is the single-process one."""
         epoch, seed = self.epoch, _epoch_seed(self.seed, self.epoch)
         self.epoch += 1
-        return epoch, seed, torch.Generator(device=self.device).manual_seed(seed + 1)
+        augment_seed = seed + 1 if self.rank == 0 else mix_seed(seed, self.rank)
+        return epoch, seed, torch.Generator(device=self.device).manual_seed(augment_seed)
 
     def _finish(self, batch: Batch, generator: torch.Generator) -> Batch:
         return self.augment(batch, generator) if self.augment is not None else batch

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import typing
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from fastsat._checks import clip_box, describe, flag, number, path, positive_int, seed
 from fastsat.train.options import Spec, document, option, parse, show, specs, unknown_keys, validate
@@ -43,6 +43,27 @@ def _recipe_options(value: object, name: str) -> dict:
 
 def _resume(value: object, name: str) -> bool | str:
     return value if isinstance(value, bool) else path(value, name)
+
+
+def _resize_schedule(value: object, name: str) -> list[str] | None:
+    """Progressive resizing phases as canonical "EPOCH:SIZE" strings (0-based epochs, increasing from 0)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name}: expected a list of 'EPOCH:SIZE' items like ['0:128', '6:224'], got {describe(value)}")
+    phases = []
+    for item in value:
+        epoch, _, size = str(item).partition(":")
+        try:
+            phases.append((int(epoch), int(size)))
+        except ValueError:
+            raise ValueError(f"{name}: expected items 'EPOCH:SIZE' like 0:128, got {item!r}") from None
+    epochs = [epoch for epoch, _ in phases]
+    if not phases or epochs[0] != 0 or epochs != sorted(set(epochs)):
+        raise ValueError(f"{name}: expected phases starting at epoch 0 with increasing epochs, got {list(value)}")
+    if any(size < 1 for _, size in phases):
+        raise ValueError(f"{name}: expected positive sizes (pixels), got {list(value)}")
+    return [f"{epoch}:{size}" for epoch, size in phases]
 
 
 @document
@@ -74,6 +95,12 @@ class TrainConfig:
         "and saved; None: off", check=functools.partial(number, minimum=0, maximum=1, exclusive_min=True,
                                                         exclusive_max=True, allow_none=True))
     seed: int = option(0, "seed of python, numpy and torch and of the data order", check=seed)
+    sync_batchnorm: bool = option(False, "distributed runs: batch-norm statistics over the global batch (torch's "
+                                  "SyncBatchNorm, CUDA only)", check=flag)
+    resize_schedule: Sequence[str] | None = option(
+        None, "progressive resizing, 'EPOCH:SIZE' items: from that 0-based epoch on, training batches are resized "
+        "on the device to SIZE x SIZE pixels (e.g. 0:128,6:224,12:288, Fast-AT's ImageNet phases); None: the data's "
+        "size", check=_resize_schedule)
     clip: tuple[float, float] = option((0.0, 1.0), "valid input box (lo, hi) in pixel units; every recipe keeps its "
                                        "inputs inside it", check=clip_box)
     eval_eps: float = option(8 / 255, "per-epoch evaluation: PGD radius (pixels, L∞)", check=_positive)
@@ -95,6 +122,11 @@ class TrainConfig:
     def __post_init__(self):
         validate(self)
         self.build_recipe()  # the recipe checks its options now, not at the first batch
+
+    def image_size(self, epoch: int) -> int | None:
+        """The side (pixels) training batches are resized to in 0-based ``epoch`` (``resize_schedule``), or None."""
+        phases = [tuple(map(int, item.split(":"))) for item in self.resize_schedule or ()]
+        return next((size for start, size in reversed(phases) if epoch >= start), None)
 
     def build_recipe(self) -> Recipe:
         """The recipe this configuration describes (the run's ``clip`` goes to recipes that perturb inputs)."""

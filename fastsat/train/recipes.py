@@ -32,6 +32,7 @@ from fastsat._checks import choice, clip_box, integer, nearest, number, positive
 from fastsat.attacks import FGSM, PGD, TradesAttack
 from fastsat.data import as_batch
 from fastsat.ops import pgd_step, random_start, sat_perturb
+from fastsat.train.distributed import unwrap
 from fastsat.train.options import option, validate
 
 __all__ = [
@@ -265,14 +266,14 @@ class PGDTraining(PerturbationRecipe):
 
 def _pgd_attack(recipe: PerturbationRecipe, model: nn.Module, x: Tensor, y: Tensor, epoch: int) -> Tensor:
     """The L∞ PGD adversarial batch (random start) with ``recipe``'s eps (at ``epoch``)/step_size/steps/attack_mode/clip."""
-    attack = PGD(model, eps=recipe.eps_at(epoch), step_size=recipe.step_size, steps=recipe.steps, random_start=True,
+    attack = PGD(unwrap(model), eps=recipe.eps_at(epoch), step_size=recipe.step_size, steps=recipe.steps, random_start=True,
                  mode=recipe.attack_mode, clip=recipe.clip)
     return _attack(attack, x, y)
 
 
 def _trades_attack(recipe: PerturbationRecipe, model: nn.Module, x: Tensor, y: Tensor, epoch: int) -> Tensor:
     """TRADES' KL attack batch with ``recipe``'s eps (at ``epoch``)/step_size/steps/attack_mode/clip."""
-    attack = TradesAttack(model, eps=recipe.eps_at(epoch), step_size=recipe.step_size, steps=recipe.steps,
+    attack = TradesAttack(unwrap(model), eps=recipe.eps_at(epoch), step_size=recipe.step_size, steps=recipe.steps,
                           mode=recipe.attack_mode, clip=recipe.clip)
     return _attack(attack, x, y)
 
@@ -321,7 +322,7 @@ class Fast(PerturbationRecipe):
         x, y = batch["image"], batch["label"]
         eps = self.eps_at(epoch)
         step = 1.25 * eps if self.step_size is None else self.step_size
-        attack = FGSM(model, eps=eps, step_size=step, random_start=True, mode=self.attack_mode, clip=self.clip)
+        attack = FGSM(unwrap(model), eps=eps, step_size=step, random_start=True, mode=self.attack_mode, clip=self.clip)
         return _ce(model, _attack(attack, x, y), y)
 
 

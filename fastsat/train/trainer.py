@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import inspect
 import io
+import itertools
 import json
 import logging
 import math
@@ -24,10 +25,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastsat import _dist
 from fastsat import evaluate as evaluation
 from fastsat._checks import choice, describe, nearest
 from fastsat._io import atomic_save, atomic_write_text
-from fastsat.data import as_batch, make_loader
+from fastsat.data import as_batch, make_loader, resize
+from fastsat.train import distributed
 from fastsat.train.checkpoint import CHECKPOINT_FORMAT, capture_rng, load_checkpoint, restore_rng
 from fastsat.train.config import SCHEDULES, TrainConfig
 from fastsat.train.recipes import NonFiniteLossError, PerturbationRecipe, Recipe, RecipeOutput
@@ -171,17 +174,27 @@ class Trainer:
         param = next(model.parameters(), None)
         if param is None:
             raise ValueError("model: has no parameters to train")
-        self.model, self.device = model, param.device
+        # Under torchrun: join the process group; each rank trains on its own device (cuda:LOCAL_RANK).
+        self.device = distributed.setup(param.device)
+        if self.device != param.device:
+            model.to(self.device)
+        self.model, self.world_size = model, _dist.world_size()
+        if config.batch_size % self.world_size:
+            raise ValueError(f"batch_size: the global batch ({config.batch_size}) must split evenly over the "
+                             f"{self.world_size} ranks")
         self.out_dir = Path(config.out_dir) if config.out_dir is not None else None
         if config.resume is True and self.out_dir is None:
             raise ValueError("resume: needs out_dir (or a checkpoint path)")
         _check_batch_keys(train_data, recipe)
 
-        self.loader = make_loader(train_data, batch_size=config.batch_size, shuffle=True, seed=config.seed,
-                                  device=self.device, augment=config.augment)
+        # batch_size is the global batch; fastsat's loaders deal each rank its share of every epoch.
+        self.loader = make_loader(train_data, batch_size=config.batch_size // self.world_size, shuffle=True,
+                                  seed=config.seed, device=self.device, augment=config.augment)
+        # Every rank iterates over the whole evaluation data; evaluate() attacks this rank's part of each batch.
         self.eval_loader = None if eval_data is None else make_loader(
-            eval_data, batch_size=config.eval_batch_size, shuffle=False, seed=config.seed, device=self.device)
-        self.steps_per_epoch = len(self.loader)
+            eval_data, batch_size=config.eval_batch_size, shuffle=False, seed=config.seed, device=self.device,
+            rank=0, world_size=1)
+        self.steps_per_epoch = distributed.agreed_steps(len(self.loader))
         if self.steps_per_epoch < 1:
             raise ValueError("train_data: yields no batches")
         if config.channels_last:
@@ -197,7 +210,8 @@ class Trainer:
         if config.ema is not None:
             self.ema = torch.optim.swa_utils.AveragedModel(
                 model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema), use_buffers=True)
-        self.train_model = torch.compile(model) if config.compile else model
+        wrapped = distributed.wrap(model, self.device, sync_batchnorm=config.sync_batchnorm)
+        self.train_model = torch.compile(wrapped) if config.compile else wrapped
         self.generators = _generators(self.loader)
         # What a checkpoint records and a resume compares: the options that change the results.
         self.run_config = {**config.recorded(), "steps_per_epoch": self.steps_per_epoch}
@@ -244,8 +258,8 @@ class Trainer:
 
     @property
     def writes(self) -> bool:
-        """Whether this process writes the run's files (there is an ``out_dir``)."""
-        return self.out_dir is not None
+        """Whether this process writes the run's files: there is an ``out_dir``, and it is rank 0."""
+        return self.out_dir is not None and _dist.is_main()
 
     @property
     def evaluated(self) -> nn.Module:
@@ -274,19 +288,27 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict:
         """One pass over the training data (0-based ``epoch``). Returns the epoch's record:
         epoch (1-based), lr (at its start), train_loss, train_acc, seconds, images_per_s."""
-        if hasattr(self.loader, "set_epoch"):  # fastsat's loaders (and any with this hook) seed each epoch from it
-            self.loader.set_epoch(epoch)
+        # fastsat's loaders and a DataLoader's DistributedSampler order (and augment) each epoch from it.
+        for owner in (self.loader, getattr(self.loader, "sampler", None)):
+            if hasattr(owner, "set_epoch"):
+                owner.set_epoch(epoch)
+        if self.world_size > 1:
+            distributed.seed_epoch(self.config.seed, epoch)
+        size = self.config.image_size(epoch)
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         seen = 0
         lr = self.optimizer.param_groups[0]["lr"]
         show = sys.stderr.isatty() if self.config.progress is None else self.config.progress
-        bar = tqdm(self.loader, desc=f"{self.recipe.name} epoch {epoch + 1}/{self.config.epochs}", disable=not show,
+        bar = tqdm(itertools.islice(self.loader, self.steps_per_epoch), total=self.steps_per_epoch,
+                   desc=f"{self.recipe.name} epoch {epoch + 1}/{self.config.epochs}", disable=not show or not _dist.is_main(),
                    leave=False, file=sys.stderr)
         started = time.perf_counter()
         for index, item in enumerate(bar):
             batch = as_batch(item, self.device)
+            if size is not None:
+                batch = resize(batch, (size, size))
             try:
                 out = self.train_step(batch, epoch)
             except NonFiniteLossError as err:
@@ -298,7 +320,11 @@ class Trainer:
             correct += (out.logits.argmax(1) == batch["label"]).sum()
             seen += size
         seconds = time.perf_counter() - started
-        return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+        # Summed over ranks on the device, read once (float64 holds float32 sums and counts exactly).
+        totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=self.device,
+                                                                                 dtype=torch.float64)])
+        loss_total, correct_total, seen = _dist.all_reduce_sum(totals).tolist()
+        return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_total / seen, "train_acc": correct_total / seen,
                 "seconds": seconds, "images_per_s": seen / seconds}
 
     def train_step(self, batch: dict, epoch: int) -> RecipeOutput:
@@ -348,15 +374,21 @@ class Trainer:
         self.model.load_state_dict(state)
 
     def checkpoint(self) -> Path | None:
-        """Write checkpoint.pt atomically (when :attr:`writes`). Returns its path, else None."""
-        if not self.writes:
+        """Write checkpoint.pt atomically (when :attr:`writes`); the other ranks wait at a barrier
+        until it is complete. Returns its path (None without ``out_dir``)."""
+        if self.out_dir is None:
             return None
-        return atomic_save(self.state_dict(), self.checkpoint_path)
+        if self.writes:
+            atomic_save(self.state_dict(), self.checkpoint_path)
+        _dist.barrier()
+        return self.checkpoint_path
 
     def log(self, record: dict) -> None:
         """Report the epoch: the logger, and (when :attr:`writes`) metrics.jsonl and metrics.csv,
         rewritten from the whole history (so after a resume they hold exactly the completed
         epochs), and TensorBoard if installed."""
+        if not _dist.is_main():
+            return
         log.info("%s epoch %d/%d: %s", self.recipe.name, record["epoch"], self.config.epochs,
                  ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch" and v is not None))
         if not self.writes:
@@ -375,9 +407,12 @@ class Trainer:
     # --- checkpoint contents -------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything a bit-exact resume needs (the checkpoint's contents)."""
+        """Everything a bit-exact resume needs (the checkpoint's contents). ``world_size`` is the
+        number of ranks that wrote it: any other number may resume (each epoch's data order and
+        random streams follow from (seed, epoch, rank), see :mod:`fastsat.train.distributed`)."""
         return {
-            "format": CHECKPOINT_FORMAT, "config": self.run_config, "epoch": self.epoch, "model": self.model.state_dict(),
+            "format": CHECKPOINT_FORMAT, "config": self.run_config, "epoch": self.epoch, "world_size": self.world_size,
+            "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "ema": self.ema.state_dict() if self.ema is not None else None,

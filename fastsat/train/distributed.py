@@ -1,0 +1,114 @@
+"""Distributed data parallel training on PyTorch's own engine (``torch.distributed`` + DDP), as
+launched by ``torchrun``.
+
+``torchrun --nproc_per_node N -m fastsat train ...`` (or a script calling :func:`fastsat.train.fit`)
+starts N processes and sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in each;
+:func:`setup` reads them (``init_process_group(init_method="env://")``): NCCL when the rank's
+device is a GPU (``cuda:LOCAL_RANK``), gloo on CPUs. Multi-node runs use torchrun's own rendezvous
+options (``--nnodes``, ``--node-rank``, ``--rdzv-endpoint``); nothing here depends on them.
+
+What the trainer does with a process group of more than one rank:
+
+- the batches go through :func:`wrap` (``DistributedDataParallel``): only the training backward
+  all-reduces gradients; attacks run on the unwrapped module (:func:`unwrap`), so their forward
+  passes neither touch the gradient reducer nor re-broadcast batch-norm buffers;
+- ``batch_size`` is the global batch: each rank takes ``batch_size / world_size`` of it (its
+  share of every epoch comes from :func:`fastsat.data.loader`, or a user DataLoader's
+  ``DistributedSampler``); all ranks run :func:`agreed_steps` batches per epoch;
+- :func:`seed_epoch` seeds python's, numpy's and torch's generators (augmentation, random starts,
+  SAT noise) from (seed, epoch, rank) at every epoch, so streams differ across ranks, are
+  reproducible from the seed, and a resume — at any world size — needs nothing rank-specific;
+- rank 0 alone writes checkpoints and logs; the others wait at a barrier.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fastsat import _dist
+from fastsat.data.shards import mix_seed
+
+__all__ = ["agreed_steps", "launched", "seed_epoch", "setup", "teardown", "unwrap", "wrap"]
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher setting WORLD_SIZE) as
+    one of more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device: torch.device | str) -> torch.device:
+    """Join the process group torchrun describes (if launched and not yet joined) and return the
+    device this rank trains on: ``cuda:LOCAL_RANK`` for a CUDA ``device``, else ``device``.
+
+    The backend is NCCL for CUDA devices and gloo otherwise. Without a launcher (one process) it
+    returns ``device`` and starts nothing.
+    """
+    device = torch.device(device)
+    if not launched() and not _dist.initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not _dist.initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    return device
+
+
+def teardown() -> None:
+    """Leave the process group (after a barrier, so no rank exits while another still writes)."""
+    if _dist.initialized():
+        _dist.barrier()
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, device: torch.device, *, sync_batchnorm: bool = False) -> nn.Module:
+    """``model`` as the module the training batches go through: itself on one process, else a
+    ``DistributedDataParallel`` around it (weights broadcast from rank 0 now, gradients averaged
+    over ranks in every backward). ``sync_batchnorm`` first turns its BatchNorm layers into
+    ``SyncBatchNorm`` (batch statistics over the global batch; PyTorch implements it for CUDA
+    only). ``model`` keeps its parameters: it stays the module to save and to attack."""
+    if sync_batchnorm:
+        if device.type != "cuda":
+            raise ValueError(f"sync_batchnorm: torch's SyncBatchNorm runs on CUDA devices only, not {device.type}")
+        if _dist.world_size() > 1:
+            _convert_batchnorm(model)
+    if _dist.world_size() == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _convert_batchnorm(model: nn.Module) -> None:
+    """Replace every BatchNorm child of ``model`` in place by a SyncBatchNorm with its state."""
+    for name, child in model.named_children():
+        converted = nn.SyncBatchNorm.convert_sync_batchnorm(child)
+        if converted is not child:
+            setattr(model, name, converted)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` (or a compiled one around it); ``model`` itself otherwise."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    return inner.module if isinstance(inner, DistributedDataParallel) else model
+
+
+def agreed_steps(steps: int) -> int:
+    """The batches per epoch all ranks run: the fewest any rank has (rank shares of an epoch can
+    differ by a sample, and a DDP backward needs every rank)."""
+    return min(_dist.all_gather_objects(int(steps)))
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Seed python's, numpy's and torch's (CPU and CUDA) global generators for ``epoch`` of this
+    rank from ``(seed, epoch, rank)``."""
+    value = mix_seed(seed, epoch, _dist.rank())
+    random.seed(value)
+    np.random.seed(value % (1 << 32))
+    torch.manual_seed(value)  # also seeds every CUDA device

@@ -1,0 +1,264 @@
+"""Distributed data parallel training with 2 CPU processes over gloo, launched by torchrun
+(``python -m torch.distributed.run --standalone``: localhost, a free port), each launch bounded by
+a timeout. One launch runs every 2-process scenario of the module (a start costs seconds)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastsat.train as T
+from fastsat.data.shards import mix_seed
+from fastsat.train import distributed
+from fastsat.train.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Built identically by the 2-process run and the single-process references below.
+SETUP = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from fastsat import models
+    from fastsat.data import shapes
+
+    def madry():  # no batch norm: one process and two see the same network function
+        torch.manual_seed(0)
+        return models.create("madrycnn", num_classes=3, width=4, hidden=16)
+
+    def with_batchnorm():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+
+    train = shapes(64, size=12, num_classes=3, seed=0, cache_dir=False)
+    # A deterministic recipe (no random start) and no augmentation: the only difference between one
+    # process and two is where the gradient's sum is split.
+    SAME = dict(recipe="standard", epochs=2, batch_size=16, lr=0.05, augment=False, progress=False)
+    """
+)
+
+WORKER = SETUP + textwrap.dedent(
+    """
+    import json, os, sys
+    from collections import Counter
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    import fastsat.attacks
+    import fastsat.train as T
+    import fastsat.train.trainer as trainer_module
+    from fastsat.train import distributed
+
+    out = Path(sys.argv[1])
+    rank = int(os.environ["RANK"])
+    report = {}
+
+    # 1. Same global batch as one process; count the checkpoint writes of each rank.
+    saves = Counter()
+    real_save = trainer_module.atomic_save
+    def counting_save(obj, path):
+        saves[Path(path).name] += 1
+        return real_save(obj, path)
+    trainer_module.atomic_save = counting_save
+    model = madry()
+    result = T.fit(model, train, out_dir=str(out / "same"), **SAME)
+    report["saves"] = dict(saves)
+    report["same_checkpoint"] = str(result.checkpoint)
+    report["same_history"] = result.history
+    trainer_module.atomic_save = real_save
+
+    # 2. Resume 2 -> 1: two processes stop after epoch 1 (its checkpoint written), one process goes on.
+    class Stop(Exception):
+        pass
+
+    class StopAfterFirstEpoch(T.Trainer):
+        def log(self, record):
+            super().log(record)
+            if record["epoch"] == 1:
+                raise Stop
+
+    try:
+        StopAfterFirstEpoch(madry(), train, T.TrainConfig(out_dir=str(out / "resume"), **SAME)).fit()
+    except Stop:
+        pass
+
+    # 3. What the attack's forward passes communicate: counted while PGD.perturb runs, and overall.
+    counts, during = Counter(), Counter()
+    def count(name, real):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+    for name in ("all_reduce", "broadcast", "all_gather", "all_gather_object", "reduce_scatter", "barrier",
+                 "_broadcast_coalesced"):
+        setattr(dist, name, count(name, getattr(dist, name)))
+    DistributedDataParallel._distributed_broadcast_coalesced = count(
+        "buffer_broadcast", DistributedDataParallel._distributed_broadcast_coalesced)
+    real_perturb = fastsat.attacks.PGD.perturb
+    def watched_perturb(self, *args, **kwargs):
+        before = Counter(counts)
+        try:
+            return real_perturb(self, *args, **kwargs)
+        finally:
+            during.update(Counter(counts) - before)
+            during["attacks"] += 1
+    fastsat.attacks.PGD.perturb = watched_perturb
+
+    config = T.TrainConfig(recipe="pgd", recipe_options={"steps": 2, "attack_mode": "train"}, epochs=1,
+                           batch_size=16, augment=False, progress=False)
+    trainer = T.Trainer(with_batchnorm(), train, config)
+    assert isinstance(trainer.train_model, DistributedDataParallel)
+    def gradient_allreduce(state, bucket):
+        counts["gradient_allreduce"] += 1
+        return default_hooks.allreduce_hook(state, bucket)
+    trainer.train_model.register_comm_hook(None, gradient_allreduce)
+    trainer.train_model.register_forward_pre_hook(lambda module, args: counts.update(["ddp_forward"]))
+    trainer.model.register_forward_pre_hook(lambda module, args: counts.update(["module_forward"]))
+    trainer.fit()
+    report["counts"], report["during_attack"] = dict(counts), dict(during)
+    report["steps_per_epoch"] = trainer.steps_per_epoch
+
+    # 4. This rank's random streams in an epoch.
+    distributed.seed_epoch(7, 3)
+    report["stream"] = torch.rand(4).tolist()
+
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    distributed.teardown()
+    """
+)
+
+namespace: dict = {}
+exec(SETUP, namespace)  # noqa: S102 — the same source the 2-process run executes
+madry, train, SAME = namespace["madry"], namespace["train"], namespace["SAME"]
+
+
+def _torchrun(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Run WORKER on 2 ranks once; the two ranks' reports and the run directory."""
+    out = tmp_path_factory.mktemp("ddp")
+    script = out / "worker.py"
+    script.write_text(WORKER)
+    _torchrun(str(script), str(out))
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)], out
+
+
+def _single_process_reference():
+    model = madry()
+    T.fit(model, train, **SAME)
+    return model.state_dict()
+
+
+def _assert_close(actual: dict, expected: dict, where: str) -> None:
+    # Tolerance: float32 training of 8 steps; DDP averages the two ranks' mean gradients, i.e. sums
+    # the same 16 per-sample terms in another order, so results differ by rounding (~1e-7 relative
+    # per step, measured max 2e-7 absolute on these weights). A rank training on its half alone, or
+    # gradients summed instead of averaged, moves the weights by ~1e-2.
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{where}, {k}: {m}")
+
+
+def test_two_processes_train_as_one_with_the_same_global_batch(two_ranks):
+    reports, out = two_ranks
+    state = load_checkpoint(out / "same" / T.trainer.CHECKPOINT_NAME)
+    assert state["world_size"] == 2 and state["epoch"] == 2
+    _assert_close(state["model"], _single_process_reference(), "2 processes vs 1")
+    # The epoch metrics are summed over both ranks: both report the same numbers.
+    strip = [[{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in r["same_history"]]
+             for r in reports]
+    assert strip[0] == strip[1]
+
+
+def test_exactly_one_process_writes_the_checkpoints(two_ranks):
+    reports, out = two_ranks
+    assert reports[0]["saves"] == {T.trainer.CHECKPOINT_NAME: 2}  # one per epoch
+    assert reports[1]["saves"] == {}
+    assert sorted(p.name for p in (out / "same").iterdir()) == ["checkpoint.pt", "metrics.csv", "metrics.jsonl"]
+
+
+def test_resume_from_two_processes_on_one(two_ranks, tmp_path):
+    _, out = two_ranks
+    run = out / "resume"
+    assert load_checkpoint(run / T.trainer.CHECKPOINT_NAME)["world_size"] == 2
+    model = madry()
+    result = T.fit(model, train, out_dir=str(run), resume=True, **SAME)
+    assert [row["epoch"] for row in result.history] == [1, 2]  # epoch 1 came from the two processes
+    state = load_checkpoint(run / T.trainer.CHECKPOINT_NAME)
+    assert state["world_size"] == 1 and state["epoch"] == 2
+    _assert_close(model.state_dict(), _single_process_reference(), "2 processes then 1 vs 1 throughout")
+
+
+def test_attack_forward_passes_do_not_communicate(two_ranks):
+    reports, _ = two_ranks
+    for rank, report in enumerate(reports):
+        counts, during = report["counts"], report["during_attack"]
+        steps = report["steps_per_epoch"]
+        assert during["attacks"] == steps, rank
+        # The attack ran 2 forward passes per batch on the module, none through DDP, and nothing
+        # communicated meanwhile: no gradient bucket, no buffer broadcast, no collective at all.
+        assert {k: v for k, v in during.items() if k != "attacks"} == {"module_forward": 2 * steps}, (rank, during)
+        # Positive controls: the same counters see the training passes.
+        assert counts["ddp_forward"] == steps, (rank, counts)
+        assert counts["module_forward"] == 3 * steps
+        assert counts["gradient_allreduce"] >= steps and counts["buffer_broadcast"] >= 1, (rank, counts)
+
+
+def test_random_streams_differ_across_ranks_and_follow_the_seed(two_ranks):
+    reports, _ = two_ranks
+    streams = [report["stream"] for report in reports]
+    assert streams[0] != streams[1]
+    for rank, stream in enumerate(streams):
+        assert stream == torch.rand(4, generator=torch.Generator().manual_seed(mix_seed(7, 3, rank))).tolist()
+
+
+def test_single_process_is_unchanged_by_the_distributed_hooks():
+    model = madry()
+    trainer = T.Trainer(model, train, T.TrainConfig(**SAME))
+    assert trainer.train_model is model and trainer.world_size == 1
+    assert distributed.unwrap(model) is model
+
+
+def test_sync_batchnorm_is_refused_off_cuda():
+    with pytest.raises(ValueError, match="sync_batchnorm"):
+        T.Trainer(madry(), train, T.TrainConfig(sync_batchnorm=True, **SAME))
+
+
+def test_the_global_batch_must_split_over_the_ranks(monkeypatch):
+    monkeypatch.setattr(distributed._dist, "world_size", lambda: 3)
+    with pytest.raises(ValueError, match="batch_size"):
+        T.Trainer(madry(), train, T.TrainConfig(**SAME))
+
+
+def test_cli_trains_on_two_processes(tmp_path):
+    out = tmp_path / "run"
+    done = _torchrun("-m", "fastsat", "train", "--dataset", "shapes", "--n-train", "64", "--n-test", "16",
+                     "--image-size", "12", "--num-classes", "3", "--model", "madrycnn", "--width", "4",
+                     "--recipe", "fast", "--epochs", "1", "--batch-size", "16", "--eval-steps", "1", "--device", "cpu",
+                     "--out-dir", str(out))
+    assert done.stdout.count('"checkpoint"') == 1  # rank 0 alone prints the summary
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["world_size"] == 2 and state["epoch"] == 1
+    assert (out / "config.yaml").is_file()
+
+
+def test_torchrun_environment_is_read(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.launched()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not distributed.launched()
+    assert distributed.setup("cpu") == torch.device("cpu")
