@@ -137,8 +137,8 @@ MEANINGS = {
                      "mislead the attacks (gradient masking), so gradient-based robust accuracy overstates robustness.",
     "large_eps": "At a radius where any image can be turned into another class the main attack does not bring the "
                  "accuracy to ~0: the attack is not working on this model (gradient masking or a broken attack).",
-    "convergence": "More steps or more restarts of the main attack break more points: it has not converged, so the "
-                   "reported robust accuracy is an overestimate.",
+    "convergence": "More steps or more restarts of the main attack break points the suite left robust: the attacks "
+                   "have not converged, so the reported robust accuracy is an overestimate.",
     "zero_gradients": "Many points have an all-zero input gradient (saturated or quantised model): gradient attacks "
                       "cannot move from them, so their robust accuracy there means nothing.",
 }
@@ -228,7 +228,8 @@ def _local_batches(data: object, batch_size: int, max_samples: int | None, devic
     seen = 0
     for item in batches:
         batch = as_batch(item, device)
-        x, y = batch["image"][: max(limit - seen, 0)], batch["label"][: max(limit - seen, 0)]
+        take = None if limit == math.inf else max(limit - seen, 0)  # a slice bound must be an int
+        x, y = batch["image"][:take], batch["label"][:take]
         mine = _dist.shard(x.shape[0])
         if len(mine):
             yield x[mine.start : mine.stop], y[mine.start : mine.stop], seen + mine.start
@@ -327,7 +328,10 @@ def evaluate(
         value = value.detach().double().sum()
         sums[key] = sums[key] + value if key in sums else value
 
-    subset_x, subset_y, cw_norms = [], [], []
+    # The check subset: its points, labels, and which of them the suite left robust at its main ε.
+    subset: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    cw_norms = []
+    main_eps = (max(settings.eps) if isinstance(settings, PaperSuite) else max(eps)) if settings is not None else 0.0
     for x, y, offset in _local_batches(data, batch_size, max_samples, device):
         with frozen(model, "eval"), torch.no_grad():
             correct = model(x).argmax(1) == y
@@ -358,18 +362,26 @@ def evaluate(
                     if e > 0 and todo.numel():
                         robust[todo] = ~chains[e][name](x[todo], y[todo]).success
                     add(f"standard@{e}:{name}", robust)
+                if e == main_eps:
+                    main_robust = robust
         elif isinstance(settings, PaperSuite):
             for e in settings.eps:
-                add(f"paper@{e}", correct & ~paper_pgd[e](x, y).success)
+                robust = correct & ~paper_pgd[e](x, y).success
+                add(f"paper@{e}", robust)
+                if e == main_eps:
+                    main_robust = robust
             result = cw(x, y)
             add("cw", correct & ~result.success)
             cw_norms.append(result.delta_norm.double().cpu())
         if settings is not None and offset < settings.checks.subset:
             take = min(x.shape[0], settings.checks.subset - offset)
-            subset_x.append(x[:take])
-            subset_y.append(y[:take])
+            subset.append((x[:take], y[:take], main_robust[:take]))
     if settings is not None:
-        _checks_sums(model, settings, subset_x, subset_y, eps, norm, add)
+        large_eps = settings.checks.large_eps
+        if norm == "l2" and isinstance(settings, StandardSuite) and subset:
+            large_eps *= math.sqrt(subset[0][0][0].numel())
+        large_eps = max(_dist.all_gather_objects(large_eps))  # a rank without check points has no d
+        _checks_sums(model, settings, subset, main_eps, large_eps, norm, add)
     # The same keys in the same order on every rank (a rank without data or without check points
     # contributes zeros), so one all-reduce sums them all.
     keys = ["n", "clean", "alignment", "cosine", "zero_gradients"]
@@ -418,71 +430,71 @@ def evaluate(
                    "mean_l2": found.mean().item() if found.numel() else None, "found": found.numel() / n},
         }
     if settings is not None:
-        report["masking"] = _masking_report(settings, totals, n, report)
+        report["masking"] = _masking_report(settings, totals, n, report, main_eps, large_eps)
     report["seconds"] = seconds
     report["points_per_s"] = n / seconds
     return report
 
 
-def _checks_sums(model: nn.Module, settings: StandardSuite | PaperSuite, subset_x: list, subset_y: list,
-                 eps: list, norm: str, add: Callable) -> None:
-    """Run the masking checks' extra attacks on this rank's part of the check subset and add their
-    counts (``check:*``) to the sums."""
+def _checks_sums(model: nn.Module, settings: StandardSuite | PaperSuite, subset: list, main_eps: float,
+                 large_eps: float, norm: str, add: Callable) -> None:
+    """Run the masking checks' extra attacks on this rank's part of the check subset (``subset``:
+    (x, y, robust under the suite at ``main_eps``) per batch) and add their counts (``check:*``)."""
     checks = settings.checks
-    main_eps = max(settings.eps) if isinstance(settings, PaperSuite) else max(eps)
-    if not subset_x or main_eps == 0:
+    if not subset:
         return
-    x, y = torch.cat(subset_x), torch.cat(subset_y)
+    x, y, robust = (torch.cat(parts) for parts in zip(*subset, strict=True))
     with frozen(model, "eval"), torch.no_grad():
         correct = model(x).argmax(1) == y
     add("check:n", correct)
+    add("check:main", robust)
+    # Convergence and the gradient-free check: do a stronger or a gradient-free attack break points
+    # the suite left robust?
+    left = robust.nonzero().squeeze(1)
+    if left.numel():
+        xl, yl = x[left], y[left]
+        more_steps = _main_attack(model, settings, main_eps, norm, factor_steps=checks.factor)(xl, yl).success
+        more_restarts = _main_attack(model, settings, main_eps, norm, factor_restarts=checks.factor)(xl, yl).success
+        add("check:more_steps", ~more_steps)
+        add("check:more_restarts", ~more_restarts)
+        if isinstance(settings, PaperSuite):
+            add("check:square_broke", Square(model, eps=main_eps, n_queries=checks.square_queries)(xl, yl).success)
     todo = correct.nonzero().squeeze(1)
-    if todo.numel() == 0:
-        return
-    x, y = x[todo], y[todo]
-    main = _main_attack(model, settings, main_eps, norm)(x, y).success
-    add("check:main", ~main)
-    add("check:more_steps", ~_main_attack(model, settings, main_eps, norm, factor_steps=checks.factor)(x, y).success)
-    add("check:more_restarts", ~_main_attack(model, settings, main_eps, norm, factor_restarts=checks.factor)(x, y).success)
-    large = checks.large_eps if norm == "linf" or isinstance(settings, PaperSuite) else checks.large_eps * math.sqrt(x[0].numel())
-    add("check:large_eps", ~_main_attack(model, settings, large, norm)(x, y).success)
-    if isinstance(settings, PaperSuite):
-        left = (~main).nonzero().squeeze(1)
-        broke = torch.zeros((), dtype=torch.bool, device=x.device)
-        if left.numel():
-            broke = Square(model, eps=main_eps, n_queries=checks.square_queries)(x[left], y[left]).success
-        add("check:square_broke", broke)
+    if todo.numel():
+        add("check:large_eps", ~_main_attack(model, settings, large_eps, norm)(x[todo], y[todo]).success)
 
 
-def _masking_report(settings: StandardSuite | PaperSuite, totals: dict, n: int, report: dict) -> dict:
-    checks = settings.checks
-    tol = checks.tolerance
-    subset_n = int(totals.get("check:n", 0))  # correctly classified points of the check subset
-    sub = max(subset_n, 1)
+def _masking_report(settings: StandardSuite | PaperSuite, totals: dict, n: int, report: dict, main_eps: float,
+                    large_eps: float) -> dict:
+    """The four checks, each with its evidence, ``flagged`` and ``meaning``. Shares of the check
+    subset are of its correctly classified points (``points``)."""
+    tol = settings.checks.tolerance
+    points = int(totals["check:n"])
+
+    def share(key: str) -> float:
+        return totals[key] / max(points, 1)
+
     if isinstance(settings, StandardSuite):
-        rows = [row for row in report["standard"] if row["eps"] > 0]
-        last = max(rows, key=lambda row: row["eps"]) if rows else None
-        before = last["cumulative"]["fab-t"] if last else 0.0
-        after = last["cumulative"]["square"] if last else 0.0
-        gradient_free = {"eps": last["eps"] if last else None, "gradient_acc": before, "square_acc": after,
-                         "flagged": before - after > tol}
+        # The suite's own Square run, on all points: what it broke after the three gradient attacks.
+        row = next(row for row in report["standard"] if row["eps"] == main_eps)
+        gradient, square = row["cumulative"]["fab-t"], row["cumulative"]["square"]
+        gradient_free = {"eps": main_eps, "gradient_acc": gradient, "square_acc": square, "flagged": gradient - square > tol}
     else:
-        broke = totals.get("check:square_broke", 0.0) / sub
-        gradient_free = {"eps": max(settings.eps), "points": subset_n, "square_broke": broke, "flagged": broke > tol}
-    main = totals.get("check:main", 0.0) / sub
-    more_steps = totals.get("check:more_steps", 0.0) / sub
-    more_restarts = totals.get("check:more_restarts", 0.0) / sub
-    large = totals.get("check:large_eps", 0.0) / sub
+        broke = share("check:square_broke")
+        gradient_free = {"eps": main_eps, "points": points, "square_queries": settings.checks.square_queries,
+                         "square_broke": broke, "flagged": broke > tol}
+    acc = share("check:main")
+    more_steps, more_restarts = share("check:more_steps"), share("check:more_restarts")
+    zero = totals["zero_gradients"] / n
     results = {
         "gradient_free": gradient_free,
-        "large_eps": {"eps": checks.large_eps, "points": subset_n, "acc": large, "flagged": large > tol},
-        "convergence": {"points": subset_n, "acc": main, "acc_more_steps": more_steps,
-                        "acc_more_restarts": more_restarts,
-                        "flagged": main - min(more_steps, more_restarts) > tol},
-        "zero_gradients": {"share": totals.get("zero_gradients", 0.0) / n,
-                           "flagged": totals.get("zero_gradients", 0.0) / n > tol},
+        "large_eps": {"eps": large_eps, "points": points, "acc": share("check:large_eps"),
+                      "flagged": share("check:large_eps") > tol},
+        "convergence": {"eps": main_eps, "points": points, "acc": acc, "acc_more_steps": more_steps,
+                        "acc_more_restarts": more_restarts, "factor": settings.checks.factor,
+                        "flagged": acc - min(more_steps, more_restarts) > tol},
+        "zero_gradients": {"share": zero, "flagged": zero > tol},
     }
     for name, result in results.items():
         result["meaning"] = MEANINGS[name]
     return {"flags": [name for name, result in results.items() if result["flagged"]], "checks": results}
-
