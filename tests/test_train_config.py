@@ -24,7 +24,8 @@ OTHER = {
     "batch_size": 16, "augment": False, "optimizer": "adam", "lr": 0.05, "momentum": 0.5, "weight_decay": 0.0,
     "schedule": "cosine", "precision": "bf16", "channels_last": True, "compile": True, "ema": 0.9, "seed": 7,
     "clip": (0.25, 0.75), "eval_eps": 2 / 255, "eval_steps": 3, "eval_batch_size": 64, "early_stop_drop": None,
-    "out_dir": "runs/x", "resume": "runs/x/checkpoint.pt", "progress": False,
+    "out_dir": "runs/x", "resume": "runs/x/checkpoint.pt", "progress": False, "sync_batchnorm": True,
+    "resize_schedule": ("0:8", "2:12"),
 }
 RECIPE_OPTION_NAMES = {f.name for cls in T.RECIPES.values() for f in dataclasses.fields(cls) if f.init} - set(FIELDS)
 CLI_ONLY = {spec.name for section in cli.COMMANDS["train"].sections if section is not T.TrainConfig

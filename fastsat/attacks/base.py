@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fastsat import ops
-from fastsat._checks import choice, clip_box, number
+from fastsat._checks import choice, clip_box, host_checks_enabled, no_host_checks, number
 from fastsat.grad import InputGrad, _input_grad, check_input, check_objective_args, frozen, objective_value
 from fastsat.ops import StepStats, accumulation_dtype
 
@@ -68,11 +68,14 @@ class Attack(abc.ABC):
     """Base class: ``attack(x, y) -> AttackResult``.
 
     Subclasses implement ``_run(x, y, need_success=...) -> AttackResult`` (``delta_norm`` None: measured here),
-    called with the model in ``mode`` and its parameters frozen (restored afterwards, also on
-    error). ``__call__`` checks
-    the arguments first and audits the output afterwards: finite, inside ``clip``, and within ε
-    in the attack's norm (ε·(1 + 1e-6) plus the rounding of the storage dtype); it raises
-    RuntimeError otherwise.
+    called with the model in ``mode`` (restored afterwards, also on error). ``__call__`` freezes the
+    parameters for the run, checks the arguments first and audits the output afterwards: finite,
+    inside ``clip``, and within ε in the attack's norm (ε·(1 + 1e-6) plus the rounding of the
+    storage dtype); it raises RuntimeError otherwise. :meth:`perturb` (training) skips the audit,
+    the warnings and the success pass and does not freeze the parameters.
+
+    Checks that read tensor values on the host (input range, label range, warnings, audit) are
+    skipped inside :func:`fastsat._checks.no_host_checks`; shapes, dtypes and devices are still checked.
     """
 
     label_required: bool = True
@@ -104,35 +107,44 @@ class Attack(abc.ABC):
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> AttackResult:
         """x: (B, ...) clean batch in pixel space, inside ``clip``. y: (B,) int64 labels (the target
         classes for targeted attacks). Returns :class:`AttackResult`."""
-        return self._attack(x, y, need_success=True)
-
-    def perturb(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Only the adversarial batch, for training loops: the same checks and output audit as a
-        call, but no ``success`` flags, which saves the final forward pass of single-run attacks
-        (PGD/FGSM with restarts=1, TRADES) — a sixth of a Fast-AT step."""
-        return self._attack(x, y, need_success=False).x_adv
-
-    def _attack(self, x: torch.Tensor, y: torch.Tensor | None, *, need_success: bool) -> AttackResult:
         self._check_inputs(x, y)
         x, y = x.detach(), None if y is None else y.detach()
         with frozen(self.model, self.mode):
-            result = self._run(x, y, need_success=need_success)
-        distance = self._audit(x, result.x_adv)
+            result = self._run(x, y, need_success=True)
+        distance = self._audit(x, result.x_adv) if host_checks_enabled() else self._distance(x, result.x_adv).to(
+            accumulation_dtype(x.dtype))
         if result.delta_norm is None:
             result = dataclasses.replace(result, delta_norm=distance)
         return result
 
+    def perturb(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Only the adversarial batch (detached), for training loops, without a host sync after the
+        argument checks: no ``success`` flags (which saves the final forward pass of single-run
+        attacks — PGD/FGSM with restarts=1, TRADES: a sixth of a Fast-AT step), no warnings and no
+        output audit (those are for evaluation). The input gradients come from ``torch.autograd.grad``
+        of the input alone, so no parameter ``.grad`` is written. The parameters of an eager model
+        keep ``requires_grad`` (switching it off would defeat autocast's cache of low-precision
+        weights); those of a ``torch.compile``'d one are frozen, since its compiled backward
+        computes every gradient its inputs require, asked for or not."""
+        self._check_inputs(x, y)
+        x, y = x.detach(), None if y is None else y.detach()
+        compiled = hasattr(self.model, "_orig_mod")  # torch.compile's wrapper
+        with frozen(self.model, self.mode, freeze_params=compiled), no_host_checks():
+            return self._run(x, y, need_success=False).x_adv.detach()
+
     @abc.abstractmethod
     def _run(self, x: torch.Tensor, y: torch.Tensor | None, *, need_success: bool) -> AttackResult:
-        """The attack proper on detached inputs, model already in ``mode`` with frozen parameters.
+        """The attack proper on detached inputs, model already in ``mode`` (parameters frozen in a
+        call, not in :meth:`perturb`: differentiate with ``torch.autograd.grad`` towards the input only).
         With ``need_success=False`` an attack may skip work that only ``success`` needs and return
         ``success=None``."""
 
     def _check_inputs(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         check_input(self.model, x)
         lo, hi = self.clip
-        # One host sync per call: an x outside the box would otherwise surface as a failed audit.
-        if not bool(((x >= lo) & (x <= hi)).all()):
+        # One host sync per call (skipped inside no_host_checks): an x outside the box would
+        # otherwise surface as a failed audit.
+        if host_checks_enabled() and not bool(((x >= lo) & (x <= hi)).all()):
             raise ValueError(
                 f"x: expected finite values inside clip {self.clip} (pixel space), got range "
                 f"[{float(x.min()):.4g}, {float(x.max()):.4g}]; pass clip=(lo, hi) for another box"
@@ -158,7 +170,10 @@ class Attack(abc.ABC):
         return result
 
     def _warn_suspicious(self, logits: torch.Tensor, grad: torch.Tensor) -> None:
-        """Warn if the outputs look like probabilities or some samples have an all-zero gradient."""
+        """Warn if the outputs look like probabilities or some samples have an all-zero gradient
+        (one host sync; nothing inside no_host_checks)."""
+        if not host_checks_enabled():
+            return
         logits = logits.float()
         flat_grad = grad.reshape(grad.shape[0], -1)
         rows_sum_to_one = (logits.sum(dim=1) - 1).abs().amax() < 1e-4

@@ -78,6 +78,10 @@ class PGD(Attack):
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, *, need_success: bool) -> AttackResult:
         best = None
+        # The statistics belong to the last step's gradient: computed there only, and not at all
+        # when nothing reads them (a training loop's single run).
+        stats_step = self.steps - 1 if need_success or self.restarts > 1 else -1
+        stats = None
         for restart in range(self.restarts):
             if self.random_start:
                 x_adv = ops.random_start(x, eps=self.eps, norm=self.norm, clip=self.clip, backend=self.backend)
@@ -88,10 +92,11 @@ class PGD(Attack):
                 # The gradient goes in as computed (float32 for float16/bfloat16 x): its sign is taken
                 # before any rounding to x's dtype, which would flush its small entries to 0.
                 ascent = -grad if self.targeted else grad
-                x_adv, stats = ops.pgd_step(
+                stepped = ops.pgd_step(
                     x_adv, ascent, x, step_size=self.step_size, eps=self.eps, norm=self.norm, clip=self.clip,
-                    return_stats=True, out=x_adv, backend=self.backend,
+                    return_stats=step == stats_step, out=x_adv, backend=self.backend,
                 )
+                x_adv, stats = stepped if step == stats_step else (stepped, stats)
             if self.restarts == 1 and not need_success:
                 return AttackResult(x_adv=x_adv, success=None, delta_norm=None, stats=stats)
             success, value = self._final(x_adv, y, self.loss, self.targeted)

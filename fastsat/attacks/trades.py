@@ -59,12 +59,16 @@ class TradesAttack(Attack):
             clean_logits = self.model(x)
         # Not clipped, as in TRADES: the first pgd_step projects and clips.
         x_adv = x + self.init_std * torch.randn_like(x)
+        # The statistics belong to the last step's gradient: computed there only, and not at all
+        # when nothing reads them (a training loop).
+        stats_step, stats = (self.steps - 1 if need_success else -1), None
         for step in range(self.steps):
             grad = self._grad(x_adv, "kl", first=step == 0, clean_logits=clean_logits, y=y).grad
-            x_adv, stats = ops.pgd_step(
+            stepped = ops.pgd_step(
                 x_adv, grad, x, step_size=self.step_size, eps=self.eps, norm="linf", clip=self.clip,
-                return_stats=True, out=x_adv, backend=self.backend,
+                return_stats=step == stats_step, out=x_adv, backend=self.backend,
             )
+            x_adv, stats = stepped if step == stats_step else (stepped, stats)
         if not need_success:
             return AttackResult(x_adv=x_adv, success=None, delta_norm=None, stats=stats)
         reference = clean_logits.argmax(dim=1) if y is None else y

@@ -30,7 +30,7 @@ from .dataset import clip_boxes, rescale_boxes, size_hw
 __all__ = ["Augment", "crop_shift", "hflip", "resize"]
 
 
-def crop_shift(batch: dict[str, torch.Tensor], shifts: torch.Tensor) -> dict[str, torch.Tensor]:
+def crop_shift(batch: dict[str, torch.Tensor], shifts: torch.Tensor, padding: int | None = None) -> dict[str, torch.Tensor]:
     """Crop each sample at a shifted window: the padded-crop augmentation with given offsets.
 
     Output pixel (r, c) of sample b is input pixel ``(r + dy_b, c + dx_b)``, or 0 (black image,
@@ -40,6 +40,8 @@ def crop_shift(batch: dict[str, torch.Tensor], shifts: torch.Tensor) -> dict[str
     Args:
         batch: batch dict (see module docstring).
         shifts: int64 (B, 2) offsets ``(dy, dx)`` in pixels.
+        padding: a bound on ``|shifts|`` (pixels), e.g. the range they were drawn from; None reads
+            the largest one from ``shifts`` (a host sync, which stalls a GPU).
 
     Returns:
         A new batch dict of the same shapes.
@@ -49,7 +51,7 @@ def crop_shift(batch: dict[str, torch.Tensor], shifts: torch.Tensor) -> dict[str
     if shifts.shape != (b, 2):
         raise ValueError(f"shifts: expected shape ({b}, 2), got {tuple(shifts.shape)}")
     shifts = shifts.to(image.device, torch.int64)
-    pad = int(shifts.abs().max()) if b else 0
+    pad = (int(shifts.abs().max()) if b else 0) if padding is None else integer(padding, "padding", minimum=0)
     dy, dx = shifts[:, 0], shifts[:, 1]
     rows = (torch.arange(h, device=image.device) + pad + dy[:, None])[:, :, None]  # (B, H, 1)
     cols = (torch.arange(w, device=image.device) + pad + dx[:, None])[:, None, :]  # (B, 1, W)
@@ -151,7 +153,7 @@ class Augment:
         b, device = image.shape[0], image.device
         if self.padding:
             shifts = torch.randint(-self.padding, self.padding + 1, (b, 2), generator=generator, device=device)
-            batch = crop_shift(batch, shifts)
+            batch = crop_shift(batch, shifts, self.padding)
         if self.flip:
             batch = hflip(batch, torch.rand(b, generator=generator, device=device) < 0.5)
         if self.size is not None:

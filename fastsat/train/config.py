@@ -87,9 +87,15 @@ class TrainConfig:
     momentum: float = option(0.9, "SGD momentum", check=functools.partial(number, minimum=0, maximum=1, exclusive_max=True))
     weight_decay: float = option(5e-4, "L2 weight decay", check=functools.partial(number, minimum=0))
     schedule: str = option("piecewise", "per-step learning-rate schedule (see fastsat.train.lr_factor)", choices=SCHEDULES)
-    precision: str = option("fp32", "autocast precision; fp16 adds a GradScaler", choices=PRECISIONS)
-    channels_last: bool = option(False, "NHWC memory format for model and inputs (faster convolutions on GPUs)", check=flag)
-    compile: bool = option(False, "run the training forward through torch.compile", check=flag)
+    precision: str = option("auto", "autocast precision of the training step, its attack included (evaluation stays "
+                            "fp32); fp16 scales the loss; auto: bf16 on CUDA, fp32 elsewhere",
+                            choices=("auto", *PRECISIONS))
+    channels_last: bool | None = option(None, "NHWC memory format for model and inputs (faster convolutions on GPUs); "
+                                        "None: on CUDA only", check=functools.partial(flag, allow_none=True))
+    compile: bool | None = option(
+        None, "torch.compile the model for the attack and the update (on CUDA also captured as CUDA graphs; falls "
+        "back to eager, said once in the log, if compiling fails); None: on CUDA only",
+        check=functools.partial(flag, allow_none=True))
     ema: float | None = option(
         None, "decay of an exponential moving average of the weights (e.g. 0.999), which is evaluated, kept as best "
         "and saved; None: off", check=functools.partial(number, minimum=0, maximum=1, exclusive_min=True,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import warnings
+import random
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
@@ -50,6 +50,7 @@ __all__ = [
     "SATPlusPGD",
     "SATPlusTrades",
     "Standard",
+    "StepGuard",
     "Trades",
     "make_recipe",
     "recipe_loss",
@@ -114,6 +115,34 @@ def _check_finite_loss(loss: Tensor, recipe: str) -> None:
         raise NonFiniteLossError(f"recipe {recipe!r}: the training loss is {loss.item()} (not finite)")
 
 
+class StepGuard(torch.amp.GradScaler):
+    """A ``GradScaler`` that also skips, on the device, every update whose loss is NaN/inf and
+    counts those in :attr:`skipped` (int64 scalar on the device: read it where the host looks
+    anyway, e.g. at the end of an epoch) — no host sync per step.
+
+    fp16: the usual dynamic loss scale. fp32/bf16 need no scaling: the scale starts at 1 and never
+    grows (after a skipped step it halves, which is exact in binary floating point). With an
+    optimizer that takes the scaler's found-inf flag (fused SGD/Adam) the skip happens inside its
+    kernel; with any other, ``GradScaler.step`` reads the flag on the host (one sync per step).
+
+    Args:
+        device: where the loss is computed. precision: "fp32" | "bf16" | "fp16".
+    """
+
+    def __init__(self, device: torch.device | str, precision: str = "fp32") -> None:
+        fp16 = choice(precision, "precision", PRECISIONS) == "fp16"
+        device = torch.device(device)
+        super().__init__(device.type, **({} if fp16 else {"init_scale": 1.0, "growth_interval": 2**30}))
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+
+    def scale(self, outputs: Tensor) -> Tensor:
+        """``outputs`` (the scalar loss) times the scale; times NaN if it is not finite, so that every
+        gradient is NaN and the step is skipped (a non-finite loss can have finite gradients)."""
+        finite = torch.isfinite(outputs.detach())
+        self.skipped += ~finite
+        return super().scale(outputs * torch.where(finite, 1.0, float("nan")))
+
+
 @dataclass
 class Recipe:
     """Base class. Subclasses set ``name``, declare their hyper-parameters as :func:`option`
@@ -153,17 +182,17 @@ class Recipe:
         scaler: torch.amp.GradScaler | None = None,
     ) -> RecipeOutput:
         """One optimisation step: loss under autocast (``precision`` "fp32" | "bf16" | "fp16"),
-        backward (through ``scaler`` if given, for fp16), optimizer step.
+        backward and optimizer step — through ``scaler`` if given (a :class:`StepGuard`, needed for
+        fp16: a NaN/inf loss skips the step on the device and is counted, no host sync), else
+        checked on the host.
 
         Raises:
-            NonFiniteLossError: the loss is NaN/inf; the step is not taken.
+            NonFiniteLossError: without a scaler, the loss is NaN/inf; the step is not taken.
         """
         batch = as_batch(batch)
         with _autocast(batch["image"].device, precision):
             out = self.loss(model, batch, epoch=epoch)
-        _check_finite_loss(out.loss, self.name)
-        optimizer.zero_grad(set_to_none=True)
-        _backward_and_step(out.loss, optimizer, scaler)
+        _backward_and_step(out.loss, optimizer, scaler, self.name)
         return out
 
     def options(self) -> dict:
@@ -178,8 +207,11 @@ class Recipe:
         """Restore :meth:`state_dict`."""
 
 
-def _backward_and_step(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+def _backward_and_step(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                       recipe: str) -> None:
+    optimizer.zero_grad(set_to_none=True)
     if scaler is None:
+        _check_finite_loss(loss, recipe)
         loss.backward()
         optimizer.step()
     else:
@@ -354,9 +386,7 @@ class Free(PerturbationRecipe):
             x_adv = (x + delta).clamp_(lo, hi).requires_grad_(True)
             with _autocast(x.device, precision):
                 out = _ce(model, x_adv, y)
-            _check_finite_loss(out.loss, self.name)
-            optimizer.zero_grad(set_to_none=True)
-            _backward_and_step(out.loss, optimizer, scaler)
+            _backward_and_step(out.loss, optimizer, scaler, self.name)
             # A scaled fp16 gradient can overflow; its sign is all the step needs.
             grad = x_adv.grad.nan_to_num(nan=0.0)
             delta = pgd_step(x_adv.detach(), grad, x, step_size=self.eps_at(epoch), eps=self.eps_at(epoch), clip=self.clip) - x
@@ -427,19 +457,19 @@ class SAT(PerturbationRecipe):
 
 
 def _attack(attack, x: Tensor, y: Tensor) -> Tensor:
-    """Run a training-time attack and return its detached adversarial batch.
+    """Run a training-time attack: its detached adversarial batch (``perturb``: no success pass, no
+    audit, no warnings — an all-zero input gradient is routine for a few samples of a training batch).
 
-    Attacks warn when a sample's input gradient is all zero (dead ReLUs, saturated softmax). That
-    is a useful warning when evaluating a model, but routine for a few samples of a training batch,
-    where it would repeat every step; it is silenced here only."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*all-zero input gradient.*", category=UserWarning)
-        return attack.perturb(x, y).detach()
+    Attacks are built on ``unwrap(model)``: under DistributedDataParallel their forward passes must
+    not go through the wrapper, which would prepare the gradient reducer for a backward that never
+    comes and re-broadcast batch-norm buffers (fastsat.train.distributed)."""
+    return attack.perturb(x, y)
 
 
 def _coin() -> bool:
-    """A fair coin from torch's global generator (so seeds make runs reproducible)."""
-    return bool(torch.rand(()) < 0.5)
+    """A fair coin from Python's generator: drawn on the host, so no device value is read back
+    (the trainer seeds it and its checkpoints carry its state)."""
+    return random.random() < 0.5
 
 
 @dataclass

@@ -4,6 +4,8 @@ bit-exactly; :func:`fit` is the one-call API on top of it."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import csv
 import dataclasses
 import inspect
@@ -27,13 +29,13 @@ from tqdm.auto import tqdm
 
 from fastsat import _dist
 from fastsat import evaluate as evaluation
-from fastsat._checks import choice, describe, nearest
+from fastsat._checks import choice, describe, nearest, no_host_checks
 from fastsat._io import atomic_save, atomic_write_text
 from fastsat.data import as_batch, make_loader, resize
 from fastsat.train import distributed
 from fastsat.train.checkpoint import CHECKPOINT_FORMAT, capture_rng, load_checkpoint, restore_rng
 from fastsat.train.config import SCHEDULES, TrainConfig
-from fastsat.train.recipes import NonFiniteLossError, PerturbationRecipe, Recipe, RecipeOutput
+from fastsat.train.recipes import NonFiniteLossError, PerturbationRecipe, Recipe, RecipeOutput, StepGuard
 
 __all__ = ["BEST_NAME", "CHECKPOINT_NAME", "FitResult", "Trainer", "fit", "lr_factor"]
 
@@ -83,10 +85,57 @@ def _generators(data: object) -> dict[str, torch.Generator]:
     return found
 
 
-def _make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+def _make_optimizer(config: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    # Fused kernels: one pass over all parameters, and they take the StepGuard's found-inf flag on
+    # the device, so skipping a step with a NaN loss costs no host sync.
+    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, **fused)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, **fused)
+
+
+def device_defaults(config: TrainConfig, device: torch.device) -> dict:
+    """The run's ``precision``, ``channels_last`` and ``compile`` on ``device``: as set, or for
+    "auto"/None what a careful user picks — on CUDA bf16 autocast, channels_last and compile;
+    elsewhere fp32, contiguous and eager."""
+    cuda = device.type == "cuda"
+    return {"precision": ("bf16" if cuda else "fp32") if config.precision == "auto" else config.precision,
+            "channels_last": cuda if config.channels_last is None else config.channels_last,
+            "compile": cuda if config.compile is None else config.compile}
+
+
+def _compile(module: nn.Module, device: torch.device) -> nn.Module:
+    """``torch.compile`` of the module that runs the attack and the update; on CUDA in
+    "reduce-overhead" mode: each compiled graph is captured and replayed as a CUDA graph."""
+    return torch.compile(module, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
+class _EMA:
+    """Exponential moving average of a model's weights: ``module`` (a copy of the model, made when
+    training starts) moves ``1 - decay`` of the way to the model after every step; so do its
+    floating-point buffers (batch-norm statistics), the others are copied. One foreach kernel per
+    update and no host sync (torch's AveragedModel reads its step counter on the host)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module, self.decay = copy.deepcopy(model).requires_grad_(False), decay
+        pairs = list(zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()]))
+        self.floats = ([a for a, b in pairs if a.is_floating_point()], [b for a, b in pairs if a.is_floating_point()])
+        self.others = [(a, b) for a, b in pairs if not a.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        if self.floats[0]:
+            torch._foreach_lerp_(self.floats[0], self.floats[1], 1 - self.decay)
+        for average, current in self.others:
+            average.copy_(current)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if "n_averaged" in state:  # written by torch's AveragedModel (checkpoints before the fast path)
+            state = {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
+        self.module.load_state_dict(state)
 
 
 def _tensorboard(out_dir: Path | None):
@@ -120,11 +169,20 @@ class Trainer:
     ends with :meth:`restore_best`. Each step is one place to change:
 
     - ``self.model`` is the module whose weights are trained, saved and restored, while the batches
-      go through ``self.train_model`` — the same module, or ``torch.compile(model)`` (``compile``);
-      a distributed run wraps it (DDP) there and keeps saving ``model``.
-    - :meth:`train_step` is the whole per-batch work (recipe step, LR schedule, EMA); the epoch's
-      loss and accuracy are summed on the device and read once at its end (the recipe's finite-loss
-      check is the one host sync per step left).
+      go through ``self.train_model`` — the same module, or ``torch.compile(model)`` (``compile``;
+      used by the attack and the update; on CUDA captured as CUDA graphs; if compiling fails, the
+      run falls back to the eager module and says so once in the log); a distributed run wraps it
+      (DDP) there and keeps saving ``model``.
+    - :meth:`train_step` is the whole per-batch work (recipe step, LR schedule, EMA), without a
+      host sync: the first batch of each epoch is checked on the host (input range, labels, boxes),
+      the others run inside :func:`fastsat._checks.no_host_checks`. A NaN/inf loss skips its
+      update on the device (:class:`~fastsat.train.recipes.StepGuard`); the epoch's loss,
+      accuracy and skipped steps are summed on the device and read once at its end, where a skipped
+      step stops the run (:class:`NonFiniteLossError`) before the epoch is checkpointed.
+    - ``precision``, ``channels_last`` and ``compile`` left at "auto"/None take the device's
+      defaults (:func:`device_defaults`: bf16, channels_last and compile on CUDA — where
+      ``cudnn.benchmark`` and, at precision "auto", TF32 matmuls are switched on too — fp32 and
+      eager elsewhere); the resolved values are this object's attributes of those names.
     - :attr:`evaluated` is the module evaluated and kept as best (the EMA's average with ``ema``).
     - :attr:`writes` decides whether this process writes files (checkpoints, logs: rank 0 only in a
       distributed run); :meth:`evaluate` is where a sharded evaluation would reduce its counts.
@@ -197,24 +255,28 @@ class Trainer:
         self.steps_per_epoch = distributed.agreed_steps(len(self.loader))
         if self.steps_per_epoch < 1:
             raise ValueError("train_data: yields no batches")
-        if config.channels_last:
+        resolved = device_defaults(config, self.device)
+        self.precision, self.channels_last, self.compile = resolved["precision"], resolved["channels_last"], resolved["compile"]
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
+            if config.precision == "auto":
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if self.channels_last:
             model.to(memory_format=torch.channels_last)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {describe(optimizer)}")
-        self.optimizer = optimizer if optimizer is not None else _make_optimizer(config, model.parameters())
+        self.optimizer = optimizer if optimizer is not None else _make_optimizer(config, model.parameters(), self.device)
         total = config.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(config.schedule, step, total, self.steps_per_epoch))
-        self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
-        self.ema = None
-        if config.ema is not None:
-            self.ema = torch.optim.swa_utils.AveragedModel(
-                model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema), use_buffers=True)
+        self.scaler = StepGuard(self.device, self.precision)
+        self.ema = _EMA(model, config.ema) if config.ema is not None else None
         wrapped = distributed.wrap(model, self.device, sync_batchnorm=config.sync_batchnorm)
-        self.train_model = torch.compile(wrapped) if config.compile else wrapped
+        self.eager_model = wrapped
+        self.train_model = _compile(wrapped, self.device) if self.compile else wrapped
         self.generators = _generators(self.loader)
         # What a checkpoint records and a resume compares: the options that change the results.
-        self.run_config = {**config.recorded(), "steps_per_epoch": self.steps_per_epoch}
+        self.run_config = {**config.recorded(), **resolved, "steps_per_epoch": self.steps_per_epoch}
         if optimizer is not None:
             self.run_config["optimizer"] = type(optimizer).__name__
 
@@ -304,40 +366,65 @@ class Trainer:
         bar = tqdm(itertools.islice(self.loader, self.steps_per_epoch), total=self.steps_per_epoch,
                    desc=f"{self.recipe.name} epoch {epoch + 1}/{self.config.epochs}", disable=not show or not _dist.is_main(),
                    leave=False, file=sys.stderr)
+        skipped = self.scaler.skipped.zero_()
+        first_skipped = torch.full((), -1, dtype=torch.int64, device=self.device)
         started = time.perf_counter()
-        for index, item in enumerate(bar):
-            batch = as_batch(item, self.device)
-            if size is not None:
-                batch = resize(batch, (size, size))
-            try:
+        with contextlib.ExitStack() as unchecked:
+            for index, item in enumerate(bar):
+                if index == 1:  # the first batch was checked on the host; the others run without a sync
+                    unchecked.enter_context(no_host_checks())
+                batch = as_batch(item, self.device)
+                if size is not None:
+                    batch = resize(batch, (size, size))
                 out = self.train_step(batch, epoch)
-            except NonFiniteLossError as err:
-                kept = (f"the last good checkpoint {self.checkpoint_path} (after epoch {self.history[-1]['epoch']}) is intact"
-                        if self.writes and self.history else "no checkpoint was written yet")
-                raise NonFiniteLossError(f"{err} in epoch {epoch + 1}, batch {index}; training stopped, {kept}") from None
-            size = batch["label"].shape[0]
-            loss_sum += out.loss.detach().float() * size
-            correct += (out.logits.argmax(1) == batch["label"]).sum()
-            seen += size
+                count = batch["label"].shape[0]
+                loss_sum += out.loss.detach().float() * count
+                correct += (out.logits.argmax(1) == batch["label"]).sum()
+                first_skipped = torch.where((first_skipped < 0) & (skipped > 0), index, first_skipped)
+                seen += count
         seconds = time.perf_counter() - started
         # Summed over ranks on the device, read once (float64 holds float32 sums and counts exactly).
-        totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=self.device,
-                                                                                 dtype=torch.float64)])
-        loss_total, correct_total, seen = _dist.all_reduce_sum(totals).tolist()
+        totals = torch.stack([loss_sum.double(), correct.double(), skipped.double(),
+                              torch.tensor(float(seen), device=self.device, dtype=torch.float64)])
+        loss_total, correct_total, skipped_total, seen = _dist.all_reduce_sum(totals).tolist()
+        if skipped_total:
+            kept = (f"the last good checkpoint {self.checkpoint_path} (after epoch {self.history[-1]['epoch']}) is intact"
+                    if self.writes and self.history else "no checkpoint was written yet")
+            where = f", batch {int(first_skipped)}" if first_skipped >= 0 else ""  # this rank's first
+            raise NonFiniteLossError(
+                f"recipe {self.recipe.name!r}: the training loss was not finite in epoch {epoch + 1}{where} "
+                f"({int(skipped_total)} steps in all; their updates were skipped); training stopped, {kept}")
         return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_total / seen, "train_acc": correct_total / seen,
                 "seconds": seconds, "images_per_s": seen / seconds}
 
     def train_step(self, batch: dict, epoch: int) -> RecipeOutput:
         """One batch: the recipe's optimisation step through ``train_model``, the LR schedule's
         step and the EMA update."""
-        if self.config.channels_last:
+        if self.channels_last:
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-        out = self.recipe.train_step(self.train_model, batch, self.optimizer, epoch=epoch,
-                                     precision=self.config.precision, scaler=self.scaler)
+        if self.train_model is self.eager_model:
+            out = self._recipe_step(self.eager_model, batch, epoch)
+        else:
+            if self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
+            try:
+                out = self._recipe_step(self.train_model, batch, epoch)
+            except Exception as err:  # noqa: BLE001 — whatever compiling raised; the eager retry tells
+                # If the same step runs eagerly, compiling (or capturing) was what failed: stay eager.
+                # If it does not, the eager step raises the model's own error.
+                out = self._recipe_step(self.eager_model, batch, epoch)
+                self.train_model = self.eager_model
+                said = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+                log.warning("torch.compile failed on this model (%s: %.300s); training continues without compiling",
+                            type(err).__name__, said)
         self.scheduler.step()
         if self.ema is not None:
-            self.ema.update_parameters(self.model)
+            self.ema.update()
         return out
+
+    def _recipe_step(self, model: nn.Module, batch: dict, epoch: int) -> RecipeOutput:
+        return self.recipe.train_step(model, batch, self.optimizer, epoch=epoch, precision=self.precision,
+                                      scaler=self.scaler)
 
     def evaluate(self) -> dict:
         """Metrics of :attr:`evaluated` on ``eval_data`` ({} without it): clean_acc, robust_acc
@@ -414,7 +501,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT, "config": self.run_config, "epoch": self.epoch, "world_size": self.world_size,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "recipe_state": self.recipe.state_dict(), "rng": capture_rng(self.generators),
             "history": self.history, "best": self.best,
@@ -431,7 +518,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None:
+        if state["scaler"] is not None:  # None: written before every run had a StepGuard
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])

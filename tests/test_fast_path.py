@@ -1,0 +1,265 @@
+"""The fast training path (issue 8): sync-free steps, NaN steps skipped on the device, the compiled
+step and its fallback, the device defaults. Tests with ``cuda`` in their names need a GPU
+(scripts/gpu_check.sh selects them with ``-k cuda``); they are skipped here."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastsat.train as T
+from fastsat.data import shapes
+from fastsat.train import trainer as trainer_module
+from fastsat.train.checkpoint import load_checkpoint
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(16, 3))
+
+
+DATA = shapes(48, size=12, num_classes=3, seed=0, cache_dir=False)
+# Cheap settings of the recipes whose defaults are slow (steps, replays); the rest take their defaults.
+CHEAP = {"pgd": {"steps": 2}, "trades": {"steps": 2}, "free": {"replays": 2}, "sat+pgd": {"steps": 2},
+         "sat+trades": {"steps": 2}}
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of tensor values on the host: aten._local_scalar_dense (.item(), bool(t),
+    int(t), float(t)) plus .tolist() and .numpy(), which do not dispatch."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.count = 0
+        self.armed = False
+        for name in ("tolist", "numpy"):
+            real = getattr(torch.Tensor, name)
+
+            def counted(t, *args, _real=real, **kwargs):
+                self.count += self.armed
+                return _real(t, *args, **kwargs)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += self.armed
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", sorted(T.RECIPES))
+def test_a_steady_state_epoch_reads_the_device_at_most_four_times(name, monkeypatch):
+    # "Steady state": the second epoch, after its first batch (which the trainer checks on the host
+    # with every check on: input range, labels, boxes). From there to the epoch's record, logging
+    # included, a step must not wait for the device; the epoch-end read of the sums is one.
+    config = T.TrainConfig(recipe=name, recipe_options=CHEAP.get(name, {}), epochs=2, batch_size=8, progress=False,
+                           ema=0.9, early_stop_drop=None)
+    trainer = T.Trainer(tiny_model(), DATA, config)
+    trainer.restore()
+    trainer.train_epoch(0)
+    reads = HostReads(monkeypatch)
+    real_step = trainer.train_step
+
+    def step(batch, epoch):
+        out = real_step(batch, epoch)
+        reads.armed = True  # from the end of the first (checked) batch on
+        return out
+
+    trainer.train_step = step
+    with reads:
+        record = trainer.train_epoch(1)
+    assert trainer.steps_per_epoch == 6 and record["train_loss"] > 0
+    print(f"{name}: {reads.count} host reads")
+    assert reads.count <= 4, f"{name}: {reads.count} host reads in a steady-state epoch of 5 steps"
+
+
+def test_the_sync_counter_sees_a_sync_per_step():
+    # The counter can fail: without no_host_checks() every attack checks its input range (a sync).
+    config = T.TrainConfig(recipe="pgd", recipe_options={"steps": 2}, epochs=1, batch_size=8, progress=False)
+    trainer = T.Trainer(tiny_model(), DATA, config)
+    trainer.restore()
+    batch = next(iter(trainer.loader))
+    with HostReads(pytest.MonkeyPatch()) as reads:
+        reads.armed = True
+        trainer.train_step(batch, 0)
+    assert reads.count >= 1
+
+
+class NaNAt(T.Standard):
+    """standard, with a NaN loss at one batch (epoch 1 — the second —, batch 2)."""
+
+    calls = 0
+
+    def loss(self, model, batch, *, epoch=0):
+        out = super().loss(model, batch, epoch=epoch)
+        NaNAt.calls += 1
+        return out._replace(loss=out.loss * float("nan")) if (epoch, NaNAt.calls) == (1, 9) else out
+
+
+def test_a_nan_loss_skips_its_update_on_the_device_and_stops_at_the_epoch_end(tmp_path):
+    NaNAt.calls = 0
+    model = tiny_model()
+    config = T.TrainConfig(recipe="standard", epochs=3, batch_size=8, lr=0.05, out_dir=str(tmp_path), progress=False)
+    trainer = T.Trainer(model, DATA, config, recipe=NaNAt())
+    real_step = trainer.train_step
+    around = []
+
+    def step(batch, epoch):
+        before = [p.detach().clone() for p in model.parameters()]
+        out = real_step(batch, epoch)
+        around.append((before, [p.detach().clone() for p in model.parameters()], bool(torch.isfinite(out.loss))))
+        return out
+
+    trainer.train_step = step
+    with pytest.raises(T.NonFiniteLossError, match=r"in epoch 2, batch 2 \(1 steps.*checkpoint.*after epoch 1\) is intact"):
+        trainer.fit()
+    # The run went on to the end of the epoch (12 steps), then stopped before checkpointing it.
+    assert len(around) == 12
+    bad = [i for i, (_, _, finite) in enumerate(around) if not finite]
+    assert bad == [8]
+    before, after, _ = around[8]
+    assert all(torch.equal(a, b) for a, b in zip(before, after)), "the NaN step changed the weights"
+    assert not all(torch.equal(a, b) for a, b in zip(*around[9][:2])), "the steps after the NaN one were not taken"
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_step_guard_skips_a_non_finite_loss_even_with_finite_gradients():
+    # loss = inf·(nothing reaching the weights) + CE: the weights' gradients are finite, yet the
+    # step must not be taken (the scaled loss is multiplied by NaN).
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    guard = T.StepGuard("cpu")
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = nn.functional.cross_entropy(model(torch.randn(3, 4)), torch.tensor([0, 1, 0])) + torch.tensor(float("inf"))
+    opt.zero_grad()
+    guard.scale(loss).backward()
+    guard.step(opt)
+    guard.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert int(guard.skipped) == 1
+
+
+@pytest.mark.parametrize("name", ["pgd", "sat"])
+def test_a_compiled_epoch_gives_the_eager_losses(name):
+    # The same seeds, the same batches: torch.compile (inductor on the CPU) may reorder float
+    # sums, so the losses agree to 1e-4 relative, not bitwise.
+    losses = {}
+    for compiled in (False, True):
+        config = T.TrainConfig(recipe=name, recipe_options=CHEAP.get(name, {}), epochs=1, batch_size=16,
+                               compile=compiled, progress=False)
+        trainer = T.Trainer(tiny_model(), DATA, config)
+        trainer.restore()
+        steps = []
+        trainer.train_step = _recording(trainer.train_step, steps)
+        trainer.train_epoch(0)
+        assert (trainer.train_model is trainer.eager_model) is not compiled
+        losses[compiled] = torch.tensor(steps)
+    assert torch.allclose(losses[True], losses[False], rtol=1e-4, atol=1e-6), losses
+
+
+def _recording(step, into):
+    def run(batch, epoch):
+        out = step(batch, epoch)
+        into.append(out.loss.item())
+        return out
+    return run
+
+
+def test_a_failing_compile_falls_back_to_eager_and_says_so_once(monkeypatch, caplog):
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(trainer_module, "_compile", lambda module, device: torch.compile(module, backend=failing_backend))
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="fastsat.train"):
+        result = T.fit(tiny_model(), DATA, recipe="pgd", recipe_options={"steps": 2}, epochs=2, batch_size=16,
+                       compile=True, progress=False)
+    assert len(result.history) == 2
+    messages = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert len(messages) == 1 and "no compiler here" in messages[0], messages
+
+
+def test_device_defaults_are_fp32_and_eager_on_the_cpu_and_fast_on_cuda():
+    auto = T.TrainConfig()
+    assert trainer_module.device_defaults(auto, torch.device("cpu")) == {
+        "precision": "fp32", "channels_last": False, "compile": False}
+    assert trainer_module.device_defaults(auto, torch.device("cuda")) == {
+        "precision": "bf16", "channels_last": True, "compile": True}
+    chosen = T.TrainConfig(precision="fp32", channels_last=False, compile=False)
+    assert trainer_module.device_defaults(chosen, torch.device("cuda")) == {
+        "precision": "fp32", "channels_last": False, "compile": False}
+    trainer = T.Trainer(tiny_model(), DATA, T.TrainConfig(epochs=1, batch_size=8, progress=False))
+    assert (trainer.precision, trainer.channels_last, trainer.compile) == ("fp32", False, False)
+    assert trainer.run_config["precision"] == "fp32"  # the resolved value is what a resume compares
+    assert all(group.get("fused") for group in trainer.optimizer.param_groups)
+
+
+def test_training_attacks_leave_the_model_as_found_without_freezing_it():
+    # perturb() keeps requires_grad (autocast's weight cache) and writes no parameter .grad.
+    from fastsat.attacks import PGD
+
+    model = tiny_model().train()
+    seen = []
+    model[0].register_forward_pre_hook(lambda m, args: seen.append(m.weight.requires_grad))
+    x, y = DATA.images[:4].float() / 255, DATA.labels[:4]
+    PGD(model, steps=2).perturb(x, y)
+    assert seen == [True, True]
+    assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_padded_crop_does_not_read_offsets_back():
+    from fastsat.data import Augment
+
+    batch = {"image": torch.rand(4, 3, 8, 8), "label": torch.zeros(4, dtype=torch.long),
+             "box": torch.tensor([[1, 1, 5, 5]] * 4)}
+    with HostReads(pytest.MonkeyPatch()) as reads:
+        reads.armed = True
+        Augment(padding=2)(batch, torch.Generator().manual_seed(0))
+    assert reads.count == 0
+
+
+# --- CUDA only (scripts/gpu_check.sh: -k cuda) ---------------------------------------------------
+
+def _cuda_trainer(name="pgd", **options):
+    config = T.TrainConfig(recipe=name, recipe_options=CHEAP.get(name, {}), epochs=2, batch_size=16, progress=False,
+                           **options)
+    return T.Trainer(tiny_model().cuda(), DATA, config)
+
+
+@cuda
+@pytest.mark.parametrize("name", ["pgd", "sat", "standard"])
+def test_cuda_steady_state_steps_do_not_sync(name):
+    from fastsat._checks import no_host_checks
+
+    trainer = _cuda_trainer(name)
+    trainer.restore()
+    trainer.train_epoch(0)  # compiles, captures and checks
+    batches = list(trainer.loader)[1:-1] or list(trainer.loader)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with no_host_checks():
+            for batch in batches:
+                trainer.train_step(batch, 1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+@cuda
+def test_cuda_compiled_step_is_captured_as_cuda_graphs():
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    trainer = _cuda_trainer("pgd")
+    assert trainer.compile and trainer.precision == "bf16" and trainer.channels_last
+    trainer.restore()
+    trainer.train_epoch(0)
+    assert trainer.train_model is not trainer.eager_model, "compiling failed and the run fell back to eager"
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
