@@ -33,7 +33,7 @@ from fastsat._checks import choice, flag, number, path, positive_int, seed
 from fastsat._io import atomic_save, atomic_write_text
 from fastsat.alignment import ALIGNMENT_TARGETS
 from fastsat.demo import _FULL, _QUICK, DEMO_RECIPES, run_demo
-from fastsat.evaluate import ATTACKS, evaluate
+from fastsat.evaluate import ATTACKS, SUITES, evaluate
 from fastsat.models import default_cam_layer
 from fastsat.report import analyze, saliency_grid
 from fastsat.train import (
@@ -162,6 +162,9 @@ _EVALUATE = inspect.signature(evaluate).parameters
 
 @dataclass(frozen=True)
 class EvalOptions:
+    suite: str = option(_EVALUATE["suite"].default, "quick: the attacks below; standard: also AutoAttack at each ε; paper: "
+                        "also the SAT authors' PGD-5 at 1..8/255 and CW L2 (both with gradient-masking checks)",
+                        choices=SUITES)
     eps: Sequence[float] = option(factory=lambda: list(_EVALUATE["eps"].default), help="radii in pixel units, comma-separated",
                               check=_each(functools.partial(number, minimum=0)))
     attacks: Sequence[str] = option(factory=lambda: list(_EVALUATE["attacks"].default), help="attacks, comma-separated",
@@ -438,12 +441,20 @@ def _trained(command: str, cfg: dict):
 def cmd_eval(cfg: dict) -> dict:
     parts, model, test_set, _ = _trained("eval", cfg)
     options: EvalOptions = parts[EvalOptions]
-    report = evaluate(model, test_set, eps=options.eps, attacks=options.attacks, steps=options.steps,
+    report = evaluate(model, test_set, suite=options.suite, eps=options.eps, attacks=options.attacks, steps=options.steps,
                       restarts=options.restarts, batch_size=options.batch_size, max_samples=options.max_samples)
-    print(f"clean accuracy {report['clean_acc']:.4f} on {report['n']} images")
-    for name, rows in report["attacks"].items():
-        for row in rows:
-            print(f"{name:9s} eps {row['eps'] * 255:6.2f}/255  robust accuracy {row['acc']:.4f}")
+    print(f"clean accuracy {report['clean_acc']:.4f} on {report['n']} images ({report['points_per_s']:.1f} images/s)")
+    rows = [(name, row) for name, attack_rows in report["attacks"].items() for row in attack_rows]
+    rows += [("autoattack", row) for row in report.get("standard", [])]
+    rows += [("paper-pgd5", row) for row in report.get("paper", {}).get("pgd", [])]
+    for name, row in rows:
+        print(f"{name:10s} eps {row['eps'] * 255:6.2f}/255  robust accuracy {row['acc']:.4f}")
+    if "paper" in report:
+        print("cw-l2      robust accuracy {acc:.4f} at L2 {eps:g}, median minimal L2 {median_l2}".format(**report["paper"]["cw"]))
+    if "masking" in report:
+        print("gradient-masking flags: " + (", ".join(report["masking"]["flags"]) or "none"))
+        for flag_name in report["masking"]["flags"]:
+            print(f"  {flag_name}: {report['masking']['checks'][flag_name]['meaning']}")
     if options.out:
         atomic_write_text(Path(options.out), json.dumps(report, indent=1))
     return report
