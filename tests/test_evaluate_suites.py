@@ -6,6 +6,7 @@ it is installed."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import warnings
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastsat import cli
 from fastsat.attacks import APGD, APGDT, FAB, Square
 from fastsat.evaluate import MEANINGS, MaskingChecks, PaperSuite, StandardSuite, _standard_attacks, evaluate
 
@@ -247,3 +249,29 @@ def test_standard_suite_is_at_least_as_strong_as_torchattacks_autoattack():
     with torch.no_grad():
         theirs = (model(x_adv).argmax(1) == y).double().mean().item()
     assert ours <= theirs, f"fastsat standard suite {ours:.4f} vs torchattacks AutoAttack {theirs:.4f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# fastsat eval --suite
+
+
+def test_cli_eval_suite_option_reaches_evaluate_and_prints_the_flags(tmp_path, monkeypatch, capsys):
+    assert vars(cli.build_parser().parse_args(["eval", "--suite", "standard"]))["suite"] == "standard"
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["eval", "--suite", "standrad"])
+    seen = []
+
+    def small(model, data, *, suite, **kwargs):  # the protocol's budgets would take minutes here
+        seen.append(suite)
+        return _quiet(model, data, suite=SMALL_PAPER if suite == "paper" else suite, **kwargs)
+
+    monkeypatch.setattr(cli, "evaluate", small)
+    out = tmp_path / "eval.json"
+    status = cli.main(["eval", "--suite", "paper", "--n-train", "16", "--n-test", "8", "--image-size", "12",
+                       "--num-classes", "4", "--model", "madrycnn", "--width", "4", "--device", "cpu",
+                       "--eps", "8/255", "--steps", "2", "--out", str(out)])
+    assert status == 0 and seen == ["paper"]
+    report = json.loads(out.read_text())
+    assert report["suite"] == "paper" and len(report["paper"]["pgd"]) == 8
+    printed = capsys.readouterr().out
+    assert "paper-pgd5" in printed and "gradient-masking flags:" in printed and "cw-l2" in printed
