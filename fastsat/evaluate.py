@@ -44,7 +44,7 @@ from fastsat.data import AnnotatedDataset, ShardDataset, as_batch, loader, make_
 from fastsat.grad import frozen
 from fastsat.ops import NORMS
 
-__all__ = ["ATTACKS", "SUITES", "MaskingChecks", "PaperSuite", "StandardSuite", "evaluate"]
+__all__ = ["ATTACKS", "MEANINGS", "SUITES", "MaskingChecks", "PaperSuite", "StandardSuite", "evaluate"]
 
 ATTACKS = ("pgd", "apgd-ce", "apgd-dlr")
 SUITES = ("quick", "standard", "paper")
@@ -285,11 +285,23 @@ def evaluate(
           per ε the robust accuracy after each attack in turn (``acc``: after all four);
         - ``paper``: ``{"pgd": [{"eps", "acc"}, ...], "cw": {"eps", "acc", "median_l2",
           "mean_l2", "found"}}``: CW's robust accuracy at the L2 radius ``eps``, the median over
-          all points of the smallest L2 perturbation found (0 for misclassified points, None if
-          CW failed on half of them), its mean over the points CW broke and the share it broke;
+          all points of the smallest L2 perturbation found (pixel units; 0 for misclassified
+          points, inf where CW found none; None if that median is inf), its mean over the points
+          with one (misclassified points included, at 0; None if none) and the share of those;
         - ``masking``: ``{"flags": [names raised], "checks": {name: {"flagged", "meaning",
-          ...evidence}}}`` for the checks "gradient_free", "large_eps", "convergence" and
-          "zero_gradients" (:data:`MEANINGS`).
+          ...evidence}}}`` for the checks (:data:`MEANINGS`, :class:`MaskingChecks`), run at the
+          suite's main ε (standard: the largest of ``eps``; paper: 8/255), each flagged when its
+          difference exceeds ``tolerance``:
+          "gradient_free" — the share of all points the standard suite's Square broke after the
+          gradient attacks (``gradient_acc`` − ``square_acc``), or the share of the check
+          subset the paper suite's PGD-5 left robust and Square breaks (``square_broke``);
+          "large_eps" — robust accuracy of the main attack (APGD-CE; paper: PGD-5 with its step
+          scaled to the radius) at ``eps`` = large_eps (L2: ×√d) on the check subset;
+          "convergence" — the suite's robust accuracy ``acc`` on the check subset and what is
+          left when the main attack with ``factor``× the steps (``acc_more_steps``) or restarts
+          (``acc_more_restarts``) is run on the points it left robust;
+          "zero_gradients" — the share of all points whose predicted logit has an all-zero
+          input gradient. Shares of the check subset are of its correctly classified ``points``.
 
         ``alignment`` / ``cosine``: means over samples of α (pixel units) and its cosine at the
         clean x for the predicted logit's gradient (a sample with a zero gradient counts as 0).
@@ -334,7 +346,11 @@ def evaluate(
     main_eps = (max(settings.eps) if isinstance(settings, PaperSuite) else max(eps)) if settings is not None else 0.0
     for x, y, offset in _local_batches(data, batch_size, max_samples, device):
         with frozen(model, "eval"), torch.no_grad():
-            correct = model(x).argmax(1) == y
+            logits = model(x)
+        if isinstance(settings, StandardSuite) and logits.shape[1] < 4:
+            raise ValueError(f"suite: 'standard' runs APGD-T, whose targeted DLR loss needs at least 4 classes; the model "
+                             f"has {logits.shape[1]}")
+        correct = logits.argmax(1) == y
         add("n", torch.ones_like(y))
         add("clean", correct)
         stats = saliency_alignment(model, x, target="predicted", mode="eval")

@@ -208,6 +208,9 @@ def test_suite_arguments_are_checked():
         MaskingChecks(tolerance=2)
     with pytest.raises(TypeError, match="checks"):
         StandardSuite(checks={"subset": 3})
+    three = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        evaluate(three, (x.float(), y % 3), suite=SMALL_STANDARD, eps=[0.02])
 
 
 # ---------------------------------------------------------------------------------------------
