@@ -1,4 +1,4 @@
-"""The ``fastsat`` command: ``fastsat train | eval | saliency | analyze | demo``.
+"""The ``fastsat`` command: ``fastsat train | eval | saliency | analyze | demo | data pack``.
 
 Every command reads its settings from built-in defaults, then an optional YAML file
 (``--config run.yaml``, keys spelled as the options with underscores), then the command line;
@@ -83,12 +83,18 @@ def _root(options: DataOptions) -> Path:
     return Path(options.data_dir)
 
 
+def _shards(options: DataOptions) -> tuple:
+    root = _root(options)
+    return data.shards(root / "train", size=options.image_size), data.shards(root / "val", size=options.image_size)
+
+
 DATASETS: dict[str, Callable] = {
     "shapes": _shapes,
     "cifar10": _cifar(data.cifar10),
     "cifar100": _cifar(data.cifar100),
     "tiny_imagenet": _tiny_imagenet,
     "imagefolder": _image_folder,
+    "shards": _shards,
 }
 
 
@@ -99,12 +105,17 @@ def _each(check: Callable) -> Callable:
     return lambda values, name: [check(value, name) for value in values]
 
 
+def _optional_seed(value: object, name: str) -> int | None:
+    return None if value is None else seed(value, name)
+
+
 @dataclass(frozen=True)
 class DataOptions:
     dataset: str = option("shapes", "data set: the built-in synthetic shapes, or files in --data-dir",
                           choices=tuple(DATASETS))
     data_dir: str | None = option(None, "directory of the data set's files (cifar: the batches folder; imagefolder: "
-                                  "with train/ and val/ class folders)", check=functools.partial(path, allow_none=True))
+                                  "with train/ and val/ class folders; shards: with train/ and val/ written by "
+                                  "`fastsat data pack`)", check=functools.partial(path, allow_none=True))
     n_train: int = option(5000, "shapes: training images (count)", check=positive_int)
     n_test: int = option(1000, "shapes: test images (count)", check=positive_int)
     image_size: int = option(32, "image side in pixels (images are resized to it)", check=positive_int)
@@ -121,6 +132,9 @@ class ModelOptions:
                         choices=tuple(models.names()))
     width: int | None = option(None, "channels of the first stage; None: the model's default",
                                check=functools.partial(positive_int, allow_none=True))
+    stem: str | None = option(None, "resnet* only: cifar (3x3 conv, stride 1: 32 px inputs) or imagenet (7x7 conv, "
+                              "stride 2, max-pool: 224 px inputs); None: the model's default (cifar)",
+                              choices=("cifar", "imagenet"))
 
     def __post_init__(self):
         validate(self)
@@ -328,15 +342,25 @@ def _converter(spec: Spec) -> Callable[[str], object]:
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of every command, generated from :func:`command_specs`."""
     parser = argparse.ArgumentParser(prog="fastsat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    tops = dict.fromkeys(name.split()[0] for name in COMMANDS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(tops) + "}")
+    groups = {}  # "data" -> the sub-parsers of `fastsat data ...`
     for name, command in COMMANDS.items():
-        cmd = sub.add_parser(name, help=command.summary, description=command.summary)
+        top, _, action = name.partition(" ")
+        if action:
+            if top not in groups:
+                groups[top] = sub.add_parser(top, help=f"{top} commands").add_subparsers(dest="action", required=True)
+            cmd = groups[top].add_parser(action, help=command.summary, description=command.summary)
+        else:
+            cmd = sub.add_parser(name, help=command.summary, description=command.summary)
         cmd.add_argument("--config", type=Path, default=argparse.SUPPRESS,
                          help="YAML file of settings (keys as the options below, with underscores); the command line overrides it")
         for spec in command_specs(name):
             flag = "--" + spec.name.replace("_", "-")
             kinds = _kinds(spec.type)
-            if kinds == [bool]:
+            if spec.name in command.positional:
+                cmd.add_argument(spec.name, type=_converter(spec), help=spec.help, metavar=spec.name.upper())
+            elif kinds == [bool]:
                 cmd.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=_help(spec))
             elif bool in kinds:  # a switch or a value (resume: true, or a checkpoint's path)
                 cmd.add_argument(flag, nargs="?", const=True, type=_converter(spec), default=argparse.SUPPRESS,
@@ -367,7 +391,7 @@ def _num_classes(dataset) -> int:
 
 def _model(options: ModelOptions, train_set) -> torch.nn.Module:
     """A fresh model for ``train_set``'s classes, normalising with its statistics (``.mean``/``.std``)."""
-    kwargs = {} if options.width is None else {"width": options.width}
+    kwargs = {key: getattr(options, key) for key in ("width", "stem") if getattr(options, key) is not None}
     return models.create(options.model, num_classes=_num_classes(train_set), mean=train_set.mean, std=train_set.std,
                          **kwargs)
 
@@ -377,8 +401,11 @@ def _trained_model(options: ModelOptions, train_set, device: torch.device, check
     if checkpoint:
         state = load_checkpoint(checkpoint)
         # A run trained with --ema was evaluated (and chose best.pt) on the averaged weights: use them.
+        # (The average is the model's own state dict; older checkpoints held torch's AveragedModel's, "module."-prefixed.)
         ema = state.get("ema")
-        weights = state["model"] if ema is None else {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+        if ema is not None and "n_averaged" in ema:
+            ema = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+        weights = state["model"] if ema is None else ema
         model.load_state_dict(weights)
     else:
         log.warning("no --checkpoint given: using an untrained %s", options.model)
@@ -492,11 +519,40 @@ def cmd_demo(cfg: dict) -> dict:
     return {"report": str(report)}
 
 
+_PACK = inspect.signature(data.pack_shards).parameters
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    source: str = option(None, "an ImageFolder directory <class>/<image> (positional)", check=path)
+    out_dir: str = option(None, "where the tar shards and index.json go (positional)", check=path)
+    shard_size: int = option(_PACK["shard_size"].default, "samples per tar shard (count)", check=positive_int)
+    boxes: str | None = option(_PACK["boxes"].default, "directory of PASCAL VOC XML boxes, <stem>.xml per image (flat or in <class>/)",
+                               check=functools.partial(path, allow_none=True))
+    masks: str | None = option(_PACK["masks"].default, "directory of <stem>.png segmentation masks",
+                               check=functools.partial(path, allow_none=True))
+    missing_boxes: str = option(_PACK["missing_boxes"].default, "an image without a box file: leave it out, fail, or "
+                                "give it the full image as its box", choices=("skip", "error", "full"))
+    seed: int | None = option(_PACK["seed"].default, "samples are written in a random order seeded with it; None: "
+                              "the source's order", check=_optional_seed)
+
+    def __post_init__(self):
+        validate(self)
+
+
+def cmd_pack(cfg: dict) -> dict:
+    options = _sections("data pack", cfg)[PackOptions]
+    index = data.pack_shards(**{f.name: getattr(options, f.name) for f in fields(PackOptions)})
+    print(f"wrote {index}")
+    return {"index": str(index)}
+
+
 @dataclass(frozen=True)
 class Command:
     summary: str
     sections: tuple[type, ...]  # the option dataclasses, in --help order
     run: Callable[[dict], dict]
+    positional: tuple[str, ...] = ()  # options given by position, in order (required)
 
 
 _TRAINED = (DataOptions, ModelOptions, DeviceOptions, CheckpointOptions)
@@ -508,6 +564,8 @@ COMMANDS: dict[str, Command] = {
     "analyze": Command("the Etmann alignment/robustness table and plots", (*_TRAINED, AnalyzeOptions), cmd_analyze),
     "demo": Command("train six recipes briefly on the shapes data and write runs/demo/report.md/.html",
                     (DemoOptions,), cmd_demo),
+    "data pack": Command("write an ImageFolder (+ VOC boxes / masks) as tar shards for `--dataset shards`",
+                         (PackOptions,), cmd_pack, positional=("source", "out_dir")),
 }
 
 
@@ -515,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastsat`` console script. Returns the exit status."""
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
+    if "action" in args:  # fastsat data pack ...
+        command = f"{command} {args.pop('action')}"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         path = args.pop("config", None)

@@ -1,11 +1,15 @@
 """The fastsat command line: config files, overrides, --help, and a tiny end-to-end train/eval."""
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from fastsat import cli
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def test_config_then_command_line_overrides(tmp_path):
@@ -46,13 +50,14 @@ def test_bad_config_is_reported(tmp_path):
 @pytest.mark.parametrize("command", list(cli.COMMANDS))
 def test_help_lists_every_option_with_its_default(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main([command, "--help"])
+        cli.main([*command.split(), "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
+    positional = cli.COMMANDS[command].positional
     for option in cli.command_specs(command):
-        flag = "--" + option.name.replace("_", "-")
+        flag = option.name.upper() if option.name in positional else "--" + option.name.replace("_", "-")
         assert flag in text, f"{command}: {flag} missing from --help"
-    assert text.count("(default:") >= len(cli.command_specs(command))
+    assert text.count("(default:") >= len(cli.command_specs(command)) - len(positional)
 
 
 def test_demo_help_states_the_demo_sizes():
@@ -116,10 +121,11 @@ def test_a_checkpoint_with_ema_loads_the_averaged_weights(tmp_path):
     torch.manual_seed(0)
     model = cli._model(options, train_set)
     train.fit(model, train_set, recipe="standard", epochs=1, batch_size=16, ema=0.5, out_dir=tmp_path, progress=False)
-    ema = train.load_checkpoint(tmp_path / "checkpoint.pt")["ema"]
+    saved = train.load_checkpoint(tmp_path / "checkpoint.pt")["ema"]
+    ema = {k.removeprefix("module."): v for k, v in saved.items() if k != "n_averaged"}  # either checkpoint layout
     loaded = cli._trained_model(options, train_set, torch.device("cpu"), str(tmp_path / "checkpoint.pt")).state_dict()
     for key, value in loaded.items():
-        assert torch.equal(value, ema["module." + key]), f"{key}: loaded weights differ from the EMA's"
+        assert torch.equal(value, ema[key]), f"{key}: loaded weights differ from the EMA's"
     assert any(not torch.equal(v, model.state_dict()[k]) for k, v in loaded.items()), "EMA equals the raw weights: the test cannot tell"
 
 
@@ -143,3 +149,80 @@ def test_models_normalise_with_the_training_sets_statistics(tmp_path):
     model = cli._trained_model(cli.ModelOptions(model="madrycnn", width=4), train_set, torch.device("cpu"),
                                str(out / "checkpoint.pt"))
     assert model.normalize.enabled
+
+
+def _image_folder(root: Path, per_class: int) -> Path:
+    """An ImageFolder of 32x32 JPEGs: two classes (dark and bright images), ``per_class`` each."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for label, name in enumerate(("dark", "bright")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(32, 32, 3, generator=generator) * 120 + 120 * label).to(torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / name / f"{name}{i}.jpg")
+    return root
+
+
+def test_data_pack_then_train_on_the_shards(tmp_path):
+    for split, count in (("train", 5), ("val", 2)):
+        _image_folder(tmp_path / "images" / split, count)
+        assert cli.main(["data", "pack", str(tmp_path / "images" / split), str(tmp_path / "shards" / split),
+                         "--shard-size", "4"]) == 0
+    index = json.loads((tmp_path / "shards" / "train" / "index.json").read_text())
+    assert index["count"] == 10 and [s["count"] for s in index["shards"]] == [4, 4, 2]
+    assert index["classes"] == ["bright", "dark"]
+    out = tmp_path / "run"
+    assert cli.main(["train", "--dataset", "shards", "--data-dir", str(tmp_path / "shards"), "--image-size", "16",
+                     "--model", "madrycnn", "--width", "4", "--recipe", "fast", "--epochs", "1", "--batch-size", "5",
+                     "--eval-steps", "1", "--device", "cpu", "--no-progress", "--out-dir", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["images_per_s"] > 0
+
+
+def test_data_pack_refuses_bad_options(tmp_path, capsys):
+    assert cli.main(["data", "pack", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["data", "pack", str(tmp_path), str(tmp_path / "out"), "--missing-boxes", "drop"])
+    assert "missing_boxes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", sorted((CONFIGS / "fast-at").glob("*.yaml")), ids=lambda p: p.stem)
+def test_fast_at_configs_train_end_to_end(config, tmp_path):
+    # The repository's ResNet-50 Fast-AT configs as they are, on a fixture ImageFolder: only the data,
+    # the length, the width and what a CPU cannot do (fp16) are overridden.
+    _image_folder(tmp_path / "images" / "train", 4)
+    _image_folder(tmp_path / "images" / "val", 2)
+    settings = yaml.safe_load(config.read_text())
+    assert settings["model"] == "resnet50" and settings["recipe"] == "fast" and settings["resize_schedule"]
+    out = tmp_path / "run"
+    assert cli.main(["train", "--config", str(config), "--dataset", "imagefolder", "--data-dir", str(tmp_path / "images"),
+                     "--image-size", "32", "--epochs", "2", "--batch-size", "4", "--width", "4", "--precision", "fp32",
+                     "--eval-steps", "1", "--device", "cpu", "--no-progress", "--out-dir", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["resize_schedule"] == settings["resize_schedule"].split(",") and saved["stem"] == "imagenet"
+
+
+def test_progressive_resizing_feeds_each_phase_its_size():
+    from fastsat import data, models, train
+
+    model = models.create("madrycnn", num_classes=3, width=4, hidden=16)
+    sizes = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(tuple(args[0].shape[-2:])) if module.training else None)
+    train_set = data.shapes(8, size=12, num_classes=3, seed=0, cache_dir=False)
+    train.fit(model, train_set, recipe="standard", epochs=3, batch_size=4, resize_schedule=["0:6", "2:16"], progress=False)
+    assert sizes == [(6, 6)] * 4 + [(16, 16)] * 2  # 2 batches per epoch: epochs 1-2 at 6 px, epoch 3 at 16 px
+
+
+def test_resize_schedule_is_checked():
+    from fastsat.train import TrainConfig
+
+    for bad in (["6:128"], ["0:128", "0:224"], ["0:0"], ["0-128"]):
+        with pytest.raises(ValueError, match="resize_schedule"):
+            TrainConfig(resize_schedule=bad)
+    with pytest.raises(TypeError, match="resize_schedule"):
+        TrainConfig(resize_schedule="0:128")
+    assert TrainConfig(resize_schedule=["0:128", "6:224"]).image_size(5) == 128
+    assert TrainConfig(resize_schedule=["0:128", "6:224"]).image_size(6) == 224
