@@ -262,3 +262,31 @@ def test_torchrun_environment_is_read(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert not distributed.launched()
     assert distributed.setup("cpu") == torch.device("cpu")
+
+
+def test_a_user_dataloaders_distributed_sampler_follows_the_epoch():
+    seen = []
+
+    class Sampler(torch.utils.data.DistributedSampler):
+        def set_epoch(self, epoch):
+            seen.append(epoch)
+            super().set_epoch(epoch)
+
+    images = torch.rand(16, 3, 12, 12)
+    dataset = torch.utils.data.TensorDataset(images, torch.arange(16) % 3)
+    sampler = Sampler(dataset, num_replicas=2, rank=0, shuffle=True, seed=0)
+    batches = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler)
+    T.fit(madry(), batches, recipe="standard", epochs=3, progress=False)
+    assert seen == [0, 1, 2]
+
+
+def test_each_rank_augments_with_its_own_stream():
+    from fastsat.data import loader
+
+    def stream(rank, world_size):
+        batches = loader(train, batch_size=8, augment=True, seed=3, rank=rank, world_size=world_size)
+        return torch.rand(6, generator=batches._next_epoch()[2])
+
+    assert torch.equal(stream(0, 2), stream(0, 1))  # rank 0 keeps the single-process stream
+    assert not torch.equal(stream(1, 2), stream(0, 2))
+    assert torch.equal(stream(1, 2), stream(1, 2))  # and every stream follows the seed

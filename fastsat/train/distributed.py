@@ -19,6 +19,11 @@ What the trainer does with a process group of more than one rank:
   SAT noise) from (seed, epoch, rank) at every epoch, so streams differ across ranks, are
   reproducible from the seed, and a resume — at any world size — needs nothing rank-specific;
 - rank 0 alone writes checkpoints and logs; the others wait at a barrier.
+
+A script that calls :func:`fastsat.train.fit` under torchrun may call :func:`teardown` at its end
+(``fastsat train`` does); the trainer joins the group but leaves it open for the caller's own
+evaluation. A user DataLoader is used as it is: give it a ``DistributedSampler`` (the trainer calls
+its ``set_epoch``) and its per-rank batch size.
 """
 
 from __future__ import annotations
