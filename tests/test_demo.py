@@ -89,3 +89,36 @@ def test_the_sat_verdict_follows_the_numbers_not_the_wording():
     results = {"standard": run("standard", 0.90, 0.10), "sat-masks": run("sat", 0.90, 0.12)}
     assert demo.sat_verdicts(results, demo.findings(results, 200)) == {"sat-masks": "indistinguishable"}
     assert demo.sat_verdicts(results, demo.findings(results, 20000)) == {"sat-masks": "higher"}
+
+
+def test_the_noise_only_control_is_compared_with_the_sat_runs_only():
+    results = {
+        "standard": run("standard", 0.90, 0.10),
+        demo.CONTROL: {**run("sat", 0.88, 0.25), "control": True},
+        "sat-boxes": run("sat", 0.88, 0.40),   # +15 points over the control, 2 SE ≈ 9.1 → higher
+        "sat-masks": run("sat", 0.88, 0.27),   # +2 points → indistinguishable
+        "pgd": run("pgd", 0.70, 0.45),
+    }
+    found = demo.findings(results, 200)
+    against_control = {(f.run, f.metric): f.comparison.verdict for f in found if f.reference == demo.CONTROL}
+    assert set(against_control) == {(r, m) for r in ("sat-boxes", "sat-masks") for m in ("pgd", "clean")}
+    assert demo.sat_verdicts(results, found, demo.CONTROL) == {"sat-boxes": "higher", "sat-masks": "indistinguishable"}
+    # The control is not itself a "SAT alone" run.
+    assert set(demo.sat_verdicts(results, found)) == {"sat-boxes", "sat-masks"}
+    lines = demo._findings(results, 200)
+    assert any(line.startswith("- The map mattered") and line.endswith(": sat-boxes.") for line in lines)
+    assert any(line.startswith("- The map did not matter") and line.endswith(": sat-masks.") for line in lines)
+
+
+def test_the_curriculum_is_compressed_to_the_run_and_pgd_warms_up():
+    for epochs in (5, 10, 37):
+        a = demo.compressed_curriculum(epochs)
+        # After `epochs` epochs the compressed schedule is where the authors' is after 100.
+        assert a ** (epochs / 10) == pytest.approx(0.6 ** 10)
+    assert demo._options("sat", {"maps": "boxes"}, 10)["a"] == pytest.approx(0.6 ** 10)
+    assert demo._options("sat", DEMO_RECIPES[demo.CONTROL][1], 10)["a"] == 1.0  # the control keeps its a = 1
+    assert demo._options("pgd", {"steps": 5}, 10) == {"steps": 5, "eps_warmup": 3}
+    assert demo._options("sat+pgd", {}, 9)["eps_warmup"] == 3
+    assert "eps_warmup" not in demo._options("standard", {}, 10)
+    with pytest.raises(ValueError, match="epochs"):
+        demo.compressed_curriculum(0)
