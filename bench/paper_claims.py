@@ -63,14 +63,14 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from fastsat import data, models  # noqa: E402
-from fastsat.alignment import analysis_rows, analysis_summary, spearman  # noqa: E402
-from fastsat.evaluate import PaperSuite, StandardSuite, evaluate  # noqa: E402
-from fastsat.report import alignment_scatter, markdown_table, robustness_curves  # noqa: E402
-from fastsat.train import SaliencyDataset, fit, teacher_saliency  # noqa: E402
+from fastsat import data, models
+from fastsat.alignment import analysis_rows, analysis_summary, spearman
+from fastsat.evaluate import PaperSuite, StandardSuite, evaluate
+from fastsat.report import alignment_scatter, markdown_table, robustness_curves
+from fastsat.train import SaliencyDataset, fit, teacher_saliency
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_EPS = tuple(k / 255 for k in range(1, 9))
@@ -224,7 +224,7 @@ def shuffled_boxes(train: data.AnnotatedDataset, seed: int) -> data.AnnotatedDat
 
 def _suites(scale: float) -> tuple[StandardSuite, PaperSuite]:
     """The protocols at ``scale`` of their iterations (1.0: AutoAttack's and the authors' own)."""
-    k = lambda n: max(1, round(n * scale))  # noqa: E731
+    k = lambda n: max(1, round(n * scale))
     return (StandardSuite(steps=k(100), fab_steps=k(100), square_queries=k(5000)),
             PaperSuite(cw_steps=k(1000), cw_binary_search_steps=max(3, k(9))))
 
@@ -337,14 +337,14 @@ def write_results(prefix: Path, meta: dict, claims: list[dict], etmann: list[dic
                  "AutoAttack 8/255": run["autoattack"], "CW median L2": run["cw"].get("median_l2"),
                  "masking flags": ", ".join(run["masking"]) or "none", "train s": run["train_seconds"]}
                 for name, run in sat[0].items()]
-    name = lambda p: p.name  # noqa: E731
+    name = lambda p: p.name
     lines = [
         "# The papers' claims, measured (bench/paper_claims.py)", "",
-        f"Generated {meta['generated']} on {meta['device']} ({meta['machine']}), torch {meta['torch']}; "
-        f"{meta['seeds']} seed(s), mode {meta['mode']}, wall time {meta['wall_s']:.0f} s. {meta['load']}", "",
-        "Verdicts at 2 standard errors: holds when effect − 2·SE > 0, fails when effect + 2·SE < 0, else "
+        (f"Generated {meta['generated']} on {meta['device']} ({meta['machine']}), torch {meta['torch']}; "
+        f"{meta['seeds']} seed(s), mode {meta['mode']}, wall time {meta['wall_s']:.0f} s. {meta['load']}"), "",
+        ("Verdicts at 2 standard errors: holds when effect − 2·SE > 0, fails when effect + 2·SE < 0, else "
         "inconclusive (E1: holds when the largest relative gap is < 1e-3). Accuracy effects are differences of "
-        "PGD-8/255 accuracy (5 steps of 2/255, the SAT authors' protocol), in accuracy units.", "",
+        "PGD-8/255 accuracy (5 steps of 2/255, the SAT authors' protocol), in accuracy units."), "",
         "## Verdicts", "", markdown_table(list(claim_rows[0]), claim_rows), "",
         "## Etmann et al. on scikit-learn's digits (seed 0)", "", meta["etmann_setup"], "",
         markdown_table(list(etmann_rows[0]), etmann_rows), "",
