@@ -77,13 +77,13 @@ def test_a_steady_state_epoch_reads_the_device_at_most_four_times(name, monkeypa
     assert reads.count <= 4, f"{name}: {reads.count} host reads in a steady-state epoch of 5 steps"
 
 
-def test_the_sync_counter_sees_a_sync_per_step():
+def test_the_sync_counter_sees_a_sync_per_step(monkeypatch):
     # The counter can fail: without no_host_checks() every attack checks its input range (a sync).
     config = T.TrainConfig(recipe="pgd", recipe_options={"steps": 2}, epochs=1, batch_size=8, progress=False)
     trainer = T.Trainer(tiny_model(), DATA, config)
     trainer.restore()
     batch = next(iter(trainer.loader))
-    with HostReads(pytest.MonkeyPatch()) as reads:
+    with HostReads(monkeypatch) as reads:
         reads.armed = True
         trainer.train_step(batch, 0)
     assert reads.count >= 1
@@ -213,12 +213,12 @@ def test_training_attacks_leave_the_model_as_found_without_freezing_it():
     assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
 
 
-def test_padded_crop_does_not_read_offsets_back():
+def test_padded_crop_does_not_read_offsets_back(monkeypatch):
     from fastsat.data import Augment
 
     batch = {"image": torch.rand(4, 3, 8, 8), "label": torch.zeros(4, dtype=torch.long),
              "box": torch.tensor([[1, 1, 5, 5]] * 4)}
-    with HostReads(pytest.MonkeyPatch()) as reads:
+    with HostReads(monkeypatch) as reads:
         reads.armed = True
         Augment(padding=2)(batch, torch.Generator().manual_seed(0))
     assert reads.count == 0
