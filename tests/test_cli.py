@@ -187,8 +187,15 @@ def test_data_pack_refuses_bad_options(tmp_path, capsys):
     assert "missing_boxes" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("config", sorted((CONFIGS / "fast-at").glob("*.yaml")), ids=lambda p: p.stem)
-def test_fast_at_configs_train_end_to_end(config, tmp_path):
+def test_the_imagenet_configs_differ_only_in_the_radius():
+    four, two = (cli.load_config("train", CONFIGS / "fast-at" / f"resnet50-imagenet-eps{k}.yaml") for k in (4, 2))
+    differing = {key for key in four if four[key] != two[key]}
+    assert differing == {"eps", "eval_eps"} and four["eps"] == 2 * two["eps"] == pytest.approx(4 / 255)
+
+
+@pytest.mark.parametrize("name", ["resnet50-imagenet-eps4", "resnet50-tiny-imagenet-eps4"])
+def test_fast_at_configs_train_end_to_end(name, tmp_path):
+    config = CONFIGS / "fast-at" / f"{name}.yaml"
     # The repository's ResNet-50 Fast-AT configs as they are, on a fixture ImageFolder: only the data,
     # the length, the width and what a CPU cannot do (fp16) are overridden.
     _image_folder(tmp_path / "images" / "train", 4)
