@@ -126,7 +126,12 @@ WORKER = SETUP + textwrap.dedent(
     report["counts"], report["during_attack"] = dict(counts), dict(during)
     report["steps_per_epoch"] = trainer.steps_per_epoch
 
-    # 4. This rank's random streams in an epoch.
+    # 4. Rank shares that differ by a sample (65 = 33 + 32): both ranks run the same number of steps.
+    odd = T.Trainer(madry(), shapes(65, size=12, num_classes=3, seed=0, cache_dir=False), T.TrainConfig(**SAME))
+    odd.fit()
+    report["odd"] = {"batches": len(odd.loader), "steps": odd.steps_per_epoch}
+
+    # 5. This rank's random streams in an epoch.
     distributed.seed_epoch(7, 3)
     report["stream"] = torch.rand(4).tolist()
 
@@ -216,6 +221,13 @@ def test_attack_forward_passes_do_not_communicate(two_ranks):
         assert counts["ddp_forward"] == steps, (rank, counts)
         assert counts["module_forward"] == 3 * steps
         assert counts["gradient_allreduce"] >= steps and counts["buffer_broadcast"] >= 1, (rank, counts)
+
+
+def test_ranks_agree_on_the_steps_per_epoch(two_ranks):
+    reports, _ = two_ranks
+    # 16 per step = 8 per rank: rank 0's 33 samples make 5 batches, rank 1's 32 make 4; both run 4
+    # (a fifth step on rank 0 alone would wait forever for rank 1's gradients).
+    assert [r["odd"] for r in reports] == [{"batches": 5, "steps": 4}, {"batches": 4, "steps": 4}]
 
 
 def test_random_streams_differ_across_ranks_and_follow_the_seed(two_ranks):
