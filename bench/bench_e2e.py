@@ -4,7 +4,7 @@ One run, everything side by side on one device, interleaved (A, B, C, A, B, C, .
 the machine hits every implementation alike; the median over repeats is reported.
 
     python bench/bench_e2e.py                  # CPU mode: small CNN, 32×32, batch 128 (this machine)
-    python bench/bench_e2e.py --quick          # CPU smoke run, under 2 minutes
+    python bench/bench_e2e.py --quick          # CPU smoke run without the compiled rows, under 2 minutes
     python bench/bench_e2e.py --device cuda    # GPU mode: PreActResNet-18, 32×32, batch 512 (< 6 min, H100/H200)
 
 Work (ε = 8/255 in pixels): PGD-10 AT (step 2/255, random start), Fast-AT (FGSM step 1.25ε from a
@@ -19,12 +19,21 @@ Implementations of each step:
   eval mode for the attack, fused optimizer where available.
 - ``plain-compiled``: the same loop with the model under ``torch.compile``.
 - ``torchattacks``: torchattacks' PGD inside the plain loop (only where it is installed).
-- ``fastsat``: :class:`fastsat.train.Trainer`'s own training step with the device's defaults.
+- ``fastsat``: :class:`fastsat.train.Trainer`'s own training step (:meth:`~fastsat.train.Trainer.train_step`)
+  with the device's defaults (CUDA: bf16, channels_last, fused SGD, compiled and captured as CUDA
+  graphs; CPU: fp32, eager, fused SGD), as it runs after the first batch of an epoch: inside
+  ``no_host_checks()``.
+- ``fastsat-compiled`` (CPU only, where the default is eager): the same with ``compile=True``.
 - ``floor``: the network's own passes timed alone, in fastsat's precision and layout — PGD-10:
   11 forward + 10 input-only backward + 1 full backward + the optimizer step; Fast-AT: 2 + 1 + 1;
   SAT and standard: 1 forward + 1 full backward. An attack's overhead is its time over this.
 
+Also the cost of each work relative to standard training, per implementation (targets on a GPU:
+SAT ≤ 1.05×, Fast-AT ≤ 2.2×).
+
 Writes ``bench/results/<device>-e2e-<date>.csv`` and ``.md`` (device, versions, date, settings).
+``--model``/``--batch`` run another network or batch size in either mode (e.g. the GPU mode's
+``preactresnet18`` on the CPU, to check its code paths).
 """
 
 from __future__ import annotations
@@ -52,7 +61,7 @@ EPS, STEP = 8 / 255, 2 / 255
 EPOCH_IMAGES = 50_000
 SAT_EPOCH = 3  # SAT curriculum epoch: p = 1 - 0.6^0.3 ≈ 0.14 of the elements take the box map
 WORKS = ("pgd", "fast", "sat", "standard")
-IMPLEMENTATIONS = ("rice", "plain", "plain-compiled", "torchattacks", "fastsat", "floor")
+IMPLEMENTATIONS = ("rice", "plain", "plain-compiled", "torchattacks", "fastsat", "fastsat-compiled", "floor")
 
 
 @dataclass
@@ -195,22 +204,25 @@ FASTSAT_RECIPES = {"pgd": ("pgd", {"steps": 10}), "fast": ("fast", {}), "sat": (
                    "standard": ("standard", {})}
 
 
-def fastsat_runner(work: str, settings: Settings, batches: list[dict]) -> Callable[[], None]:
+def fastsat_runner(work: str, settings: Settings, batches: list[dict], compile: bool | None = None) -> Callable[[], None]:
     """A closure running one training step per batch through :meth:`fastsat.train.Trainer.train_step`
-    (the trainer's own step: recipe, LR schedule, the device's defaults)."""
+    (the trainer's own step: recipe, LR schedule; the device's defaults unless ``compile`` is given),
+    inside ``no_host_checks()`` as the trainer runs every batch of an epoch but the first."""
+    from fastsat._checks import no_host_checks
     from fastsat.data import as_batch
     from fastsat.train import TrainConfig, Trainer
 
     name, options = FASTSAT_RECIPES[work]
     config = TrainConfig(recipe=name, recipe_options=options, epochs=SAT_EPOCH + 1, batch_size=settings.batch,
-                         lr=0.01, weight_decay=5e-4, compile=settings.compile, progress=False)
+                         lr=0.01, weight_decay=5e-4, compile=compile, early_stop_drop=None, progress=False)
     model = make_model(settings, channels_last=False)
     trainer = Trainer(model, batches, config)
     on_device = [as_batch(b, settings.device) for b in batches]
 
     def run():
-        for batch in on_device:
-            trainer.train_step(dict(batch), SAT_EPOCH)
+        with no_host_checks():
+            for batch in on_device:
+                trainer.train_step(dict(batch), SAT_EPOCH)
     return run
 
 
@@ -271,6 +283,8 @@ def runners(work: str, settings: Settings, cpu_batches: list[dict]) -> dict[str,
             result["torchattacks"] = careful(False, lambda net: torchattacks.PGD(net, eps=EPS, alpha=STEP, steps=10,
                                                                                  random_start=True))
     result["fastsat"] = fastsat_runner(work, settings, cpu_batches)
+    if settings.compile and not settings.cuda:  # on CUDA the default already compiles
+        result["fastsat-compiled"] = fastsat_runner(work, settings, cpu_batches, compile=True)
 
     floor_model = make_model(settings, channels_last=settings.cuda)
     floor_opt = make_optimizer(floor_model, settings)
@@ -306,23 +320,28 @@ def measure(work: str, settings: Settings, batches: list[dict]) -> dict[str, flo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (CPU: under 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats; on the CPU also no compiled "
+                        "rows (compiling alone takes minutes there): under 2 minutes")
     parser.add_argument("--works", default=",".join(WORKS), help=f"comma-separated subset of {WORKS}")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (plain-compiled row, fastsat eager)")
     parser.add_argument("--out-dir", default="bench/results", help="where the CSV and markdown go")
+    parser.add_argument("--model", help="fastsat.models name instead of the mode's (CUDA: preactresnet18, CPU: "
+                        "madrycnn width 16)")
+    parser.add_argument("--batch", type=int, help="batch size instead of the mode's (CUDA 512, CPU 128, CPU --quick 32)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    model = args.model or ("preactresnet18" if cuda else "madrycnn")
     settings = Settings(
         device=device,
-        model="preactresnet18" if cuda else "madrycnn",
-        width=None if cuda else 16,
-        batch=512 if cuda else (64 if args.quick else 128),
+        model=model,
+        width=16 if model == "madrycnn" else None,
+        batch=args.batch or (512 if cuda else (32 if args.quick else 128)),
         size=32,
-        steps=(4 if args.quick else 10) if cuda else (2 if args.quick else 4),
-        repeats=3 if args.quick else 5,
+        steps=(4 if args.quick else 10) if cuda else (1 if args.quick else 4),
+        repeats=(3 if cuda else 2) if args.quick else 5,
         warmup=2 if cuda else 1,
-        compile=not args.no_compile,
+        compile=not args.no_compile and (cuda or not args.quick),
     )
     works = [w.strip() for w in args.works.split(",")]
     unknown = sorted(set(works) - set(WORKS))
@@ -345,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             for base in ("rice", "plain", "plain-compiled", "floor"):
                 row[f"speedup_vs_{base}"] = seconds[base] / step if base in seconds else None
             rows.append(row)
-            print(f"{work:8s} {impl:15s} {row['images_per_s']:9.1f} img/s  epoch(50k) {row['epoch_s_50k']:7.1f} s  "
+            print(f"{work:8s} {impl:16s} {row['images_per_s']:9.1f} img/s  epoch(50k) {row['epoch_s_50k']:7.1f} s  "
                   f"× rice {row['speedup_vs_rice']:.2f}  × floor {row['speedup_vs_floor']:.2f}", flush=True)
         # Written after each work so that a crash or time-out in a later one keeps these.
         write_results(out_dir / name, rows, settings, stamp)
@@ -364,11 +383,11 @@ def write_results(stem: Path, rows: list[dict], settings: Settings, stamp: datet
         "",
         f"`python bench/bench_e2e.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
         "",
-        f"Device {settings.device} ({device_name}{threads}); torch {torch.__version__}, "
+        (f"Device {settings.device} ({device_name}{threads}); torch {torch.__version__}, "
         f"fastsat {fastsat.__version__}, backends {fastsat.ops.available_backends()}; model {settings.model}"
         f"{'' if settings.width is None else f' (width {settings.width})'}, {settings.size}×{settings.size}, "
         f"batch {settings.batch}; median over {settings.repeats} interleaved repeats of {settings.steps} steps; "
-        f"compile {'on' if settings.compile else 'off'}. Epoch time extrapolated to {EPOCH_IMAGES:,} images.",
+        f"compile {'on' if settings.compile else 'off'}. Epoch time extrapolated to {EPOCH_IMAGES:,} images."),
         "",
         "| work | implementation | img/s | epoch (50k) s | × rice | × plain | × plain-compiled | time / floor |",
         "|---|---|---|---|---|---|---|---|",
@@ -382,6 +401,18 @@ def write_results(stem: Path, rows: list[dict], settings: Settings, stamp: datet
         lines.append(f"| {r['work']} | {r['implementation']} | {r['images_per_s']:.1f} | {r['epoch_s_50k']:.1f} | "
                      f"{ratio(r['speedup_vs_rice'])} | {ratio(r['speedup_vs_plain'])} | "
                      f"{ratio(r['speedup_vs_plain-compiled'])} | {ratio(None if floor is None else 1 / floor)} |")
+    # Each work's epoch time over standard training's, per implementation (SAT ≤ 1.05×, Fast ≤ 2.2× on a GPU).
+    epoch = {(r["work"], r["implementation"]): r["epoch_s_50k"] for r in rows}
+    others = [w for w in WORKS if w != "standard" and any(key[0] == w for key in epoch)]
+    if any(key[0] == "standard" for key in epoch) and others:
+        lines += ["", "Epoch time relative to standard training:", "",
+                  "| implementation | " + " | ".join(f"{w} / standard" for w in others) + " |",
+                  "|---|" + "---|" * len(others)]
+        for impl in IMPLEMENTATIONS:
+            if ("standard", impl) in epoch:
+                cells = [ratio(epoch[(w, impl)] / epoch[("standard", impl)]) if (w, impl) in epoch else "–"
+                         for w in others]
+                lines.append(f"| {impl} | " + " | ".join(cells) + " |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
