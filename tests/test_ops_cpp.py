@@ -116,14 +116,16 @@ def test_random_start_draws_philox_words_in_memory_order():
     assert mismatch.numel() == 0, f"{len(mismatch)} elements differ, first at {mismatch[0].tolist()}"
 
 
-def test_sat_perturb_sign_and_keep_streams():
-    """x = 0.5, ε = 0.25, S = 0.5: output 0.375 ⇔ the element kept S (keep word's uniform < p),
-    else 0.25 / 0.75 for the noise sign (top bit of the sign word: 1 → +1)."""
+def test_sat_perturb_sign_and_keep_bits_of_one_word():
+    """x = 0.5, ε = 0.25, S = 0.5: output 0.375 ⇔ the element kept S (the uniform of the low 24
+    bits of its word < p), else 0.25 / 0.75 for the noise sign (top bit of the same word: 1 → +1).
+    One Philox call (stream 3) serves four elements: all four outputs used, no second stream."""
     batch, per_sample, p = 2, 13, 0.4
     x = torch.full((batch, per_sample), 0.5)
     out = ops.sat_perturb(x, eps=0.25, p=p, seed=SEED, saliency=torch.full_like(x, 0.5), backend="cpp")
-    keep = (_words(SEED, 4, batch, per_sample) >> 8).double() * 2**-24 < p
-    sign = torch.where((_words(SEED, 3, batch, per_sample) >> 31) == 1, 1.0, -1.0)
+    words = _words(SEED, 3, batch, per_sample)
+    keep = (words & 0xFFFFFF).double() * 2**-24 < p
+    sign = torch.where((words >> 31) == 1, 1.0, -1.0)
     expected = torch.where(keep, 0.375, 0.5 - 0.25 * sign).float()
     assert torch.equal(out, expected), f"{int((out != expected).sum())} of {out.numel()} elements differ"
 

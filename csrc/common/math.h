@@ -33,8 +33,7 @@ enum Stream : uint32_t {
   kStreamUniform = 0,   // random_start, L∞: δ uniform in [−ε, ε)
   kStreamGaussian = 1,  // random_start, L2: direction from Box–Muller Gaussians
   kStreamRadius = 2,    // random_start, L2: per-sample radius ε·U^(1/d), call q = 0
-  kStreamSign = 3,      // sat_perturb: random sign n
-  kStreamKeep = 4,      // sat_perturb: Bernoulli(p) w
+  kStreamSat = 3,       // sat_perturb: random sign n (bit 31) and Bernoulli(p) w (bits 0..23) of one word
 };
 
 struct Words4 {
@@ -83,6 +82,8 @@ FASTSAT_HD Words4 random_words(uint64_t seed, Stream stream, int64_t sample, int
 
 // The top 24 bits of a word as a float in [0, 1) (exactly representable).
 FASTSAT_HD float uniform_co(uint32_t word) { return static_cast<float>(word >> 8) * 0x1p-24f; }
+// The low 24 bits of a word as a float in [0, 1): independent of the word's top bit.
+FASTSAT_HD float uniform_low_co(uint32_t word) { return static_cast<float>(word & 0x00FFFFFFu) * 0x1p-24f; }
 // ... and in (0, 1], for logarithms and powers.
 FASTSAT_HD float uniform_oc(uint32_t word) { return static_cast<float>((word >> 8) + 1u) * 0x1p-24f; }
 
@@ -204,11 +205,13 @@ FASTSAT_HD double l2_start_scale(uint64_t seed, int64_t sample, int64_t dim, dou
   return gaussian_sq > 0.0 ? radius / sqrt(gaussian_sq) : 0.0;
 }
 
-// sat_perturb: s = S with probability p, else a fair random sign; x' = clip(x − ε·s).
+// sat_perturb: s = S with probability p, else a fair random sign; x' = clip(x − ε·s). Both draws
+// come from disjoint bits of one word (sign: bit 31; Bernoulli: bits 0..23), so one Philox call
+// serves four elements.
 template <typename A>
-FASTSAT_HD A sat_value(A x, A saliency, uint32_t sign_word, uint32_t keep_word, float p, A eps, A lo, A hi) {
-  const A noise = (sign_word >> 31) ? A(1) : A(-1);
-  const A s = uniform_co(keep_word) < p ? saliency : noise;
+FASTSAT_HD A sat_value(A x, A saliency, uint32_t word, float p, A eps, A lo, A hi) {
+  const A noise = (word >> 31) ? A(1) : A(-1);
+  const A s = uniform_low_co(word) < p ? saliency : noise;
   return clamp_to(x - eps * s, lo, hi);
 }
 

@@ -12,7 +12,9 @@
 // (-ffp-contract=off), so all three give identical bits.
 //
 // Passes over memory: L∞ pgd_step, L∞ random_start, sat_perturb and alignment_stats one; L2
-// pgd_step two (a reduction pass for ‖g‖², ⟨x − x_nat, g⟩, ‖x − x_nat‖², then the write pass);
+// pgd_step two (a reduction pass for ‖g‖², ⟨x − x_nat, g⟩, ‖x − x_nat‖², then the write pass; fusing
+// both into one task per sample for samples of at most kChunk elements was measured no faster here:
+// bench/results/cpu-ops-2026-11-30-kernels.md);
 // L2 random_start two (Gaussian norms, then the write pass regenerating the same Gaussians).
 #include "cpu/kernels.h"
 
@@ -480,14 +482,13 @@ FASTSAT_ISA_CLONES void sat_task(const SatPerturbArgs& a, uint64_t seed, int64_t
   const A eps = static_cast<A>(a.eps), lo = static_cast<A>(a.lo), hi = static_cast<A>(a.hi);
   const float p = static_cast<float>(a.p);
   A xb[kTile], sb[kTile];
-  uint32_t sign_words[kTile], keep_words[kTile];
+  uint32_t words[kTile];
   for (int64_t s = begin; s < end; s += kTile) {
     const int64_t n = std::min(kTile, end - s);
     const A* xv = view_as(x + s, xb, n);
     fill_saliency<T>(a, sample, s, n, sb);
-    fill_words(seed, kStreamSign, sample, s, n, sign_words);
-    fill_words(seed, kStreamKeep, sample, s, n, keep_words);
-    for (int64_t j = 0; j < n; ++j) sb[j] = sat_value(xv[j], sb[j], sign_words[j], keep_words[j], p, eps, lo, hi);
+    fill_words(seed, kStreamSat, sample, s, n, words);
+    for (int64_t j = 0; j < n; ++j) sb[j] = sat_value(xv[j], sb[j], words[j], p, eps, lo, hi);
     store(sb, out + s, n);
   }
 }

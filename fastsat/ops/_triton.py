@@ -31,7 +31,10 @@ Passes over memory (reads of the inputs / writes of the output):
 
 - ``pgd_step`` L∞: one pass (x, g, x_nat read once, result written once); with stats the
   same pass also writes per-chunk partials of ⟨x_nat, g⟩, ‖g‖², ‖x_nat‖² and max|δ|.
-- ``pgd_step`` L2: two passes. Pass 1 reduces ‖g‖², ‖d‖², ⟨d, g⟩ (d = x − x_nat) and, for the
+- ``pgd_step`` L2, a sample in one tile (N ≤ 4096, CIFAR-size): one pass — the tile is loaded
+  once, reduced, stepped, projected and written by the same program, statistics included (one
+  launch instead of reduce + finalise + apply).
+- ``pgd_step`` L2, longer samples: two passes. Pass 1 reduces ‖g‖², ‖d‖², ⟨d, g⟩ (d = x − x_nat) and, for the
   statistics, ⟨x_nat, g⟩, ‖x_nat‖²; then ‖δ‖² = ‖d‖² + 2c⟨d, g⟩ + (c‖g‖)² with c = α/‖g‖
   (0 for g = 0) gives the projection factor min(1, ε/‖δ‖) without a third pass. Pass 2 writes
   the result and reduces ‖x_new − x_nat‖² of the stored values.
@@ -40,12 +43,16 @@ Passes over memory (reads of the inputs / writes of the output):
   regenerates the same draws (same counters) and writes x_nat + z·r/‖z‖ with r = ε·U^(1/N).
 - ``sat_perturb``: one pass; box maps are evaluated from the element's (h, w).
 
-Random numbers are Philox (``tl.randint4x``) keyed by the seed — read from a (1,) int64 tensor on
-the device (``reference.seed_tensor``), so no host sync and fresh numbers in every CUDA-graph replay — with the element's index in the
-batch's logical (contiguous, NCHW) order as counter, so a channels_last input gets the same
-numbers as its contiguous copy. SAT takes the random sign and the Bernoulli draw from two of the
-four independent Philox outputs of that counter; the L2 radius of sample b uses the third output
-of the counter of its first element.
+Random numbers are Philox4x32-10 (``tl.philox``) keyed by the seed — read from a (1,) int64
+tensor on the device (``reference.seed_tensor``), so no host sync and fresh numbers in every
+CUDA-graph replay — with the counter (call, sample, stream) of csrc/common/math.h: call q of a
+sample serves its elements 4q .. 4q+3 in logical (C, H, W) order, one output each, so every
+output of a call is used and a channels_last batch gets the same numbers as its contiguous copy.
+A contiguous tile draws one call per quad of elements and interleaves the four outputs; a
+channels_last tile, whose memory neighbours are not logical neighbours, draws each element's call
+and keeps its output. SAT takes the random sign from the top bit of the element's word and the
+Bernoulli draw from its low 24 bits; the L2 start makes two Box–Muller pairs of each call and
+takes sample b's radius from call 0 of its own stream.
 
 float64 inputs (used for verification only) run the reference implementation: Triton passes
 Python float arguments to kernels as float32, so a float64 kernel could not use ε and α exactly.
@@ -111,12 +118,76 @@ def _plane_index(index, channels, hw, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _counter(start, index, channels, hw, CHANNELS_LAST: tl.constexpr):
-    """Philox counter of an element: its index in logical (C, H, W) order within the batch."""
-    if CHANNELS_LAST:
-        plane = index // channels
-        index = (index - plane * channels) * hw + plane
-    return start + index
+def _philox(seed, rows, calls, STREAM: tl.constexpr):
+    """The four uint32 outputs of Philox4x32-10 calls ``calls`` (1 or ROWS, W) of the samples
+    ``rows`` (ROWS,): key = the seed, counter = (call, sample low, sample high, stream), as in
+    csrc/common/math.h."""
+    sample = rows.to(tl.int64)[:, None] + (calls * 0).to(tl.int64)
+    c0 = (calls + (sample * 0).to(calls.dtype)).to(tl.uint32)
+    c1 = sample.to(tl.uint32)
+    c2 = (sample >> 32).to(tl.uint32)
+    c3 = tl.full(c0.shape, STREAM, tl.uint32)
+    return tl.philox(seed, c0, c1, c2, c3)
+
+
+@triton.jit
+def _calls(seed, rows, chunks, index, channels, hw, STREAM: tl.constexpr, QUADS: tl.constexpr,
+           CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """Call q of a sample serves its elements 4q .. 4q+3 in logical (C, H, W) order, one output
+    each. ``QUADS`` (a contiguous tile, BLOCK ≥ 4): one call per quad of the tile, shape
+    (ROWS, BLOCK // 4), all four outputs used. Otherwise (channels_last, whose memory neighbours
+    are not logical neighbours): one call per element, shape (ROWS, BLOCK), and ``lane`` says
+    which output is the element's. Returns (r0, r1, r2, r3, lane)."""
+    if QUADS:
+        q = ((tl.program_id(0) % chunks) * (BLOCK // 4) + tl.arange(0, BLOCK // 4))[None, :]
+        lane = q
+    else:
+        if CHANNELS_LAST:
+            plane = index // channels
+            logical = (index - plane * channels) * hw + plane
+        else:
+            logical = index
+        q = logical // 4
+        lane = logical % 4
+    r0, r1, r2, r3 = _philox(seed, rows, q, STREAM)
+    return r0, r1, r2, r3, lane
+
+
+@triton.jit
+def _per_element(v0, v1, v2, v3, lane, QUADS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """The (ROWS, BLOCK) values of the tile's elements from what :func:`_calls` drew: the quads'
+    four values interleaved (QUADS), or each element's own output."""
+    if QUADS:
+        # join stacks along a new last axis: join(join(v0, v2), join(v1, v3))[..., k, m] is v(2k + m),
+        # read row-major as v0, v1, v2, v3.
+        return tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), (ROWS, BLOCK))
+    else:
+        return tl.where(lane == 0, v0, tl.where(lane == 1, v1, tl.where(lane == 2, v2, v3)))
+
+
+@triton.jit
+def _uniform_co(word):
+    """The top 24 bits of a word as a float in [0, 1) (as uniform_co in csrc/common/math.h)."""
+    return (word >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _box_muller(w0, w1):
+    """Two standard Gaussians from two words: radius from u1 in (0, 1], angle 2π·u2."""
+    u1 = ((w0 >> 8) + 1).to(tl.float32) * (1.0 / 16777216.0)
+    radius = tl.sqrt(-2.0 * tl.log(u1))
+    angle = 6.283185307179586 * _uniform_co(w1)
+    return radius * tl.cos(angle), radius * tl.sin(angle)
+
+
+@triton.jit
+def _gaussians(seed, rows, chunks, index, channels, hw, QUADS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+               ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """(ROWS, BLOCK) standard Gaussians: two Box–Muller pairs per call."""
+    r0, r1, r2, r3, lane = _calls(seed, rows, chunks, index, channels, hw, 1, QUADS, CHANNELS_LAST, BLOCK)
+    z0, z1 = _box_muller(r0, r1)
+    z2, z3 = _box_muller(r2, r3)
+    return _per_element(z0, z1, z2, z3, lane, QUADS, ROWS, BLOCK)
 
 
 @triton.jit
@@ -249,6 +320,36 @@ def _l2_step_kernel(
         tl.store(partials_ptr + _partial_slots(rows, chunks, 1), tl.sum(final * final, axis=1), mask=row_ok)
 
 
+@triton.jit
+def _l2_one_tile_kernel(
+    x_ptr, g_ptr, nat_ptr, out_ptr, stats_ptr, batch, n, step, eps, lo, hi,
+    WITH_STATS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The whole L2 step of samples that fit in one tile (N ≤ BLOCK): x, g, x_nat loaded once,
+    ‖g‖, δ = x + c·g − x_nat and ‖δ‖ computed from the registers, the projected result written,
+    and with WITH_STATS the (B, 4) statistics [⟨x_nat, g⟩, ‖g‖, ‖x_nat‖, ‖x_new − x_nat‖]."""
+    rows, row_ok, start, index, mask = _tile(batch, n, 1, ROWS, BLOCK)
+    offs = start + index
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    nat = tl.load(nat_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    grad_norm = tl.sqrt_rn(tl.sum(g * g, axis=1))
+    c = tl.where(grad_norm > 0, tl.div_rn(tl.zeros_like(grad_norm) + step, tl.where(grad_norm > 0, grad_norm, 1.0)), 0.0)
+    delta = (x + c[:, None] * g) - nat  # 0 on masked lanes
+    delta_norm = tl.sqrt_rn(tl.sum(delta * delta, axis=1))
+    safe_norm = tl.where(delta_norm > 0, delta_norm, 1.0)
+    shrink = tl.where(delta_norm > eps, tl.div_rn(tl.zeros_like(safe_norm) + eps, safe_norm), 1.0)
+    new = _round_to(_clip(nat + shrink[:, None] * delta, lo, hi), out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, new, mask=mask)
+    if WITH_STATS:
+        final = tl.where(mask, new.to(tl.float32) - nat, 0.0)
+        stats = stats_ptr + rows.to(tl.int64) * 4
+        tl.store(stats + 0, tl.sum(nat * g, axis=1), mask=row_ok)
+        tl.store(stats + 1, grad_norm, mask=row_ok)
+        tl.store(stats + 2, tl.sqrt_rn(tl.sum(nat * nat, axis=1)), mask=row_ok)
+        tl.store(stats + 3, tl.sqrt_rn(tl.sum(final * final, axis=1)), mask=row_ok)
+
+
 # --- alignment_stats ---------------------------------------------------------------------------
 
 @triton.jit
@@ -267,43 +368,46 @@ def _alignment_kernel(x_ptr, g_ptr, partials_ptr, batch, n, chunks, ROWS: tl.con
 
 @triton.jit
 def _linf_start_kernel(
-    nat_ptr, out_ptr, batch, n, chunks, seed_ptr, eps, lo, hi, channels, hw,
-    CHANNELS_LAST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    nat_ptr, out_ptr, seed_ptr, batch, n, chunks, eps, lo, hi, channels, hw,
+    QUADS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    _, _, start, index, mask = _tile(batch, n, chunks, ROWS, BLOCK)
-    seed = tl.load(seed_ptr)
+    rows, _, start, index, mask = _tile(batch, n, chunks, ROWS, BLOCK)
+    r0, r1, r2, r3, lane = _calls(tl.load(seed_ptr), rows, chunks, index, channels, hw, 0, QUADS, CHANNELS_LAST, BLOCK)
+    uniform = _per_element(_uniform_co(r0), _uniform_co(r1), _uniform_co(r2), _uniform_co(r3), lane, QUADS, ROWS,
+                           BLOCK)
     offs = start + index
     nat = tl.load(nat_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    uniform = tl.rand(seed, _counter(start, index, channels, hw, CHANNELS_LAST))
     new = _clip(nat + (2.0 * uniform - 1.0) * eps, lo, hi)
     tl.store(out_ptr + offs, _round_to(new, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gaussian_norm_kernel(
-    partials_ptr, batch, n, chunks, seed_ptr, channels, hw,
-    CHANNELS_LAST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    partials_ptr, seed_ptr, batch, n, chunks, channels, hw,
+    QUADS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Pass 1 of the L2 random start: partial sums of z² of the samples' Gaussian draws."""
-    rows, row_ok, start, index, mask = _tile(batch, n, chunks, ROWS, BLOCK)
-    seed = tl.load(seed_ptr)
-    z = tl.where(mask, tl.randn(seed, _counter(start, index, channels, hw, CHANNELS_LAST)), 0.0)
+    rows, row_ok, _, index, mask = _tile(batch, n, chunks, ROWS, BLOCK)
+    z = _gaussians(tl.load(seed_ptr), rows, chunks, index, channels, hw, QUADS, CHANNELS_LAST, ROWS, BLOCK)
+    z = tl.where(mask, z, 0.0)
     tl.store(partials_ptr + _partial_slots(rows, chunks, 1), tl.sum(z * z, axis=1), mask=row_ok)
 
 
 @triton.jit
 def _l2_start_kernel(
-    nat_ptr, out_ptr, norms_ptr, batch, n, chunks, seed_ptr, eps, inv_dim, lo, hi, channels, hw,
-    CHANNELS_LAST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    nat_ptr, out_ptr, norms_ptr, seed_ptr, batch, n, chunks, eps, inv_dim, lo, hi, channels, hw,
+    QUADS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Pass 2 of the L2 random start: the same draws z, scaled to the radius ε·U^(1/N)."""
+    """Pass 2 of the L2 random start: the same draws z, scaled to the radius ε·U^(1/N), U from
+    call 0 of the sample's radius stream."""
     rows, row_ok, start, index, mask = _tile(batch, n, chunks, ROWS, BLOCK)
     seed = tl.load(seed_ptr)
-    _, _, radius_bits, _ = tl.randint4x(seed, start)
-    radius = eps * tl.exp(tl.log(tl.uint_to_uniform_float(radius_bits)) * inv_dim)
+    radius_bits, _, _, _ = _philox(seed, rows, tl.zeros((1, 1), dtype=tl.int32), 2)
+    u = ((radius_bits >> 8) + 1).to(tl.float32) * (1.0 / 16777216.0)
+    radius = eps * tl.exp(tl.log(u) * inv_dim)
     norm = tl.load(norms_ptr + rows, mask=row_ok, other=1.0)[:, None]
+    z = _gaussians(seed, rows, chunks, index, channels, hw, QUADS, CHANNELS_LAST, ROWS, BLOCK)
     offs = start + index
-    z = tl.randn(seed, _counter(start, index, channels, hw, CHANNELS_LAST))
     nat = tl.load(nat_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     new = _clip(nat + z * (radius / norm), lo, hi)
     tl.store(out_ptr + offs, _round_to(new, out_ptr.dtype.element_ty), mask=mask)
@@ -313,14 +417,14 @@ def _l2_start_kernel(
 
 @triton.jit
 def _sat_kernel(
-    x_ptr, source_ptr, out_ptr, batch, n, chunks, seed_ptr, eps, p, lo, hi, channels, height, width,
-    SOURCE: tl.constexpr, CHANNELS_LAST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, source_ptr, out_ptr, seed_ptr, batch, n, chunks, eps, p, lo, hi, channels, height, width,
+    SOURCE: tl.constexpr, QUADS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """clip(x − ε·s), s = S where a Bernoulli(p) draw hits, a random sign elsewhere. S comes from
     ``source_ptr``: a map shaped like x (SOURCE 0), a (B, 1, H, W) map (1), (B, 4) int64 boxes
-    x0, y0, x1, y1 (2) or (B, 1, H, W) uint8 masks (3)."""
+    x0, y0, x1, y1 (2) or (B, 1, H, W) uint8 masks (3). One word per element: the sign from its
+    top bit, the Bernoulli draw from its low 24 bits (as sat_value in csrc/common/math.h)."""
     rows, row_ok, start, index, mask = _tile(batch, n, chunks, ROWS, BLOCK)
-    seed = tl.load(seed_ptr)
     offs = start + index
     hw = height * width
     if SOURCE == 0:
@@ -341,9 +445,11 @@ def _sat_kernel(
     else:
         plane = rows.to(tl.int64)[:, None] * hw + _plane_index(index, channels, hw, CHANNELS_LAST)
         target = tl.where(tl.load(source_ptr + plane, mask=mask, other=0) != 0, 1.0, -1.0)
-    sign_bits, keep_bits, _, _ = tl.randint4x(seed, _counter(start, index, channels, hw, CHANNELS_LAST))
-    noise = tl.where(tl.uint_to_uniform_float(sign_bits) < 0.5, -1.0, 1.0)
-    s = tl.where(tl.uint_to_uniform_float(keep_bits) < p, target, noise)
+    r0, r1, r2, r3, lane = _calls(tl.load(seed_ptr), rows, chunks, index, channels, hw, 3, QUADS, CHANNELS_LAST,
+                                  BLOCK)
+    word = _per_element(r0, r1, r2, r3, lane, QUADS, ROWS, BLOCK)
+    noise = tl.where((word >> 31) != 0, 1.0, -1.0)
+    s = tl.where((word & 0xFFFFFF).to(tl.float32) * (1.0 / 16777216.0) < p, target, noise)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     new = _clip(x - eps * s, lo, hi)
     tl.store(out_ptr + offs, _round_to(new, out_ptr.dtype.element_ty), mask=mask)
@@ -423,6 +529,12 @@ def _finalize(partials: Tensor, out: Tensor, out_col: int = 0, sqrt_cols: tuple[
     )
 
 
+def _quads(tiles: _Tiles, channels_last: bool) -> bool:
+    """Whether a tile's random numbers are drawn one Philox call per four elements (a contiguous
+    tile of at least 4 columns) rather than one call per element (see ``_calls``)."""
+    return not channels_last and tiles.block >= 4
+
+
 def _image_layout(x: Tensor) -> tuple[int, int, int, bool]:
     """(C, H, W, channels_last) of an image batch; (1, 1, N, False) for other shapes."""
     if x.dim() != 4:
@@ -449,6 +561,11 @@ def _pgd_step_op(
         stats = torch.empty(tiles.batch, 4, dtype=torch.float32, device=x.device)
         _finalize(stats_partials, stats, sqrt_cols=(1, 2), max_cols=(3,))
         return stats
+    if tiles.chunks == 1:
+        stats = torch.empty(tiles.batch, 4, dtype=torch.float32, device=x.device) if with_stats else no_stats
+        _launch(_l2_one_tile_kernel, tiles.grid, x, grad, x_nat, out, stats, tiles.batch, tiles.numel, step_size, eps,
+                lo, hi, WITH_STATS=with_stats, **tiles.meta)
+        return stats
     sums = _partials(tiles, _L2_COLUMNS, x)
     _launch(_l2_reduce_kernel, tiles.grid, x, grad, x_nat, sums, *rows, **tiles.meta)
     totals = torch.empty(tiles.batch, _L2_COLUMNS, dtype=torch.float32, device=x.device)
@@ -468,17 +585,16 @@ def _random_start_op(x_nat: Tensor, eps: float, l2: bool, lo: float, hi: float, 
     rows = (tiles.batch, tiles.numel, tiles.chunks)
     channels, height, width, channels_last = _image_layout(x_nat)
     out = torch.empty_like(x_nat)
+    layout = {"QUADS": _quads(tiles, channels_last), "CHANNELS_LAST": channels_last, **tiles.meta}
     if not l2:
-        _launch(_linf_start_kernel, tiles.grid, x_nat, out, *rows, seed, eps, lo, hi, channels, height * width,
-                CHANNELS_LAST=channels_last, **tiles.meta)
+        _launch(_linf_start_kernel, tiles.grid, x_nat, out, seed, *rows, eps, lo, hi, channels, height * width, **layout)
         return out
     squares = _partials(tiles, 1, x_nat)
-    _launch(_gaussian_norm_kernel, tiles.grid, squares, *rows, seed, channels, height * width,
-            CHANNELS_LAST=channels_last, **tiles.meta)
+    _launch(_gaussian_norm_kernel, tiles.grid, squares, seed, *rows, channels, height * width, **layout)
     norms = torch.empty(tiles.batch, 1, dtype=torch.float32, device=x_nat.device)
     _finalize(squares, norms, sqrt_cols=(0,))
-    _launch(_l2_start_kernel, tiles.grid, x_nat, out, norms, *rows, seed, eps, 1.0 / tiles.numel, lo, hi, channels,
-            height * width, CHANNELS_LAST=channels_last, **tiles.meta)
+    _launch(_l2_start_kernel, tiles.grid, x_nat, out, norms, seed, *rows, eps, 1.0 / tiles.numel, lo, hi, channels,
+            height * width, **layout)
     return out
 
 
@@ -506,8 +622,9 @@ def _sat_perturb_op(
     else:
         source, kind = masks, _SOURCE_MASKS
     out = torch.empty_like(x)
-    _launch(_sat_kernel, tiles.grid, x, source, out, tiles.batch, tiles.numel, tiles.chunks, seed, eps, p, lo, hi,
-            channels, height, width, SOURCE=kind, CHANNELS_LAST=channels_last, **tiles.meta)
+    _launch(_sat_kernel, tiles.grid, x, source, out, seed, tiles.batch, tiles.numel, tiles.chunks, eps, p, lo, hi,
+            channels, height, width, SOURCE=kind, QUADS=_quads(tiles, channels_last), CHANNELS_LAST=channels_last,
+            **tiles.meta)
     return out
 
 
