@@ -14,9 +14,10 @@
 #              MAX_JOBS=16), `pip install --no-build-isolation --no-deps -e .` into the machine's own
 #              python (its own torch; nothing downloaded), then a check that the cuda backend loads
 #   3. tests   the GPU tests: every backend against the reference on CUDA tensors (fp32/fp16/bf16/
-#              fp64, contiguous and channels_last), CUDA-graph capture, torch.compile and sync
-#              debug mode of the ops (tests/test_ops*.py), and the training step's sync and capture
-#              tests (tests/test_fast_path.py), selected with -k "cuda or triton"; junit in $OUT
+#              fp64, contiguous and channels_last), the CUDA kernels' own paths, CUDA-graph capture,
+#              torch.compile and sync debug mode of the ops (tests/test_ops*.py), and the training
+#              step's sync and capture tests (tests/test_fast_path.py), selected with
+#              -k "cuda or triton"; junit in $OUT
 #   4. bench-ops-quick   python -m bench.gpu --quick --no-compile (a first, cheap op table)
 #   5. bench-e2e         python bench/bench_e2e.py --device cuda (GPU_CHECK_E2E_ARGS, default --quick)
 #   6. bench-ops         python -m bench.gpu (full: both shapes, fp32 + bf16, torch.compile rows and
@@ -123,7 +124,8 @@ EOF
 export py
 export -f build check_backends
 
-tests=(tests/test_ops.py tests/test_ops_seed.py tests/test_ops_cpp.py tests/test_ops_triton.py tests/test_fast_path.py)
+tests=(tests/test_ops.py tests/test_ops_seed.py tests/test_ops_cuda.py tests/test_ops_cpp.py tests/test_ops_triton.py
+  tests/test_fast_path.py)
 pytest_args=(-q -p no:cacheprovider -k "cuda or triton" --junitxml="$out/tests.xml" -o junit_family=xunit2)
 
 say "gpu_check: results in $out (budget ${budget}s, dry run: $dry)"
@@ -141,7 +143,7 @@ if [ "$dry" = "1" ]; then
   run_part bench-e2e 60 "$py" bench/bench_e2e.py --help
 else
   run_part build 240 bash -c build
-  run_part tests 150 "$py" -m pytest "${pytest_args[@]}" -n 8 --timeout 120 "${tests[@]}"
+  run_part tests 180 "$py" -m pytest "${pytest_args[@]}" -n 8 --timeout 120 "${tests[@]}"
   run_part bench-ops-quick 60 "$py" -m bench.gpu --quick --no-compile --out "$out"
   # shellcheck disable=SC2086  # word splitting of the extra arguments is meant
   run_part bench-e2e 120 "$py" bench/bench_e2e.py --device cuda ${GPU_CHECK_E2E_ARGS---quick} --out-dir "$out"
