@@ -150,6 +150,13 @@ else
   run_part bench-ops 300 "$py" -m bench.gpu --out "$out"
 fi
 
+# The measured per-op table for fastsat/ops/_backends.py (the last one bench.gpu printed), to paste.
+if grep -q '^AUTO_CUDA' "$log"; then
+  echo "--- measured AUTO_CUDA (paste into fastsat/ops/_backends.py)" >>"$summary"
+  awk '/^AUTO_CUDA/ {table = ""; on = 1} on {table = table $0 "\n"} /^}/ {on = 0} END {printf "%s", table}' \
+    "$log" >>"$summary"
+fi
+
 total=$(($(date +%s) - start))
 echo "total ${total}s of ${budget}s" >>"$summary"
 say "gpu_check: done in ${total}s; summary:"
