@@ -84,7 +84,7 @@ def test_cuda_random_ops_stay_in_the_ball_and_match_sat_at_p1(backend, shape, la
         size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
         assert bool((size <= eps * (1 + 1e-5)).all()), norm
         assert torch.equal(start, ops.random_start(x, eps=eps, norm=norm, seed=3, backend=backend))
-    boxes = torch.tensor([[0, 0, 2, 3]] * shape[0], device="cuda")
+    boxes = torch.tensor([[0, 0, 2, 1]] * shape[0], device="cuda")  # inside the smallest image, 1×3
     exact = ops.sat_perturb(x, eps=0.05, p=1.0, seed=1, boxes=boxes, backend=backend)
     assert torch.equal(exact, reference.sat_perturb(x, 0.05, 1.0, 1, 0.0, 1.0, None, boxes, None))
 

@@ -456,11 +456,17 @@ __device__ __forceinline__ void write_call(const T* __restrict__ nat, T* __restr
                                            int64_t count, bool vector, F&& value) {
   using A = acc_t<T>;
   if (vector) {
-    A nv[4], nw[4], stored[4];
-    load_n<4>(nat + first, nv);
+    // Accesses of at most 16 bytes (the alignment checked at launch): one of 4 floats or halves,
+    // two of 2 doubles.
+    constexpr int V = 4 * sizeof(T) <= kVectorBytes ? 4 : kVectorBytes / sizeof(T);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) nw[k] = value(k, nv[k]);
-    store_n<4>(out + first, nw, stored);
+    for (int part = 0; part < 4; part += V) {
+      A nv[V], nw[V], stored[V];
+      load_n<V>(nat + first + part, nv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) nw[k] = value(part + k, nv[k]);
+      store_n<V>(out + first + part, nw, stored);
+    }
     return;
   }
   for (int k = 0; k < count; ++k) {
