@@ -79,13 +79,13 @@ PAPER_EPS = tuple(k / 255 for k in range(1, 9))
 # results' wall time and load); cuda: three seeds meant for <= 6 min on one H100/H200 (not yet run).
 SIZES = {
     "quick": {"etmann_epochs": 1, "lams": (0.0, 0.1), "pgd_eps": (0.1,), "etmann_test": 64,
-              "n_train": 64, "n_test": 48, "image_size": 12, "width": 4, "sat_epochs": 2,
+              "n_train": 64, "n_test": 48, "image_size": 12, "width": 4, "sat_epochs": 2, "batch": 32,
               "suite_points": 16, "suite_scale": 0.02, "bootstrap": 20},
     "cpu": {"etmann_epochs": 12, "lams": (0.0, 1e-2, 1e-1), "pgd_eps": (0.1, 0.2), "etmann_test": 200,
-            "n_train": 1500, "n_test": 500, "image_size": 16, "width": 8, "sat_epochs": 6,
-            "suite_points": 100, "suite_scale": 0.1, "bootstrap": 200},
+            "n_train": 1000, "n_test": 400, "image_size": 16, "width": 8, "sat_epochs": 5, "batch": 32,
+            "suite_points": 50, "suite_scale": 0.05, "bootstrap": 200},
     "cuda": {"etmann_epochs": 30, "lams": (0.0, 1e-3, 1e-2, 3e-2, 1e-1), "pgd_eps": (0.05, 0.1, 0.2, 0.3),
-             "etmann_test": None, "n_train": 5000, "n_test": 1000, "image_size": 16, "width": 16, "sat_epochs": 12,
+             "etmann_test": None, "n_train": 5000, "n_test": 1000, "image_size": 16, "width": 16, "sat_epochs": 12, "batch": 64,
              "suite_points": 500, "suite_scale": 0.2, "bootstrap": 200},
 }
 
@@ -250,7 +250,7 @@ def run_sat(sizes: dict, seed: int, device: torch.device) -> dict[str, dict]:
         torch.manual_seed(seed)
         model = models.create("preactresnet18", num_classes=4, width=sizes["width"]).to(device)
         started = time.perf_counter()
-        fit(model, train_data, recipe=recipe, recipe_options=options, epochs=epochs, batch_size=64,
+        fit(model, train_data, recipe=recipe, recipe_options=options, epochs=epochs, batch_size=sizes["batch"],
             optimizer="adam", lr=2e-3, weight_decay=0.0, schedule="cosine", seed=seed, augment=False, progress=False)
         train_seconds = time.perf_counter() - started
         model.eval()
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> Path:
         "sat_setup": (
             f"Data: built-in shapes, 4 classes, {sizes['n_train']} training / {sizes['n_test']} test images of "
             f"{sizes['image_size']} px. Model: PreActResNet-18 of width {sizes['width']}, {sizes['sat_epochs']} epochs, "
-            "Adam 2e-3 (cosine), batch 64, no augmentation, the same initial weights for every arm; ε = 8/255; SAT's "
+            f"Adam 2e-3 (cosine), batch {sizes['batch']}, no augmentation, the same initial weights for every arm; ε = 8/255; SAT's "
             f"curriculum a = 0.6^(100/{sizes['sat_epochs']}) = {0.6 ** (100 / sizes['sat_epochs']):.3g}; PGD arms: "
             "5 steps of 2/255 with an ε warm-up over the first third of the epochs. The teacher of sat-teacher is "
             "this seed's standard arm (its gradient sign; the paper's teacher is a ResNet-34). PGD columns: the "
