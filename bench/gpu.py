@@ -17,8 +17,8 @@ Throughput is reported from explicit byte counts: the bytes an op must move at l
 read once and the output written once (``Case.nbytes``) — over the median time, and as a
 percentage of the bandwidth of a device-to-device copy that moves the same number of bytes
 (half read, half written), measured on the same GPU. An implementation that reads its inputs
-twice (the two-pass L2 step, the L2 random start) or materialises intermediates (eager) cannot
-reach 100% of that. Every row also gives the speed-up over torch eager (the reference) on the
+twice (the L2 step on samples too long for one tile or block, the L2 random start) or
+materialises intermediates (eager) cannot reach 100% of that. Every row also gives the speed-up over torch eager (the reference) on the
 same inputs.
 
 The functions timed are the backend interface of ``fastsat.ops.reference`` (arguments already
