@@ -251,3 +251,30 @@ def test_cuda_ops_compile_fullgraph(backend):
     for a, b in zip(got[:3], want[:3]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert float((got[3] - x).abs().max()) <= 0.03 + 1e-6
+
+
+# --- one Philox stream layout for every kernel backend ---------------------------------------------
+
+@pytest.mark.skipif(CUDA or not (AVAILABLE["cpp"] and AVAILABLE["triton"]),
+                    reason="compares the C++ kernels with the Triton interpreter on CPU tensors")
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 1, 1, 2), (4, 1, 1, 1)], ids=str)
+def test_cpp_and_triton_draw_the_same_words_for_contiguous_batches(shape):
+    """Both draw Philox4x32-10 with counter (call, sample, stream): element 4q + k of a sample takes
+    output k of call q (Triton: one call per quad, outputs interleaved; per element when a tile is
+    narrower than 4). So for a contiguous float32 batch the L∞ start and SAT (sign: top bit;
+    Bernoulli: low 24 bits of the same word) agree bit for bit — a sample size not a multiple of 4
+    included (its last call is partly used)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(shape, generator=gen)
+    saliency = torch.rand(shape, generator=gen) * 2 - 1
+    boxes = torch.tensor([[0, 0, 1, 1]] * shape[0])
+    for seed in (0, 2**40 + 5):
+        kernels = {}
+        for backend in ("cpp", "triton"):
+            kernels[backend] = [
+                ops.random_start(x, eps=0.25, seed=seed, backend=backend),
+                ops.sat_perturb(x, eps=0.125, p=0.5, seed=seed, saliency=saliency, backend=backend),
+                ops.sat_perturb(x, eps=0.125, p=0.3, seed=seed, boxes=boxes, backend=backend),
+            ]
+        for cpp, triton, name in zip(kernels["cpp"], kernels["triton"], ("random_start", "sat saliency", "sat boxes")):
+            assert torch.equal(cpp, triton), f"{name}, seed {seed}: {int((cpp != triton).sum())} elements differ"
