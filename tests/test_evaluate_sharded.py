@@ -97,6 +97,7 @@ def _close(a: object, b: object) -> bool:
     return a == b
 
 
+@pytest.mark.usefixtures("one_thread")  # _evaluations sets one thread; the fixture restores the count
 def test_two_ranks_return_the_single_process_numbers(tmp_path):
     assert not _dist.initialized()
     single, single_rows = _evaluations()

@@ -144,6 +144,8 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
               **{{k: v for k, v in FIT.items() if k != "recipe_options"}})
         """
     )
+    # The child must reduce with the parent's thread count, or float sums differ in the last bit.
+    child = f"import torch; torch.set_num_threads({torch.get_num_threads()})\n" + child
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-c", child], env=env)
     try:
