@@ -21,7 +21,7 @@ DEFAULTS = {name: f.default_factory() if f.default_factory is not dataclasses.MI
 # One valid value other than the default for every field; the first test checks it covers them all.
 OTHER = {
     "recipe": "pgd", "recipe_options": {"steps": 3, "eps": 4 / 255, "attack_mode": "train"}, "epochs": 3,
-    "batch_size": 16, "augment": False, "optimizer": "adam", "lr": 0.05, "momentum": 0.5, "weight_decay": 0.0,
+    "batch_size": 16, "augment": False, "num_workers": 2, "optimizer": "adam", "lr": 0.05, "momentum": 0.5, "weight_decay": 0.0,
     "schedule": "cosine", "precision": "bf16", "channels_last": True, "compile": True, "ema": 0.9, "seed": 7,
     "clip": (0.25, 0.75), "eval_eps": 2 / 255, "eval_steps": 3, "eval_batch_size": 64, "early_stop_drop": None,
     "out_dir": "runs/x", "resume": "runs/x/checkpoint.pt", "progress": False, "sync_batchnorm": True,

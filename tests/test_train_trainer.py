@@ -339,3 +339,28 @@ def test_data_without_the_recipes_batch_entries_is_refused_before_training():
     with pytest.raises(ValueError, match=r"train_data: recipe 'sat' reads .*'box'"):
         T.fit(model, torch.utils.data.TensorDataset(xs, ys), recipe="sat", epochs=1, progress=False)
     _assert_same_weights(before, _weights(model), "weights after the refused run")
+
+
+def test_num_workers_decode_file_data_without_changing_the_run(tmp_path):
+    """File data is decoded by `num_workers` loader processes; per-sample seeding makes the run's
+    weights independent of how many there are."""
+    from PIL import Image
+
+    from fastsat.data import image_folder
+
+    gen = torch.Generator().manual_seed(3)
+    for c in range(3):
+        (tmp_path / f"class{c}").mkdir()
+        for i in range(6):
+            pixels = (torch.rand(12, 12, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / f"class{c}" / f"{i}.png")
+    files = image_folder(tmp_path, size=12)
+    options = {"recipe": "standard", "epochs": 2, "batch_size": 8, "lr": 0.05, "progress": False}
+    runs = {}
+    for workers in (0, 2):
+        model = tiny_model()
+        trainer = T.Trainer(model, files, T.TrainConfig(num_workers=workers, **options))
+        assert getattr(trainer.loader, "num_workers", 0) == workers
+        trainer.fit()
+        runs[workers] = _weights(model)
+    _assert_same_weights(runs[0], runs[2], "0 vs 2 loader workers")

@@ -55,11 +55,12 @@ def as_batch(item: object, device: torch.device | str | None = None) -> dict[str
 
 
 def make_loader(data: object, *, batch_size: int, shuffle: bool, seed: int, device: torch.device, augment: bool = False,
-                rank: int | None = None, world_size: int | None = None):
+                num_workers: int = 0, rank: int | None = None, world_size: int | None = None):
     """``data`` as an iterable of batches: a map-style dataset (e.g. :func:`fastsat.data.shapes`)
     or a :class:`~fastsat.data.ShardDataset` goes through :func:`fastsat.data.loader`
     (device-resident for in-memory data, worker processes otherwise; ``rank``/``world_size`` as
-    there: this process's share, by default torch.distributed's); anything else
+    there: this process's share, by default torch.distributed's; ``num_workers`` decode file data in
+    worker processes); anything else
     iterable with ``len()`` (a user's DataLoader, a list of (x, y) batches) is used as it is, and a
     single ``(x, y)`` tensor pair is one batch."""
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
@@ -67,7 +68,7 @@ def make_loader(data: object, *, batch_size: int, shuffle: bool, seed: int, devi
     map_style = isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset)
     if map_style or isinstance(data, ShardDataset):
         return loader(data, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device, augment=augment,
-                      rank=rank, world_size=world_size)
+                      num_workers=num_workers, rank=rank, world_size=world_size)
     if not hasattr(data, "__iter__") or not hasattr(data, "__len__"):
         raise TypeError(f"data: expected a Dataset or an iterable of batches with len(), got {type(data).__name__}")
     return data

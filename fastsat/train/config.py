@@ -19,7 +19,7 @@ import typing
 import warnings
 from collections.abc import Mapping, Sequence
 
-from fastsat._checks import clip_box, describe, flag, number, path, positive_int, seed
+from fastsat._checks import clip_box, describe, flag, integer, number, path, positive_int, seed
 from fastsat.train.options import Spec, document, option, parse, show, specs, unknown_keys, validate
 from fastsat.train.recipes import PRECISIONS, RECIPES, PerturbationRecipe, Recipe, make_recipe
 
@@ -82,6 +82,10 @@ class TrainConfig:
     batch_size: int = option(128, "images per batch (train_data given as a dataset)", check=positive_int)
     augment: bool = option(True, "padded random crop (4 px) + horizontal flip (train_data given as a dataset)",
                            check=flag)
+    num_workers: int = option(
+        0, "loader worker processes that decode data read from files (image folders, shards) while the device "
+        "trains; in-memory data sets stay on the device and ignore it", check=functools.partial(integer, minimum=0),
+        recorded=False)
     optimizer: str = option("sgd", "SGD with momentum, or Adam", choices=OPTIMIZERS)
     lr: float = option(0.1, "peak learning rate", check=_positive)
     momentum: float = option(0.9, "SGD momentum", check=functools.partial(number, minimum=0, maximum=1, exclusive_max=True))

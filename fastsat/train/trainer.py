@@ -247,7 +247,8 @@ class Trainer:
 
         # batch_size is the global batch; fastsat's loaders deal each rank its share of every epoch.
         self.loader = make_loader(train_data, batch_size=config.batch_size // self.world_size, shuffle=True,
-                                  seed=config.seed, device=self.device, augment=config.augment)
+                                  seed=config.seed, device=self.device, augment=config.augment,
+                                  num_workers=config.num_workers)
         # Every rank iterates over the whole evaluation data; evaluate() attacks this rank's part of each batch.
         self.eval_loader = None if eval_data is None else make_loader(
             eval_data, batch_size=config.eval_batch_size, shuffle=False, seed=config.seed, device=self.device,
