@@ -562,8 +562,8 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("clean and PGD/APGD accuracy at a list of ε", (*_TRAINED, EvalOptions), cmd_eval),
     "saliency": Command("saliency maps of test images and a PNG grid", (*_TRAINED, SaliencyOptions), cmd_saliency),
     "analyze": Command("the Etmann alignment/robustness table and plots", (*_TRAINED, AnalyzeOptions), cmd_analyze),
-    "demo": Command("train six recipes briefly on the shapes data and write runs/demo/report.md/.html",
-                    (DemoOptions,), cmd_demo),
+    "demo": Command("train six recipes and a noise-only control briefly on the shapes data and write "
+                    "runs/demo/report.md/.html", (DemoOptions,), cmd_demo),
     "data pack": Command("write an ImageFolder (+ VOC boxes / masks) as tar shards for `--dataset shards`",
                          (PackOptions,), cmd_pack, positional=("source", "out_dir")),
 }
