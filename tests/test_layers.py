@@ -83,6 +83,6 @@ def test_checker_sees_an_upward_import(tmp_path):
     """The walker must find imports inside functions and relative ones, or the test above proves nothing."""
     source = tmp_path / "fake.py"
     source.write_text("def f():\n    from fastsat.train import fit\n    from ..cli import main\n")
-    found = dict((name, line) for line, name in imported_modules(source, "fastsat.ops.fake"))
+    found = {name: line for line, name in imported_modules(source, "fastsat.ops.fake")}
     assert found == {"fastsat.train": 2, "fastsat.cli": 3}
     assert layer_of("fastsat.train") > layer_of("fastsat.ops.fake")
