@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import template_cnn
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -54,27 +55,7 @@ def trained():
     """A small CNN trained for 40 Adam steps on 4 separable synthetic classes of 1×8×8 images,
     and a held-out batch of 64. Clean accuracy is about 0.9; at ε = 0.06 FGSM leaves about 30%
     robust accuracy, so the strength ordering of the attacks is visible."""
-    gen = torch.Generator().manual_seed(0)
-    templates = torch.rand(4, 1, 8, 8, generator=gen)
-
-    def sample(n):
-        y = torch.randint(0, 4, (n,), generator=gen)
-        x = 0.5 + 0.3 * (templates[y] - 0.5) + 0.15 * torch.randn(n, 1, 8, 8, generator=gen)
-        return x.clamp(0, 1), y
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128, 4))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(40):
-        x, y = sample(64)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    x, y = sample(64)
-    for p in model.parameters():
-        p.grad = None
+    model, x, y = template_cnn(classes=4, held_out=64)
     with torch.no_grad():
         assert (model(x).argmax(1) == y).float().mean() > 0.8, "the fixture net failed to train"
     return model, x, y

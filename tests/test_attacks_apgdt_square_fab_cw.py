@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import template_cnn
 from torch import nn
 
 from fastsat.attacks import APGD, APGDT, CW, FAB, FGSM, PGD, DeepFool, Square, apgdt, cw, fab, square
@@ -315,27 +316,7 @@ def test_cw_confidence_keeps_the_margin():
 def trained():
     """A small CNN trained for 40 Adam steps on 4 separable classes of 1×8×8 images, and a held-out
     batch of 48 (the fixture of test_attacks.py, smaller)."""
-    gen = torch.Generator().manual_seed(0)
-    templates = torch.rand(4, 1, 8, 8, generator=gen)
-
-    def sample(n):
-        y = torch.randint(0, 4, (n,), generator=gen)
-        x = 0.5 + 0.3 * (templates[y] - 0.5) + 0.15 * torch.randn(n, 1, 8, 8, generator=gen)
-        return x.clamp(0, 1), y
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128, 4))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(40):
-        x, y = sample(64)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.grad = None
-    return model, *sample(48)
+    return template_cnn(classes=4, held_out=48)
 
 
 EPS = 0.06

@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import template_cnn
 from torch import nn
 
 from fastsat import cli
@@ -221,26 +222,7 @@ def test_suite_arguments_are_checked():
 def test_standard_suite_is_at_least_as_strong_as_torchattacks_autoattack():
     import torchattacks
 
-    gen = torch.Generator().manual_seed(0)
-    templates = torch.rand(5, 1, 8, 8, generator=gen)
-
-    def sample(n):
-        y = torch.randint(0, 5, (n,), generator=gen)
-        return (0.5 + 0.3 * (templates[y] - 0.5) + 0.15 * torch.randn(n, 1, 8, 8, generator=gen)).clamp(0, 1), y
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128, 5))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(40):
-        xb, yb = sample(64)
-        loss = F.cross_entropy(model(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.grad = None
-    x, y = sample(48)
+    model, x, y = template_cnn(classes=5, held_out=48)
     eps = 0.06
     torch.manual_seed(0)
     ours = _quiet(model, (x, y), suite=StandardSuite(steps=20, fab_steps=20, square_queries=300, checks=CHECKS),
