@@ -199,9 +199,10 @@ def _markdown(results: dict, sizes: dict, device: torch.device, wall: float, cur
              f"{sat_probability(sizes['epochs'] - 1, a):.3f}); `{CONTROL}` is the SAT perturbation with random signs "
              "only (a = 1: the map never used), the control that tells the map's effect from the noise's; "
              "gradnorm λ = 0.1.")
-    method = (f"Evaluation: clean accuracy, PGD-{sizes['eval_steps']} (step ε/4, random start) accuracy, the Etmann "
-              "alignment α = |⟨x, ∇Ψ⟩|/‖∇Ψ‖ of the predicted logit and the boundary distance ρ (DeepFool + "
-              f"bisection, L2, pixel units), on the first {min(sizes['n_analysis'], sizes['n_test'])} test images. "
+    method = (f"Evaluation: clean and PGD-{sizes['eval_steps']} (step ε/4, random start) accuracy on all "
+              f"{sizes['n_test']} test images; the Etmann alignment α = |⟨x, ∇Ψ⟩|/‖∇Ψ‖ of the predicted logit and "
+              "the boundary distance ρ (DeepFool + bisection, L2, pixel units) on the first "
+              f"{min(sizes['n_analysis'], sizes['n_test'])} of them. "
               "Train acc is measured on each recipe's own training inputs "
               "(adversarial or perturbed) during the last epoch. Cost = training wall time relative to `standard` on "
               "this machine; it is only as steady as the machine's load (see bench/bench_e2e.py for controlled "
