@@ -172,9 +172,14 @@ def plain_step(work: str, model, opt, x, y, box, settings: Settings, attack=None
         x_train = sat_input(x, box)
     else:
         x_train = x
+    update(model, opt, x_train, y, settings)
+
+
+def update(model, opt, x, y, settings: Settings) -> None:
+    """The weight update every careful loop ends with: train mode, one forward and full backward, a step."""
     model.train()
     with autocast(settings):
-        loss = F.cross_entropy(model(x_train).float(), y)
+        loss = F.cross_entropy(model(x).float(), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -190,12 +195,7 @@ def floor_step(work: str, model, opt, x, y, settings: Settings) -> None:
             with autocast(settings):
                 loss = F.cross_entropy(model(x_in).float(), y)
             torch.autograd.grad(loss, x_in)
-        model.train()
-    with autocast(settings):
-        loss = F.cross_entropy(model(x).float(), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    update(model, opt, x, y, settings)
 
 
 # --- fastsat ---------------------------------------------------------------------------------------
