@@ -37,6 +37,7 @@ __all__ = [
     "number",
     "path",
     "positive_int",
+    "positive_number",
     "seed",
 ]
 
@@ -100,6 +101,11 @@ def number(
     if not math.isfinite(value) or too_low or too_high:
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
     return value
+
+
+def positive_number(value: object, name: str, *, allow_none: bool = False) -> float | None:
+    """A finite real number > 0 (a radius, a learning rate, ...) as a Python float."""
+    return number(value, name, minimum=0, exclusive_min=True, allow_none=allow_none)
 
 
 def integer(value: object, name: str, *, minimum: int | None = None, allow_none: bool = False) -> int | None:

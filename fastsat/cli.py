@@ -401,10 +401,7 @@ def _trained_model(options: ModelOptions, train_set, device: torch.device, check
     if checkpoint:
         state = load_checkpoint(checkpoint)
         # A run trained with --ema was evaluated (and chose best.pt) on the averaged weights: use them.
-        # (The average is the model's own state dict; older checkpoints held torch's AveragedModel's, "module."-prefixed.)
         ema = state.get("ema")
-        if ema is not None and "n_averaged" in ema:
-            ema = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
         weights = state["model"] if ema is None else ema
         model.load_state_dict(weights)
     else:

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from fastsat import _dist
 from fastsat._checks import integer, number, positive_int
 from fastsat._checks import seed as check_seed
 
@@ -54,10 +55,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """``(rank, world_size)``: as given, else torch.distributed's when initialised, else (0, 1)."""
     if rank is None and world_size is None:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+        return _dist.rank(), _dist.world_size()
     world_size = positive_int(1 if world_size is None else world_size, "world_size")
     rank = integer(0 if rank is None else rank, "rank", minimum=0)
     if rank >= world_size:

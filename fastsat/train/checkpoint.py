@@ -49,13 +49,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 def _from_format_1(state: dict) -> dict:
     """Format 1 recorded fewer settings (resuming compares only those) and the recipe options as
-    they were then: Fast's ``early_stop`` among them, and no ``clip`` (it was always (0, 1))."""
+    they were then: Fast's ``early_stop`` among them, and no ``clip`` (it was always (0, 1)). Its EMA
+    was torch's AveragedModel's state dict ("module."-prefixed weights and an ``n_averaged``
+    counter); the average is now the model's own state dict."""
     config = dict(state["config"])
     options = {k: v for k, v in config["recipe_options"].items() if k != "early_stop"}
     if issubclass(RECIPES.get(config["recipe"], Recipe), PerturbationRecipe):
         options["clip"] = (0.0, 1.0)
     config["recipe_options"] = options
-    return {**state, "format": CHECKPOINT_FORMAT, "config": config}
+    ema = state.get("ema")
+    if ema is not None:
+        ema = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+    return {**state, "format": CHECKPOINT_FORMAT, "config": config, "ema": ema}
 
 
 def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict:

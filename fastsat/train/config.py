@@ -19,7 +19,7 @@ import typing
 import warnings
 from collections.abc import Mapping, Sequence
 
-from fastsat._checks import clip_box, describe, flag, integer, number, path, positive_int, seed
+from fastsat._checks import clip_box, describe, flag, integer, number, path, positive_int, positive_number, seed
 from fastsat.train.options import Spec, document, option, parse, show, specs, unknown_keys, validate
 from fastsat.train.recipes import PRECISIONS, RECIPES, PerturbationRecipe, Recipe, make_recipe
 
@@ -28,7 +28,6 @@ __all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig", "recipe_option_specs"]
 SCHEDULES = ("piecewise", "cosine", "onecycle", "constant")
 OPTIMIZERS = ("sgd", "adam")
 
-_positive = functools.partial(number, minimum=0, exclusive_min=True)
 
 
 def _recipe_options(value: object, name: str) -> dict:
@@ -87,7 +86,7 @@ class TrainConfig:
         "trains; in-memory data sets stay on the device and ignore it", check=functools.partial(integer, minimum=0),
         recorded=False)
     optimizer: str = option("sgd", "SGD with momentum, or Adam", choices=OPTIMIZERS)
-    lr: float = option(0.1, "peak learning rate", check=_positive)
+    lr: float = option(0.1, "peak learning rate", check=positive_number)
     momentum: float = option(0.9, "SGD momentum", check=functools.partial(number, minimum=0, maximum=1, exclusive_max=True))
     weight_decay: float = option(5e-4, "L2 weight decay", check=functools.partial(number, minimum=0))
     schedule: str = option("piecewise", "per-step learning-rate schedule (see fastsat.train.lr_factor)", choices=SCHEDULES)
@@ -113,7 +112,7 @@ class TrainConfig:
         "size", check=_resize_schedule)
     clip: tuple[float, float] = option((0.0, 1.0), "valid input box (lo, hi) in pixel units; every recipe keeps its "
                                        "inputs inside it", check=clip_box)
-    eval_eps: float = option(8 / 255, "per-epoch evaluation: PGD radius (pixels, L∞)", check=_positive)
+    eval_eps: float = option(8 / 255, "per-epoch evaluation: PGD radius (pixels, L∞)", check=positive_number)
     eval_steps: int = option(10, "per-epoch evaluation: PGD iterations (step eval_eps/4)", check=positive_int)
     eval_batch_size: int = option(256, "per-epoch evaluation: images per batch (eval_data given as a dataset)",
                                   check=positive_int)

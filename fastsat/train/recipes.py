@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastsat._checks import choice, clip_box, integer, nearest, number, positive_int
+from fastsat._checks import choice, clip_box, integer, nearest, number, positive_int, positive_number
 from fastsat.attacks import FGSM, PGD, TradesAttack
 from fastsat.data import as_batch
 from fastsat.ops import pgd_step, random_start, sat_perturb
@@ -63,7 +63,6 @@ SAT_MAPS = ("boxes", "masks", "saliency")
 _MAP_KEYS = {"boxes": "box", "masks": "mask", "saliency": "saliency"}
 PRECISIONS = ("fp32", "bf16", "fp16")
 
-_positive = functools.partial(number, minimum=0, exclusive_min=True)
 _non_negative = functools.partial(number, minimum=0)
 
 
@@ -227,11 +226,11 @@ def _ce(model: nn.Module, x: Tensor, y: Tensor) -> RecipeOutput:
 
 # Options several recipes share, declared once (each recipe picks its own default).
 def _eps(default: float = 8 / 255) -> dataclasses.Field:
-    return option(default, "radius ε of the training perturbation (L∞, pixels)", check=_positive)
+    return option(default, "radius ε of the training perturbation (L∞, pixels)", check=positive_number)
 
 
 def _step_size(default: float) -> dataclasses.Field:
-    return option(default, "attack step size (pixels)", check=_positive)
+    return option(default, "attack step size (pixels)", check=positive_number)
 
 
 def _steps(default: int) -> dataclasses.Field:
@@ -346,7 +345,7 @@ class Fast(PerturbationRecipe):
     name: ClassVar[str] = "fast"
     early_stop: ClassVar[bool] = True
     step_size: float | None = option(None, "FGSM step size (pixels); None: 1.25·eps",
-                                     check=functools.partial(_positive, allow_none=True))
+                                     check=functools.partial(positive_number, allow_none=True))
     attack_mode: str = _attack_mode()
 
     def loss(self, model, batch, *, epoch=0):

@@ -133,8 +133,6 @@ class _EMA:
         return self.module.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if "n_averaged" in state:  # written by torch's AveragedModel (checkpoints before the fast path)
-            state = {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
         self.module.load_state_dict(state)
 
 
@@ -410,9 +408,9 @@ class Trainer:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
             try:
                 out = self._recipe_step(self.train_model, batch, epoch)
-            except Exception as err:  # noqa: BLE001 — whatever compiling raised; the eager retry tells
-                # If the same step runs eagerly, compiling (or capturing) was what failed: stay eager.
-                # If it does not, the eager step raises the model's own error.
+            except torch._dynamo.exc.TorchDynamoException as err:
+                # Only the compiler's own errors (tracing, a backend that failed to compile) fall back;
+                # anything else (out of memory, a data bug) is the step's error and propagates.
                 out = self._recipe_step(self.eager_model, batch, epoch)
                 self.train_model = self.eager_model
                 said = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
