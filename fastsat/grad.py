@@ -35,6 +35,7 @@ from fastsat._checks import choice, describe, host_checks_enabled, positive_int
 from fastsat.ops import accumulation_dtype
 
 __all__ = [
+    "MODES",
     "OBJECTIVES",
     "InputGrad",
     "batched_logit_grads",
@@ -47,7 +48,8 @@ __all__ = [
 ]
 
 OBJECTIVES = ("logit", "logit_diff", "ce", "cw", "dlr", "dlr_targeted", "kl")
-_MODES = (None, "eval", "train")
+#: The model modes every input-gradient function and attack accepts (None: leave the model as it is).
+MODES = (None, "eval", "train")
 
 
 class InputGrad(NamedTuple):
@@ -76,7 +78,7 @@ def frozen(model: nn.Module, mode: str | None = None, *, freeze_params: bool = T
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    choice(mode, "mode", _MODES)
+    choice(mode, "mode", MODES)
     module_flags = [(m, m.training) for m in model.modules()]
     param_flags = [(p, p.requires_grad) for p in model.parameters()] if freeze_params else []
     try:

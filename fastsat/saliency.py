@@ -257,6 +257,9 @@ def integrated_gradients(
     chunk_size = positive_int(chunk_size, "chunk_size", allow_none=True)
     choice(method, "method", IG_METHODS)
     choice(objective, "objective", IG_OBJECTIVES)
+    if objective == "loss" and target is None:
+        raise ValueError("target: objective 'loss' differentiates the loss of the labels; expected the (B,) labels, "
+                         "got None")
     ts, weights = _ig_path(steps, method)
     x = x.detach()
     if baseline is None:

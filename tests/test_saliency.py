@@ -450,3 +450,16 @@ def test_gradcam_pp_without_relu_keeps_negative_evidence() -> None:
     assert (raw < 0).any(), "the test needs a map with negative values to tell the two apart"
     with pytest.raises(TypeError, match="relu"):
         saliency.gradcam_pp(model, x, layer=model.features, relu="no")
+
+
+def test_loss_objective_without_labels_is_refused_before_any_forward():
+    class NeverCalled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            raise AssertionError("the model ran before the arguments were checked")
+
+    with pytest.raises(ValueError, match="target"):
+        saliency.integrated_gradients(NeverCalled(), torch.rand(2, 1, 4, 4), objective="loss")

@@ -17,12 +17,11 @@ from torch import nn
 
 from fastsat import ops
 from fastsat._checks import choice, clip_box, host_checks_enabled, no_host_checks, number
-from fastsat.grad import InputGrad, _input_grad, check_input, check_objective_args, frozen, objective_value
+from fastsat.grad import MODES, InputGrad, _input_grad, check_input, check_objective_args, frozen, objective_value
 from fastsat.ops import StepStats, accumulation_dtype
 
 __all__ = ["Attack", "AttackResult"]
 
-_MODES = (None, "eval", "train")
 
 
 @dataclass
@@ -97,7 +96,7 @@ class Attack(abc.ABC):
         self.model = model
         self.eps = number(eps, "eps", minimum=0, allow_none=True)
         self.norm = choice(norm, "norm", ops.NORMS)
-        self.mode = choice(mode, "mode", _MODES)
+        self.mode = choice(mode, "mode", MODES)
         self.clip = clip_box(clip)
 
     def __repr__(self) -> str:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fastsat import ops
-from fastsat._checks import number, positive_int
+from fastsat._checks import flag, number, positive_int
 from fastsat.attacks.base import Attack, AttackResult, per_sample
 from fastsat.grad import objective_value
 
@@ -78,7 +78,7 @@ class CW(Attack):
         self.binary_search_steps = positive_int(binary_search_steps, "binary_search_steps")
         self.steps = positive_int(steps, "steps")
         self.lr = number(lr, "lr", minimum=0, exclusive_min=True)
-        self.abort_early = bool(abort_early)
+        self.abort_early = flag(abort_early, "abort_early")
 
     def _attack_round(
         self, x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, const: torch.Tensor, first: bool
