@@ -38,8 +38,8 @@ CONVERSIONS = ("item", "__bool__", "__int__", "__float__", "tolist", "numpy")
 
 @pytest.fixture
 def host_reads(monkeypatch):
-    """Counts the tensor→host conversions (as tests/test_attacks.py does): a list that grows by
-    the name of each conversion made."""
+    """Counts the tensor→host conversions: a list that grows by the name of each conversion made
+    (test_value_checks_... shows it catches the ops' own checks)."""
     seen: list[str] = []
     for name in CONVERSIONS:
         original = getattr(torch.Tensor, name)
@@ -133,8 +133,11 @@ def test_value_checks_run_outside_no_host_checks_and_are_skipped_inside(backend,
                                          backend=backend),
     }
     for name, call in calls.items():
+        before = len(host_reads)
         with pytest.raises(ValueError, match=name.strip()):
             call()
+        # The counter sees the check's host read, so its silence below means something.
+        assert len(host_reads) > before, f"{name}: the counter missed the value check's host read"
     for name, call in calls.items():
         before = len(host_reads)
         with _checks.no_host_checks():
