@@ -74,7 +74,9 @@ def test_a_steady_state_epoch_reads_the_device_at_most_four_times(name, monkeypa
         record = trainer.train_epoch(1)
     assert trainer.steps_per_epoch == 6 and record["train_loss"] > 0
     print(f"{name}: {reads.count} host reads")
-    assert reads.count <= 4, f"{name}: {reads.count} host reads in a steady-state epoch of 5 steps"
+    # The budget is 4 per epoch; the design makes exactly one (the epoch-end read of the sums),
+    # so any new read on the hot path fails here.
+    assert reads.count <= 1, f"{name}: {reads.count} host reads in a steady-state epoch of 5 steps"
 
 
 def test_the_sync_counter_sees_a_sync_per_step(monkeypatch):
