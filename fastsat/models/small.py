@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastsat._checks import number, positive_int
+from fastsat._checks import integer, number
 
 from .layers import Normalize, check_homogeneous_input, init_weights
 
@@ -110,9 +110,7 @@ class EtmannCNN(nn.Module):
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        image_size = positive_int(image_size, "image_size")
-        if image_size < 8:
-            raise ValueError(f"image_size: expected at least 8 pixels (three 2x2 poolings), got {image_size}")
+        image_size = integer(image_size, "image_size", minimum=8)  # three 2x2 poolings need 8 pixels
         dropout = number(dropout, "dropout", minimum=0, maximum=1, exclusive_max=True)
         check_homogeneous_input(mean, not bias, "bias=False")
         self.image_size = image_size

@@ -551,6 +551,11 @@ def _pgd_step_op(
     tiles = _tiles(x)
     rows = (tiles.batch, tiles.numel, tiles.chunks)
     no_stats = torch.empty(0, dtype=torch.float32, device=x.device)
+    if l2 and tiles.chunks == 1:
+        stats = torch.empty(tiles.batch, 4, dtype=torch.float32, device=x.device) if with_stats else no_stats
+        _launch(_l2_one_tile_kernel, tiles.grid, x, grad, x_nat, out, stats, tiles.batch, tiles.numel, step_size, eps,
+                lo, hi, WITH_STATS=with_stats, **tiles.meta)
+        return stats
     # Without statistics the kernels store no partials; a one-element buffer stands in.
     stats_partials = _partials(tiles, 1 if l2 else 4, x) if with_stats else torch.empty(1, device=x.device)
     if not l2:
@@ -560,11 +565,6 @@ def _pgd_step_op(
             return no_stats
         stats = torch.empty(tiles.batch, 4, dtype=torch.float32, device=x.device)
         _finalize(stats_partials, stats, sqrt_cols=(1, 2), max_cols=(3,))
-        return stats
-    if tiles.chunks == 1:
-        stats = torch.empty(tiles.batch, 4, dtype=torch.float32, device=x.device) if with_stats else no_stats
-        _launch(_l2_one_tile_kernel, tiles.grid, x, grad, x_nat, out, stats, tiles.batch, tiles.numel, step_size, eps,
-                lo, hi, WITH_STATS=with_stats, **tiles.meta)
         return stats
     sums = _partials(tiles, _L2_COLUMNS, x)
     _launch(_l2_reduce_kernel, tiles.grid, x, grad, x_nat, sums, *rows, **tiles.meta)

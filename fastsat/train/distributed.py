@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fastsat import _dist
 from fastsat.data.shards import mix_seed
 
-__all__ = ["agreed_steps", "launched", "seed_epoch", "setup", "teardown", "unwrap", "wrap"]
+__all__ = ["agreed_steps", "launched", "seed_all", "seed_epoch", "setup", "teardown", "unwrap", "wrap"]
 
 
 def launched() -> bool:
@@ -113,7 +113,11 @@ def agreed_steps(steps: int) -> int:
 def seed_epoch(seed: int, epoch: int) -> None:
     """Seed python's, numpy's and torch's (CPU and CUDA) global generators for ``epoch`` of this
     rank from ``(seed, epoch, rank)``."""
-    value = mix_seed(seed, epoch, _dist.rank())
+    seed_all(mix_seed(seed, epoch, _dist.rank()))
+
+
+def seed_all(value: int) -> None:
+    """Seed python's, numpy's and torch's (CPU and every CUDA device) global generators."""
     random.seed(value)
-    np.random.seed(value % (1 << 32))
-    torch.manual_seed(value)  # also seeds every CUDA device
+    np.random.seed(value % (1 << 32))  # numpy takes 32 bits
+    torch.manual_seed(value)

@@ -14,7 +14,6 @@ import itertools
 import json
 import logging
 import math
-import random
 import sys
 import time
 import typing
@@ -339,9 +338,7 @@ class Trainer:
             return True
         if path is not None and isinstance(config.resume, str):
             raise FileNotFoundError(f"resume: checkpoint {path} does not exist")
-        random.seed(config.seed)
-        np.random.seed(config.seed)
-        torch.manual_seed(config.seed)
+        distributed.seed_all(config.seed)
         for gen in self.generators.values():
             gen.manual_seed(config.seed)
         return False
