@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastsat.train as T
+from fastsat.attacks import base as attack_base
 from fastsat.data import shapes
 from fastsat.train import trainer as trainer_module
 from fastsat.train.checkpoint import load_checkpoint
@@ -161,8 +162,77 @@ def test_a_compiled_epoch_gives_the_eager_losses(name):
         trainer.train_step = _recording(trainer.train_step, steps)
         trainer.train_epoch(0)
         assert (trainer.train_model is trainer.eager_model) is not compiled
+        if compiled and name == "pgd" and hasattr(torch._dynamo.config, "trace_autograd_ops"):
+            assert trainer.train_model in attack_base._COMPILED_STEPS  # the attack's steps ran compiled whole
         losses[compiled] = torch.tensor(steps)
     assert torch.allclose(losses[True], losses[False], rtol=1e-4, atol=1e-6), losses
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo compiles a code object at most 8 times (its recompile limit): the compile tests
+    before this one must not use up the attack step's."""
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("attack_name, backend, mode", [
+    ("pgd", "cpp", "eval"), ("pgd", "torch", "train"), ("pgd", "triton", "eval"), ("trades", "cpp", "train"),
+])
+def test_a_compiled_models_attack_step_is_one_graph_with_the_fused_step_inside(attack_name, backend, mode, fresh_dynamo):
+    # Forward, input gradient (autograd.grad, traced) and the fused pgd_step in one graph, the same
+    # graph for every step: one graph in all, no break (fullgraph). A recording backend runs the
+    # traced graph eagerly, so the result is the eager attack's bit for bit — batch-norm statistics
+    # updated in "train" mode included.
+    from fastsat import ops
+    from fastsat.attacks import PGD, TradesAttack
+
+    if not ops.available_backends()[backend]:
+        pytest.skip(f"backend {backend} not available")
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        pytest.skip("this torch cannot trace autograd.grad (torch >= 2.11 can)")
+    graphs = []
+
+    def recording(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    make = {"pgd": lambda m: PGD(m, steps=3, mode=mode, backend=backend),
+            "trades": lambda m: TradesAttack(m, steps=3, mode=mode, backend=backend)}[attack_name]
+    x, y = DATA.images[:6].float() / 255, DATA.labels[:6]
+    models, results = {}, {}
+    for compiled in (False, True):
+        model = models[compiled] = tiny_model()
+        attacked = torch.compile(model, backend=recording, fullgraph=True) if compiled else model
+        torch.manual_seed(1)
+        results[compiled] = make(attacked).perturb(x, y)
+    assert torch.equal(results[True], results[False])
+    assert torch.equal(models[True][1].running_mean, models[False][1].running_mean)
+    assert not torch.equal(results[True], x)
+    steps = [graph.code for graph in graphs if "autograd" in graph.code]
+    clean_forwards = int(attack_name == "trades")  # TRADES' clean logits: the compiled model's own graph
+    assert len(steps) == 1 and len(graphs) == 1 + clean_forwards, f"{len(graphs)} graphs: a break or a recompile"
+    code = steps[0]
+    assert "conv2d" in code, code
+    assert ("fastsat" in code) is (backend != "torch"), code  # the kernel op; the reference inlines torch ops
+
+
+def test_a_new_radius_recompiles_the_compiled_attack_step_with_the_new_constant(fresh_dynamo):
+    # An ε warm-up changes ε every epoch. Dynamo would turn a float that changes into a symbol,
+    # which the ops' argument checks cannot take; the step keeps floats as constants instead.
+    from fastsat.attacks import PGD
+
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        pytest.skip("this torch cannot trace autograd.grad (torch >= 2.11 can)")
+    model = tiny_model().eval()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x, y = DATA.images[:6].float() / 255, DATA.labels[:6]
+    for eps in (2 / 255, 4 / 255, 8 / 255):
+        runs = []
+        for attacked in (compiled, model):
+            torch.manual_seed(1)
+            runs.append(PGD(attacked, eps=eps, step_size=eps / 2, steps=2).perturb(x, y))
+        assert torch.equal(runs[0], runs[1])
+        assert (runs[0] - x).abs().max() == pytest.approx(eps, abs=1e-6)  # float32 x: ulp 6e-8 near 1
 
 
 def _recording(step, into):

@@ -10,6 +10,8 @@ import abc
 import dataclasses
 import math
 import warnings
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -159,6 +161,30 @@ class Attack(abc.ABC):
         if y.device != x.device:
             raise ValueError(f"y is on {y.device} but x is on {x.device}")
 
+    def _ascend(
+        self,
+        x_adv: torch.Tensor,
+        x: torch.Tensor,
+        objective: str,
+        *,
+        first: bool,
+        negate: bool = False,
+        return_stats: bool = False,
+        **objective_args: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, StepStats | None]:
+        """One projected step up the input gradient of ``objective`` at x_adv (down with ``negate``):
+        :func:`fastsat.ops.pgd_step` with the attack's ``step_size``, ε, norm, clip and ``backend``
+        (attacks that have them: PGD, FGSM, TRADES). Returns (new x_adv, :class:`StepStats` of the
+        gradient with ``return_stats``, else None).
+
+        The first step of a run with host checks on goes through :meth:`_grad` (label values,
+        warnings); every other step is :func:`_ascent_step`, compiled for a compiled model
+        (:func:`_step_function`)."""
+        if first and host_checks_enabled():
+            grad = self._grad(x_adv, objective, first=True, **objective_args).grad
+            return _project(self, x_adv, grad, x, negate, return_stats)
+        return _step_function(self.model)(self, x_adv, x, objective, negate, return_stats, objective_args)
+
     def _grad(self, x: torch.Tensor, objective: str, *, first: bool, **objective_args) -> InputGrad:
         """Input gradient of ``objective`` at x. The first call of a run checks the labels against
         the number of classes and warns about suspicious models (one host sync); the others are
@@ -244,6 +270,51 @@ class Attack(abc.ABC):
                 f"{ok_box}, within eps={self.eps} ({self.norm})={ok_ball}, max distance={float(dist.max()):.6g}"
             )
         return dist.to(accumulation_dtype(x.dtype))
+
+
+# Per compiled model, its compiled step (made once: wrapping costs more than a small step).
+_COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _step_function(model: nn.Module) -> Callable:
+    """What :meth:`Attack._ascend` runs per step: :func:`_ascent_step` as it is, or — for a
+    ``torch.compile``'d model, where torch can trace ``autograd.grad`` (torch ≥ 2.11) — compiled
+    the way the model was (its backend, mode and options): forward, input gradient and the fused
+    step then run as one graph, which ``mode="reduce-overhead"`` replays as one CUDA graph."""
+    compiler = getattr(model, "dynamo_ctx", None)  # torch.compile's wrapper keeps its settings here
+    if compiler is None or not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        return _ascent_step
+    if model not in _COMPILED_STEPS:
+        _COMPILED_STEPS[model] = torch._dynamo.config.patch(trace_autograd_ops=True, specialize_float=True)(compiler(_ascent_step))
+    return _COMPILED_STEPS[model]
+
+
+def _ascent_step(
+    attack: Attack,
+    x_adv: torch.Tensor,
+    x: torch.Tensor,
+    objective: str,
+    negate: bool,
+    return_stats: bool,
+    objective_args: dict,
+) -> tuple[torch.Tensor, StepStats | None]:
+    """One step of :meth:`Attack._ascend` without host syncs: the input gradient (one forward, one
+    backward to the input) and the fused projected step. Shapes are checked where that needs no
+    sync (inside no_host_checks, as in training; compiled, only while the graph is traced)."""
+    grad = _input_grad(attack.model, x_adv, objective, check=not host_checks_enabled(), **objective_args).grad
+    return _project(attack, x_adv, grad, x, negate, return_stats)
+
+
+def _project(
+    attack: Attack, x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, negate: bool, return_stats: bool
+) -> tuple[torch.Tensor, StepStats | None]:
+    # The gradient goes in as computed (float32 for float16/bfloat16 x): its sign is taken before
+    # any rounding to x's dtype, which would flush its small entries to 0.
+    stepped = ops.pgd_step(
+        x_adv, -grad if negate else grad, x, step_size=attack.step_size, eps=attack.eps, norm=attack.norm,
+        clip=attack.clip, return_stats=return_stats, backend=attack.backend,
+    )
+    return stepped if return_stats else (stepped, None)
 
 
 def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

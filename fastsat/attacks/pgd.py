@@ -88,15 +88,11 @@ class PGD(Attack):
             else:
                 x_adv = x.clone()
             for step in range(self.steps):
-                grad = self._grad(x_adv, self.loss, first=restart == 0 and step == 0, y=y).grad
-                # The gradient goes in as computed (float32 for float16/bfloat16 x): its sign is taken
-                # before any rounding to x's dtype, which would flush its small entries to 0.
-                ascent = -grad if self.targeted else grad
-                stepped = ops.pgd_step(
-                    x_adv, ascent, x, step_size=self.step_size, eps=self.eps, norm=self.norm, clip=self.clip,
-                    return_stats=step == stats_step, out=x_adv, backend=self.backend,
+                x_adv, step_stats = self._ascend(
+                    x_adv, x, self.loss, first=restart == 0 and step == 0, negate=self.targeted,
+                    return_stats=step == stats_step, y=y,
                 )
-                x_adv, stats = stepped if step == stats_step else (stepped, stats)
+                stats = step_stats if step == stats_step else stats
             if self.restarts == 1 and not need_success:
                 return AttackResult(x_adv=x_adv, success=None, delta_norm=None, stats=stats)
             success, value = self._final(x_adv, y, self.loss, self.targeted)

@@ -63,12 +63,11 @@ class TradesAttack(Attack):
         # when nothing reads them (a training loop).
         stats_step, stats = (self.steps - 1 if need_success else -1), None
         for step in range(self.steps):
-            grad = self._grad(x_adv, "kl", first=step == 0, clean_logits=clean_logits, y=y).grad
-            stepped = ops.pgd_step(
-                x_adv, grad, x, step_size=self.step_size, eps=self.eps, norm="linf", clip=self.clip,
-                return_stats=step == stats_step, out=x_adv, backend=self.backend,
+            x_adv, step_stats = self._ascend(
+                x_adv, x, "kl", first=step == 0, return_stats=step == stats_step,
+                clean_logits=clean_logits, y=y,
             )
-            x_adv, stats = stepped if step == stats_step else (stepped, stats)
+            stats = step_stats if step == stats_step else stats
         if not need_success:
             return AttackResult(x_adv=x_adv, success=None, delta_norm=None, stats=stats)
         reference = clean_logits.argmax(dim=1) if y is None else y
