@@ -245,6 +245,41 @@ def test_single_process_is_unchanged_by_the_distributed_hooks():
     assert distributed.unwrap(model) is model
 
 
+def test_attacks_on_a_compiled_ddp_model_run_compiled_on_the_module_inside(tmp_path):
+    # torch.compile(DDP(module)), as the trainer builds it under torchrun with compile on: the
+    # attacks must not go through DDP, and must not fall back to the eager module either.
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fastsat.attacks import PGD
+    from fastsat.attacks import base as attack_base
+
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        pytest.skip("this torch cannot trace autograd.grad (torch >= 2.11 can)")
+    graphs = []
+
+    def recording(graph, example_inputs):
+        graphs.append(graph.code)
+        return graph.forward
+
+    torch._dynamo.reset()
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = madry()
+        wrapped = torch.compile(DistributedDataParallel(model), backend=recording)
+        attacked = distributed.unwrap(wrapped)
+        assert attacked._orig_mod is model and distributed.unwrap(wrapped) is attacked
+        x, y = train.images[:4].float() / 255, train.labels[:4]
+        torch.manual_seed(1)
+        got = PGD(attacked, steps=2).perturb(x, y)
+        torch.manual_seed(1)
+        want = PGD(model, steps=2).perturb(x, y)
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(got, want)
+    assert attacked in attack_base._COMPILED_STEPS and len(graphs) == 1 and "autograd" in graphs[0]
+
+
 def test_sync_batchnorm_is_refused_off_cuda():
     with pytest.raises(ValueError, match="sync_batchnorm"):
         T.Trainer(madry(), train, T.TrainConfig(sync_batchnorm=True, **SAME))

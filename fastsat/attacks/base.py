@@ -77,6 +77,13 @@ class Attack(abc.ABC):
 
     Checks that read tensor values on the host (input range, label range, warnings, audit) are
     skipped inside :func:`fastsat._checks.no_host_checks`; shapes, dtypes and devices are still checked.
+
+    Given a ``torch.compile``'d model, PGD, FGSM and TRADES compile each step whole — forward, input
+    gradient and the fused :func:`fastsat.ops.pgd_step` in one graph, the same graph every step,
+    compiled with the model's own backend, mode and options (``mode="reduce-overhead"``: one CUDA
+    graph per step). That needs a torch whose compiler traces ``autograd.grad`` (≥ 2.11); an older
+    one runs the compiled model's forward and backward graphs with the step between them. Each new
+    ε or step size compiles the step again (they are constants of the graph).
     """
 
     label_required: bool = True

@@ -10,8 +10,9 @@ options (``--nnodes``, ``--node-rank``, ``--rdzv-endpoint``); nothing here depen
 What the trainer does with a process group of more than one rank:
 
 - the batches go through :func:`wrap` (``DistributedDataParallel``): only the training backward
-  all-reduces gradients; attacks run on the unwrapped module (:func:`unwrap`), so their forward
-  passes neither touch the gradient reducer nor re-broadcast batch-norm buffers;
+  all-reduces gradients; attacks run on the unwrapped module (:func:`unwrap`; compiled like the
+  wrapper when it is compiled), so their forward passes neither touch the gradient reducer nor
+  re-broadcast batch-norm buffers;
 - ``batch_size`` is the global batch: each rank takes ``batch_size / world_size`` of it (its
   share of every epoch comes from :func:`fastsat.data.loader`, or a user DataLoader's
   ``DistributedSampler``); all ranks run :func:`agreed_steps` batches per epoch;
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import os
 import random
+import weakref
 
 import numpy as np
 import torch
@@ -98,10 +100,22 @@ def _convert_batchnorm(model: nn.Module) -> None:
             setattr(model, name, converted)
 
 
+# Per compiled DDP wrapper, the module inside it compiled the same way (made once per run).
+_COMPILED_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` (or a compiled one around it); ``model`` itself otherwise."""
+    """What attacks run on: the module inside a ``DistributedDataParallel`` — compiled the way the
+    wrapper was when ``model`` is ``torch.compile(DDP(module))``, so that attacks stay compiled —
+    and ``model`` itself otherwise."""
     inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-    return inner.module if isinstance(inner, DistributedDataParallel) else model
+    if not isinstance(inner, DistributedDataParallel):
+        return model
+    if inner is model:
+        return inner.module
+    if model not in _COMPILED_MODULES:
+        _COMPILED_MODULES[model] = model.dynamo_ctx(inner.module)  # torch.compile's settings, applied to the module
+    return _COMPILED_MODULES[model]
 
 
 def agreed_steps(steps: int) -> int:
