@@ -89,6 +89,16 @@ def test_resize_masks_and_boxes():
     assert torch.equal(out["box"], boxes_from_masks(out["mask"]))
 
 
+def test_resize_keeps_images_in_the_runs_box():
+    # An image in [-1, 1] (a run with clip=(-1, 1)) keeps its negative half; the default box is [0, 1].
+    image = torch.rand(2, 3, 8, 8) * 2 - 1
+    inside = resize({"image": image}, (4, 4), clip=(-1.0, 1.0))["image"]
+    assert inside.min() < -0.2 and inside.min() >= -1 and inside.max() <= 1
+    assert resize({"image": image}, (4, 4))["image"].min() == 0
+    with pytest.raises(ValueError, match="clip"):
+        resize({"image": image}, (4, 4), clip=(1.0, -1.0))
+
+
 def test_rescale_boxes_rounds_outward():
     boxes = torch.tensor([[1, 1, 3, 3], [0, 0, 10, 10], [4, 4, 4, 9]])
     out = rescale_boxes(boxes, (10, 10), (4, 4))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastsat._checks import integer
+from fastsat._checks import clip_box, integer
 
 from .dataset import clip_boxes, rescale_boxes, size_hw
 
@@ -96,13 +96,17 @@ def hflip(batch: dict[str, torch.Tensor], which: torch.Tensor) -> dict[str, torc
     return out
 
 
-def resize(batch: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+def resize(
+    batch: dict[str, torch.Tensor], size: tuple[int, int], clip: tuple[float, float] = (0.0, 1.0)
+) -> dict[str, torch.Tensor]:
     """Resize a batch to ``size`` = (H', W') pixels.
 
-    Images: bilinear with antialiasing (for downscaling), float in [0, 1] or uint8 (0-255, resized
-    as bytes: the CPU's fast path, saturating and rounding to bytes). Masks: nearest-exact (pixel
-    centres). Boxes: :func:`rescale_boxes` (smallest integer box containing the scaled box).
+    Images: bilinear with antialiasing (for downscaling), float in the box ``clip`` (pixel units,
+    default [0, 1]; the result is clamped to it against rounding) or uint8 (0-255, resized as bytes:
+    the CPU's fast path, saturating and rounding to bytes). Masks: nearest-exact (pixel centres).
+    Boxes: :func:`rescale_boxes` (smallest integer box containing the scaled box).
     """
+    lo, hi = clip_box(clip)
     image = batch["image"]
     h, w = image.shape[-2:]
     size = (int(size[0]), int(size[1]))
@@ -110,7 +114,7 @@ def resize(batch: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, t
         return dict(batch)
     out = dict(batch)
     resized = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
-    out["image"] = resized.clamp_(0, 1) if image.is_floating_point() else resized
+    out["image"] = resized.clamp_(lo, hi) if image.is_floating_point() else resized
     if "mask" in batch:
         # Float on a GPU (nearest interpolation of integer dtypes is not implemented on every
         # device); bytes on the CPU, where they are.

@@ -371,7 +371,7 @@ class Trainer:
                     unchecked.enter_context(no_host_checks())
                 batch = as_batch(item, self.device)
                 if size is not None:
-                    batch = resize(batch, (size, size))
+                    batch = resize(batch, (size, size), self.config.clip)
                 out = self.train_step(batch, epoch)
                 count = batch["label"].shape[0]
                 loss_sum += out.loss.detach().float() * count
