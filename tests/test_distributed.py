@@ -136,6 +136,7 @@ WORKER = SETUP + textwrap.dedent(
     report["stream"] = torch.rand(4).tolist()
 
     (out / f"rank{rank}.json").write_text(json.dumps(report))
+    del trainer, odd  # no DDP module may outlive the group (distributed.teardown says why)
     distributed.teardown()
     """
 )
