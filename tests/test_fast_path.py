@@ -335,3 +335,28 @@ def test_cuda_compiled_step_is_captured_as_cuda_graphs():
     trainer.train_epoch(0)
     assert trainer.train_model is not trainer.eager_model, "compiling failed and the run fell back to eager"
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+
+
+@cuda
+def test_cuda_compiled_attack_step_replays_as_a_cuda_graph(fresh_dynamo):
+    # The whole step (forward, traced input gradient, fused pgd_step) under "reduce-overhead":
+    # captured without a skip, and the attack it gives is the eager attack's up to the signs of
+    # gradient entries that compiled float sums move across zero.
+    from torch._dynamo.utils import counters
+
+    from fastsat.attacks import PGD
+
+    counters.clear()
+    model = tiny_model().cuda().eval()
+    compiled = torch.compile(model, mode="reduce-overhead")
+    x, y = (DATA.images[:16].float() / 255).cuda(), DATA.labels[:16].cuda()
+    runs = []
+    for attacked in (compiled, model):
+        torch.manual_seed(1)
+        for _ in range(3):  # warm-up, record, replay
+            torch.compiler.cudagraph_mark_step_begin()
+            result = PGD(attacked, steps=5).perturb(x, y)
+        runs.append(result.clone())
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    assert compiled in attack_base._COMPILED_STEPS
+    assert (runs[0] != runs[1]).float().mean() < 1e-3
