@@ -340,8 +340,9 @@ def evaluate(
         value = value.detach().double().sum()
         sums[key] = sums[key] + value if key in sums else value
 
-    # The check subset: its points, labels, and which of them the suite left robust at its main ε.
-    subset: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    # The check subset: its points, labels, which of them are classified correctly and which the
+    # suite left robust at its main ε.
+    subset: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     cw_norms = []
     main_eps = (max(settings.eps) if isinstance(settings, PaperSuite) else max(eps)) if settings is not None else 0.0
     for x, y, offset in _local_batches(data, batch_size, max_samples, device):
@@ -391,7 +392,7 @@ def evaluate(
             cw_norms.append(result.delta_norm.double().cpu())
         if settings is not None and offset < settings.checks.subset:
             take = min(x.shape[0], settings.checks.subset - offset)
-            subset.append((x[:take], y[:take], main_robust[:take]))
+            subset.append((x[:take], y[:take], correct[:take], main_robust[:take]))
     if settings is not None:
         large_eps = settings.checks.large_eps
         if norm == "l2" and isinstance(settings, StandardSuite) and subset:
@@ -455,13 +456,12 @@ def evaluate(
 def _checks_sums(model: nn.Module, settings: StandardSuite | PaperSuite, subset: list, main_eps: float,
                  large_eps: float, norm: str, add: Callable) -> None:
     """Run the masking checks' extra attacks on this rank's part of the check subset (``subset``:
-    (x, y, robust under the suite at ``main_eps``) per batch) and add their counts (``check:*``)."""
+    (x, y, correct on x, robust under the suite at ``main_eps``) per batch) and add their counts
+    (``check:*``)."""
     checks = settings.checks
     if not subset:
         return
-    x, y, robust = (torch.cat(parts) for parts in zip(*subset, strict=True))
-    with frozen(model, "eval"), torch.no_grad():
-        correct = model(x).argmax(1) == y
+    x, y, correct, robust = (torch.cat(parts) for parts in zip(*subset, strict=True))
     add("check:n", correct)
     add("check:main", robust)
     # Convergence and the gradient-free check: do a stronger or a gradient-free attack break points
