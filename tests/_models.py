@@ -1,4 +1,4 @@
-"""Small trained models shared by several test files (imported as a plain module: pytest puts
+"""Small models shared by several test files (imported as a plain module: pytest puts
 tests/ on sys.path)."""
 
 import torch
@@ -34,3 +34,22 @@ def template_cnn(classes: int = 4, held_out: int = 64):
     for p in model.parameters():
         p.grad = None
     return (model, *sample(held_out))
+
+
+def linear_model(num_classes: int, d: int, *, bias: bool = True, seed: int = 1) -> nn.Module:
+    """A float64 linear classifier of flattened inputs with ``d`` values, initialised after
+    ``torch.manual_seed(seed)``. Float64 because the tests compare attacks and gradients with
+    analytic answers on it (boundary distances, optimal corners, hand gradients): the library and
+    the formulas then agree to a few ulps, not to float32's rounding."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(d, num_classes, bias=bias)).double()
+
+
+def tiny_cnn(num_classes: int = 3, seed: int = 0) -> nn.Module:
+    """A float32 CNN of 3-channel images of any size (adaptive pooling), initialised after
+    ``torch.manual_seed(seed)``. Small enough that a training step costs milliseconds, yet with the
+    layers whose handling the recipes and the trainer must get right: a convolution and batch norm
+    (running statistics that train-mode attacks update and eval mode freezes)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(16, num_classes))

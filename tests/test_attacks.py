@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _models import template_cnn
+from _host_reads import HostReads
+from _models import linear_model, template_cnn
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastsat import ops
 from fastsat.attacks import (
@@ -45,9 +45,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # Models and data
 
 
-def _linear(num_classes: int, d: int = 16, bias: bool = True, seed: int = 1) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(d, num_classes, bias=bias)).double()
+PIXELS = 16  # the 1×4×4 inputs of the linear models, flattened
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +88,7 @@ def test_deepfool_on_bias_free_binary_linear_model_is_exact_in_one_step():
     # Ψ(x) = ⟨w, x⟩ as the logit difference of two classes: ρ = |⟨w, x⟩|/‖w‖ (Etmann Lemma 1).
     torch.manual_seed(4)
     w = torch.randn(16, dtype=torch.float64)
-    model = _linear(2, bias=False)
+    model = linear_model(2, PIXELS, bias=False)
     with torch.no_grad():
         model[1].weight.copy_(torch.stack([w / 2, -w / 2]))
     x = torch.rand(32, 1, 4, 4, dtype=torch.float64)
@@ -117,7 +115,7 @@ def _linear_boundary_distance(model, x):
 
 def test_deepfool_on_multiclass_linear_model_finds_the_nearest_boundary():
     # Linear with bias: ρ = min_j (z_i* − z_j)/‖W_i* − W_j‖, reached in one step.
-    model = _linear(5)
+    model = linear_model(5, PIXELS)
     x = torch.rand(24, 1, 4, 4, dtype=torch.float64)
     expected = _linear_boundary_distance(model, x)
     result = deepfool(model, x, clip=(-100.0, 100.0))
@@ -131,7 +129,7 @@ def test_deepfool_step_goes_1e4_pixels_past_the_boundary_whatever_the_logit_scal
     # code's r = (|f|/‖w‖ + 1e-4)·w/‖w‖): the 1e-4 is in pixel units, so rescaling the logits,
     # which moves no boundary, must not change the step. One bisection halving (t = 1/2 is not
     # yet across) leaves that step as the result. float64: the only error is rounding, ~1e-15.
-    model = _linear(5)
+    model = linear_model(5, PIXELS)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(logit_scale)
@@ -143,7 +141,7 @@ def test_deepfool_step_goes_1e4_pixels_past_the_boundary_whatever_the_logit_scal
 
 
 def _binary_linear_setup():
-    model = _linear(2, d=32)
+    model = linear_model(2, 2 * 4 * 4)
     x = (0.2 + 0.6 * torch.rand(10, 2, 4, 4, dtype=torch.float64))
     y = torch.randint(0, 2, (10,))
     weight = model[1].weight.detach()
@@ -176,7 +174,7 @@ def test_pgd_l2_on_linear_model_moves_eps_along_the_weight_difference():
 
 
 def test_targeted_pgd_reaches_the_target_on_a_linear_model():
-    model = _linear(4)
+    model = linear_model(4, PIXELS)
     x = torch.rand(16, 1, 4, 4, dtype=torch.float64)
     with torch.no_grad():
         target = (model(x).argmax(1) + 1) % 4
@@ -441,19 +439,6 @@ def test_no_tensor_growth_over_100_calls(make):
     assert grown <= 0, f"{grown} tensors still alive after 100 calls of {attack!r}"
 
 
-class _HostSyncCounter(TorchDispatchMode):
-    """Counts aten._local_scalar_dense: what .item(), bool(t), int(t) and float(t) go through."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("make", [
     lambda m, s: PGD(m, eps=0.1, steps=s, restarts=2),
     lambda m, s: PGD(m, eps=0.1, steps=s, loss="cw", targeted=True),
@@ -473,7 +458,7 @@ def test_step_loops_do_not_sync_with_the_host(make):
     y = torch.randint(0, 4, (4,))
     counts = []
     for steps in (2, 12):
-        with warnings.catch_warnings(), _HostSyncCounter() as counter:
+        with warnings.catch_warnings(), HostReads() as counter:
             warnings.simplefilter("ignore")
             make(model, steps)(x, y)
         counts.append(counter.count)
@@ -485,7 +470,7 @@ def test_step_loops_do_not_sync_with_the_host(make):
 
 
 def test_audit_raises_on_an_output_outside_the_ball(monkeypatch):
-    model = _linear(3)
+    model = linear_model(3, PIXELS)
     x = torch.rand(4, 1, 4, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (4,))
     real_step = ops.pgd_step
@@ -502,7 +487,7 @@ def test_audit_raises_on_an_output_outside_the_ball(monkeypatch):
 
 
 def test_probabilities_and_zero_gradients_warn():
-    model = nn.Sequential(_linear(3).float(), nn.Softmax(dim=1))
+    model = nn.Sequential(linear_model(3, PIXELS).float(), nn.Softmax(dim=1))
     x = torch.rand(4, 1, 4, 4)
     y = torch.randint(0, 3, (4,))
     with pytest.warns(UserWarning, match="probabilities"):
@@ -516,7 +501,7 @@ def test_probabilities_and_zero_gradients_warn():
 
 
 def test_bad_arguments_raise_clear_errors():
-    model = _linear(3).float()
+    model = linear_model(3, PIXELS).float()
     x = torch.rand(4, 1, 4, 4)
     y = torch.randint(0, 3, (4,))
     with pytest.raises(ValueError, match="eps"):
@@ -540,9 +525,9 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="y"):
         PGD(model)(x, None)
     with pytest.raises(ValueError, match="device"):
-        PGD(_linear(3).float().to("meta"))(x, y)
+        PGD(linear_model(3, PIXELS).float().to("meta"))(x, y)
     with pytest.raises(ValueError, match="dlr"):
-        APGD(_linear(2).float(), loss="dlr")(x, torch.randint(0, 2, (4,)))
+        APGD(linear_model(2, PIXELS).float(), loss="dlr")(x, torch.randint(0, 2, (4,)))
     with pytest.raises(ValueError, match=r"x: expected finite values inside clip"):
         FGSM(model)(x + 1.5, y)
     with pytest.raises(ValueError, match=r"x: expected finite values inside clip"):
@@ -553,7 +538,7 @@ def test_bad_arguments_raise_clear_errors():
 def test_every_attack_accepts_any_real_where_a_number_is_meant(real):
     # ops.pgd_step takes a numpy eps; the attacks built on it must too (an ε read from a config
     # or computed with numpy), and give the same batch as with the Python float.
-    model = _linear(4)
+    model = linear_model(4, PIXELS)
     x = torch.rand(6, 1, 4, 4, dtype=torch.float64)
     y = torch.randint(0, 4, (6,))
     # Values exact in float32, so that every conversion gives the same float.
@@ -575,7 +560,7 @@ def test_every_attack_accepts_any_real_where_a_number_is_meant(real):
 
 
 def test_argument_errors_name_the_argument_and_the_kind():
-    model = _linear(3).float()
+    model = linear_model(3, PIXELS).float()
     with pytest.raises(TypeError, match="eps"):
         PGD(model, eps="0.1")
     with pytest.raises(TypeError, match="step_size"):
@@ -604,7 +589,7 @@ def test_float16_step_uses_the_float32_gradient_unrounded(monkeypatch, make):
     # subnormal (6e-8) must still give their sign to the step: a float16 x moves exactly as a
     # float32 x would on the same gradient, rounded once to float16. Rounding the gradient to
     # float16 first (the old code) flushed them to 0, and those pixels did not move.
-    model = _linear(3).half()
+    model = linear_model(3, PIXELS).half()
     x = (0.25 + 0.5 * torch.rand(4, 1, 4, 4)).half()
     y = torch.randint(0, 3, (4,))
     grad = torch.randn(4, 1, 4, 4)

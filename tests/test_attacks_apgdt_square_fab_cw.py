@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _models import template_cnn
+from _models import linear_model, template_cnn
 from torch import nn
 
 from fastsat.attacks import APGD, APGDT, CW, FAB, FGSM, PGD, DeepFool, Square, apgdt, cw, fab, square
@@ -20,14 +20,10 @@ from fastsat.attacks.square import p_schedule
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 WIDE = (-100.0, 100.0)  # a box that no minimal perturbation here reaches
+PIXELS = 16  # the 1×4×4 points of the linear models, flattened
 
 
-def _linear(num_classes: int, d: int = 16, seed: int = 1) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(d, num_classes)).double()
-
-
-def _points(n: int, d: int = 16, seed: int = 2) -> torch.Tensor:
+def _points(n: int, d: int = PIXELS, seed: int = 2) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return 0.3 + 0.4 * torch.rand(n, 1, 4, d // 4, generator=gen, dtype=torch.float64)
 
@@ -55,7 +51,7 @@ def _labels(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_apgdt_breaks_exactly_the_points_a_targeted_corner_breaks_on_a_linear_model():
     # L∞ ball, linear logits: some class t ≠ y overtakes y inside the ball iff
     # (z_t − z_y) + ε‖w_t − w_y‖₁ > 0 for some t; every class is a target (K − 1 = 4 ≤ 9).
-    model = _linear(5)
+    model = linear_model(5, PIXELS)
     x = _points(64)
     y = _labels(model, x)
     eps = 0.05
@@ -76,7 +72,7 @@ def test_apgdt_breaks_exactly_the_points_a_targeted_corner_breaks_on_a_linear_mo
 
 
 def test_apgdt_runs_the_top_other_classes_in_order_on_the_points_still_robust(monkeypatch):
-    model = _linear(6)
+    model = linear_model(6, PIXELS)
     x = _points(32)
     y = _labels(model, x)
     with torch.no_grad():
@@ -109,7 +105,7 @@ def test_apgdt_runs_the_top_other_classes_in_order_on_the_points_still_robust(mo
     wrong = apgdt(model, x, y_wrong, eps=0.05, steps=5, clip=WIDE)
     assert wrong.success.all() and torch.equal(wrong.x_adv, x) and not runs
     with pytest.raises(ValueError, match="dlr_targeted.*4 classes"):
-        APGDT(_linear(3), steps=2)(x, _labels(_linear(3), x))
+        APGDT(linear_model(3, PIXELS), steps=2)(x, _labels(linear_model(3, PIXELS), x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +122,7 @@ def test_square_linf_reaches_the_analytic_robust_accuracy_of_a_binary_linear_mod
     # Binary linear model: the smallest L∞ perturbation that flips x is |⟨w, x⟩ + b| / ‖w‖₁
     # (w, b the logit difference), reached at the corner x − ε·sign(w)·sign(margin). The box is
     # [0, 1] and x ∈ [0.3, 0.7], so for ε ≤ 0.3 the corner is inside it.
-    model = _linear(2)
+    model = linear_model(2, PIXELS)
     x = _points(64)
     y = _labels(model, x)
     weight, bias = model[1].weight.detach(), model[1].bias.detach()
@@ -147,7 +143,7 @@ def test_square_l2_breaks_the_clearly_breakable_points_and_none_beyond_the_minim
     # L2 Square moves mass between square windows, a coarse search: within 500 queries it breaks
     # every point whose minimum is below 0.6 ε (seen: all below 0.77 ε), and it can break none
     # beyond ε.
-    model = _linear(2, d=64)
+    model = linear_model(2, 8 * 8)
     x = 0.3 + 0.4 * torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     y = _labels(model, x)
     weight, bias = model[1].weight.detach(), model[1].bias.detach()
@@ -163,7 +159,7 @@ def test_square_l2_breaks_the_clearly_breakable_points_and_none_beyond_the_minim
 
 
 def test_square_runs_only_on_correctly_classified_points_and_needs_images():
-    model = _linear(3)
+    model = linear_model(3, PIXELS)
     x = _points(8)
     y = _labels(model, x)
     y[:3] = (y[:3] + 1) % 3
@@ -188,7 +184,7 @@ def test_fab_finds_the_minimal_perturbation_of_a_linear_model(norm, dual):
     # affine model; the overshoot η = 1.05 and the pull-back β = 0.9 then leave FAB at most 1%
     # above the minimum (0.5% measured). Never below it: every recorded point was verified
     # adversarial, in float64.
-    model = _linear(5)
+    model = linear_model(5, PIXELS)
     x = _points(32)
     y = _labels(model, x)
     expected = _pairwise(model, x, y, dual).amin(1)
@@ -203,7 +199,7 @@ def test_fab_finds_the_minimal_perturbation_of_a_linear_model(norm, dual):
 
 
 def test_fab_with_eps_accepts_exactly_the_points_within_eps():
-    model = _linear(5)
+    model = linear_model(5, PIXELS)
     x = _points(32)
     y = _labels(model, x)
     minimal = FAB(model, eps=None, steps=10, clip=WIDE)(x, y)
@@ -244,7 +240,7 @@ def test_fab_projection_by_hand():
 
 
 def test_fab_and_cw_check_their_arguments():
-    model = _linear(3)
+    model = linear_model(3, PIXELS)
     with pytest.raises(ValueError, match="restarts > 1 needs eps"):
         FAB(model, eps=None, restarts=2)
     with pytest.raises(ValueError, match="eta"):
@@ -264,7 +260,7 @@ def test_fab_and_cw_check_their_arguments():
 def test_cw_finds_the_minimal_l2_perturbation_of_a_binary_linear_model():
     # Two classes: the margin is linear and the minimal L2 perturbation |⟨w, x⟩ + b| / ‖w‖₂ lies
     # inside the box; CW's binary search over c and Adam get within 1% of it, never below it.
-    model = _linear(2)
+    model = linear_model(2, PIXELS)
     x = _points(32)
     y = _labels(model, x)
     expected = _pairwise(model, x, y, 2).amin(1)
@@ -281,7 +277,7 @@ def test_cw_finds_the_minimal_l2_perturbation_of_a_binary_linear_model():
 
 
 def test_cw_on_a_multiclass_linear_model_is_never_below_the_minimum_and_reports_at_eps():
-    model = _linear(5)
+    model = linear_model(5, PIXELS)
     x = _points(32)
     y = _labels(model, x)
     expected = _pairwise(model, x, y, 2).amin(1)
@@ -296,7 +292,7 @@ def test_cw_on_a_multiclass_linear_model_is_never_below_the_minimum_and_reports_
 
 
 def test_cw_confidence_keeps_the_margin():
-    model = _linear(3)
+    model = linear_model(3, PIXELS)
     x = _points(16)
     y = _labels(model, x)
     result = CW(model, confidence=0.5, steps=200)(x, y)

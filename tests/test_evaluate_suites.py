@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _models import template_cnn
+from _models import linear_model, template_cnn
 from torch import nn
 
 from fastsat import cli
@@ -24,11 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CHECKS = MaskingChecks(subset=16, square_queries=100)
 SMALL_STANDARD = StandardSuite(steps=10, fab_steps=10, square_queries=100, checks=CHECKS)
 SMALL_PAPER = PaperSuite(cw_steps=100, cw_binary_search_steps=6, checks=CHECKS)
-
-
-def _linear(num_classes: int = 5, d: int = 64, seed: int = 1) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(d, num_classes, bias=False)).double()
+PIXELS = 64  # the 1×8×8 images of _points, flattened
 
 
 def _points(n: int = 48, seed: int = 2) -> torch.Tensor:
@@ -64,7 +60,7 @@ def _quiet(*args, **kwargs) -> dict:
 def test_defaults_are_the_protocols_numbers():
     # AutoAttack standard: APGD-CE 100 iterations 1 restart, APGD-T 9 targets 100 iterations 1
     # restart, FAB-T 9 targets 1 restart, Square 5000 queries (p_init 0.8).
-    chain = _standard_attacks(_linear(), StandardSuite(), 8 / 255, "linf")
+    chain = _standard_attacks(linear_model(5, PIXELS, bias=False), StandardSuite(), 8 / 255, "linf")
     assert list(chain) == ["apgd-ce", "apgd-t", "fab-t", "square"]
     apgd, apgdt, fab, square = chain.values()
     assert isinstance(apgd, APGD) and (apgd.steps, apgd.restarts, apgd.loss) == (100, 1, "ce")
@@ -82,7 +78,7 @@ def test_defaults_are_the_protocols_numbers():
 def test_standard_suite_reaches_the_analytic_linf_robust_accuracy_of_a_linear_model():
     # z = Wx, box out of reach: a correctly classified point is robust at ε iff
     # (z_y − z_j)/‖w_y − w_j‖₁ > ε for every j ≠ y.
-    model, x = _linear(), _points()
+    model, x = linear_model(5, PIXELS, bias=False), _points()
     y = _labels(model, x)
     eps = 0.02
     margin = _pairwise(model, x, y, dual=1)
@@ -101,7 +97,7 @@ def test_standard_suite_reaches_the_analytic_linf_robust_accuracy_of_a_linear_mo
 
 
 def test_paper_suite_pgd_is_sound_and_cw_norms_are_never_below_the_analytic_minimum():
-    model, x = _linear(), _points()
+    model, x = linear_model(5, PIXELS, bias=False), _points()
     y = _labels(model, x)
     torch.manual_seed(0)
     report = _quiet(model, (x, y), suite=SMALL_PAPER, eps=[0.0])
@@ -144,7 +140,7 @@ class Saturated(nn.Module):
 
 @pytest.mark.parametrize("suite", [SMALL_STANDARD, SMALL_PAPER], ids=["standard", "paper"])
 def test_a_quantising_model_raises_the_masking_flags(suite):
-    model, x = Quantised(_linear()), _points()
+    model, x = Quantised(linear_model(5, PIXELS, bias=False)), _points()
     with torch.no_grad():
         y = model(x).argmax(1)
     torch.manual_seed(0)
@@ -158,7 +154,7 @@ def test_a_quantising_model_raises_the_masking_flags(suite):
 
 
 def test_a_saturated_model_raises_the_zero_gradient_and_large_eps_flags():
-    model, x = Saturated(_linear()), _points()
+    model, x = Saturated(linear_model(5, PIXELS, bias=False)), _points()
     with torch.no_grad():
         y = model(x).argmax(1)
     torch.manual_seed(0)
@@ -169,7 +165,7 @@ def test_a_saturated_model_raises_the_zero_gradient_and_large_eps_flags():
 def test_a_linear_model_raises_no_flag():
     # The paper suite's radii up to 2/255: 5 steps of 2/255 from a random start converge there (at
     # 8/255 they do not: the start can be 16/255 from the corner).
-    model, x = _linear(), _points()
+    model, x = linear_model(5, PIXELS, bias=False), _points()
     y = _labels(model, x)
     torch.manual_seed(0)
     report = _quiet(model, (x, y), suite=SMALL_STANDARD, eps=[8 / 255])
@@ -177,7 +173,7 @@ def test_a_linear_model_raises_no_flag():
     # With two classes the CE gradient points along w₁ − w₀ everywhere, so PGD-5 reaches the
     # corner that breaks a point whenever one exists (with more classes CE-PGD may aim at the
     # wrong class, which Square's margin loss does not: a weaker attack, not masking).
-    model = _linear(num_classes=2)
+    model = linear_model(2, PIXELS, bias=False)
     with torch.no_grad():
         y = model(x).argmax(1)
     paper = PaperSuite(eps=(1 / 255, 2 / 255), cw_steps=20, cw_binary_search_steps=2, checks=CHECKS)
@@ -186,7 +182,7 @@ def test_a_linear_model_raises_no_flag():
 
 
 def test_quick_keeps_the_trainers_contract_and_reports_speed():
-    model, x = _linear(), _points(16)
+    model, x = linear_model(5, PIXELS, bias=False), _points(16)
     y = _labels(model, x)
     report = evaluate(model, (x, y), eps=[8 / 255], steps=2)
     assert report["suite"] == "quick" and "masking" not in report and "standard" not in report
@@ -195,7 +191,7 @@ def test_quick_keeps_the_trainers_contract_and_reports_speed():
 
 
 def test_suite_arguments_are_checked():
-    model, x = _linear(), _points(8)
+    model, x = linear_model(5, PIXELS, bias=False), _points(8)
     y = _labels(model, x)
     with pytest.raises(ValueError, match="suite"):
         evaluate(model, (x, y), suite="standrad")

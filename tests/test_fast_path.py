@@ -6,8 +6,9 @@ import logging
 
 import pytest
 import torch
+from _host_reads import HostReads
+from _models import tiny_cnn
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastsat.train as T
 from fastsat.attacks import base as attack_base
@@ -18,51 +19,23 @@ from fastsat.train.checkpoint import load_checkpoint
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def tiny_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-                         nn.Flatten(), nn.Linear(16, 3))
-
-
 DATA = shapes(48, size=12, num_classes=3, seed=0, cache_dir=False)
 # Cheap settings of the recipes whose defaults are slow (steps, replays); the rest take their defaults.
 CHEAP = {"pgd": {"steps": 2}, "trades": {"steps": 2}, "free": {"replays": 2}, "sat+pgd": {"steps": 2},
          "sat+trades": {"steps": 2}}
 
 
-class HostReads(TorchDispatchMode):
-    """Counts reads of tensor values on the host: aten._local_scalar_dense (.item(), bool(t),
-    int(t), float(t)) plus .tolist() and .numpy(), which do not dispatch."""
-
-    def __init__(self, monkeypatch):
-        super().__init__()
-        self.count = 0
-        self.armed = False
-        for name in ("tolist", "numpy"):
-            real = getattr(torch.Tensor, name)
-
-            def counted(t, *args, _real=real, **kwargs):
-                self.count += self.armed
-                return _real(t, *args, **kwargs)
-            monkeypatch.setattr(torch.Tensor, name, counted)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += self.armed
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("name", sorted(T.RECIPES))
-def test_a_steady_state_epoch_reads_the_device_at_most_four_times(name, monkeypatch):
+def test_a_steady_state_epoch_reads_the_device_at_most_four_times(name):
     # "Steady state": the second epoch, after its first batch (which the trainer checks on the host
     # with every check on: input range, labels, boxes). From there to the epoch's record, logging
     # included, a step must not wait for the device; the epoch-end read of the sums is one.
     config = T.TrainConfig(recipe=name, recipe_options=CHEAP.get(name, {}), epochs=2, batch_size=8, progress=False,
                            ema=0.9, early_stop_drop=None)
-    trainer = T.Trainer(tiny_model(), DATA, config)
+    trainer = T.Trainer(tiny_cnn(), DATA, config)
     trainer.restore()
     trainer.train_epoch(0)
-    reads = HostReads(monkeypatch)
+    reads = HostReads(armed=False)
     real_step = trainer.train_step
 
     def step(batch, epoch):
@@ -80,14 +53,13 @@ def test_a_steady_state_epoch_reads_the_device_at_most_four_times(name, monkeypa
     assert reads.count <= 1, f"{name}: {reads.count} host reads in a steady-state epoch of 5 steps"
 
 
-def test_the_sync_counter_sees_a_sync_per_step(monkeypatch):
+def test_the_sync_counter_sees_a_sync_per_step():
     # The counter can fail: without no_host_checks() every attack checks its input range (a sync).
     config = T.TrainConfig(recipe="pgd", recipe_options={"steps": 2}, epochs=1, batch_size=8, progress=False)
-    trainer = T.Trainer(tiny_model(), DATA, config)
+    trainer = T.Trainer(tiny_cnn(), DATA, config)
     trainer.restore()
     batch = next(iter(trainer.loader))
-    with HostReads(monkeypatch) as reads:
-        reads.armed = True
+    with HostReads() as reads:
         trainer.train_step(batch, 0)
     assert reads.count >= 1
 
@@ -105,7 +77,7 @@ class NaNAt(T.Standard):
 
 def test_a_nan_loss_skips_its_update_on_the_device_and_stops_at_the_epoch_end(tmp_path):
     NaNAt.calls = 0
-    model = tiny_model()
+    model = tiny_cnn()
     config = T.TrainConfig(recipe="standard", epochs=3, batch_size=8, lr=0.05, out_dir=str(tmp_path), progress=False)
     trainer = T.Trainer(model, DATA, config, recipe=NaNAt())
     real_step = trainer.train_step
@@ -156,7 +128,7 @@ def test_a_compiled_epoch_gives_the_eager_losses(name):
     for compiled in (False, True):
         config = T.TrainConfig(recipe=name, recipe_options=CHEAP.get(name, {}), epochs=1, batch_size=16,
                                compile=compiled, progress=False)
-        trainer = T.Trainer(tiny_model(), DATA, config)
+        trainer = T.Trainer(tiny_cnn(), DATA, config)
         trainer.restore()
         steps = []
         trainer.train_step = _recording(trainer.train_step, steps)
@@ -201,7 +173,7 @@ def test_a_compiled_models_attack_step_is_one_graph_with_the_fused_step_inside(a
     x, y = DATA.images[:6].float() / 255, DATA.labels[:6]
     models, results = {}, {}
     for compiled in (False, True):
-        model = models[compiled] = tiny_model()
+        model = models[compiled] = tiny_cnn()
         attacked = torch.compile(model, backend=recording, fullgraph=True) if compiled else model
         torch.manual_seed(1)
         results[compiled] = make(attacked).perturb(x, y)
@@ -223,7 +195,7 @@ def test_a_new_radius_recompiles_the_compiled_attack_step_with_the_new_constant(
 
     if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
         pytest.skip("this torch cannot trace autograd.grad (torch >= 2.11 can)")
-    model = tiny_model().eval()
+    model = tiny_cnn().eval()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     x, y = DATA.images[:6].float() / 255, DATA.labels[:6]
     for eps in (2 / 255, 4 / 255, 8 / 255):
@@ -250,7 +222,7 @@ def test_a_failing_compile_falls_back_to_eager_and_says_so_once(monkeypatch, cap
     monkeypatch.setattr(trainer_module, "_compile", lambda module, device: torch.compile(module, backend=failing_backend))
     torch._dynamo.reset()
     with caplog.at_level(logging.WARNING, logger="fastsat.train"):
-        result = T.fit(tiny_model(), DATA, recipe="pgd", recipe_options={"steps": 2}, epochs=2, batch_size=16,
+        result = T.fit(tiny_cnn(), DATA, recipe="pgd", recipe_options={"steps": 2}, epochs=2, batch_size=16,
                        compile=True, progress=False)
     assert len(result.history) == 2
     messages = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
@@ -266,7 +238,7 @@ def test_device_defaults_are_fp32_and_eager_on_the_cpu_and_fast_on_cuda():
     chosen = T.TrainConfig(precision="fp32", channels_last=False, compile=False)
     assert trainer_module.device_defaults(chosen, torch.device("cuda")) == {
         "precision": "fp32", "channels_last": False, "compile": False}
-    trainer = T.Trainer(tiny_model(), DATA, T.TrainConfig(epochs=1, batch_size=8, progress=False))
+    trainer = T.Trainer(tiny_cnn(), DATA, T.TrainConfig(epochs=1, batch_size=8, progress=False))
     assert (trainer.precision, trainer.channels_last, trainer.compile) == ("fp32", False, False)
     assert trainer.run_config["precision"] == "fp32"  # the resolved value is what a resume compares
     assert all(group.get("fused") for group in trainer.optimizer.param_groups)
@@ -276,7 +248,7 @@ def test_training_attacks_leave_the_model_as_found_without_freezing_it():
     # perturb() keeps requires_grad (autocast's weight cache) and writes no parameter .grad.
     from fastsat.attacks import PGD
 
-    model = tiny_model().train()
+    model = tiny_cnn().train()
     seen = []
     model[0].register_forward_pre_hook(lambda m, args: seen.append(m.weight.requires_grad))
     x, y = DATA.images[:4].float() / 255, DATA.labels[:4]
@@ -285,13 +257,12 @@ def test_training_attacks_leave_the_model_as_found_without_freezing_it():
     assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
 
 
-def test_padded_crop_does_not_read_offsets_back(monkeypatch):
+def test_padded_crop_does_not_read_offsets_back():
     from fastsat.data import Augment
 
     batch = {"image": torch.rand(4, 3, 8, 8), "label": torch.zeros(4, dtype=torch.long),
              "box": torch.tensor([[1, 1, 5, 5]] * 4)}
-    with HostReads(monkeypatch) as reads:
-        reads.armed = True
+    with HostReads() as reads:
         Augment(padding=2)(batch, torch.Generator().manual_seed(0))
     assert reads.count == 0
 
@@ -301,7 +272,7 @@ def test_padded_crop_does_not_read_offsets_back(monkeypatch):
 def _cuda_trainer(name="pgd", **options):
     config = T.TrainConfig(recipe=name, recipe_options=CHEAP.get(name, {}), epochs=2, batch_size=16, progress=False,
                            **options)
-    return T.Trainer(tiny_model().cuda(), DATA, config)
+    return T.Trainer(tiny_cnn().cuda(), DATA, config)
 
 
 @cuda
@@ -347,7 +318,7 @@ def test_cuda_compiled_attack_step_replays_as_a_cuda_graph(fresh_dynamo):
     from fastsat.attacks import PGD
 
     counters.clear()
-    model = tiny_model().cuda().eval()
+    model = tiny_cnn().cuda().eval()
     compiled = torch.compile(model, mode="reduce-overhead")
     x, y = (DATA.images[:16].float() / 255).cuda(), DATA.labels[:16].cuda()
     runs = []

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import linear_model
 from torch import nn
 
 from fastsat.grad import OBJECTIVES, frozen, input_grad, logit_jacobian
@@ -17,11 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # Float64 linear model: the library and the hand formulas do the same arithmetic up to summation
 # order, so they agree to a few ulps of the values involved (|W|, |x| ~ 1, d = 32).
 ATOL64 = 1e-12
-
-
-def _linear(num_classes: int = 5, bias: bool = True) -> nn.Module:
-    torch.manual_seed(1)
-    return nn.Sequential(nn.Flatten(), nn.Linear(2 * 4 * 4, num_classes, bias=bias)).double()
+PIXELS = 2 * 4 * 4  # the 2×4×4 inputs of the linear models, flattened
 
 
 def _cnn() -> nn.Module:
@@ -72,7 +69,7 @@ def _hand_gradient(objective, weight, z, x, y, target, other, clean):
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_objectives_match_hand_gradients_on_a_linear_model(objective):
-    model = _linear()
+    model = linear_model(5, PIXELS)
     x = torch.rand(6, 2, 4, 4, dtype=torch.float64)
     weight = model[1].weight.detach()
     with torch.no_grad():
@@ -90,7 +87,7 @@ def test_objectives_match_hand_gradients_on_a_linear_model(objective):
 
 
 def test_objective_values_match_hand_values():
-    model = _linear()
+    model = linear_model(5, PIXELS)
     x = torch.rand(6, 2, 4, 4, dtype=torch.float64)
     y = torch.randint(0, 5, (6,))
     with torch.no_grad():
@@ -105,7 +102,7 @@ def test_objective_values_match_hand_values():
 
 
 def test_defaults_use_predicted_class_and_runner_up():
-    model = _linear()
+    model = linear_model(5, PIXELS)
     x = torch.rand(6, 2, 4, 4, dtype=torch.float64)
     weight = model[1].weight.detach()
     with torch.no_grad():
@@ -169,7 +166,7 @@ def test_flags_restored_when_the_call_raises():
 
 def test_create_graph_allows_double_backprop_to_the_weights():
     # Linear: ∇ₓ Ψ^t = W_t, so ∂‖∇ₓ Ψ^t‖²/∂W_t = 2 W_t and zero for the other rows.
-    model = _linear(bias=False)
+    model = linear_model(5, PIXELS, bias=False)
     x = torch.rand(1, 2, 4, 4, dtype=torch.float64)
     target = torch.tensor([2])
     grad = input_grad(model, x, target=target, create_graph=True).grad
@@ -215,7 +212,7 @@ def test_logit_jacobian_matches_per_class_loop_and_chunking_is_identical():
 
 
 def test_logit_jacobian_of_linear_model_is_the_weight():
-    model = _linear()
+    model = linear_model(5, PIXELS)
     x = torch.rand(2, 2, 4, 4, dtype=torch.float64)
     jac = logit_jacobian(model, x)
     expected = model[1].weight.detach().reshape(1, 5, 2, 4, 4).expand(2, -1, -1, -1, -1)
@@ -223,7 +220,7 @@ def test_logit_jacobian_of_linear_model_is_the_weight():
 
 
 def test_bad_arguments_raise_clear_errors():
-    model = _linear()
+    model = linear_model(5, PIXELS)
     x = torch.rand(2, 2, 4, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="objective"):
         input_grad(model, x, objective="hinge")
@@ -242,9 +239,9 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="device"):
         input_grad(model.to("meta"), x)
     with pytest.raises(ValueError, match="chunk_size"):
-        logit_jacobian(_linear(), x, chunk_size=0)
+        logit_jacobian(linear_model(5, PIXELS), x, chunk_size=0)
     with pytest.raises(ValueError, match="classes"):
-        logit_jacobian(_linear(), x, classes=[0, 9])
+        logit_jacobian(linear_model(5, PIXELS), x, classes=[0, 9])
     with pytest.raises(ValueError, match="dlr"):
         input_grad(nn.Sequential(nn.Flatten(), nn.Linear(32, 2)).double(), x, objective="dlr", y=torch.tensor([0, 1]))
 

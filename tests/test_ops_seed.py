@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _host_reads import HostReads
 
 from fastsat import _checks, ops
 
@@ -33,23 +34,14 @@ def _backend_param(name):
 HOST_BACKENDS = [_backend_param("cpp"), "torch"]
 # Every backend that runs on CUDA tensors.
 CUDA_BACKENDS = [_backend_param("cuda"), _backend_param("triton"), "torch"]
-CONVERSIONS = ("item", "__bool__", "__int__", "__float__", "tolist", "numpy")
 
 
 @pytest.fixture
-def host_reads(monkeypatch):
-    """Counts the tensor→host conversions: a list that grows by the name of each conversion made
-    (test_value_checks_... shows it catches the ops' own checks)."""
-    seen: list[str] = []
-    for name in CONVERSIONS:
-        original = getattr(torch.Tensor, name)
-
-        def counting(self, *args, __original=original, __name=name, **kwargs):
-            seen.append(__name)
-            return __original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counting)
-    return seen
+def host_reads():
+    """The tensor→host reads made during the test: a list that grows by the name of each read
+    (HostReads.reads; test_value_checks_... shows it catches the ops' own checks)."""
+    with HostReads() as reads:
+        yield reads.reads
 
 
 def _calls(device, backend, seed):

@@ -6,19 +6,12 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import tiny_cnn
 from torch import nn
 
 import fastsat.train as T
 from fastsat.data import as_batch, shapes
 from fastsat.ops import sat_perturb
-
-
-def tiny_model(num_classes: int = 3, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        nn.Linear(16, num_classes),
-    )
 
 
 def tiny_data(n: int = 32, size: int = 12, seed: int = 0):
@@ -32,7 +25,7 @@ def tiny_batch(n: int = 8) -> dict:
 
 @pytest.mark.parametrize("name", sorted(T.RECIPES))
 def test_recipe_loss_is_finite_and_reaches_every_parameter(name):
-    model = tiny_model()
+    model = tiny_cnn()
     batch = tiny_batch()
     before = [p.detach().clone() for p in model.parameters()]
     if name == "free":
@@ -92,7 +85,7 @@ def test_trades_loss_hand_case():
 
 
 def test_trades_recipe_uses_the_kl_attack():
-    model = tiny_model().eval()  # eval: batch norm does not couple the two forwards
+    model = tiny_cnn().eval()  # eval: batch norm does not couple the two forwards
     batch = tiny_batch()
     recipe = T.Trades(steps=2)
     torch.manual_seed(5)
@@ -145,7 +138,7 @@ def test_gradnorm_equals_explicit_double_backprop():
 
 
 def test_free_replays_advance_delta_inside_the_ball():
-    model = tiny_model()
+    model = tiny_cnn()
     batch = tiny_batch()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     recipe = T.Free(replays=3, eps=4 / 255)
@@ -162,7 +155,7 @@ def test_free_resumed_delta_follows_the_batch():
     # Checkpoints load on the CPU in float32; a restored δ must follow the batch to its device and
     # dtype (here float64: adding a float32 δ would be fine, but a float64 δ to a float32 batch
     # would turn the model's input float64 and fail).
-    model = tiny_model()
+    model = tiny_cnn()
     batch = tiny_batch()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     recipe = T.Free(replays=1, eps=4 / 255)
@@ -174,7 +167,7 @@ def test_free_resumed_delta_follows_the_batch():
 
 
 def test_sat_plus_pgd_takes_both_branches():
-    model = tiny_model()
+    model = tiny_cnn()
     batch = tiny_batch()
     recipe = T.SATPlusPGD(steps=1)
     seen = set()
@@ -199,7 +192,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="eps"):
         T.PGDTraining(eps=-1.0)
     with pytest.raises(ValueError, match="'box'"):
-        T.recipe_loss(tiny_model(), (torch.rand(2, 3, 12, 12), torch.tensor([0, 1])), recipe="sat")
+        T.recipe_loss(tiny_cnn(), (torch.rand(2, 3, 12, 12), torch.tensor([0, 1])), recipe="sat")
     with pytest.raises(TypeError, match="label"):
         as_batch({"image": torch.rand(2, 3, 8, 8), "label": torch.rand(2)})
     with pytest.raises(ValueError, match="epoch"):
@@ -224,7 +217,7 @@ def test_free_delta_carries_over_a_smaller_last_batch():
     # An epoch of 8 + 5 samples, then the next epoch's first batch of 8: δ must not reset. It is kept
     # at the largest batch; the batch of 5 starts from (and advances) its first 5 rows only.
     torch.manual_seed(0)
-    model = _Inputs(tiny_model())
+    model = _Inputs(tiny_cnn())
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay: only δ moves
     recipe = T.Free(replays=1, eps=4 / 255)
     full, last = tiny_batch(8), tiny_batch(13)
@@ -250,7 +243,7 @@ def test_perturbing_recipes_keep_every_input_in_the_run_box(name):
     lo, hi, eps = 0.375, 0.625, 32 / 255
     batch = tiny_batch()
     batch["image"] = lo + (hi - lo) * torch.rand(batch["image"].shape, generator=torch.Generator().manual_seed(0))
-    model = _Inputs(tiny_model())
+    model = _Inputs(tiny_cnn())
     recipe = T.make_recipe(name, eps=eps, clip=(lo, hi), **({"replays": 2} if name == "free" else {}))
     for seed in range(2):  # both branches of the sat+* coin
         torch.manual_seed(seed)
@@ -267,7 +260,7 @@ def test_fit_gives_the_run_box_to_the_recipe():
     lo, hi = 0.375, 0.625
     data = tiny_data(16)
     x, y = lo + (hi - lo) * data.images.float() / 255, data.labels
-    model = _Inputs(tiny_model())
+    model = _Inputs(tiny_cnn())
     T.fit(model, [(x[:8], y[:8]), (x[8:], y[8:])], recipe="free", recipe_options={"replays": 2}, epochs=1,
           clip=(lo, hi), progress=False)
     inputs = torch.stack(model.seen)
