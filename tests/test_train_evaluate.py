@@ -3,7 +3,8 @@ and the last-iterate alignment from the attack's own statistics."""
 
 import pytest
 import torch
-from test_train_recipes import tiny_data, tiny_model
+from _models import tiny_cnn
+from test_train_recipes import tiny_data
 from torch import nn
 
 from fastsat.alignment import saliency_alignment
@@ -12,7 +13,7 @@ from fastsat.evaluate import evaluate
 
 
 def test_evaluate_against_a_direct_computation():
-    model = tiny_model().eval()
+    model = tiny_cnn().eval()
     data = tiny_data(16)
     x, y = data.images.float() / 255, data.labels
     torch.manual_seed(3)
@@ -74,7 +75,7 @@ def test_evaluate_alignment_is_at_the_clean_input_for_a_linear_model():
 
 
 def test_evaluate_batches_and_max_samples_agree():
-    model = tiny_model().eval()
+    model = tiny_cnn().eval()
     data = tiny_data(24)
     whole = evaluate(model, data, eps=[0.0], batch_size=24)
     split = evaluate(model, data, eps=[0.0], batch_size=5)
@@ -83,7 +84,7 @@ def test_evaluate_batches_and_max_samples_agree():
 
 
 def test_evaluate_bad_arguments():
-    model = tiny_model()
+    model = tiny_cnn()
     data = tiny_data(4)
     with pytest.raises(ValueError, match="attacks"):
         evaluate(model, data, attacks=["cw"])
@@ -106,7 +107,7 @@ def test_evaluate_bad_arguments():
 
 def test_evaluate_rejects_repeated_radii_and_attacks():
     # A repeat used to be summed twice into the same row (robust accuracy up to 2).
-    model = tiny_model()
+    model = tiny_cnn()
     data = tiny_data(4)
     with pytest.raises(ValueError, match="eps"):
         evaluate(model, data, eps=[8 / 255, 8 / 255], steps=1)
