@@ -24,7 +24,7 @@ from torch import nn
 
 from fastsat import ops
 from fastsat._checks import choice, number, positive_int
-from fastsat.attacks.base import Attack, AttackResult, Candidate, check_backend, per_sample, top_other_classes
+from fastsat.attacks.base import Attack, AttackResult, Candidate, per_sample, top_other_classes
 
 __all__ = ["APGD", "APGDT", "apgd", "apgdt", "checkpoints", "halve_step"]
 
@@ -99,18 +99,11 @@ class APGD(Attack):
         clip: tuple[float, float] = (0.0, 1.0),
         backend: str | None = None,
     ):
-        super().__init__(model, eps=eps, norm=norm, mode=mode, clip=clip)
-        self.backend = check_backend(backend)
+        super().__init__(model, eps=eps, norm=norm, mode=mode, clip=clip, backend=backend)
         self.steps = positive_int(steps, "steps")
         self.restarts = positive_int(restarts, "restarts")
         self.loss = choice(loss, "loss", self.losses)
         self.rho = number(rho, "rho", minimum=0, maximum=1)
-
-    def _project(self, v: torch.Tensor, x: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-        """Projection onto the ε-ball around x, then the clip, in place (a zero-step pgd_step)."""
-        return ops.pgd_step(
-            v, zeros, x, step_size=0.0, eps=self.eps, norm=self.norm, clip=self.clip, out=v, backend=self.backend
-        )
 
     def _direction(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """Unit step direction in the dtype of x: sign(g) for L∞, g/‖g‖₂ per sample for L2 (zero
@@ -150,12 +143,12 @@ class APGD(Attack):
         last_grad = grad
 
         for i in range(self.steps):
-            z = self._project(x_adv + per_sample(step, x) * self._direction(x, grad), x, zeros)
+            z = self._project_onto_ball(x_adv + per_sample(step, x) * self._direction(x, grad), x, zeros)
             last_grad = grad
             if i == 0:
                 x_new = z
             else:
-                x_new = self._project(x_adv + _MOMENTUM * (z - x_adv) + (1 - _MOMENTUM) * (x_adv - x_prev), x, zeros)
+                x_new = self._project_onto_ball(x_adv + _MOMENTUM * (z - x_adv) + (1 - _MOMENTUM) * (x_adv - x_prev), x, zeros)
             x_prev, x_adv = x_adv, x_new
 
             result = self._grad(x_adv, self.loss, first=False, y=y, target=target)

@@ -49,12 +49,6 @@ class AttackResult:
     stats: StepStats | None
 
 
-def check_backend(backend: object) -> str | None:
-    """The fastsat.ops backend of an attack: None ($FASTSAT_BACKEND or "auto") or one of
-    :data:`fastsat.ops.BACKENDS`."""
-    return choice(backend, "backend", (None, *ops.BACKENDS))
-
-
 def merge_stats(take_new: torch.Tensor, new: StepStats, old: StepStats) -> StepStats:
     """Per sample, the statistics of ``new`` where ``take_new`` else those of ``old``."""
     return StepStats(
@@ -96,10 +90,12 @@ class Attack(abc.ABC):
         norm: str,
         mode: str | None,
         clip: tuple[float, float],
+        backend: str | None = None,
     ):
         """eps: radius of the ball the output must stay in (pixel units, any real ≥ 0; None:
         unbounded, as for DeepFool and CW). norm: "linf" or "l2" (:data:`fastsat.ops.NORMS`), the
-        norm of ε and of the reported ‖δ‖."""
+        norm of ε and of the reported ‖δ‖. backend: the :mod:`fastsat.ops` backend of the attack's
+        fused ops (None: $FASTSAT_BACKEND or "auto")."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -107,6 +103,7 @@ class Attack(abc.ABC):
         self.norm = choice(norm, "norm", ops.NORMS)
         self.mode = choice(mode, "mode", MODES)
         self.clip = clip_box(clip)
+        self.backend = choice(backend, "backend", (None, *ops.BACKENDS))
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "model")
@@ -189,8 +186,16 @@ class Attack(abc.ABC):
         (:func:`_step_function`)."""
         if first and host_checks_enabled():
             grad = self._grad(x_adv, objective, first=True, **objective_args).grad
-            return _project(self, x_adv, grad, x, negate, return_stats)
+            return _fused_step(self, x_adv, grad, x, negate, return_stats)
         return _step_function(self.model)(self, x_adv, x, objective, negate, return_stats, objective_args)
+
+    def _project_onto_ball(self, v: torch.Tensor, x: torch.Tensor, zeros: torch.Tensor | None = None) -> torch.Tensor:
+        """v projected onto the ε-ball around x in the attack's norm, then clipped, in place: a
+        zero-step :func:`fastsat.ops.pgd_step`. ``zeros``: a zero tensor like v to reuse across
+        calls (a new one otherwise)."""
+        zeros = torch.zeros_like(v) if zeros is None else zeros
+        return ops.pgd_step(v, zeros, x, step_size=0.0, eps=self.eps, norm=self.norm, clip=self.clip, out=v,
+                            backend=self.backend)
 
     def _grad(self, x: torch.Tensor, objective: str, *, first: bool, **objective_args) -> InputGrad:
         """Input gradient of ``objective`` at x. The first call of a run checks the labels against
@@ -309,10 +314,10 @@ def _ascent_step(
     backward to the input) and the fused projected step. Shapes are checked where that needs no
     sync (inside no_host_checks, as in training; compiled, only while the graph is traced)."""
     grad = _input_grad(attack.model, x_adv, objective, check=not host_checks_enabled(), **objective_args).grad
-    return _project(attack, x_adv, grad, x, negate, return_stats)
+    return _fused_step(attack, x_adv, grad, x, negate, return_stats)
 
 
-def _project(
+def _fused_step(
     attack: Attack, x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, negate: bool, return_stats: bool
 ) -> tuple[torch.Tensor, StepStats | None]:
     # The gradient goes in as computed (float32 for float16/bfloat16 x): its sign is taken before

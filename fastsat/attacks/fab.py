@@ -20,7 +20,7 @@ from torch import nn
 
 from fastsat import ops
 from fastsat._checks import number, positive_int
-from fastsat.attacks.base import Attack, AttackResult, check_backend, per_sample, top_other_classes
+from fastsat.attacks.base import Attack, AttackResult, per_sample, top_other_classes
 
 __all__ = ["FAB", "fab", "project_onto_hyperplane"]
 
@@ -117,10 +117,9 @@ class FAB(Attack):
         clip: tuple[float, float] = (0.0, 1.0),
         backend: str | None = None,
     ):
-        super().__init__(model, eps=eps, norm=norm, mode=mode, clip=clip)
+        super().__init__(model, eps=eps, norm=norm, mode=mode, clip=clip, backend=backend)
         if self.clip[0] == self.clip[1]:
             raise ValueError(f"clip: FAB needs lo < hi, got {clip!r}")
-        self.backend = check_backend(backend)
         self.steps = positive_int(steps, "steps")
         self.n_target_classes = positive_int(n_target_classes, "n_target_classes")
         self.restarts = positive_int(restarts, "restarts")

@@ -13,7 +13,7 @@ from torch import nn
 
 from fastsat import ops
 from fastsat._checks import choice, number, positive_int
-from fastsat.attacks.base import Attack, AttackResult, Candidate, check_backend
+from fastsat.attacks.base import Attack, AttackResult, Candidate
 
 __all__ = ["FGSM", "LOSSES", "PGD", "fgsm", "pgd"]
 
@@ -61,8 +61,7 @@ class PGD(Attack):
         clip: tuple[float, float] = (0.0, 1.0),
         backend: str | None = None,
     ):
-        super().__init__(model, eps=eps, norm=norm, mode=mode, clip=clip)
-        self.backend = check_backend(backend)
+        super().__init__(model, eps=eps, norm=norm, mode=mode, clip=clip, backend=backend)
         self.step_size = number(step_size, "step_size", minimum=0)
         self.steps = positive_int(steps, "steps")
         self.random_start = bool(random_start)

@@ -22,9 +22,8 @@ import math
 import torch
 from torch import nn
 
-from fastsat import ops
 from fastsat._checks import number, positive_int
-from fastsat.attacks.base import Attack, AttackResult, check_backend, per_sample
+from fastsat.attacks.base import Attack, AttackResult, per_sample
 from fastsat.grad import objective_value
 
 __all__ = ["Square", "p_schedule", "square"]
@@ -91,8 +90,7 @@ class Square(Attack):
         clip: tuple[float, float] = (0.0, 1.0),
         backend: str | None = None,
     ):
-        super().__init__(model, eps=eps, norm=norm, mode=mode, clip=clip)
-        self.backend = check_backend(backend)
+        super().__init__(model, eps=eps, norm=norm, mode=mode, clip=clip, backend=backend)
         self.n_queries = positive_int(n_queries, "n_queries")
         self.p_init = number(p_init, "p_init", minimum=0, maximum=1, exclusive_min=True)
         self.restarts = positive_int(restarts, "restarts")
@@ -108,13 +106,6 @@ class Square(Attack):
             logits = self.model(x)
         return -objective_value(logits, "cw", y=y), self._misclassified(logits, y)
 
-    def _project(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Projection onto the L∞ ε-ball around x, then the clip (a zero-step pgd_step)."""
-        return ops.pgd_step(
-            v, torch.zeros_like(v), x, step_size=0.0, eps=self.eps, norm="linf", clip=self.clip, out=v,
-            backend=self.backend,
-        )
-
     def _random_signs(self, batch: int, channels: int, width: int, like: torch.Tensor) -> torch.Tensor:
         """(batch, channels, 1, width) uniform ±1 in the dtype of ``like``."""
         bits = torch.randint(0, 2, (batch, channels, 1, width), device=like.device)
@@ -123,7 +114,7 @@ class Square(Attack):
     def _start(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         if self.norm == "linf":
-            return self._project(x + self.eps * self._random_signs(batch, channels, width, x), x)
+            return self._project_onto_ball(x + self.eps * self._random_signs(batch, channels, width, x), x)
         size = max(height // 5, 1)
         offset = (height - 5 * size) // 2
         delta = torch.zeros_like(x)
@@ -160,7 +151,7 @@ class Square(Attack):
         if self.norm == "linf":
             step = torch.zeros_like(x_best)
             step[window] = 2 * self.eps * self._random_signs(batch, channels, 1, x)
-            return self._project(x_best + step, x)
+            return self._project_onto_ball(x_best + step, x)
         # L2: the mass of window 1 and of a second window 2 is redistributed into window 1 along a
         # fresh pattern added to window 1's normalised old perturbation; window 2 is emptied.
         _, row2, col2 = self._window(query, x)

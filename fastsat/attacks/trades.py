@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastsat import ops
 from fastsat._checks import number, positive_int
-from fastsat.attacks.base import Attack, AttackResult, check_backend
+from fastsat.attacks.base import Attack, AttackResult
 
 __all__ = ["TradesAttack", "trades_attack"]
 
@@ -48,8 +47,7 @@ class TradesAttack(Attack):
         clip: tuple[float, float] = (0.0, 1.0),
         backend: str | None = None,
     ):
-        super().__init__(model, eps=eps, norm="linf", mode=mode, clip=clip)
-        self.backend = check_backend(backend)
+        super().__init__(model, eps=eps, norm="linf", mode=mode, clip=clip, backend=backend)
         self.step_size = number(step_size, "step_size", minimum=0)
         self.steps = positive_int(steps, "steps")
         self.init_std = number(init_std, "init_std", minimum=0)
