@@ -121,6 +121,14 @@ def check_input(model: nn.Module, x: torch.Tensor) -> None:
         raise TypeError(f"x: expected a torch.Tensor, got {describe(x)}")
     if not x.is_floating_point() or x.dim() < 2:
         raise ValueError(f"x: expected a floating (B, ...) tensor, got shape {tuple(x.shape)} dtype {x.dtype}")
+    # Gradients are switched on for the call (a caller's torch.no_grad() is fine), but inference
+    # mode cannot be switched off from inside, and its tensors cannot be differentiated.
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("input gradients need autograd, which torch.inference_mode() switches off: call this "
+                           "outside it (inside torch.no_grad() is fine)")
+    if x.is_inference():
+        raise ValueError("x: an inference tensor (made under torch.inference_mode()) cannot be differentiated; "
+                         "pass x.clone() made outside inference mode")
     param = next(model.parameters(), None)
     if param is not None and param.device != x.device:
         raise ValueError(f"x: expected a tensor on the device of the model's parameters ({param.device}), "
@@ -270,7 +278,7 @@ def input_grad(
     choice(objective, "objective", OBJECTIVES)
     if clean_logits is not None and not isinstance(clean_logits, torch.Tensor):
         raise TypeError(f"clean_logits: expected a (B, K) tensor, got {describe(clean_logits)}")
-    with frozen(model, mode, freeze_params=not create_graph):
+    with frozen(model, mode, freeze_params=not create_graph), torch.enable_grad():
         return _input_grad(
             model, x, objective, check=True, create_graph=create_graph,
             target=target, other=other, y=y, clean_logits=clean_logits,
@@ -318,7 +326,7 @@ def logit_jacobian(
     """
     check_input(model, x)
     chunk_size = positive_int(chunk_size, "chunk_size", allow_none=True)
-    with frozen(model, mode):
+    with frozen(model, mode), torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
         logits = model(x_in)
         _check_logits(logits, x.shape[0])

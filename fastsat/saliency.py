@@ -327,6 +327,7 @@ def guided_backprop(
             handle.remove()
 
 
+@torch.enable_grad()  # a caller's torch.no_grad() is fine: the forward below is differentiated
 def gradcam_pp(
     model: nn.Module,
     x: torch.Tensor,

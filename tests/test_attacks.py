@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _host_reads import HostReads
-from _models import linear_model, template_cnn
+from _models import linear_model, template_cnn, tiny_cnn
 from torch import nn
 
 from fastsat import ops
@@ -416,6 +416,43 @@ def test_attacks_leave_the_model_as_found(make):
     with pytest.raises(ValueError, match=r"y.*\[0, 4\)"):
         attack(x, torch.full((8,), 4))
     assert _state(model)[:2] == before[:2]
+
+
+@pytest.mark.filterwarnings("ignore:.*all-zero input gradient")
+@pytest.mark.parametrize("make", ALL_ATTACKS)
+def test_attacks_run_inside_no_grad_and_refuse_inference_mode_clearly(make):
+    # Evaluation loops often run under torch.no_grad(): the attack switches gradients on for
+    # itself and gives the same result; inference mode cannot be switched off from inside, so it
+    # is refused before any work, with the way out.
+    model = _guarded_model()
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 4, (8,))
+    torch.manual_seed(3)
+    want = make(model)(x, y)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        got = make(model)(x, y)
+    assert torch.equal(got.x_adv, want.x_adv) and torch.equal(got.success, want.success)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        make(model)(x, y)
+    with torch.inference_mode():
+        frozen_x = x.clone()
+    with pytest.raises(ValueError, match="x: an inference tensor"):
+        make(model)(frozen_x, y)
+
+
+def test_saliency_and_jacobians_run_inside_no_grad():
+    from fastsat import saliency
+    from fastsat.alignment import linearization
+
+    model = tiny_cnn().eval()
+    x = torch.rand(4, 3, 8, 8)
+    for method, options in (("gradient", {}), ("integrated_gradients", {}), ("gradcam_pp", {"layer": model[0]})):
+        want = saliency.compute(method, model, x, **options)
+        with torch.no_grad():
+            assert torch.equal(saliency.compute(method, model, x, **options), want), method
+    want = linearization(model, x).rho_tilde
+    with torch.no_grad():
+        assert torch.equal(linearization(model, x).rho_tilde, want)
 
 
 def _live_tensors() -> int:

@@ -114,7 +114,7 @@ class Attack(abc.ABC):
         classes for targeted attacks). Returns :class:`AttackResult`."""
         self._check_inputs(x, y)
         x, y = x.detach(), None if y is None else y.detach()
-        with frozen(self.model, self.mode):
+        with frozen(self.model, self.mode), torch.enable_grad():
             result = self._run(x, y, need_success=True)
         distance = self._audit(x, result.x_adv) if host_checks_enabled() else self._distance(x, result.x_adv).to(
             accumulation_dtype(x.dtype))
@@ -134,7 +134,7 @@ class Attack(abc.ABC):
         self._check_inputs(x, y)
         x, y = x.detach(), None if y is None else y.detach()
         compiled = hasattr(self.model, "_orig_mod")  # torch.compile's wrapper
-        with frozen(self.model, self.mode, freeze_params=compiled), no_host_checks():
+        with frozen(self.model, self.mode, freeze_params=compiled), no_host_checks(), torch.enable_grad():
             return self._run(x, y, need_success=False).x_adv.detach()
 
     @abc.abstractmethod
