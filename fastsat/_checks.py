@@ -202,5 +202,7 @@ def no_host_checks() -> Iterator[None]:
 
 
 def host_checks_enabled() -> bool:
-    """False inside :func:`no_host_checks`."""
-    return _host_checks_disabled == 0
+    """False inside :func:`no_host_checks`, and while ``torch.compile`` traces: a graph cannot read
+    values back (its fake tensors have none), and the compiled code then depends on no nesting
+    depth of :func:`no_host_checks` (a guard on it would compile the same graph once per depth)."""
+    return not torch.compiler.is_compiling() and _host_checks_disabled == 0

@@ -188,9 +188,32 @@ def test_a_compiled_models_attack_step_is_one_graph_with_the_fused_step_inside(a
     assert ("fastsat" in code) is (backend != "torch"), code  # the kernel op; the reference inlines torch ops
 
 
+def test_the_compiled_attack_step_is_the_same_inside_the_trainers_unchecked_batches(fresh_dynamo):
+    # The trainer checks an epoch's first batch and runs the others inside no_host_checks(), one
+    # level deeper than perturb's own: the compiled step must not depend on that depth.
+    from fastsat._checks import no_host_checks
+    from fastsat.attacks import PGD
+
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        pytest.skip("this torch cannot trace autograd.grad (torch >= 2.11 can)")
+    graphs = []
+
+    def recording(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    attack = PGD(torch.compile(tiny_cnn(), backend=recording), steps=2)
+    x, y = DATA.images[:6].float() / 255, DATA.labels[:6]
+    attack.perturb(x, y)
+    with no_host_checks():
+        attack.perturb(x, y)
+    assert len(graphs) == 1, f"{len(graphs)} graphs"
+
+
 def test_a_new_radius_recompiles_the_compiled_attack_step_with_the_new_constant(fresh_dynamo):
     # An ε warm-up changes ε every epoch. Dynamo would turn a float that changes into a symbol,
-    # which the ops' argument checks cannot take; the step keeps floats as constants instead.
+    # which the ops' argument checks cannot take; the step keeps floats as constants instead, and
+    # may compile more often than dynamo's default limit allows (fullgraph: that would raise).
     from fastsat.attacks import PGD
 
     if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
@@ -198,7 +221,7 @@ def test_a_new_radius_recompiles_the_compiled_attack_step_with_the_new_constant(
     model = tiny_cnn().eval()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     x, y = DATA.images[:6].float() / 255, DATA.labels[:6]
-    for eps in (2 / 255, 4 / 255, 8 / 255):
+    for eps in [k / 255 for k in range(1, 11)]:  # more radii than dynamo's default recompile limit (8)
         runs = []
         for attacked in (compiled, model):
             torch.manual_seed(1)

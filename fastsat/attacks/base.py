@@ -297,8 +297,16 @@ def _step_function(model: nn.Module) -> Callable:
     if compiler is None or not hasattr(torch._dynamo.config, "trace_autograd_ops"):
         return _ascent_step
     if model not in _COMPILED_STEPS:
-        _COMPILED_STEPS[model] = torch._dynamo.config.patch(trace_autograd_ops=True, specialize_float=True)(compiler(_ascent_step))
+        _COMPILED_STEPS[model] = torch._dynamo.config.patch(_STEP_COMPILER_CONFIG)(compiler(_ascent_step))
     return _COMPILED_STEPS[model]
+
+
+# trace_autograd_ops: the input gradient inside the graph. specialize_float: ε and the step size
+# are constants of the graph (a float that changed would otherwise become a symbol, which the ops'
+# argument checks cannot take). recompile_limit: each ε compiles its own graph, twice where the
+# last batch is smaller — an ε warm-up of a few epochs would pass dynamo's default of 8 and fall
+# back to running the step uncompiled.
+_STEP_COMPILER_CONFIG = {"trace_autograd_ops": True, "specialize_float": True, "recompile_limit": 64}
 
 
 def _ascent_step(

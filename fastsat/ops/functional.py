@@ -121,9 +121,9 @@ def _seed(value: object) -> int | None:
 
 def _host_checks(t: Tensor) -> bool:
     """Whether to run the checks that read tensor values on the host: not inside
-    ``fastsat._checks.no_host_checks()``, not while torch.compile traces (fake tensors have no
-    values) and not while a CUDA graph is being captured (a sync would break the capture)."""
-    if not _checks.host_checks_enabled() or torch.compiler.is_compiling():
+    ``fastsat._checks.no_host_checks()`` or while torch.compile traces (``host_checks_enabled``),
+    and not while a CUDA graph is being captured (a sync would break the capture)."""
+    if not _checks.host_checks_enabled():
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
