@@ -297,7 +297,8 @@ def _step_function(model: nn.Module) -> Callable:
     if compiler is None or not hasattr(torch._dynamo.config, "trace_autograd_ops"):
         return _ascent_step
     if model not in _COMPILED_STEPS:
-        _COMPILED_STEPS[model] = torch._dynamo.config.patch(_STEP_COMPILER_CONFIG)(compiler(_ascent_step))
+        config = {k: v for k, v in _STEP_COMPILER_CONFIG.items() if hasattr(torch._dynamo.config, k)}  # names move
+        _COMPILED_STEPS[model] = torch._dynamo.config.patch(config)(compiler(_ascent_step))
     return _COMPILED_STEPS[model]
 
 
