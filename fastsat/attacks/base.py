@@ -77,7 +77,10 @@ class Attack(abc.ABC):
     compiled with the model's own backend, mode and options (``mode="reduce-overhead"``: one CUDA
     graph per step). That needs a torch whose compiler traces ``autograd.grad`` (≥ 2.11); an older
     one runs the compiled model's forward and backward graphs with the step between them. Each new
-    ε or step size compiles the step again (they are constants of the graph).
+    ε or step size compiles the step again (they are constants of the graph). Under CUDA graphs the
+    adversarial batch, like the compiled model's own outputs, is valid until the next iteration
+    begins (``torch.compiler.cudagraph_mark_step_begin()``, which the trainer calls every step):
+    clone it to keep it longer.
     """
 
     label_required: bool = True
