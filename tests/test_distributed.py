@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from _compile import RecordingBackend, needs_traced_autograd
 
 import fastsat.train as T
 from fastsat.data.shards import mix_seed
@@ -246,6 +247,7 @@ def test_single_process_is_unchanged_by_the_distributed_hooks():
     assert distributed.unwrap(model) is model
 
 
+@needs_traced_autograd
 def test_attacks_on_a_compiled_ddp_model_run_compiled_on_the_module_inside(tmp_path):
     # torch.compile(DDP(module)), as the trainer builds it under torchrun with compile on: the
     # attacks must not go through DDP, and must not fall back to the eager module either.
@@ -255,14 +257,7 @@ def test_attacks_on_a_compiled_ddp_model_run_compiled_on_the_module_inside(tmp_p
     from fastsat.attacks import PGD
     from fastsat.attacks import base as attack_base
 
-    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
-        pytest.skip("this torch cannot trace autograd.grad (torch >= 2.11 can)")
-    graphs = []
-
-    def recording(graph, example_inputs):
-        graphs.append(graph.code)
-        return graph.forward
-
+    recording = RecordingBackend()
     torch._dynamo.reset()
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
@@ -278,7 +273,8 @@ def test_attacks_on_a_compiled_ddp_model_run_compiled_on_the_module_inside(tmp_p
     finally:
         dist.destroy_process_group()
     assert torch.equal(got, want)
-    assert attacked in attack_base._COMPILED_STEPS and len(graphs) == 1 and "autograd" in graphs[0]
+    graphs = recording.graphs
+    assert attacked in attack_base._COMPILED_STEPS and len(graphs) == 1 and "autograd" in graphs[0].code
 
 
 def test_sync_batchnorm_is_refused_off_cuda():

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from _compile import RecordingBackend, needs_traced_autograd
 from _host_reads import HostReads
 from _models import tiny_cnn
 from torch import nn
@@ -150,6 +151,7 @@ def fresh_dynamo():
 @pytest.mark.parametrize("attack_name, backend, mode", [
     ("pgd", "cpp", "eval"), ("pgd", "torch", "train"), ("pgd", "triton", "eval"), ("trades", "cpp", "train"),
 ])
+@needs_traced_autograd
 def test_a_compiled_models_attack_step_is_one_graph_with_the_fused_step_inside(attack_name, backend, mode, fresh_dynamo):
     # Forward, input gradient (autograd.grad, traced) and the fused pgd_step in one graph, the same
     # graph for every step: one graph in all, no break (fullgraph). A recording backend runs the
@@ -160,14 +162,8 @@ def test_a_compiled_models_attack_step_is_one_graph_with_the_fused_step_inside(a
 
     if not ops.available_backends()[backend]:
         pytest.skip(f"backend {backend} not available")
-    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
-        pytest.skip("this torch cannot trace autograd.grad (torch >= 2.11 can)")
-    graphs = []
-
-    def recording(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
-
+    recording = RecordingBackend()
+    graphs = recording.graphs
     make = {"pgd": lambda m: PGD(m, steps=3, mode=mode, backend=backend),
             "trades": lambda m: TradesAttack(m, steps=3, mode=mode, backend=backend)}[attack_name]
     x, y = DATA.images[:6].float() / 255, DATA.labels[:6]
@@ -188,20 +184,15 @@ def test_a_compiled_models_attack_step_is_one_graph_with_the_fused_step_inside(a
     assert ("fastsat" in code) is (backend != "torch"), code  # the kernel op; the reference inlines torch ops
 
 
+@needs_traced_autograd
 def test_the_compiled_attack_step_is_the_same_inside_the_trainers_unchecked_batches(fresh_dynamo):
     # The trainer checks an epoch's first batch and runs the others inside no_host_checks(), one
     # level deeper than perturb's own: the compiled step must not depend on that depth.
     from fastsat._checks import no_host_checks
     from fastsat.attacks import PGD
 
-    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
-        pytest.skip("this torch cannot trace autograd.grad (torch >= 2.11 can)")
-    graphs = []
-
-    def recording(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
-
+    recording = RecordingBackend()
+    graphs = recording.graphs
     attack = PGD(torch.compile(tiny_cnn(), backend=recording), steps=2)
     x, y = DATA.images[:6].float() / 255, DATA.labels[:6]
     attack.perturb(x, y)
@@ -210,14 +201,13 @@ def test_the_compiled_attack_step_is_the_same_inside_the_trainers_unchecked_batc
     assert len(graphs) == 1, f"{len(graphs)} graphs"
 
 
+@needs_traced_autograd
 def test_a_new_radius_recompiles_the_compiled_attack_step_with_the_new_constant(fresh_dynamo):
     # An ε warm-up changes ε every epoch. Dynamo would turn a float that changes into a symbol,
     # which the ops' argument checks cannot take; the step keeps floats as constants instead, and
     # may compile more often than dynamo's default limit allows (fullgraph: that would raise).
     from fastsat.attacks import PGD
 
-    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
-        pytest.skip("this torch cannot trace autograd.grad (torch >= 2.11 can)")
     model = tiny_cnn().eval()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     x, y = DATA.images[:6].float() / 255, DATA.labels[:6]
@@ -332,6 +322,7 @@ def test_cuda_compiled_step_is_captured_as_cuda_graphs():
 
 
 @cuda
+@needs_traced_autograd
 def test_cuda_compiled_attack_step_replays_as_a_cuda_graph(fresh_dynamo):
     # The whole step (forward, traced input gradient, fused pgd_step) under "reduce-overhead":
     # captured without a skip, and the attack it gives is the eager attack's up to the signs of
