@@ -166,13 +166,16 @@ def test_a_compiled_models_attack_step_is_one_graph_with_the_fused_step_inside(a
     graphs = recording.graphs
     make = {"pgd": lambda m: PGD(m, steps=3, mode=mode, backend=backend),
             "trades": lambda m: TradesAttack(m, steps=3, mode=mode, backend=backend)}[attack_name]
-    x, y = DATA.images[:6].float() / 255, DATA.labels[:6]
+    # Triton runs on CUDA tensors where there is a GPU, under its interpreter on the CPU elsewhere.
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    x, y = (DATA.images[:6].float() / 255).to(device), DATA.labels[:6].to(device)
     models, results = {}, {}
     for compiled in (False, True):
-        model = models[compiled] = tiny_cnn()
+        model = models[compiled] = tiny_cnn().to(device)
         attacked = torch.compile(model, backend=recording, fullgraph=True) if compiled else model
         torch.manual_seed(1)
-        results[compiled] = make(attacked).perturb(x, y)
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):  # bitwise on a GPU too
+            results[compiled] = make(attacked).perturb(x, y)
     assert torch.equal(results[True], results[False])
     assert torch.equal(models[True][1].running_mean, models[False][1].running_mean)
     assert not torch.equal(results[True], x)
