@@ -28,6 +28,7 @@ and optionally mirrored (:func:`crop_resize`):
 
 from __future__ import annotations
 
+import abc
 import math
 import random
 from collections.abc import Callable
@@ -79,14 +80,14 @@ def crop_resize(
     return out
 
 
-class _Window:
+class _Window(abc.ABC):
     """A transform given by a crop window and a flip per sample: ``params`` chooses, :func:`crop_resize` applies."""
 
     size: tuple[int, int]
 
+    @abc.abstractmethod
     def params(self, h: int, w: int, rng: random.Random | None) -> tuple[tuple[int, int, int, int], bool]:
         """``(crop, flip)`` for an (h, w) source image; ``crop`` is (x0, y0, x1, y1) in source pixels."""
-        raise NotImplementedError
 
     def __call__(self, sample: Sample, rng: random.Random | None = None) -> Sample:
         h, w = sample["image"].shape[-2:]
