@@ -126,10 +126,10 @@ def positive_int(value: object, name: str, *, allow_none: bool = False) -> int |
     return integer(value, name, minimum=1, allow_none=allow_none)
 
 
-def seed(value: object, name: str = "seed") -> int:
-    """A random seed: an integer in [0, 2**63)."""
-    result = integer(value, name, minimum=0)
-    if result >= 2**63:
+def seed(value: object, name: str = "seed", *, allow_none: bool = False) -> int | None:
+    """A random seed: an integer in [0, 2**63) (None passes with ``allow_none``)."""
+    result = integer(value, name, minimum=0, allow_none=allow_none)
+    if result is not None and result >= 2**63:
         raise ValueError(f"{name}: expected an integer in [0, 2**63), got {result}")
     return result
 

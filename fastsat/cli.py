@@ -105,10 +105,6 @@ def _each(check: Callable) -> Callable:
     return lambda values, name: [check(value, name) for value in values]
 
 
-def _optional_seed(value: object, name: str) -> int | None:
-    return None if value is None else seed(value, name)
-
-
 @dataclass(frozen=True)
 class DataOptions:
     dataset: str = option("shapes", "data set: the built-in synthetic shapes, or files in --data-dir",
@@ -531,7 +527,7 @@ class PackOptions:
     missing_boxes: str = option(_PACK["missing_boxes"].default, "an image without a box file: leave it out, fail, or "
                                 "give it the full image as its box", choices=("skip", "error", "full"))
     seed: int | None = option(_PACK["seed"].default, "samples are written in a random order seeded with it; None: "
-                              "the source's order", check=_optional_seed)
+                              "the source's order", check=functools.partial(seed, allow_none=True))
 
     def __post_init__(self):
         validate(self)

@@ -183,7 +183,7 @@ def smoothgrad(
     sigma = number(sigma, "sigma", minimum=0)
     choice(sigma_units, "sigma_units", SIGMA_UNITS)
     choice(variant, "variant", SMOOTHGRAD_VARIANTS)
-    seed = None if seed is None else _checks.seed(seed)
+    seed = _checks.seed(seed, allow_none=True)
     target = _resolve_target(model, x, target, mode)
     x = x.detach()
     if sigma_units == "range":

@@ -136,7 +136,7 @@ class Attack(abc.ABC):
         computes every gradient its inputs require, asked for or not."""
         self._check_inputs(x, y)
         x, y = x.detach(), None if y is None else y.detach()
-        compiled = hasattr(self.model, "_orig_mod")  # torch.compile's wrapper
+        compiled = hasattr(self.model, "dynamo_ctx")  # torch.compile's wrapper (as in _step_function)
         with frozen(self.model, self.mode, freeze_params=compiled), no_host_checks(), torch.enable_grad():
             return self._run(x, y, need_success=False).x_adv.detach()
 
@@ -260,8 +260,7 @@ class Attack(abc.ABC):
     def _distance(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         """(B,) ‖x_adv − x‖ in the attack's norm, float64 (differences of two stored values are
         exact in float64)."""
-        delta = (x_adv.double() - x.double()).reshape(x.shape[0], -1)
-        return delta.abs().amax(dim=1) if self.norm == "linf" else delta.norm(dim=1)
+        return sample_norms(x_adv.double() - x.double(), self.norm)
 
     def _audit(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         """Check the output and return ‖x_adv − x‖ per sample in the attack's norm (float32, float64
@@ -339,6 +338,12 @@ def _fused_step(
         clip=attack.clip, return_stats=return_stats, backend=attack.backend,
     )
     return stepped if return_stats else (stepped, None)
+
+
+def sample_norms(v: torch.Tensor, norm: str) -> torch.Tensor:
+    """(B,) norm of each sample of v (B, ...): "linf" or "l2"."""
+    flat = v.flatten(1)
+    return flat.abs().amax(dim=1) if norm == "linf" else flat.norm(dim=1)
 
 
 def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

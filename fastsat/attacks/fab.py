@@ -20,7 +20,7 @@ from torch import nn
 
 from fastsat import ops
 from fastsat._checks import number, positive_int
-from fastsat.attacks.base import Attack, AttackResult, per_sample, top_other_classes
+from fastsat.attacks.base import Attack, AttackResult, per_sample, sample_norms, top_other_classes
 
 __all__ = ["FAB", "fab", "project_onto_hyperplane"]
 
@@ -65,11 +65,6 @@ def project_onto_hyperplane(
     # A coordinate with rate 0 (L2: w_i = 0) never moves; guarding it keeps inf·0 out.
     step = torch.where(rate > 0, torch.minimum(lam * rate.clamp_min(torch.finfo(rate.dtype).tiny), room), 0.0)
     return torch.sign(w_dir) * step
-
-
-def _norm(v: torch.Tensor, norm: str) -> torch.Tensor:
-    flat = v.flatten(1)
-    return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
 
 
 class FAB(Attack):
@@ -147,17 +142,18 @@ class FAB(Attack):
             b = (w * x1a).sum(1) - g.value  # the linearised boundary Ψ^t − Ψ^y = 0: ⟨w, z⟩ = b
             d1 = project_onto_hyperplane(x1a, w, b, self.norm, self.clip)
             d2 = project_onto_hyperplane(x0, w, b, self.norm, self.clip)
-            a1, a2 = _norm(d1, self.norm).clamp_min(1e-8), _norm(d2, self.norm).clamp_min(1e-8)
+            a1, a2 = sample_norms(d1, self.norm).clamp_min(1e-8), sample_norms(d2, self.norm).clamp_min(1e-8)
             alpha = (a1 / (a1 + a2)).clamp(0, self.alpha_max)[:, None]
             moved = ((x1a + self.eta * d1) * (1 - alpha) + (x0 + self.eta * d2) * alpha).clamp(lo, hi)
             x1 = moved.reshape(x.shape).to(x.dtype)
             with torch.no_grad():
                 adversarial = self._misclassified(self.model(x1), y)
-            dist = _norm(x1.to(acc) - x.to(acc), self.norm)
+            delta = x1.to(acc) - x.to(acc)
+            dist = sample_norms(delta, self.norm)
             better = adversarial & (dist < best_norm)
             best = torch.where(per_sample(better, x), x1, best)
             best_norm = torch.where(better, dist, best_norm)
-            pulled = (x + self.beta * (x1.to(acc) - x.to(acc))).to(x.dtype)
+            pulled = (x + self.beta * delta).to(x.dtype)
             x1 = torch.where(per_sample(adversarial, x), pulled, x1)
         return best, best_norm
 

@@ -113,12 +113,6 @@ def _grad_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
     return tuple(dict.fromkeys((dtype, accumulation_dtype(dtype))))
 
 
-def _seed(value: object) -> int | None:
-    """An int seed, checked, or None: the backend then draws one on the device from torch's
-    generator (no host sync; see ``reference.seed_tensor``)."""
-    return None if value is None else _checks.seed(value, "seed")
-
-
 def _host_checks(t: Tensor) -> bool:
     """Whether to run the checks that read tensor values on the host: not inside
     ``fastsat._checks.no_host_checks()`` or while torch.compile traces (``host_checks_enabled``),
@@ -290,7 +284,7 @@ def random_start(
     eps = number(eps, "eps", minimum=0)
     l2 = choice(norm, "norm", NORMS) == "l2"
     lo, hi = clip_box(clip)
-    seed = _seed(seed)
+    seed = _checks.seed(seed, allow_none=True)  # None: drawn on the device (reference.seed_tensor)
     _check_finite(x_nat, "x_nat")
     x_nat = _dense(x_nat, _memory_format(x_nat))
     return _backends.resolve(backend, x_nat.device, "random_start").random_start(x_nat, eps, l2, lo, hi, seed)
@@ -456,6 +450,6 @@ def sat_perturb(
         if masks.device != x.device:
             raise ValueError(f"masks: expected a tensor on the device of x ({x.device}), got one on {masks.device}")
         masks = masks.to(torch.uint8).contiguous()
-    seed = _seed(seed)
+    seed = _checks.seed(seed, allow_none=True)  # None: drawn on the device (reference.seed_tensor)
     impl = _backends.resolve(backend, x.device, "sat_perturb")
     return impl.sat_perturb(x, eps, p, seed, lo, hi, saliency, boxes, masks)
