@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from fastsat import _dist
-from fastsat._checks import choice, describe, number, positive_int
+from fastsat._checks import choice, clip_box, describe, number, positive_int
 from fastsat.alignment import saliency_alignment
 from fastsat.attacks import APGD, APGDT, CW, FAB, PGD, Square
 from fastsat.data import AnnotatedDataset, ShardDataset, as_batch, loader, make_loader
@@ -164,31 +164,35 @@ def _suite(suite: object) -> StandardSuite | PaperSuite | None:
     return {"quick": None, "standard": StandardSuite(), "paper": PaperSuite()}[choice(suite, "suite", SUITES)]
 
 
-def _attack(name: str, model: nn.Module, eps: float, steps: int, step_size: float | None, restarts: int, norm: str):
+def _attack(name: str, model: nn.Module, eps: float, steps: int, step_size: float | None, restarts: int, norm: str,
+            clip: tuple[float, float]):
     if name == "pgd":
         step = eps / 4 if step_size is None else step_size
-        return PGD(model, eps=eps, step_size=step, steps=steps, norm=norm, random_start=True, restarts=restarts, mode="eval")
-    return APGD(model, eps=eps, steps=steps, norm=norm, loss=name.split("-")[1], restarts=restarts, mode="eval")
+        return PGD(model, eps=eps, step_size=step, steps=steps, norm=norm, random_start=True, restarts=restarts, mode="eval",
+                   clip=clip)
+    return APGD(model, eps=eps, steps=steps, norm=norm, loss=name.split("-")[1], restarts=restarts, mode="eval", clip=clip)
 
 
-def _standard_attacks(model: nn.Module, settings: StandardSuite, eps: float, norm: str) -> dict:
+def _standard_attacks(model: nn.Module, settings: StandardSuite, eps: float, norm: str, clip: tuple[float, float]) -> dict:
     return {
-        "apgd-ce": APGD(model, eps=eps, steps=settings.steps, norm=norm, loss="ce"),
-        "apgd-t": APGDT(model, eps=eps, steps=settings.steps, norm=norm, n_target_classes=settings.n_target_classes),
-        "fab-t": FAB(model, eps=eps, steps=settings.fab_steps, norm=norm, n_target_classes=settings.n_target_classes),
-        "square": Square(model, eps=eps, n_queries=settings.square_queries, norm=norm),
+        "apgd-ce": APGD(model, eps=eps, steps=settings.steps, norm=norm, loss="ce", clip=clip),
+        "apgd-t": APGDT(model, eps=eps, steps=settings.steps, norm=norm, n_target_classes=settings.n_target_classes,
+                         clip=clip),
+        "fab-t": FAB(model, eps=eps, steps=settings.fab_steps, norm=norm, n_target_classes=settings.n_target_classes,
+                     clip=clip),
+        "square": Square(model, eps=eps, n_queries=settings.square_queries, norm=norm, clip=clip),
     }
 
 
-def _main_attack(model: nn.Module, settings: StandardSuite | PaperSuite, eps: float, norm: str, *, factor_steps: int = 1,
-                 factor_restarts: int = 1):
+def _main_attack(model: nn.Module, settings: StandardSuite | PaperSuite, eps: float, norm: str, clip: tuple[float, float], *,
+                 factor_steps: int = 1, factor_restarts: int = 1):
     """The suite's main gradient attack at ``eps`` (APGD-CE; the paper suite's PGD with its step
     scaled by eps / max(settings.eps), so the check at a large ε moves as far relative to ε)."""
     if isinstance(settings, StandardSuite):
-        return APGD(model, eps=eps, steps=settings.steps * factor_steps, restarts=factor_restarts, norm=norm)
+        return APGD(model, eps=eps, steps=settings.steps * factor_steps, restarts=factor_restarts, norm=norm, clip=clip)
     step = settings.step_size * eps / max(settings.eps)
     return PGD(model, eps=eps, step_size=step, steps=settings.steps * factor_steps, restarts=factor_restarts,
-               random_start=True, norm="linf")
+               random_start=True, norm="linf", clip=clip)
 
 
 def _is_pair(data: object) -> bool:
@@ -251,12 +255,13 @@ def evaluate(
     norm: str = "linf",
     batch_size: int = 256,
     max_samples: int | None = None,
+    clip: tuple[float, float] = (0.0, 1.0),
 ) -> dict:
     """Clean accuracy, clean-input alignment, robust accuracy under each attack at each ε, and the
     suite's protocol with its gradient-masking checks; model in eval mode.
 
     Args:
-        model: classifier on pixel-space (B, C, H, W) input in [0, 1], returning (B, K) logits.
+        model: classifier on pixel-space (B, C, H, W) input in ``clip``, returning (B, K) logits.
         data: a map-style dataset (batched by ``batch_size``, in order), an (x, y) pair of tensors,
             or an iterable of batches (dicts with "image"/"label" or (x, y) pairs).
         suite: "quick" (default: only the rows of ``attacks``), "standard" (AutoAttack at each ε >
@@ -272,6 +277,7 @@ def evaluate(
         norm: "linf" (default) or "l2", of ``attacks`` and of the standard suite (the paper suite
             is L∞ PGD and L2 CW).
         batch_size: points per batch (per rank). max_samples: stop after this many samples (None: all).
+        clip: the valid input box (lo, hi) in pixel units (default (0, 1)); every attack stays inside it.
 
     A sample counts as robust when it is classified correctly both clean and at the attack's output.
 
@@ -321,16 +327,17 @@ def evaluate(
     norm = choice(norm, "norm", NORMS)
     batch_size = positive_int(batch_size, "batch_size")
     max_samples = positive_int(max_samples, "max_samples", allow_none=True)
+    clip = clip_box(clip)
     # Built once, before any data is read: their own argument checks run first.
-    runs = {(name, e): _attack(name, model, e, steps, step_size, restarts, norm) for name in attacks for e in eps if e > 0}
+    runs = {(name, e): _attack(name, model, e, steps, step_size, restarts, norm, clip) for name in attacks for e in eps if e > 0}
     chains = {}
     if isinstance(settings, StandardSuite):
-        chains = {e: _standard_attacks(model, settings, e, norm) for e in eps if e > 0}
+        chains = {e: _standard_attacks(model, settings, e, norm, clip) for e in eps if e > 0}
     elif isinstance(settings, PaperSuite):
-        paper_pgd = {e: PGD(model, eps=e, step_size=settings.step_size, steps=settings.steps, random_start=True)
+        paper_pgd = {e: PGD(model, eps=e, step_size=settings.step_size, steps=settings.steps, random_start=True, clip=clip)
                      for e in settings.eps}
         cw = CW(model, eps=settings.cw_eps, steps=settings.cw_steps,
-                binary_search_steps=settings.cw_binary_search_steps)
+                binary_search_steps=settings.cw_binary_search_steps, clip=clip)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     # Every count and sum lives in one float64 vector per name, all-reduced once at the end.
@@ -398,7 +405,7 @@ def evaluate(
         if norm == "l2" and isinstance(settings, StandardSuite) and subset:
             large_eps *= math.sqrt(subset[0][0][0].numel())
         large_eps = max(_dist.all_gather_objects(large_eps))  # a rank without check points has no d
-        _checks_sums(model, settings, subset, main_eps, large_eps, norm, add)
+        _checks_sums(model, settings, subset, main_eps, large_eps, norm, clip, add)
     # The same keys in the same order on every rank (a rank without data or without check points
     # contributes zeros), so one all-reduce sums them all.
     keys = ["n", "clean", "alignment", "cosine", "zero_gradients"]
@@ -454,7 +461,7 @@ def evaluate(
 
 
 def _checks_sums(model: nn.Module, settings: StandardSuite | PaperSuite, subset: list, main_eps: float,
-                 large_eps: float, norm: str, add: Callable) -> None:
+                 large_eps: float, norm: str, clip: tuple[float, float], add: Callable) -> None:
     """Run the masking checks' extra attacks on this rank's part of the check subset (``subset``:
     (x, y, correct on x, robust under the suite at ``main_eps``) per batch) and add their counts
     (``check:*``)."""
@@ -469,15 +476,15 @@ def _checks_sums(model: nn.Module, settings: StandardSuite | PaperSuite, subset:
     left = robust.nonzero().squeeze(1)
     if left.numel():
         xl, yl = x[left], y[left]
-        more_steps = _main_attack(model, settings, main_eps, norm, factor_steps=checks.factor)(xl, yl).success
-        more_restarts = _main_attack(model, settings, main_eps, norm, factor_restarts=checks.factor)(xl, yl).success
+        more_steps = _main_attack(model, settings, main_eps, norm, clip, factor_steps=checks.factor)(xl, yl).success
+        more_restarts = _main_attack(model, settings, main_eps, norm, clip, factor_restarts=checks.factor)(xl, yl).success
         add("check:more_steps", ~more_steps)
         add("check:more_restarts", ~more_restarts)
         if isinstance(settings, PaperSuite):
-            add("check:square_broke", Square(model, eps=main_eps, n_queries=checks.square_queries)(xl, yl).success)
+            add("check:square_broke", Square(model, eps=main_eps, n_queries=checks.square_queries, clip=clip)(xl, yl).success)
     todo = correct.nonzero().squeeze(1)
     if todo.numel():
-        add("check:large_eps", ~_main_attack(model, settings, large_eps, norm)(x[todo], y[todo]).success)
+        add("check:large_eps", ~_main_attack(model, settings, large_eps, norm, clip)(x[todo], y[todo]).success)
 
 
 def _masking_report(settings: StandardSuite | PaperSuite, totals: dict, n: int, report: dict, main_eps: float,

@@ -7,6 +7,7 @@ from _models import tiny_cnn
 from test_train_recipes import tiny_data
 from torch import nn
 
+import fastsat.train as T
 from fastsat.alignment import saliency_alignment
 from fastsat.attacks import APGD, PGD
 from fastsat.evaluate import evaluate
@@ -116,3 +117,18 @@ def test_evaluate_rejects_repeated_radii_and_attacks():
     # Radii are compared as numbers, whatever real type they come in.
     with pytest.raises(ValueError, match="distinct"):
         evaluate(model, data, eps=[torch.tensor(8 / 255, dtype=torch.float64), 8 / 255], steps=1)
+
+
+def test_a_run_with_another_input_box_is_evaluated_in_that_box():
+    # Images in [-1, 1]: the per-epoch evaluation's attack must use the run's clip, not [0, 1]
+    # (it refused the clean inputs as outside its box).
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 8, 8) * 2 - 1
+    y = torch.randint(0, 3, (16,))
+    result = T.fit(tiny_cnn(), (x, y), recipe="pgd", recipe_options={"steps": 2}, clip=(-1.0, 1.0), eval_data=(x, y),
+                   epochs=1, batch_size=8, eval_steps=2, progress=False)
+    assert 0 <= result.history[0]["robust_acc"] <= result.history[0]["clean_acc"]
+    report = evaluate(tiny_cnn(), (x, y), eps=[8 / 255], steps=2, clip=(-1.0, 1.0))
+    assert 0 <= report["attacks"]["pgd"][0]["acc"] <= report["clean_acc"]
+    with pytest.raises(ValueError, match="clip"):
+        evaluate(tiny_cnn(), (x, y), eps=[8 / 255], steps=2)

@@ -429,7 +429,7 @@ class Trainer:
         if self.eval_loader is None:
             return {}
         metrics = evaluation.evaluate(self.evaluated, self.eval_loader, eps=[self.config.eval_eps],
-                                      steps=self.config.eval_steps)
+                                      steps=self.config.eval_steps, clip=self.config.clip)
         return {"clean_acc": metrics["clean_acc"], "robust_acc": metrics["attacks"]["pgd"][0]["acc"],
                 "alignment": metrics["alignment"], "cosine": metrics["cosine"]}
 
