@@ -2,6 +2,7 @@
 
     git worktree add /tmp/old a7833d1 && (cd /tmp/old && ../main/.venv/bin/python setup.py build_ext --inplace)
     python bench/bench_before_after.py --old-repo /tmp/old
+    python bench/bench_before_after.py --old-repo /tmp/old --compile --works pgd,fast   # both compiled
 
 Old and new run in separate processes (each imports its own fastsat), alternating old, new, old,
 new, ... so that load on the machine hits both alike; the median per work is reported. The step is
@@ -29,6 +30,7 @@ from fastsat import models
 from fastsat.data import shapes
 import fastsat.train as T
 work, options, steps, batch = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+compile_model = sys.argv[5] == "1"
 EPOCH = 3
 name = "smallcnn" if "smallcnn" in models.names() else "madrycnn"
 data = shapes(batch * steps, size=32, num_classes=10, seed=0)
@@ -39,7 +41,8 @@ model = models.create(name, num_classes=10, width=16)
 if hasattr(T, "Trainer"):
     from fastsat._checks import no_host_checks
     trainer = T.Trainer(model, batches, T.TrainConfig(recipe=work, recipe_options=options, epochs=EPOCH + 1,
-                                                      lr=0.01, early_stop_drop=None, progress=False))
+                                                      lr=0.01, early_stop_drop=None, progress=False,
+                                                      compile=compile_model))
     def run():
         with no_host_checks():
             for b in batches:
@@ -58,10 +61,11 @@ print(json.dumps(min(times)))
 """
 
 
-def time_step(repo: Path, work: str, steps: int, batch: int) -> float:
+def time_step(repo: Path, work: str, steps: int, batch: int, compile_model: bool) -> float:
     name, options = WORKS[work]
     env = {**os.environ, "PYTHONPATH": str(repo)}
-    out = subprocess.run([sys.executable, "-c", CHILD, name, json.dumps(options), str(steps), str(batch)],
+    out = subprocess.run([sys.executable, "-c", CHILD, name, json.dumps(options), str(steps), str(batch),
+                          str(int(compile_model))],
                          env=env, capture_output=True, text=True, check=True, cwd=repo)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -73,13 +77,19 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating old/new process pairs per work")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--works", default=",".join(WORKS), help=f"comma-separated subset of {tuple(WORKS)}")
+    parser.add_argument("--compile", action="store_true", help="both trainers with compile=True (the trainer "
+                        "versions only; the warm-up step compiles)")
     args = parser.parse_args()
+    works = args.works.split(",")
+    if unknown := sorted(set(works) - set(WORKS)):
+        parser.error(f"--works: unknown {unknown}")
     print("| work | before ms/step | after ms/step | after / before time |\n|---|---|---|---|")
-    for work in WORKS:
+    for work in works:
         old, new = [], []
         for _ in range(args.rounds):
-            old.append(time_step(args.old_repo, work, args.steps, args.batch))
-            new.append(time_step(args.new_repo, work, args.steps, args.batch))
+            old.append(time_step(args.old_repo, work, args.steps, args.batch, args.compile))
+            new.append(time_step(args.new_repo, work, args.steps, args.batch, args.compile))
         before, after = statistics.median(old), statistics.median(new)
         print(f"| {work} | {before * 1e3:.1f} | {after * 1e3:.1f} | {after / before:.3f} |", flush=True)
     return 0
