@@ -175,6 +175,8 @@ def test_device_prefetcher_converts_and_normalises_on_the_device_side():
     assert isinstance(pairs[0], tuple) and torch.equal(pairs[1][0], plain[1]["image"])
     with pytest.raises(ValueError, match="mean, std"):
         DevicePrefetcher(host, "cpu", mean=mean)
+    with pytest.raises(ValueError, match="std: expected 3 values"):
+        DevicePrefetcher(host, "cpu", mean=mean, std=(0.2,))
 
 
 def test_worker_loader_ships_bytes_and_matches_the_resident_loader():

@@ -35,11 +35,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import torch
 
 from fastsat import _dist
-from fastsat._checks import integer, number, positive_int
+from fastsat._checks import integer, positive_int
 from fastsat._checks import seed as check_seed
 
 from .augment import Augment
-from .dataset import AnnotatedDataset
+from .dataset import AnnotatedDataset, check_stats
 from .shards import ShardDataset, ShardStream, mix_seed
 from .transforms import SampleTransform
 
@@ -211,9 +211,10 @@ class DevicePrefetcher:
         self.batches, self.device = batches, torch.device(device)
         self.mean = self.std = None
         if mean is not None:
-            self.mean = torch.tensor([number(m, "mean") for m in mean]).view(1, -1, 1, 1).to(self.device)
-            self.std = torch.tensor([number(s, "std", minimum=0, exclusive_min=True) for s in std])
-            self.std = self.std.view(1, -1, 1, 1).to(self.device)
+            # The channel count is the batches' (unknown here); mean and std must at least agree.
+            mean, std = check_stats(mean, std, len(mean))
+            self.mean = torch.tensor(mean).view(1, -1, 1, 1).to(self.device)
+            self.std = torch.tensor(std).view(1, -1, 1, 1).to(self.device)
 
     def __len__(self) -> int:
         return len(self.batches)
