@@ -33,7 +33,6 @@ from fastsat.data import (
     pack_shards,
     shards,
 )
-from fastsat.data.shards import partition
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -340,13 +339,15 @@ def test_shard_errors_name_the_file(tmp_path):
         shards(tmp_path / "odd")
 
 
-def test_partition_is_exact_and_balanced():
+def test_shares_are_exact_and_balanced():
+    from fastsat import _dist
+
     for total in (0, 1, 7, 13):
         for parts in (1, 2, 3, 5):
-            ranges = [partition(total, parts, p) for p in range(parts)]
-            assert ranges[0][0] == 0 and ranges[-1][1] == total
-            assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
-            sizes = [b - a for a, b in ranges]
+            ranges = [_dist.shard(total, p, parts) for p in range(parts)]
+            assert ranges[0].start == 0 and ranges[-1].stop == total
+            assert all(a.stop == b.start for a, b in itertools.pairwise(ranges))
+            sizes = [len(r) for r in ranges]
             assert max(sizes) - min(sizes) <= 1
 
 

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fastsat import _dist
 from fastsat._checks import choice, describe, integer, positive_int
 from fastsat._checks import seed as check_seed
 from fastsat._io import atomic_write, atomic_write_text
@@ -53,16 +54,10 @@ from .dataset import AnnotatedDataset, check_labels, check_stats, clip_boxes, si
 from .readers import ImageFiles, annotated_sample, decode_image, finish_sample, image_folder, pixels
 from .transforms import Resize, SampleTransform
 
-__all__ = ["ShardDataset", "pack_shards", "partition", "shards"]
+__all__ = ["ShardDataset", "pack_shards", "shards"]
 
 _FORMAT, _VERSION = "fastsat-shards", 1
 _IMAGE_EXTENSIONS = ("jpg", "png", "webp", "bmp")
-
-
-def partition(total: int, parts: int, part: int) -> tuple[int, int]:
-    """The half-open range ``[start, stop)`` of part ``part`` when ``total`` items are cut into
-    ``parts`` contiguous ranges whose sizes differ by at most one."""
-    return total * part // parts, total * (part + 1) // parts
 
 
 def mix_seed(*values: int) -> int:
@@ -342,9 +337,9 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def worker_range(self, worker: int, workers: int) -> tuple[int, int]:
         """``[start, stop)`` in the epoch's concatenated sample sequence for (this rank, ``worker``)."""
-        lo, hi = partition(len(self.data), self.world_size, self.rank)
-        start, stop = partition(hi - lo, workers, worker)
-        return lo + start, lo + stop
+        mine = _dist.shard(len(self.data), self.rank, self.world_size)
+        theirs = _dist.shard(len(mine), worker, workers)
+        return mine.start + theirs.start, mine.start + theirs.stop
 
     def count(self, workers: int) -> list[int]:
         """Samples each of ``workers`` loader workers yields per epoch, on this rank."""
