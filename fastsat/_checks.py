@@ -134,6 +134,17 @@ def seed(value: object, name: str = "seed", *, allow_none: bool = False) -> int 
     return result
 
 
+def device(value: object, name: str = "device") -> torch.device:
+    """A torch device: a name such as "cpu" or "cuda:1", or "auto" (the GPU where there is one,
+    else the CPU). Nothing is initialised on it."""
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{name}: {err}") from None
+
+
 def flag(value: object, name: str, *, allow_none: bool = False) -> bool | None:
     """A switch: ``True`` or ``False`` (None passes with ``allow_none``). 1, 0 and strings are
     TypeErrors: a switch is not a count or a word."""

@@ -30,6 +30,7 @@ import yaml
 
 from fastsat import _dist, data, models, saliency
 from fastsat._checks import choice, flag, number, path, positive_int, seed
+from fastsat._checks import device as device_of
 from fastsat._io import atomic_save, atomic_write_text
 from fastsat.alignment import ALIGNMENT_TARGETS
 from fastsat.demo import _FULL, _QUICK, DEMO_RECIPES, run_demo
@@ -369,15 +370,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- building blocks shared by the commands ----------------------------------------------------------
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"device: {err}") from None
-
-
 def _num_classes(dataset) -> int:
     classes = getattr(dataset, "classes", None)
     if classes is None:
@@ -416,7 +408,7 @@ def cmd_train(cfg: dict) -> dict:
     """Train; under ``torchrun`` on every rank (DDP, see :mod:`fastsat.train.distributed`): each rank
     on its own device (``cuda:LOCAL_RANK`` for a CUDA device), rank 0 writing the files."""
     parts = _sections("train", cfg)
-    device = distributed.setup(_device(parts[DeviceOptions].device))
+    device = distributed.setup(device_of(parts[DeviceOptions].device))
     try:
         return _train(cfg, parts, device)
     finally:
@@ -452,7 +444,7 @@ def _train(cfg: dict, parts: dict, device: torch.device) -> dict:
 
 def _trained(command: str, cfg: dict):
     parts = _sections(command, cfg)
-    device = _device(parts[DeviceOptions].device)
+    device = device_of(parts[DeviceOptions].device)
     train_set, test_set = DATASETS[parts[DataOptions].dataset](parts[DataOptions])
     model = _trained_model(parts[ModelOptions], train_set, device, parts[CheckpointOptions].checkpoint)
     return parts, model, test_set, device

@@ -25,6 +25,7 @@ import torch
 
 from fastsat import data, models
 from fastsat._checks import choice, number, positive_int
+from fastsat._checks import device as check_device
 from fastsat._checks import seed as check_seed
 from fastsat.evaluate import evaluate
 from fastsat.report import analyze, markdown_table, robustness_curves, write_report
@@ -127,7 +128,7 @@ def run_demo(
     if not names:
         raise ValueError(f"recipes: expected at least one of {list(DEMO_RECIPES)}, got none")
     seed = check_seed(seed)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = check_device(device)
     out_dir = Path(out_dir)
     started = time.perf_counter()
     classes = sizes["num_classes"]

@@ -122,3 +122,9 @@ def test_the_curriculum_is_compressed_to_the_run_and_pgd_warms_up():
     assert "eps_warmup" not in demo._options("standard", {}, 10)
     with pytest.raises(ValueError, match="epochs"):
         demo.compressed_curriculum(0)
+
+
+def test_a_bad_device_name_is_refused_with_its_argument_named(tmp_path):
+    with pytest.raises(ValueError, match="device: .*gpu7"):
+        demo.run_demo(out_dir=tmp_path, device="gpu7")
+    assert not any(tmp_path.iterdir())  # refused before any work
