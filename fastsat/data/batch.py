@@ -30,7 +30,7 @@ def as_batch(item: object, device: torch.device | str | None = None) -> dict[str
         device: where to move the tensors (non-blocking); None leaves them where they are.
 
     Returns:
-        A new dict; images in pixel space as given (fastsat expects [0, 1]).
+        A new dict; images in pixel space as given (inside the run's ``clip`` box, [0, 1] by default).
     """
     if isinstance(item, Mapping):
         missing = [key for key in ("image", "label") if key not in item]

@@ -182,7 +182,8 @@ class Trainer:
       eager elsewhere); the resolved values are this object's attributes of those names.
     - :attr:`evaluated` is the module evaluated and kept as best (the EMA's average with ``ema``).
     - :attr:`writes` decides whether this process writes files (checkpoints, logs: rank 0 only in a
-      distributed run); :meth:`evaluate` is where a sharded evaluation would reduce its counts.
+      distributed run); :meth:`evaluate` attacks each rank's share of the evaluation data and
+      sums the counts over ranks, in the run's input box ``clip``.
 
     Args:
         model: a classifier on pixel-space (B, C, H, W) input in ``config.clip`` returning (B, K)
