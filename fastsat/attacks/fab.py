@@ -176,7 +176,8 @@ class FAB(Attack):
                 )
                 first = False
                 better = norms < min_norm[todo]
-                x_best[todo[better]] = found[better]
+                # torch.where, not a boolean index: no second host sync per run.
+                x_best.index_copy_(0, todo, torch.where(per_sample(better, found), found, x_best[todo]))
                 min_norm[todo] = torch.minimum(norms, min_norm[todo])
         success = torch.isfinite(min_norm) if self.eps is None else min_norm <= self.eps
         x_adv = torch.where(per_sample(success, x), x_best, x)
