@@ -38,6 +38,7 @@ from torch import nn
 
 from fastsat import _dist
 from fastsat._checks import choice, clip_box, describe, number, positive_int
+from fastsat._stats import binomial_lower_bound
 from fastsat.alignment import saliency_alignment
 from fastsat.attacks import APGD, APGDT, CW, FAB, PGD, Square
 from fastsat.data import AnnotatedDataset, ShardDataset, as_batch, loader, make_loader
@@ -63,7 +64,9 @@ class MaskingChecks:
         separately, factor× the restarts (default 4).
     square_queries: queries of the paper suite's gradient-free check (default 1000; the standard
         suite's own Square run serves there).
-    tolerance: share of the points (default 0.01) a difference must exceed to raise a flag.
+    tolerance: share of the points (default 0.01) a check's count must exceed to raise a flag:
+        its one-sided 95% Clopper–Pearson lower bound must, so that one odd point among a few
+        dozen raises nothing (1 of 20 has a bound of 0.003) while 3 of 20 does (0.042).
     """
 
     subset: int = 100
@@ -289,15 +292,15 @@ def evaluate(
 
         - ``standard``: ``[{"eps", "acc", "cumulative": {"apgd-ce", "apgd-t", "fab-t", "square"}}]``,
           per ε the robust accuracy after each attack in turn (``acc``: after all four);
-        - ``paper``: ``{"pgd": [{"eps", "acc"}, ...], "cw": {"eps", "acc", "median_l2",
-          "mean_l2", "found"}}``: CW's robust accuracy at the L2 radius ``eps``, the median over
-          all points of the smallest L2 perturbation found (pixel units; 0 for misclassified
-          points, inf where CW found none; None if that median is inf), its mean over the points
-          with one (misclassified points included, at 0; None if none) and the share of those;
+        - ``paper``: ``{"pgd": [{"eps", "acc"}, ...], "cw": {"eps", "acc", "points", "median_l2",
+          "mean_l2", "found"}}``: CW's robust accuracy at the L2 radius ``eps``; over the ``points``
+          correctly classified clean points, the median of the smallest L2 perturbation found
+          (pixel units; inf where CW found none; None if that median is inf or there are no such
+          points), its mean over the points with one (None if none) and the share of those;
         - ``masking``: ``{"flags": [names raised], "checks": {name: {"flagged", "meaning",
           ...evidence}}}`` for the checks (:data:`MEANINGS`, :class:`MaskingChecks`), run at the
           suite's main ε (standard: the largest of ``eps``; paper: 8/255), each flagged when its
-          difference exceeds ``tolerance``:
+          count of points is beyond ``tolerance`` (see :class:`MaskingChecks`):
           "gradient_free" — the share of all points the standard suite's Square broke after the
           gradient attacks (``gradient_acc`` − ``square_acc``), or the share of the check
           subset the paper suite's PGD-5 left robust and Square breaks (``square_broke``);
@@ -396,7 +399,7 @@ def evaluate(
                     main_robust = robust
             result = cw(x, y)
             add("cw", correct & ~result.success)
-            cw_norms.append(result.delta_norm.double().cpu())
+            cw_norms.append(result.delta_norm.double().cpu()[correct.cpu()])
         if settings is not None and offset < settings.checks.subset:
             take = min(x.shape[0], settings.checks.subset - offset)
             subset.append((x[:take], y[:take], correct[:take], main_robust[:take]))
@@ -445,13 +448,17 @@ def evaluate(
             for e in eps
         ]
     elif isinstance(settings, PaperSuite):
+        # Over the correctly classified points only: a misclassified point has no boundary to reach.
         norms = torch.cat([t for part in _dist.all_gather_objects(cw_norms) for t in part])
         found = norms[torch.isfinite(norms)]
-        median = norms.median().item()  # torch's lower median: the smaller middle value for an even count
+        # torch's lower median: the smaller middle value for an even count
+        median = norms.median().item() if norms.numel() else math.inf
         report["paper"] = {
             "pgd": [{"eps": e, "acc": share(f"paper@{e}")} for e in settings.eps],
-            "cw": {"eps": settings.cw_eps, "acc": share("cw"), "median_l2": median if math.isfinite(median) else None,
-                   "mean_l2": found.mean().item() if found.numel() else None, "found": found.numel() / n},
+            "cw": {"eps": settings.cw_eps, "acc": share("cw"), "points": norms.numel(),
+                   "median_l2": median if math.isfinite(median) else None,
+                   "mean_l2": found.mean().item() if found.numel() else None,
+                   "found": found.numel() / norms.numel() if norms.numel() else None},
         }
     if settings is not None:
         report["masking"] = _masking_report(settings, totals, n, report, main_eps, large_eps)
@@ -497,26 +504,31 @@ def _masking_report(settings: StandardSuite | PaperSuite, totals: dict, n: int, 
     def share(key: str) -> float:
         return totals[key] / max(points, 1)
 
+    def beyond(fraction: float, total: int) -> bool:
+        """Whether ``fraction`` of ``total`` points is beyond the tolerance (its 95% lower bound)."""
+        return binomial_lower_bound(round(fraction * total), total) > tol
+
     if isinstance(settings, StandardSuite):
         # The suite's own Square run, on all points: what it broke after the three gradient attacks.
         row = next(row for row in report["standard"] if row["eps"] == main_eps)
         gradient, square = row["cumulative"]["fab-t"], row["cumulative"]["square"]
-        gradient_free = {"eps": main_eps, "gradient_acc": gradient, "square_acc": square, "flagged": gradient - square > tol}
+        gradient_free = {"eps": main_eps, "gradient_acc": gradient, "square_acc": square,
+                         "flagged": beyond(gradient - square, n)}
     else:
         broke = share("check:square_broke")
         gradient_free = {"eps": main_eps, "points": points, "square_queries": settings.checks.square_queries,
-                         "square_broke": broke, "flagged": broke > tol}
+                         "square_broke": broke, "flagged": beyond(broke, points)}
     acc = share("check:main")
     more_steps, more_restarts = share("check:more_steps"), share("check:more_restarts")
     zero = totals["zero_gradients"] / n
     results = {
         "gradient_free": gradient_free,
         "large_eps": {"eps": large_eps, "points": points, "acc": share("check:large_eps"),
-                      "flagged": share("check:large_eps") > tol},
+                      "flagged": beyond(share("check:large_eps"), points)},
         "convergence": {"eps": main_eps, "points": points, "acc": acc, "acc_more_steps": more_steps,
                         "acc_more_restarts": more_restarts, "factor": settings.checks.factor,
-                        "flagged": acc - min(more_steps, more_restarts) > tol},
-        "zero_gradients": {"share": zero, "flagged": zero > tol},
+                        "flagged": beyond(acc - min(more_steps, more_restarts), points)},
+        "zero_gradients": {"share": zero, "flagged": beyond(zero, n)},
     }
     for name, result in results.items():
         result["meaning"] = MEANINGS[name]

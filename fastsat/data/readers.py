@@ -647,7 +647,8 @@ def oxford_pets(
 
 
 def digits(
-    *, train: bool = True, test_fraction: float = 0.25, seed: int = 0, size: int | Sequence[int] | None = None
+    *, train: bool = True, test_fraction: float = 0.25, seed: int = 0, size: int | Sequence[int] | None = None,
+    ink: float = 0.5,
 ) -> AnnotatedDataset:
     """scikit-learn's handwritten digits (UCI optical digits test set): 1,797 grey 8x8 images of
     the digits 0–9, shipped inside the scikit-learn package (``sklearn.datasets.load_digits``),
@@ -660,10 +661,13 @@ def digits(
         seed: seed of the random permutation that splits them (the same seed gives the same,
             disjoint splits).
         size: output (H, W) in pixels; None keeps 8x8.
+        ink: grey level (fraction of white, default 0.5) at or above which a pixel is ink: the
+            masks are the ink, the boxes its tight bounding box (SAT's weak maps).
 
     Returns:
         An :class:`AnnotatedDataset` of uint8 (N, 1, H, W) images (the 0–16 grey levels scaled to
-        0–255, rounded), int64 labels 0–9, classes "0".."9"; ``.mean``/``.std`` are the exact
+        0–255, rounded; ink is light on a dark ground), int64 labels 0–9, classes "0".."9", bool
+        (N, 1, H, W) ink masks and int64 (N, 4) boxes; ``.mean``/``.std`` are the exact
         statistics of the training split (for either split).
 
     Raises:
@@ -671,6 +675,7 @@ def digits(
             ``pip install fastsat[paper]``).
     """
     test_fraction = number(test_fraction, "test_fraction", minimum=0, maximum=1, exclusive_min=True, exclusive_max=True)
+    ink = number(ink, "ink", minimum=0, maximum=1, exclusive_min=True)
     seed = check_seed(seed)
     try:
         from sklearn.datasets import load_digits  # optional dependency: imported only when this reader is used
@@ -689,4 +694,6 @@ def digits(
         images = resize({"image": images}, size_hw(size))["image"]
     mean, std = channel_stats(images[train_part])
     part = train_part if train else test_part
-    return AnnotatedDataset(images[part], labels[part], classes=[str(d) for d in range(10)], mean=mean, std=std)
+    masks = images[part] >= round(ink * 255)
+    return AnnotatedDataset(images[part], labels[part], classes=[str(d) for d in range(10)], boxes=boxes_from_masks(masks),
+                            masks=masks, mean=mean, std=std)

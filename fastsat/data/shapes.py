@@ -6,6 +6,12 @@ few short distractor strokes). The class is carried by the shape's outline only:
 drawn relative to the background, independently of the class, and every shape is shown at every
 rotation, so classes differ by geometry, not orientation or colour.
 
+Two options make an easier testbed (``clutter=False``) and one where SAT's −ε·S has a meaning
+(``polarity="light"``): with the default ``polarity="random"`` the shape moves away from the
+background on each channel in a random direction, so subtracting ε·S (S = +1 on the object)
+brightens the object on some channels and darkens it on others; with ``"light"`` the shape is
+lighter than the background on every channel, so −ε·S always lowers the object's contrast.
+
 The shape is drawn last, so its segmentation mask is exactly the set of pixels painted with the
 shape's colour, and the box is the tight box of the mask. Generation is vectorised in torch over
 chunks of images; every chunk has its own seed derived from ``seed``, so
@@ -26,13 +32,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastsat._checks import integer, positive_int
+from fastsat._checks import choice, flag, integer, positive_int
 from fastsat._checks import seed as check_seed
 from fastsat._io import atomic_save
 
 from .dataset import AnnotatedDataset, boxes_from_masks
 
-__all__ = ["SHAPE_NAMES", "default_cache_dir", "generate_shapes", "shapes"]
+__all__ = ["POLARITIES", "SHAPE_NAMES", "default_cache_dir", "generate_shapes", "shapes"]
 
 #: Class names, in label order. ``num_classes=k`` uses the first k.
 SHAPE_NAMES = (
@@ -52,6 +58,8 @@ SHAPE_NAMES = (
 
 # Bump when the generator's output changes, so stale cache files are never read.
 _VERSION = 3
+#: Values of ``polarity``: the object's contrast direction per channel.
+POLARITIES = ("random", "light")
 # Images per chunk: 512, fewer for large images to bound memory (about 4M pixels per chunk);
 # fixed per image size so that chunk boundaries (hence seeds) do not depend on n.
 _CHUNK_PIXELS = 1 << 22
@@ -129,8 +137,13 @@ def _inside(kind: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return out
 
 
-def _chunk(count: int, size: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Generate ``count`` images; returns uint8 (count, 3, size, size), int64 labels, bool masks."""
+def _chunk(
+    count: int, size: int, num_classes: int, seed: int, clutter: bool = True, polarity: str = "random"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Generate ``count`` images; returns uint8 (count, 3, size, size), int64 labels, bool masks.
+
+    The random draws are the same whatever ``clutter`` and ``polarity`` are, so the two options
+    change the look of the same scenes (same labels, shapes, positions and masks)."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -147,7 +160,10 @@ def _chunk(count: int, size: int, num_classes: int, seed: int) -> tuple[torch.Te
     freq = (1.5 + 4.0 * rand(count, 1, 1)) * (2 * math.pi / size)
     ori = rand(count, 1, 1) * math.pi
     grating = torch.sin(freq * (xs * torch.cos(ori) + ys * torch.sin(ori)) + 2 * math.pi * rand(count, 1, 1))
-    image = base + 0.3 * smooth + 0.08 * grating.unsqueeze(1) * rand(count, 3, 1, 1)
+    if polarity == "light":  # room above the background on every channel
+        base = 0.05 + 0.5 * (base - 0.2) / 0.6
+    grating_colour = rand(count, 3, 1, 1)  # drawn either way: the options keep the same scenes
+    image = base + 0.3 * smooth + 0.08 * grating.unsqueeze(1) * grating_colour if clutter else base.expand(-1, -1, size, size).clone()
     image += 0.1 * (rand(count, 3, size, size) - 0.5)  # pixel noise, std 0.029
 
     # Clutter: 5 short thin horizontal or vertical strokes in random colours, well below the
@@ -159,7 +175,7 @@ def _chunk(count: int, size: int, num_classes: int, seed: int) -> tuple[torch.Te
         thin = size * (0.02 + 0.02 * rand(count, 1, 1))
         vertical = rand(count, 1, 1) < 0.5
         half_w, half_h = torch.where(vertical, thin, long), torch.where(vertical, long, thin)
-        stroke = ((xs - cx).abs() <= half_w) & ((ys - cy).abs() <= half_h)
+        stroke = ((xs - cx).abs() <= half_w) & ((ys - cy).abs() <= half_h) & clutter
         image = torch.where(stroke.unsqueeze(1), rand(count, 3, 1, 1), image)
 
     # The shape: radius 25-42% of the image side, fully inside, any rotation.
@@ -173,7 +189,7 @@ def _chunk(count: int, size: int, num_classes: int, seed: int) -> tuple[torch.Te
     mask = _inside(labels, u, v).unsqueeze(1)
     # Colour contrasts with the base: each channel moves 0.3-0.55 away from it, towards the side
     # with more room; the direction is per channel, so the hue is random and class-independent.
-    away = torch.where(base < 0.5, 1.0, -1.0)
+    away = torch.where(base < 0.5, 1.0, -1.0) if polarity == "random" else torch.ones_like(base)
     colour = (base + away * (0.3 + 0.25 * rand(count, 3, 1, 1))).clamp(0, 1)
     shading = 1 + 0.1 * grating.unsqueeze(1)  # mild texture on the shape too
     image = torch.where(mask, colour * shading, image)
@@ -182,24 +198,27 @@ def _chunk(count: int, size: int, num_classes: int, seed: int) -> tuple[torch.Te
     return images, labels, mask
 
 
-def _checked(n: object, size: object, num_classes: object, seed: object) -> tuple[int, int, int, int]:
-    """The arguments of :func:`shapes` as Python ints, or a ValueError/TypeError naming the bad one."""
+def _checked(n: object, size: object, num_classes: object, seed: object, clutter: object, polarity: object) -> tuple:
+    """The arguments of :func:`shapes`, checked, or a ValueError/TypeError naming the bad one."""
     num_classes = integer(num_classes, "num_classes", minimum=2)
     if num_classes > len(SHAPE_NAMES):
         raise ValueError(f"num_classes: expected an integer in [2, {len(SHAPE_NAMES)}], got {num_classes}")
-    return positive_int(n, "n"), integer(size, "size", minimum=8), num_classes, check_seed(seed)
+    return (positive_int(n, "n"), integer(size, "size", minimum=8), num_classes, check_seed(seed),
+            flag(clutter, "clutter"), choice(polarity, "polarity", POLARITIES))
 
 
-def generate_shapes(n: int, *, size: int = 32, num_classes: int = 10, seed: int = 0) -> AnnotatedDataset:
+def generate_shapes(
+    n: int, *, size: int = 32, num_classes: int = 10, seed: int = 0, clutter: bool = True, polarity: str = "random"
+) -> AnnotatedDataset:
     """Generate the shapes data in memory (no cache). See :func:`shapes` for the arguments."""
-    n, size, num_classes, seed = _checked(n, size, num_classes, seed)
+    n, size, num_classes, seed, clutter, polarity = _checked(n, size, num_classes, seed, clutter, polarity)
     chunk = max(16, min(512, _CHUNK_PIXELS // (size * size)))
     images, labels, masks = [], [], []
     with _one_thread():
         for index, start in enumerate(range(0, n, chunk)):
             # Always generate a full chunk (then truncate) so that a prefix of the data does not
             # depend on n; labels are balanced within each full chunk.
-            imgs, labs, msks = _chunk(chunk, size, num_classes, seed * 1_000_003 + index)
+            imgs, labs, msks = _chunk(chunk, size, num_classes, seed * 1_000_003 + index, clutter, polarity)
             take = min(chunk, n - start)
             images.append(imgs[:take])
             labels.append(labs[:take])
@@ -220,6 +239,8 @@ def shapes(
     size: int = 32,
     num_classes: int = 10,
     seed: int = 0,
+    clutter: bool = True,
+    polarity: str = "random",
     cache_dir: str | os.PathLike | None | bool = None,
 ) -> AnnotatedDataset:
     """The built-in synthetic shapes data: ``n`` images with labels, exact masks and tight boxes.
@@ -231,6 +252,10 @@ def shapes(
         seed: generator seed; the same arguments always give the same data, and
             ``shapes(n, seed=s)`` is the first ``n`` images of ``shapes(m, seed=s)`` for ``m > n``.
             Use different seeds for training and test data.
+        clutter: draw the textured background (smooth colour noise, grating) and the distractor
+            strokes (default True); False leaves a flat background with pixel noise.
+        polarity: "random" (default): the shape's contrast direction is random per channel;
+            "light": the shape is lighter than the background on every channel.
         cache_dir: directory of the on-disk cache; None uses :func:`default_cache_dir`
             (``$FASTSAT_CACHE`` or ``~/.cache/fastsat``), False disables caching. Cache files are
             written atomically (:func:`fastsat._io.atomic_save`); an unreadable one is regenerated.
@@ -241,11 +266,13 @@ def shapes(
         (n, 1, size, size). ``dataset[i]`` gives the sample dict with a float32 image in [0, 1].
         ``.mean``/``.std`` are the exact per-channel statistics of these images.
     """
-    n, size, num_classes, seed = _checked(n, size, num_classes, seed)
+    n, size, num_classes, seed, clutter, polarity = _checked(n, size, num_classes, seed, clutter, polarity)
+    options = {"size": size, "num_classes": num_classes, "seed": seed, "clutter": clutter, "polarity": polarity}
     if cache_dir is False:
-        return generate_shapes(n, size=size, num_classes=num_classes, seed=seed)
+        return generate_shapes(n, **options)
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = directory / f"shapes-v{_VERSION}-n{n}-size{size}-k{num_classes}-seed{seed}.pt"
+    look = "" if clutter and polarity == "random" else f"-clutter{int(clutter)}-{polarity}"
+    path = directory / f"shapes-v{_VERSION}-n{n}-size{size}-k{num_classes}-seed{seed}{look}.pt"
     if path.exists():
         try:
             blob = torch.load(path, weights_only=True)
@@ -259,6 +286,6 @@ def shapes(
         except (OSError, EOFError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as err:
             # A truncated or foreign file: regenerate it.
             warnings.warn(f"shapes cache {path} is unreadable ({err}); regenerating it", stacklevel=2)
-    data = generate_shapes(n, size=size, num_classes=num_classes, seed=seed)
+    data = generate_shapes(n, **options)
     atomic_save({"images": data.images, "labels": data.labels, "boxes": data.boxes, "masks": data.masks}, path)
     return data

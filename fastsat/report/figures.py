@@ -113,18 +113,26 @@ def alignment_scatter(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]
     return _save(fig, path)
 
 
-def robustness_curves(path: str | os.PathLike, curves: Mapping[str, Sequence[tuple[float, float]]]) -> Path:
-    """Robust accuracy against ε: ``curves`` maps a run name to (ε in pixel units, accuracy) points.
-    6 × 4 inches. Returns ``path``."""
+def robustness_curves(path: str | os.PathLike, curves: Mapping[str, Sequence[tuple[float, float]]],
+                      bands: Mapping[str, Sequence[tuple[float, float, float]]] | None = None, *,
+                      title: str | None = None, attack: str = "PGD") -> Path:
+    """Robust accuracy against ε: ``curves`` maps a run name to (ε in pixel units, accuracy) points;
+    ``bands`` optionally maps a name to (ε, low, high) points drawn as a shaded band (e.g. the range
+    over seeds). 6 × 4 inches. Returns ``path``."""
     fig = _figure((6, 4))
     ax = fig.subplots()
     for name, points in curves.items():
         eps, acc = zip(*sorted(points), strict=True)
-        ax.plot([e * 255 for e in eps], acc, marker="o", label=name)
+        line, = ax.plot([e * 255 for e in eps], acc, marker="o", markersize=3, label=name)
+        if bands and name in bands:
+            band_eps, low, high = zip(*sorted(bands[name]), strict=True)
+            ax.fill_between([e * 255 for e in band_eps], low, high, color=line.get_color(), alpha=0.15, linewidth=0)
     ax.set_xlabel("ε (pixel units × 255)")
-    ax.set_ylabel("accuracy under PGD")
+    ax.set_ylabel(f"accuracy under {attack}")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)

@@ -473,8 +473,8 @@ def _coin() -> bool:
 
 @dataclass
 class SATPlusPGD(SAT):
-    """SAT + PGD (METHODS.md §2): per batch a fair coin picks either the SAT input around a
-    uniform random start x₀ = x + U(−ε, ε), clip(x₀ − ε·s), or an L∞ PGD attack from a random
+    """SAT + PGD (METHODS.md §2): per batch a fair coin picks either the SAT input around an
+    unclipped uniform random start x₀ = x + U(−ε, ε), clip(x₀ − ε·s), or an L∞ PGD attack from a random
     start (eps 8/255, ``steps`` 5 of ``step_size`` 2/255); loss CE on the result."""
 
     name: ClassVar[str] = "sat+pgd"
@@ -486,7 +486,10 @@ class SATPlusPGD(SAT):
         batch = as_batch(batch)
         x, y = batch["image"], batch["label"]
         if _coin():
-            x_train = self.perturb(batch, epoch=epoch, start=random_start(x, eps=self.eps_at(epoch), clip=self.clip))
+            # clip(x₀ − ε·s), clipped once (METHODS.md §2): x₀ = x + U(−ε, ε) stays unclipped, since a
+            # box one ε wider than the run's never clips it.
+            eps, (lo, hi) = self.eps_at(epoch), self.clip
+            x_train = self.perturb(batch, epoch=epoch, start=random_start(x, eps=eps, clip=(lo - eps, hi + eps)))
         else:
             x_train = _pgd_attack(self, model, x, y, epoch)
         return _ce(model, x_train, y)

@@ -138,7 +138,9 @@ def teacher_saliency(
         x = images[start : start + batch_size].to(device)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         target = {} if labels is None else {"target": labels[start : start + batch_size].to(device)}
-        raw = saliency.compute(run, teacher, x, **options, **target)
+        # SmoothGrad's seed is the base of a reproducible stream: each batch draws its own noise.
+        seeded = {"seed": options["seed"] + start} if options.get("seed") is not None else {}
+        raw = saliency.compute(run, teacher, x, **{**options, **seeded}, **target)
         maps.append((raw.sign() if method in _SIGN_METHODS else saliency.minmax_scale(raw)).cpu())
     result = torch.cat(maps)
     if path is not None:
