@@ -369,6 +369,18 @@ def test_digits_splits_are_the_bundled_data_scaled_to_bytes():
         digits(test_fraction=1.0)
 
 
+def test_digits_masks_are_the_ink_and_boxes_its_tight_box():
+    pytest.importorskip("sklearn.datasets")
+    train = digits()
+    assert train.masks.shape == train.images.shape and train.masks.dtype == torch.bool
+    assert torch.equal(train.masks, train.images >= 128)
+    assert torch.equal(train.boxes, boxes_from_masks(train.masks))
+    assert torch.equal(digits(ink=0.25).masks, train.images >= 64)
+    assert train[0]["mask"].shape == (1, 8, 8) and train[0]["box"].shape == (4,)
+    with pytest.raises(ValueError, match="ink"):
+        digits(ink=0.0)
+
+
 def test_digits_without_scikit_learn_names_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now raises ImportError
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)

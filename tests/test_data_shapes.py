@@ -135,6 +135,7 @@ def test_cache_roundtrip_env_and_corruption(tmp_path, monkeypatch):
         ({"n": 4, "num_classes": 1}, "num_classes:"),
         ({"n": 4, "seed": -1}, "seed:"),
         ({"n": 4, "size": 16.0}, "size:"),
+        ({"n": 4, "polarity": "dark"}, "polarity:"),
     ],
 )
 def test_bad_arguments(kwargs, match, tmp_path):
@@ -155,3 +156,29 @@ def test_generation_restores_thread_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_clutter_and_polarity_change_the_look_of_the_same_scenes(tmp_path):
+    """The options keep every scene (labels, masks, boxes) and change how it is drawn: without
+    clutter the background is flat up to pixel noise; with polarity="light" the object is lighter
+    than the background on every channel, so SAT's −ε·S lowers its contrast everywhere."""
+    default = generate_shapes(64, size=16, num_classes=4, seed=5)
+    for clutter in (True, False):
+        for polarity in ("random", "light"):
+            other = generate_shapes(64, size=16, num_classes=4, seed=5, clutter=clutter, polarity=polarity)
+            assert torch.equal(other.labels, default.labels) and torch.equal(other.masks, default.masks)
+            cached = shapes(64, size=16, num_classes=4, seed=5, clutter=clutter, polarity=polarity, cache_dir=tmp_path)
+            assert torch.equal(cached.images, other.images), "the cache keys the options"
+    assert len(list(tmp_path.iterdir())) == 4
+    plain = generate_shapes(64, size=16, num_classes=4, seed=5, clutter=False, polarity="light").images.float() / 255
+    mask = default.masks.expand_as(plain)
+    background_spread = torch.stack([plain[i, c][~mask[i, c]].std() for i in range(64) for c in range(3)])
+    assert background_spread.max() < 0.04, "flat background: pixel noise only (std 0.029)"
+    inside = torch.stack([(plain[i] * mask[i]).sum((1, 2)) / mask[i][0].sum() for i in range(64)])
+    outside = torch.stack([(plain[i] * ~mask[i]).sum((1, 2)) / (~mask[i][0]).sum() for i in range(64)])
+    assert (inside > outside + 0.2).all(), "light polarity: lighter on every channel of every image"
+    random_polarity = default.images.float() / 255
+    inside = torch.stack([(random_polarity[i] * mask[i]).sum((1, 2)) / mask[i][0].sum() for i in range(64)])
+    outside = torch.stack([(random_polarity[i] * ~mask[i]).sum((1, 2)) / (~mask[i][0]).sum() for i in range(64)])
+    darker = (inside < outside).sum().item()
+    assert 0.2 * inside.numel() < darker < 0.8 * inside.numel(), "random polarity: darker on some channels"

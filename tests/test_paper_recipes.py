@@ -74,3 +74,25 @@ def test_gradnorm_default_is_etmanns_mnist_setting():
     grads = [torch.autograd.grad(ce[i], x, retain_graph=True)[0][i] for i in range(len(ce))]
     expected = ce.mean() + lam * torch.stack([g.pow(2).sum() for g in grads]).mean()
     torch.testing.assert_close(out.loss, expected)
+
+
+def test_sat_plus_pgd_clips_the_start_once(monkeypatch):
+    """clip(x₀ − ε·s) with x₀ = x + U(−ε, ε) unclipped (METHODS.md §2). At the top of the box
+    (x = 1), a pixel with s = +1 lands at 1 + δ − ε, anywhere in [1 − 2ε, 1]; clipping x₀ first
+    would put it at min(1, 1 + δ) − ε ≤ 1 − ε, and every s = −1 pixel at 1. So values strictly
+    between 1 − ε and 1 appear only when the start is clipped once."""
+    from fastsat.train import recipes
+
+    monkeypatch.setattr(recipes, "_coin", lambda: True)  # the SAT side of SAT+PGD's coin
+    eps = 0.1
+    recipe = make_recipe("sat+pgd", eps=eps, maps="boxes")
+    x = torch.ones(16, 3, 8, 8)
+    batch = {"image": x, "label": torch.zeros(16, dtype=torch.int64), "box": torch.tensor([[0, 0, 8, 8]] * 16)}
+    seen = []
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    recipe.loss(model, batch, epoch=0)
+    x_train = seen[-1]
+    assert x_train.amin() >= 1 - 2 * eps - 1e-6 and x_train.amax() <= 1
+    between = ((x_train > 1 - eps + 1e-4) & (x_train < 1 - 1e-4)).double().mean().item()
+    assert between > 0.15, f"only {between:.3f} of the pixels lie strictly between 1 − ε and 1: the start was clipped"

@@ -70,3 +70,15 @@ def test_styles_cover_every_method_and_the_cache_keys_the_style(tmp_path):
     assert len(list(tmp_path.glob("sat-maps-guided_backprop-*.pt"))) == 2
     with pytest.raises(ValueError, match="style"):
         teacher_saliency(teacher, images, style="paper", cache_dir=False)
+
+
+def test_smoothgrad_teacher_maps_draw_fresh_noise_per_batch():
+    """The seed is the base of the stream: two batches of the same images get different noise
+    (they got identical maps when every batch reused seed 0), and the whole run repeats."""
+    teacher, (images, _) = _teacher(), _data(4)
+    twice = torch.cat([images, images])
+    maps = teacher_saliency(teacher, twice, method="smoothgrad", batch_size=4, cache_dir=False)
+    assert not torch.equal(maps[:4], maps[4:])
+    assert torch.equal(maps, teacher_saliency(teacher, twice, method="smoothgrad", batch_size=4, cache_dir=False))
+    first = teacher_saliency(teacher, images, method="smoothgrad", batch_size=4, cache_dir=False)
+    assert torch.equal(maps[:4], first), "the first batch keeps the base seed"
