@@ -231,6 +231,7 @@ class DemoOptions:
     n_train: int | None = _demo_size("n_train", "training images")
     n_test: int | None = _demo_size("n_test", "test images for evaluation and analysis")
     image_size: int | None = _demo_size("image_size", "image side in pixels")
+    seeds: int | None = _demo_size("seeds", "seeds, each training every run from its own data and initial weights")
     recipes: Sequence[str] | None = option(_DEMO["recipes"].default, "a subset of the demo's runs, comma-separated (None: all)",
                                        choices=tuple(DEMO_RECIPES))
     seed: int = option(_DEMO["seed"].default, "seed for data, weights and training", check=seed)
@@ -547,8 +548,8 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("clean and PGD/APGD accuracy at a list of ε", (*_TRAINED, EvalOptions), cmd_eval),
     "saliency": Command("saliency maps of test images and a PNG grid", (*_TRAINED, SaliencyOptions), cmd_saliency),
     "analyze": Command("the Etmann alignment/robustness table and plots", (*_TRAINED, AnalyzeOptions), cmd_analyze),
-    "demo": Command("train six recipes and a noise-only control briefly on the shapes data and write "
-                    "runs/demo/report.md/.html", (DemoOptions,), cmd_demo),
+    "demo": Command("train six recipes and a noise-only control briefly on the shapes data over a few seeds "
+                    "and write runs/demo/report.md/.html", (DemoOptions,), cmd_demo),
     "data pack": Command("write an ImageFolder (+ VOC boxes / masks) as tar shards for `--dataset shards`",
                          (PackOptions,), cmd_pack, positional=("source", "out_dir")),
 }

@@ -79,6 +79,8 @@ def test_the_verdicts_holds_fails_inconclusive_floor_and_one_seed():
     ceiling = judge_claims([("c", "c", "a", "b")], {"a": [1.0, 1.0], "b": [0.999, 1.0]}, margin=0.02)[0]
     assert ceiling.verdict == "ceiling"
     assert judge_claims([("o", "o", "a", "b")], {"a": [0.5], "b": [0.3]}, margin=0.02)[0].verdict == "one seed"
+    same = judge_claims([("s", "s", "a", "b")], {"a": [0.25, 0.5, 0.3], "b": [0.25, 0.5, 0.3]}, margin=0.02)[0]
+    assert same.verdict == "no spread" and same.effect == 0, "identical runs are not evidence of equivalence"
 
 
 def test_holm_turns_a_marginal_win_among_many_claims_inconclusive():

@@ -11,7 +11,9 @@ Holm's correction over the claims judged together:
 - **inconclusive**: neither;
 - **floor** / **ceiling**: every value of both arms is within ``edge`` of 0 (or of 1): nothing can
   differ there, so no verdict is weighed;
-- **one seed**: no interval can be formed.
+- **one seed**: no interval can be formed;
+- **no spread**: every seed gave the same difference, so the t statistic is undefined (a 0 vs 0
+  on a few points is not evidence of equivalence) and nothing is weighed.
 
 Each test is one-sided at level α/2 (default α = 0.05), so with a single claim "holds" is exactly
 "the two-sided 95% interval lies above 0".
@@ -28,7 +30,7 @@ from fastsat._stats import holm, t_cdf, t_quantile
 
 __all__ = ["CLAIM_VERDICTS", "ClaimResult", "judge_claims", "paired_effect"]
 
-CLAIM_VERDICTS = ("holds", "fails", "inconclusive", "floor", "ceiling", "one seed")
+CLAIM_VERDICTS = ("holds", "fails", "inconclusive", "floor", "ceiling", "one seed", "no spread")
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,8 @@ class ClaimResult:
 
 def paired_effect(values: Sequence[float], references: Sequence[float], *, margin: float,
                   alpha: float = 0.05) -> tuple[float, float, float, float, float]:
-    """(effect, low, high, p_holds, p_fails) of paired values over seeds; NaN where fewer than two
-    seeds make the interval and the tests undefined. A zero spread decides by the sign alone."""
+    """(effect, low, high, p_holds, p_fails) of paired values over seeds; the p-values are NaN where
+    fewer than two seeds or a zero spread of the differences leave the tests undefined."""
     if len(values) != len(references):
         raise ValueError(f"values and references: expected one of each per seed, got {len(values)} and {len(references)}")
     diffs = [a - b for a, b in zip(values, references, strict=True)]
@@ -76,7 +78,7 @@ def paired_effect(values: Sequence[float], references: Sequence[float], *, margi
         return effect, math.nan, math.nan, math.nan, math.nan
     se = statistics.stdev(diffs) / math.sqrt(n)
     if se == 0:
-        return effect, effect, effect, 0.0 if effect > 0 else 1.0, 0.0 if effect < margin else 1.0
+        return effect, effect, effect, math.nan, math.nan
     half = t_quantile(1 - alpha / 2, n - 1) * se
     p_holds = 1 - t_cdf(effect / se, n - 1)
     p_fails = t_cdf((effect - margin) / se, n - 1)
@@ -109,7 +111,7 @@ def judge_claims(claims: Sequence[tuple[str, str, str, str]], metric: dict[str, 
         if edge_ is not None:
             verdict = edge_
         elif math.isnan(p_h):
-            verdict = "one seed"
+            verdict = "one seed" if len(metric[arm]) < 2 else "no spread"
         elif ph_adj < alpha / 2:
             verdict = "holds"
         elif pf_adj < alpha / 2:
