@@ -46,8 +46,7 @@ Usage::
 
     python bench/paper_claims.py                            # CPU: 5 seeds, 2 processes (<= 30 min idle)
     python bench/paper_claims.py --device cuda              # GPU: adds TRADES arms and CW
-    python bench/paper_claims.py --quick                    # seconds: the pipeline, not the numbers
-    python bench/paper_claims.py --pilot                    # the testbed pilot (one seed, gate arms)
+    python bench/paper_claims.py --quick                    # minutes: the pipeline, not the numbers
 
 Writes ``bench/results/paper-claims-<date>-<mode>.md`` / ``.csv`` / ``.json`` and figures.
 """
@@ -73,6 +72,7 @@ from pathlib import Path
 import torch
 
 from fastsat import data, models
+from fastsat._stats import t_quantile
 from fastsat.alignment import analysis_rows, analysis_summary, spearman
 from fastsat.attacks import APGD, APGDT, PGD
 from fastsat.report import alignment_scatter, markdown_table, robustness_curves
@@ -152,7 +152,7 @@ GPU_CLAIMS = (("S8", "SAT+TRADES raises robust AUC over TRADES", "sat+trades", "
 
 def arms(testbed: Testbed, mode: str) -> dict[str, tuple[str, dict, str]]:
     """name → (recipe, options, map source: "data" | "shuffled" | "teacher")."""
-    if testbed.role == "stress" or mode == "pilot":
+    if testbed.role == "stress":
         names = GATE_ARMS
     else:
         names = ("standard", "noise-only", "sat-boxes", "sat-masks", "sat-shuffled-masks", "sat-teacher", "pgd",
@@ -334,8 +334,6 @@ def _medians(rows: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
 def etmann_claims(per_seed: list[dict]) -> list[dict]:
     """E1 an identity (largest relative gap < 1e-3); E2–E4 a statistic per seed, its mean with a
     95% t-interval over seeds, "holds" when the interval lies above 0."""
-    from fastsat._stats import t_quantile
-
     gaps = [abs(r["rho_tilde"] - r["alpha_bin"]) / r["rho_tilde"] for runs in per_seed for run in runs.values()
             for r in run["rows"] if math.isfinite(r["rho_tilde"]) and r["rho_tilde"] > 0]
     worst = max(gaps) if gaps else math.nan
@@ -371,7 +369,6 @@ def etmann_claims(per_seed: list[dict]) -> list[dict]:
 
 SIZES = {  # per mode: seeds, worker processes, Etmann's epochs / points / seeds, APGD steps of the confirmation
     "quick": {"seeds": 2, "jobs": 2, "etmann_epochs": 1, "etmann_points": 16, "etmann_seeds": 2, "confirm_steps": 3},
-    "pilot": {"seeds": 1, "jobs": 2, "etmann_epochs": 0, "etmann_points": 0, "etmann_seeds": 0, "confirm_steps": 0},
     "cpu": {"seeds": 5, "jobs": 2, "etmann_epochs": 10, "etmann_points": 150, "etmann_seeds": 3, "confirm_steps": 25},
     "cuda": {"seeds": 5, "jobs": 1, "etmann_epochs": 30, "etmann_points": 449, "etmann_seeds": 5, "confirm_steps": 100},
 }
@@ -413,10 +410,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 5)")
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default 2 on the CPU, 1 on CUDA)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the numbers")
-    parser.add_argument("--pilot", action="store_true", help="one seed of the gate arms on every testbed")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder (default bench/results)")
     args = parser.parse_args(argv)
-    mode = "quick" if args.quick else "pilot" if args.pilot else ("cuda" if args.device.startswith("cuda") else "cpu")
+    mode = "quick" if args.quick else ("cuda" if args.device.startswith("cuda") else "cpu")
     sizes = dict(SIZES[mode])
     sizes["seeds"] = args.seeds or sizes["seeds"]
     sizes["jobs"] = args.jobs or sizes["jobs"]
@@ -443,7 +439,7 @@ def main(argv: list[str] | None = None) -> Path:
         claims_spec = SAT_CLAIMS + (GPU_CLAIMS if mode == "cuda" else ())
         judged_specs, metric = [], {}
         for name, t in testbeds.items():
-            if t.role != "claims" or not gates[name]["passed"] or mode == "pilot":
+            if t.role != "claims" or not gates[name]["passed"]:
                 continue
             for cid, text, arm, ref in claims_spec:
                 judged_specs.append((f"{name}:{cid}", text, f"{name}:{arm}", f"{name}:{ref}"))
@@ -477,8 +473,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 def write_results(args, mode, sizes, testbeds, results, gates, judged, confirmations, etmann, wall, load) -> Path:
     stamp = datetime.now(timezone.utc)
-    tag = "pilot" if mode == "pilot" else mode
-    prefix = args.out / f"paper-claims-{stamp:%Y-%m-%d}-{tag}"
+    prefix = args.out / f"paper-claims-{stamp:%Y-%m-%d}-{mode}"
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [
         "# The papers' claims, measured (bench/paper_claims.py)", "",
