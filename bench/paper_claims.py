@@ -477,8 +477,8 @@ def write_results(args, mode, sizes, testbeds, results, gates, judged, confirmat
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [
         "# The papers' claims, measured (bench/paper_claims.py)", "",
-        f"Generated {stamp:%Y-%m-%d %H:%M UTC} on {args.device} ({platform.machine()}, {sizes['jobs']} worker processes "
-        f"of 1 thread), torch {torch.__version__}; mode {mode}, {sizes['seeds']} seeds; wall time {wall:.0f} s; {load}.", "",
+        (f"Generated {stamp:%Y-%m-%d %H:%M UTC} on {args.device} ({platform.machine()}, {sizes['jobs']} worker processes "
+         f"of 1 thread), torch {torch.__version__}; mode {mode}, {sizes['seeds']} seeds; wall time {wall:.0f} s; {load}."), "",
         (f"The rule, stated in the script before any result: a testbed counts only if standard training reaches a mean "
          f"clean accuracy ≥ {GATE_CLEAN:.2f} and PGD-AT's robust AUC beats standard's by ≥ {GATE_AUC:.2f}. Robust AUC = "
          "mean robust accuracy over the testbed's grid of radii under PGD-20 (step ε/4, random start). Effects are "
