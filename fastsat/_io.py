@@ -32,6 +32,9 @@ LOCK_NAME = ".fastsat.lock"
 # predictable name fastsat used before, whose litter the sweep removes too.
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)(?:\.[A-Za-z0-9_]+)?\.tmp")
 
+# The folders this process holds (resolved path -> nesting depth): locked_folder is re-entrant.
+_HELD: dict[Path, int] = {}
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(handle)`` on a binary handle of a new temporary file next to ``path``, fsync it
@@ -107,6 +110,8 @@ def locked_folder(folder: str | os.PathLike, name: str = "folder") -> Iterator[P
     """Hold an exclusive lock on ``folder`` (created if missing) while the context runs: an
     advisory ``flock`` on its :data:`LOCK_NAME` file, which records this process's pid. The
     kernel releases the lock when the process dies, so a killed run never blocks the next one.
+    Re-entrant within a process: code holding the folder (the command line, writing the run's
+    config.yaml) can call code that locks it again (the trainer).
 
     Raises:
         ValueError: another process holds the lock (naming ``name``, the folder and that pid), or
@@ -116,10 +121,21 @@ def locked_folder(folder: str | os.PathLike, name: str = "folder") -> Iterator[P
     lock = folder / LOCK_NAME
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        held = folder.resolve()
+        if held in _HELD:
+            fd = None
+        else:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as err:
         raise ValueError(f"{name}: cannot write in {folder} ({err.strerror or err}); expected a writable "
                          "folder") from err
+    if fd is None:
+        _HELD[held] += 1
+        try:
+            yield folder
+        finally:
+            _HELD[held] -= 1
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -134,6 +150,10 @@ def locked_folder(folder: str | os.PathLike, name: str = "folder") -> Iterator[P
         except OSError as err:
             reason = "the disk is full" if err.errno == errno.ENOSPC else err.strerror or str(err)
             raise ValueError(f"{name}: cannot write in {folder} ({reason}); expected a writable folder") from err
-        yield folder
+        _HELD[held] = 1
+        try:
+            yield folder
+        finally:
+            del _HELD[held]
     finally:
         os.close(fd)  # releases the flock

@@ -111,13 +111,17 @@ def test_a_folder_locked_by_another_process_is_refused_naming_it_until_that_proc
         assert (tmp_path / _io.LOCK_NAME).read_text().strip() == str(os.getpid())
 
 
-def test_a_folder_is_locked_against_a_second_holder_in_the_same_process(tmp_path):
+def test_the_lock_is_re_entrant_in_its_process_and_released_by_the_outermost_holder(tmp_path):
+    def locked_by_another_process() -> bool:
+        probe = "import sys\nfrom fastsat._io import locked_folder\ntry:\n    with locked_folder(sys.argv[1]): pass\n" \
+                "except ValueError: sys.exit(3)"
+        return subprocess.run([sys.executable, "-c", probe, str(tmp_path)], timeout=60).returncode == 3
+
     with _io.locked_folder(tmp_path, "out_dir"):
-        with pytest.raises(ValueError, match=rf"pid {os.getpid()}"):
-            with _io.locked_folder(tmp_path, "out_dir"):
-                pass
-    with _io.locked_folder(tmp_path, "out_dir"):  # released on leaving
-        pass
+        with _io.locked_folder(tmp_path / "." , "out_dir"):  # e.g. the CLI holding it, then the trainer
+            pass
+        assert locked_by_another_process(), "leaving the inner holder released the lock"
+    assert not locked_by_another_process()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

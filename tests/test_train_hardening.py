@@ -51,12 +51,21 @@ def _dead_pid() -> int:
 
 # --- the run folder ------------------------------------------------------------------------------
 
+HOLD = "import sys, time\nfrom fastsat._io import locked_folder\nwith locked_folder(sys.argv[1]):\n" \
+       "    print('held', flush=True)\n    time.sleep(60)"
+
+
 def test_a_second_run_in_a_busy_out_dir_is_refused_naming_the_holder(tmp_path):
-    model = tiny_model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with _io.locked_folder(tmp_path, "out_dir"):
-        with pytest.raises(ValueError, match=rf"out_dir: {tmp_path} is in use by another fastsat run \(pid {os.getpid()}"):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        model = tiny_model()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=rf"out_dir: {tmp_path} is in use by another fastsat run \(pid {holder.pid}"):
             T.fit(model, train, out_dir=tmp_path, **RUN)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the refused run trained"
     assert not (tmp_path / "checkpoint.pt").exists()
 
@@ -155,8 +164,8 @@ def test_resuming_with_another_model_names_the_file_and_the_mismatching_weights(
 # --- resuming on other data -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("other, named", [
-    (shapes(48, size=12, num_classes=3, seed=5, cache_dir=False), r"sample_digest: '[0-9a-f]{64}' then, '[0-9a-f]{64}' now"),
-    (shapes(48, size=16, num_classes=3, seed=0, cache_dir=False), r"image_shape: \[3, 12, 12\] then, \[3, 16, 16\] now"),
+    (shapes(48, size=12, num_classes=3, seed=5, cache_dir=False), r"train_data.sample_digest: '[0-9a-f]{64}' then, '[0-9a-f]{64}' now"),
+    (shapes(48, size=16, num_classes=3, seed=0, cache_dir=False), r"train_data.image_size: \[12, 12\] then, \[16, 16\] now; .*train_data.sample_shape: \[3, 12, 12\] then, \[3, 16, 16\] now"),
 ])
 def test_resuming_on_other_data_is_refused_naming_the_difference(tmp_path, other, named):
     _first_of_two_epochs(tmp_path)

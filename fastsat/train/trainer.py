@@ -162,16 +162,16 @@ def _check_batch_keys(data: object, recipe: Recipe) -> None:
 def data_record(data: object, settings: Mapping | None = None) -> dict:
     """What a checkpoint records about the training data, and a resume compares: ``settings`` (the
     caller's, e.g. the command line's dataset, image_size, n_train, data_seed), plus what the
-    trainer sees itself — for a map-style dataset its type, sample count, image shape and a SHA-256
-    of samples 0, n/2 and n-1 (another seed or source gives other samples); for a user's iterable
-    of batches its type and batch count (it is not peeked at: that could consume its randomness)."""
-    record = dict(settings or {})
-    record["data_type"] = type(data).__name__
-    if not isinstance(data, torch.utils.data.Dataset) or isinstance(data, torch.utils.data.IterableDataset):
-        record["batches"] = len(data)
-        return record
-    record["samples"] = len(data)
-    if not len(data):
+    trainer sees itself, under ``train_data.*`` names: its type, ``len()`` (samples of a data set,
+    batches of a loader), ``image_size`` where it has one, and for a map-style data set the first
+    sample's image shape and a SHA-256 of samples 0, n/2 and n-1 (another seed or source gives other
+    samples). Nothing else is read: iterating could consume a loader's randomness."""
+    record = {**(settings or {}), "train_data.type": type(data).__name__}
+    if hasattr(data, "__len__"):
+        record["train_data.len"] = len(data)
+    if getattr(data, "image_size", None) is not None:
+        record["train_data.image_size"] = list(data.image_size)
+    if not isinstance(data, torch.utils.data.Dataset) or isinstance(data, torch.utils.data.IterableDataset) or not len(data):
         return record
     digest = hashlib.sha256()
     for index in sorted({0, len(data) // 2, len(data) - 1}):
@@ -180,11 +180,11 @@ def data_record(data: object, settings: Mapping | None = None) -> dict:
             value = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() if isinstance(
                 value, torch.Tensor) else repr(value).encode()
             digest.update(str(key).encode() + bytes(value))
-    first = data[0]
-    image = first.get("image") if isinstance(first, Mapping) else first[0]
-    if isinstance(image, torch.Tensor):
-        record["image_shape"] = list(image.shape)
-    record["sample_digest"] = digest.hexdigest()
+        if index == 0:
+            image = sample.get("image") if isinstance(sample, Mapping) else sample[0]
+            if isinstance(image, torch.Tensor):
+                record["train_data.sample_shape"] = list(image.shape)
+    record["train_data.sample_digest"] = digest.hexdigest()
     return record
 
 
@@ -202,10 +202,15 @@ class Trainer:
       (DDP) there and keeps saving ``model``.
     - :meth:`train_step` is the whole per-batch work (recipe step, LR schedule, EMA), without a
       host sync: the first batch of each epoch is checked on the host (input range, labels, boxes),
-      the others run inside :func:`fastsat._checks.no_host_checks`. A NaN/inf loss skips its
-      update on the device (:class:`~fastsat.train.recipes.StepGuard`); the epoch's loss,
-      accuracy and skipped steps are summed on the device and read once at its end, where a skipped
-      step stops the run (:class:`NonFiniteLossError`) before the epoch is checkpointed.
+      the others run inside :func:`fastsat._checks.no_host_checks`. Every batch's pixels and labels
+      are also checked on the device (:meth:`audit_batch`). A NaN/inf loss or an invalid batch
+      skips its update on the device (:class:`~fastsat.train.recipes.StepGuard`); the epoch's loss,
+      accuracy, skipped steps and invalid batches are summed on the device and read once at its
+      end, where either stops the run (:class:`NonFiniteLossError`, ValueError) before the epoch is
+      checkpointed.
+    - :meth:`fit` locks ``out_dir`` for the run (:meth:`claim_out_dir`); checkpoints carry a
+      checksum of their weights and a record of the data (:func:`data_record`), both checked on
+      resume.
     - ``precision``, ``channels_last`` and ``compile`` left at "auto"/None take the device's
       defaults (:func:`device_defaults`: bf16, channels_last and compile on CUDA — where
       ``cudnn.benchmark`` and, at precision "auto", TF32 matmuls are switched on too — fp32 and
@@ -471,10 +476,11 @@ class Trainer:
             ValueError: ``checked`` and the batch is invalid (naming what and where).
         """
         images, labels = batch["image"], batch["label"]
+        if not images.numel():
+            self.scaler.refused.zero_()
+            return torch.zeros(2, dtype=torch.int64, device=self.device)
         if self.num_classes is None:
             self.num_classes = self._count_classes(images)
-        if not images.numel():
-            return torch.zeros(2, dtype=torch.int64, device=self.device)
         lo, hi = self.config.clip
         low, high = torch.aminmax(images.detach())
         least, most = torch.aminmax(labels)
