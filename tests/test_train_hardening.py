@@ -213,7 +213,7 @@ def _bytes_in_batch_1(epoch, index, x, y):
                                              ("fast", {})])
 def test_images_in_0_255_after_the_first_batch_stop_every_recipe_at_the_epoch_end(tmp_path, recipe, options):
     run = {**RUN, "recipe": recipe, "recipe_options": options, "epochs": 3, "early_stop_drop": None}
-    with pytest.raises(ValueError, match=r"train_data: batches of epoch 2 \(this rank's first: batch 1\) were invalid: "
+    with pytest.raises(ValueError, match=r"train_data: invalid batches in epoch 2 \(the first: batch 1\): "
                                          r"1 with images outside the input box clip=\(0, 1\) or not finite .*not \[0, 255\]"
                                          r"\); their updates were skipped; training stopped, the last good checkpoint "
                                          r".*after epoch 1\) is intact"):
@@ -229,7 +229,7 @@ def test_a_bad_batchs_update_is_skipped_on_the_device(tmp_path):
 
     spoiled, reference = tiny_model(), tiny_model()
     run = {**RUN, "schedule": "constant"}
-    with pytest.raises(ValueError, match=r"batch 1\) were invalid: 1 with images outside the input box clip=\(0, 1\) "
+    with pytest.raises(ValueError, match=r"batch 1\): 1 with images outside the input box clip=\(0, 1\) "
                                          "or not finite"):
         T.fit(spoiled, Batches(nan_pixel), **run)
     trainer = T.Trainer(reference, Batches(indices=(0, 2)), T.TrainConfig(**run))
@@ -253,7 +253,7 @@ def test_bad_labels_in_a_later_batch_stop_the_epoch_without_torchs_index_error()
             y[3] = 7
         return x, y
 
-    with pytest.raises(ValueError, match=r"batches of epoch 1 \(this rank's first: batch 2\) were invalid: 1 with labels "
+    with pytest.raises(ValueError, match=r"invalid batches in epoch 1 \(the first: batch 2\): 1 with labels "
                                          r"outside \[0, 3\) .*num_classes = 3"):
         T.fit(tiny_model(), Batches(label_7), **RUN)
 

@@ -90,7 +90,7 @@ def weights_checksum(state: Mapping) -> str:
         for name in sorted(weights):
             tensor = weights[name].detach().cpu().contiguous()
             digest.update(f"{entry}/{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

@@ -451,11 +451,12 @@ class Trainer:
         kept = (f"the last good checkpoint {self.checkpoint_path} (after epoch {self.history[-1]['epoch']}) is intact"
                 if self.writes and self.history else "no checkpoint was written yet")
         if bad_pixels or bad_labels:
-            what = [f"{int(n)} with {text}" for n, text in ((bad_pixels, self._pixel_fault()), (bad_labels, self._label_fault()))
-                    if n]
-            where = f" (this rank's first: batch {int(first_fault)})" if first_fault >= 0 else ""
-            raise ValueError(f"train_data: batches of epoch {epoch + 1}{where} were invalid: {'; '.join(what)}; "
-                             f"their updates were skipped; training stopped, {kept}")
+            what = [f"{int(n)} with {text}" for n, text in ((bad_pixels, self._pixel_fault()),
+                                                             (bad_labels, self._label_fault())) if n]
+            rank = f" on rank {_dist.rank()}" if self.world_size > 1 else ""
+            where = f" (the first: batch {int(first_fault)}{rank})" if first_fault >= 0 else ""
+            raise ValueError(f"train_data: invalid batches in epoch {epoch + 1}{where}: {'; '.join(what)}; their "
+                             f"updates were skipped; training stopped, {kept}")
         if skipped_total:
             where = f", batch {int(first_skipped)}" if first_skipped >= 0 else ""  # this rank's first
             raise NonFiniteLossError(
