@@ -423,3 +423,32 @@ def test_the_collective_timeout_is_configurable_and_checked(monkeypatch):
         monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, bad)
         with pytest.raises(ValueError, match=rf"{distributed.TIMEOUT_VARIABLE}: expected a positive number of seconds, got '{bad}'"):
             distributed.timeout()
+
+
+def test_teardown_skips_the_barrier_only_while_an_error_propagates_and_keeps_that_error(monkeypatch, caplog):
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(distributed._dist, "initialized", lambda: True)
+    monkeypatch.setattr(distributed._dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    distributed.teardown()
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    with pytest.raises(ValueError, match="rank 1's data"):
+        try:
+            raise ValueError("rank 1's data")
+        finally:
+            distributed.teardown()
+    assert calls == ["destroy"]
+
+    def broken():
+        raise RuntimeError("connection reset")
+
+    monkeypatch.setattr(dist, "destroy_process_group", broken)
+    with pytest.raises(ValueError, match="rank 1's data"):  # not the RuntimeError of leaving the group
+        try:
+            raise ValueError("rank 1's data")
+        finally:
+            distributed.teardown()
+    assert "RuntimeError: connection reset" in caplog.text

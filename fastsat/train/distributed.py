@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import logging
 import os
 import random
 import sys
@@ -52,6 +53,8 @@ from fastsat.data.shards import mix_seed
 
 __all__ = ["TIMEOUT_VARIABLE", "agreed_steps", "launched", "seed_all", "seed_epoch", "setup", "teardown", "timeout",
            "unwrap", "wrap"]
+
+log = logging.getLogger("fastsat.train")
 
 #: The environment variable that sets :func:`timeout` (seconds).
 TIMEOUT_VARIABLE = "FASTSAT_DIST_TIMEOUT"
@@ -117,7 +120,12 @@ def teardown(failed: bool | None = None) -> None:
     gc.collect()
     if not failed:
         _dist.barrier()
-    dist.destroy_process_group()
+        dist.destroy_process_group()
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception as err:  # the error being raised is the one to report, not this one
+        log.warning("leaving the process group after an error failed too (%s: %s)", type(err).__name__, err)
 
 
 def wrap(model: nn.Module, device: torch.device, *, sync_batchnorm: bool = False) -> nn.Module:
