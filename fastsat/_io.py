@@ -66,7 +66,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 def _naming(err: OSError, path: Path) -> OSError:
     """``err`` as the same kind of OSError, its message naming the file that was being written."""
     message = f"could not write {path} ({err.strerror or err}); the previous file, if any, is intact"
-    return OSError(message) if err.errno is None else OSError(err.errno, message)  # OSError(errno, ...) picks the subclass
+    # OSError(errno, message) comes back as the subclass of that errno (PermissionError, ...).
+    return OSError(message) if err.errno is None else OSError(err.errno, message)
 
 
 def atomic_save(obj: object, path: str | os.PathLike) -> Path:

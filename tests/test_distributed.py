@@ -196,7 +196,8 @@ def test_exactly_one_process_writes_the_checkpoints(two_ranks):
     reports, out = two_ranks
     assert reports[0]["saves"] == {T.trainer.CHECKPOINT_NAME: 2}  # one per epoch
     assert reports[1]["saves"] == {}
-    assert sorted(p.name for p in (out / "same").iterdir()) == [LOCK_NAME, "checkpoint.pt", "metrics.csv", "metrics.jsonl"]
+    written = sorted(p.name for p in (out / "same").iterdir())
+    assert written == [LOCK_NAME, "checkpoint.pt", "metrics.csv", "metrics.jsonl"]
 
 
 def test_resume_from_two_processes_on_one(two_ranks, tmp_path):
@@ -421,7 +422,8 @@ def test_the_collective_timeout_is_configurable_and_checked(monkeypatch):
     assert distributed.timeout().total_seconds() == 45
     for bad in ("0", "-3", "soon", "inf", "nan"):
         monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, bad)
-        with pytest.raises(ValueError, match=rf"{distributed.TIMEOUT_VARIABLE}: expected a positive number of seconds, got '{bad}'"):
+        with pytest.raises(ValueError, match=rf"{distributed.TIMEOUT_VARIABLE}: expected a positive number of seconds, "
+                                             rf"got '{bad}'"):
             distributed.timeout()
 
 

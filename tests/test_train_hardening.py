@@ -111,9 +111,9 @@ def _flip_weight_bytes(path, tensor: torch.Tensor) -> None:
 def test_flipped_bytes_in_the_weights_are_a_clear_error_naming_the_file(tmp_path, name):
     _first_of_two_epochs(tmp_path, eval_data=test)
     path = tmp_path / name
-    _flip_weight_bytes(path, load_checkpoint(path)["model"]["5.weight"])
-    assert not torch.equal(torch.load(path, weights_only=True)["model"]["5.weight"],
-                           load_checkpoint(tmp_path / ("best.pt" if name == "checkpoint.pt" else "checkpoint.pt"))["model"]["5.weight"])
+    saved = load_checkpoint(path)["model"]["5.weight"]
+    _flip_weight_bytes(path, saved)
+    assert not torch.equal(torch.load(path, weights_only=True)["model"]["5.weight"], saved)  # the flip hit the weights
     with pytest.raises(ValueError, match=rf"checkpoint {path} is corrupt: its weights do not match the checksum"):
         load_checkpoint(path)
     if name == "checkpoint.pt":
@@ -155,7 +155,8 @@ def test_resuming_with_another_model_names_the_file_and_the_mismatching_weights(
                                          r"5.weight \(3, 16\) vs \(4, 16\), 5.bias \(3,\) vs \(4,\)\); expected the "
                                          "architecture and class count"):
         T.fit(tiny_model(num_classes=4), train, out_dir=tmp_path, resume=True, **{**RUN, "epochs": 2})
-    without_batchnorm = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+    without_batchnorm = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                                      nn.Linear(16, 3))
     with pytest.raises(ValueError, match=r"\(missing: 3.weight, 3.bias; unexpected: 1.weight, 1.bias, 1.running_mean, "
                                          r"1.running_var, 1.num_batches_tracked, 5.weight ...\)"):
         T.fit(without_batchnorm, train, out_dir=tmp_path, resume=True, **{**RUN, "epochs": 2})
@@ -164,8 +165,11 @@ def test_resuming_with_another_model_names_the_file_and_the_mismatching_weights(
 # --- resuming on other data -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("other, named", [
-    (shapes(48, size=12, num_classes=3, seed=5, cache_dir=False), r"train_data.sample_digest: '[0-9a-f]{64}' then, '[0-9a-f]{64}' now"),
-    (shapes(48, size=16, num_classes=3, seed=0, cache_dir=False), r"train_data.image_size: \[12, 12\] then, \[16, 16\] now; .*train_data.sample_shape: \[3, 12, 12\] then, \[3, 16, 16\] now"),
+    (shapes(48, size=12, num_classes=3, seed=5, cache_dir=False),
+     r"train_data.sample_digest: '[0-9a-f]{64}' then, '[0-9a-f]{64}' now"),
+    (shapes(48, size=16, num_classes=3, seed=0, cache_dir=False),
+     r"train_data.image_size: \[12, 12\] then, \[16, 16\] now; .*train_data.sample_shape: \[3, 12, 12\] then, "
+     r"\[3, 16, 16\] now"),
 ])
 def test_resuming_on_other_data_is_refused_naming_the_difference(tmp_path, other, named):
     _first_of_two_epochs(tmp_path)

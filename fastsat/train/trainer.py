@@ -171,7 +171,8 @@ def data_record(data: object, settings: Mapping | None = None) -> dict:
         record["train_data.len"] = len(data)
     if getattr(data, "image_size", None) is not None:
         record["train_data.image_size"] = list(data.image_size)
-    if not isinstance(data, torch.utils.data.Dataset) or isinstance(data, torch.utils.data.IterableDataset) or not len(data):
+    map_style = isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset)
+    if not map_style or not len(data):
         return record
     digest = hashlib.sha256()
     for index in sorted({0, len(data) // 2, len(data) - 1}):
