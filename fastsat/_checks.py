@@ -202,7 +202,8 @@ def no_host_checks() -> Iterator[None]:
     Checks of shapes, dtypes and devices still run (they cost nothing).
 
     The trainer checks the first batch of every epoch with everything on, then runs the rest of the
-    epoch inside this context, so that a training step never waits for the device. Nestable.
+    epoch inside this context, so that a training step never waits for the device (it checks every
+    batch's pixels and labels on the device instead, read once at the epoch's end). Nestable.
     """
     global _host_checks_disabled
     _host_checks_disabled += 1

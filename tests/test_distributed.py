@@ -13,6 +13,7 @@ import torch
 from _compile import RecordingBackend, needs_traced_autograd
 
 import fastsat.train as T
+from fastsat._io import LOCK_NAME
 from fastsat.data.shards import mix_seed
 from fastsat.train import distributed
 from fastsat.train.checkpoint import load_checkpoint
@@ -195,7 +196,8 @@ def test_exactly_one_process_writes_the_checkpoints(two_ranks):
     reports, out = two_ranks
     assert reports[0]["saves"] == {T.trainer.CHECKPOINT_NAME: 2}  # one per epoch
     assert reports[1]["saves"] == {}
-    assert sorted(p.name for p in (out / "same").iterdir()) == ["checkpoint.pt", "metrics.csv", "metrics.jsonl"]
+    written = sorted(p.name for p in (out / "same").iterdir())
+    assert written == [LOCK_NAME, "checkpoint.pt", "metrics.csv", "metrics.jsonl"]
 
 
 def test_resume_from_two_processes_on_one(two_ranks, tmp_path):
@@ -221,7 +223,8 @@ def test_attack_forward_passes_do_not_communicate(two_ranks):
         assert {k: v for k, v in during.items() if k != "attacks"} == {"module_forward": 2 * steps}, (rank, during)
         # Positive controls: the same counters see the training passes.
         assert counts["ddp_forward"] == steps, (rank, counts)
-        assert counts["module_forward"] == 3 * steps
+        # 3 per step, and the trainer's one look at the model's logit count (Trainer.audit_batch).
+        assert counts["module_forward"] == 3 * steps + 1
         assert counts["gradient_allreduce"] >= steps and counts["buffer_broadcast"] >= 1, (rank, counts)
 
 
@@ -334,3 +337,120 @@ def test_each_rank_augments_with_its_own_stream():
     assert torch.equal(stream(0, 2), stream(0, 1))  # rank 0 keeps the single-process stream
     assert not torch.equal(stream(1, 2), stream(0, 2))
     assert torch.equal(stream(1, 2), stream(1, 2))  # and every stream follows the seed
+
+
+FAILING_RANK = SETUP + textwrap.dedent(
+    """
+    import os, sys
+    import fastsat.train as T
+    from fastsat.train import distributed
+
+    rank = int(os.environ["RANK"])
+
+    class Batches:
+        # Each rank's own 8-image batches; rank 1's data breaks in the middle of epoch 2.
+        def __init__(self):
+            self.epoch = 0
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __len__(self):
+            return 4
+
+        def __iter__(self):
+            for index in range(4):
+                if (rank, self.epoch, index) == (1, 1, 2):
+                    raise ValueError("corrupt sample in batch 2 on rank 1")
+                start = 32 * rank + 8 * index
+                yield train.images[start:start + 8].float() / 255, train.labels[start:start + 8]
+
+    try:  # as `fastsat train` runs it
+        T.fit(madry(), Batches(), out_dir=sys.argv[1], **{**SAME, "epochs": 3})
+    finally:
+        distributed.teardown()
+    """
+)
+
+
+def test_an_error_on_one_rank_stops_both_without_hanging(tmp_path):
+    # Before the fix, rank 1 waited at teardown's barrier and rank 0 inside DDP's backward: both
+    # hung forever and the error was never printed. Both ranks run here as plain processes (no
+    # torchrun, which would stop rank 0 for us); the collective timeout (300 s) is longer than the
+    # bound (90 s), so only leaving without the barrier passes. Ranks that outlive the bound are killed.
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(FAILING_RANK)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": "2", distributed.TIMEOUT_VARIABLE: "300"}
+    ranks = [subprocess.Popen([sys.executable, str(script), str(run)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outputs = []
+    try:
+        for proc in ranks:
+            outputs.append(proc.communicate(timeout=90))
+    except subprocess.TimeoutExpired:
+        pytest.fail("a rank still ran 90 s after the start: the run hangs on rank 1's error")
+    finally:
+        for proc in ranks:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    codes = [proc.returncode for proc in ranks]
+    assert all(code != 0 for code in codes), (codes, outputs)
+    assert "corrupt sample in batch 2 on rank 1" in outputs[1][1]
+    state = load_checkpoint(run / T.trainer.CHECKPOINT_NAME)  # the last checkpoint is intact (checksum verified)
+    assert state["epoch"] == 1 and state["world_size"] == 2
+
+
+def test_the_collective_timeout_is_configurable_and_checked(monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.delenv(distributed.TIMEOUT_VARIABLE, raising=False)
+    assert distributed.timeout().total_seconds() == 600
+    joined = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: joined.update(kwargs))
+    distributed.setup("cpu")
+    assert joined["timeout"].total_seconds() == 600 and joined["backend"] == "gloo"
+    monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, "45")
+    assert distributed.timeout().total_seconds() == 45
+    for bad in ("0", "-3", "soon", "inf", "nan"):
+        monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, bad)
+        with pytest.raises(ValueError, match=rf"{distributed.TIMEOUT_VARIABLE}: expected a positive number of seconds, "
+                                             rf"got '{bad}'"):
+            distributed.timeout()
+
+
+def test_teardown_skips_the_barrier_only_while_an_error_propagates_and_keeps_that_error(monkeypatch, caplog):
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(distributed._dist, "initialized", lambda: True)
+    monkeypatch.setattr(distributed._dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    distributed.teardown()
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    with pytest.raises(ValueError, match="rank 1's data"):
+        try:
+            raise ValueError("rank 1's data")
+        finally:
+            distributed.teardown()
+    assert calls == ["destroy"]
+
+    def broken():
+        raise RuntimeError("connection reset")
+
+    monkeypatch.setattr(dist, "destroy_process_group", broken)
+    with pytest.raises(ValueError, match="rank 1's data"):  # not the RuntimeError of leaving the group
+        try:
+            raise ValueError("rank 1's data")
+        finally:
+            distributed.teardown()
+    assert "RuntimeError: connection reset" in caplog.text

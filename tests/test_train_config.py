@@ -76,7 +76,7 @@ def test_fit_yaml_and_cli_take_the_same_options_with_the_same_defaults(tmp_path,
     # fit: its signature lists exactly the fields with their defaults, and it passes them on.
     parameters = inspect.signature(T.fit).parameters
     keywords = {n: p.default for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    assert keywords.pop("eval_data") is None
+    assert keywords.pop("eval_data") is None and keywords.pop("data_settings") is None
     assert keywords == DEFAULTS
     T.fit(model, None)
     T.fit(model, None, **OTHER)

@@ -21,6 +21,11 @@ What the trainer does with a process group of more than one rank:
   reproducible from the seed, and a resume — at any world size — needs nothing rank-specific;
 - rank 0 alone writes checkpoints and logs; the others wait at a barrier.
 
+A rank that fails must not leave the others waiting: every collective and barrier gives up after
+:func:`timeout` (``FASTSAT_DIST_TIMEOUT`` seconds, default 600), and :func:`teardown` on an error
+leaves the group at once, without the barrier the other ranks would never reach (they then fail in
+their next collective as its connection closes, or at the timeout; torchrun stops them too).
+
 A script that calls :func:`fastsat.train.fit` under torchrun may call :func:`teardown` at its end
 (``fastsat train`` does); the trainer joins the group but leaves it open for the caller's own
 evaluation. A user DataLoader is used as it is: give it a ``DistributedSampler`` (the trainer calls
@@ -29,9 +34,12 @@ its ``set_epoch``) and its per-rank batch size.
 
 from __future__ import annotations
 
+import datetime
 import gc
+import logging
 import os
 import random
+import sys
 import weakref
 
 import numpy as np
@@ -43,7 +51,14 @@ from torch.nn.parallel import DistributedDataParallel
 from fastsat import _dist
 from fastsat.data.shards import mix_seed
 
-__all__ = ["agreed_steps", "launched", "seed_all", "seed_epoch", "setup", "teardown", "unwrap", "wrap"]
+__all__ = ["TIMEOUT_VARIABLE", "agreed_steps", "launched", "seed_all", "seed_epoch", "setup", "teardown", "timeout",
+           "unwrap", "wrap"]
+
+log = logging.getLogger("fastsat.train")
+
+#: The environment variable that sets :func:`timeout` (seconds).
+TIMEOUT_VARIABLE = "FASTSAT_DIST_TIMEOUT"
+_DEFAULT_TIMEOUT_S = 600.0
 
 
 def launched() -> bool:
@@ -66,21 +81,51 @@ def setup(device: torch.device | str) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not _dist.initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                                timeout=timeout())
     return device
 
 
-def teardown() -> None:
-    """Leave the process group (after a barrier, so no rank exits while another still writes).
+def timeout() -> datetime.timedelta:
+    """How long a rank waits for the others — joining the group, in a collective, at a barrier —
+    before it fails: ``FASTSAT_DIST_TIMEOUT`` seconds (default 600; long enough for rank 0 to write
+    a checkpoint while the others wait, short enough that a lost rank does not hold the job for
+    torch's default half hour)."""
+    text = os.environ.get(TIMEOUT_VARIABLE)
+    if text is None:
+        return datetime.timedelta(seconds=_DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{TIMEOUT_VARIABLE}: expected a positive number of seconds, got {text!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
+def teardown(failed: bool | None = None) -> None:
+    """Leave the process group. After a success, behind a barrier (no rank exits while another
+    still writes); after a failure — ``failed``, by default whether an exception is propagating
+    (teardown called in a ``finally``) — at once: the other ranks may be waiting in a collective
+    this rank will never join, and would wait for it at the barrier forever.
 
     Garbage is collected first: a ``DistributedDataParallel`` module still alive (a finished
     trainer in a reference cycle) when the group is destroyed makes a gloo process abort now and
     then as it exits ("terminate called without an active exception", seen with torch 2.13 on
     the CPU); with the module collected first it did not happen."""
-    if _dist.initialized():
-        gc.collect()
+    if not _dist.initialized():
+        return
+    if failed is None:
+        failed = sys.exc_info()[1] is not None
+    gc.collect()
+    if not failed:
         _dist.barrier()
         dist.destroy_process_group()
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception as err:  # the error being raised is the one to report, not this one
+        log.warning("leaving the process group after an error failed too (%s: %s)", type(err).__name__, err)
 
 
 def wrap(model: nn.Module, device: torch.device, *, sync_batchnorm: bool = False) -> nn.Module:

@@ -117,7 +117,9 @@ def _check_finite_loss(loss: Tensor, recipe: str) -> None:
 class StepGuard(torch.amp.GradScaler):
     """A ``GradScaler`` that also skips, on the device, every update whose loss is NaN/inf and
     counts those in :attr:`skipped` (int64 scalar on the device: read it where the host looks
-    anyway, e.g. at the end of an epoch) — no host sync per step.
+    anyway, e.g. at the end of an epoch) — no host sync per step. It also skips the updates while
+    :attr:`refused` (a bool scalar on the device) is set: the trainer sets it for a batch it found
+    invalid on the device (those are not counted in ``skipped``).
 
     fp16: the usual dynamic loss scale. fp32/bf16 need no scaling: the scale starts at 1 and never
     grows (after a skipped step it halves, which is exact in binary floating point). With an
@@ -133,13 +135,15 @@ class StepGuard(torch.amp.GradScaler):
         device = torch.device(device)
         super().__init__(device.type, **({} if fp16 else {"init_scale": 1.0, "growth_interval": 2**30}))
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self.refused = torch.zeros((), dtype=torch.bool, device=device)
 
     def scale(self, outputs: Tensor) -> Tensor:
-        """``outputs`` (the scalar loss) times the scale; times NaN if it is not finite, so that every
-        gradient is NaN and the step is skipped (a non-finite loss can have finite gradients)."""
+        """``outputs`` (the scalar loss) times the scale; times NaN if it is not finite or the step
+        is :attr:`refused`, so that every gradient is NaN and the step is skipped (a non-finite loss
+        can have finite gradients)."""
         finite = torch.isfinite(outputs.detach())
         self.skipped += ~finite
-        return super().scale(outputs * torch.where(finite, 1.0, float("nan")))
+        return super().scale(outputs * torch.where(finite & ~self.refused, 1.0, float("nan")))
 
 
 @dataclass

@@ -8,6 +8,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import hashlib
 import inspect
 import io
 import itertools
@@ -29,14 +30,14 @@ from tqdm.auto import tqdm
 from fastsat import _dist
 from fastsat import evaluate as evaluation
 from fastsat._checks import choice, describe, nearest, no_host_checks
-from fastsat._io import atomic_save, atomic_write_text
+from fastsat._io import atomic_save, atomic_write_text, locked_folder, sweep_stale_temporaries
 from fastsat.data import as_batch, make_loader, resize
 from fastsat.train import distributed
-from fastsat.train.checkpoint import CHECKPOINT_FORMAT, capture_rng, load_checkpoint, restore_rng
+from fastsat.train.checkpoint import CHECKPOINT_FORMAT, capture_rng, load_checkpoint, load_weights, restore_rng, sealed
 from fastsat.train.config import SCHEDULES, TrainConfig
 from fastsat.train.recipes import NonFiniteLossError, PerturbationRecipe, Recipe, RecipeOutput, StepGuard
 
-__all__ = ["BEST_NAME", "CHECKPOINT_NAME", "FitResult", "Trainer", "fit", "lr_factor"]
+__all__ = ["BEST_NAME", "CHECKPOINT_NAME", "FitResult", "Trainer", "data_record", "fit", "lr_factor"]
 
 log = logging.getLogger("fastsat.train")
 
@@ -131,8 +132,8 @@ class _EMA:
     def state_dict(self) -> dict:
         return self.module.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state)
+    def load_state_dict(self, state: dict, source: object) -> None:
+        load_weights(self.module, state, source)
 
 
 def _tensorboard(out_dir: Path | None):
@@ -158,6 +159,36 @@ def _check_batch_keys(data: object, recipe: Recipe) -> None:
                          f"the data's samples have no {missing}")
 
 
+def data_record(data: object, settings: Mapping | None = None) -> dict:
+    """What a checkpoint records about the training data, and a resume compares: ``settings`` (the
+    caller's, e.g. the command line's dataset, image_size, n_train, data_seed), plus what the
+    trainer sees itself, under ``train_data.*`` names: its type, ``len()`` (samples of a data set,
+    batches of a loader), ``image_size`` where it has one, and for a map-style data set the first
+    sample's image shape and a SHA-256 of samples 0, n/2 and n-1 (another seed or source gives other
+    samples). Nothing else is read: iterating could consume a loader's randomness."""
+    record = {**(settings or {}), "train_data.type": type(data).__name__}
+    if hasattr(data, "__len__"):
+        record["train_data.len"] = len(data)
+    if getattr(data, "image_size", None) is not None:
+        record["train_data.image_size"] = list(data.image_size)
+    map_style = isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset)
+    if not map_style or not len(data):
+        return record
+    digest = hashlib.sha256()
+    for index in sorted({0, len(data) // 2, len(data) - 1}):
+        sample = data[index]  # a dict, or a tuple (x, y, ...)
+        for key, value in sorted(sample.items()) if isinstance(sample, Mapping) else enumerate(sample):
+            value = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() if isinstance(
+                value, torch.Tensor) else repr(value).encode()
+            digest.update(str(key).encode() + bytes(value))
+        if index == 0:
+            image = sample.get("image") if isinstance(sample, Mapping) else sample[0]
+            if isinstance(image, torch.Tensor):
+                record["train_data.sample_shape"] = list(image.shape)
+    record["train_data.sample_digest"] = digest.hexdigest()
+    return record
+
+
 class Trainer:
     """One training run of ``model`` on ``train_data`` as set by ``config``, as small named steps.
 
@@ -172,10 +203,15 @@ class Trainer:
       (DDP) there and keeps saving ``model``.
     - :meth:`train_step` is the whole per-batch work (recipe step, LR schedule, EMA), without a
       host sync: the first batch of each epoch is checked on the host (input range, labels, boxes),
-      the others run inside :func:`fastsat._checks.no_host_checks`. A NaN/inf loss skips its
-      update on the device (:class:`~fastsat.train.recipes.StepGuard`); the epoch's loss,
-      accuracy and skipped steps are summed on the device and read once at its end, where a skipped
-      step stops the run (:class:`NonFiniteLossError`) before the epoch is checkpointed.
+      the others run inside :func:`fastsat._checks.no_host_checks`. Every batch's pixels and labels
+      are also checked on the device (:meth:`audit_batch`). A NaN/inf loss or an invalid batch
+      skips its update on the device (:class:`~fastsat.train.recipes.StepGuard`); the epoch's loss,
+      accuracy, skipped steps and invalid batches are summed on the device and read once at its
+      end, where either stops the run (:class:`NonFiniteLossError`, ValueError) before the epoch is
+      checkpointed.
+    - :meth:`fit` locks ``out_dir`` for the run (:meth:`claim_out_dir`); checkpoints carry a
+      checksum of their weights and a record of the data (:func:`data_record`), both checked on
+      resume.
     - ``precision``, ``channels_last`` and ``compile`` left at "auto"/None take the device's
       defaults (:func:`device_defaults`: bf16, channels_last and compile on CUDA — where
       ``cudnn.benchmark`` and, at precision "auto", TF32 matmuls are switched on too — fp32 and
@@ -200,6 +236,9 @@ class Trainer:
             subclass); its name and options must be the configuration's.
         optimizer: an optimizer over the model's parameters to use instead of ``config.optimizer``
             (then ``lr``, ``momentum`` and ``weight_decay`` are its own).
+        data_settings: the settings that made ``train_data`` (e.g. ``fastsat train``'s dataset,
+            image_size, n_train, data_seed), recorded in checkpoints with what the trainer sees of
+            the data (:func:`data_record`); a resume on other data is refused, naming the difference.
     """
 
     def __init__(
@@ -211,6 +250,7 @@ class Trainer:
         eval_data: object = None,
         recipe: Recipe | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        data_settings: Mapping | None = None,
     ) -> None:
         self.config = config = TrainConfig() if config is None else config
         if not isinstance(config, TrainConfig):
@@ -251,6 +291,9 @@ class Trainer:
         self.eval_loader = None if eval_data is None else make_loader(
             eval_data, batch_size=config.eval_batch_size, shuffle=False, seed=config.seed, device=self.device,
             rank=0, world_size=1)
+        if data_settings is not None and not isinstance(data_settings, Mapping):
+            raise TypeError(f"data_settings: expected a mapping of setting: value, got {describe(data_settings)}")
+        self.data = data_record(train_data, data_settings)  # what checkpoints record about the data
         self.steps_per_epoch = distributed.agreed_steps(len(self.loader))
         if self.steps_per_epoch < 1:
             raise ValueError("train_data: yields no batches")
@@ -283,6 +326,7 @@ class Trainer:
         self.best: dict | None = None  # {"epoch", "robust_acc"} of the best evaluated epoch
         self.best_state: dict | None = None
         self.epoch = 0  # completed epochs
+        self.num_classes: int | None = None  # the model's logit count, read at the first batch
         self.checkpoint_path = self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
         self.board = None
 
@@ -294,7 +338,22 @@ class Trainer:
 
         Raises:
             NonFiniteLossError: the loss became NaN/inf; the last good checkpoint stays on disk.
+            ValueError: ``out_dir`` is not writable, or another run holds it (see :meth:`claim_out_dir`).
         """
+        with contextlib.ExitStack() as run:
+            self.claim_out_dir(run)
+            return self._fit()
+
+    def claim_out_dir(self, run: contextlib.ExitStack) -> None:
+        """When this process writes (:attr:`writes`): lock ``out_dir`` for the life of ``run``
+        (:func:`fastsat._io.locked_folder`: another run in it is refused, naming its pid; a
+        killed run's lock is gone with it), which also checks that it is writable before training
+        starts, and remove the temporary files a killed run left there."""
+        if self.writes:
+            run.enter_context(locked_folder(self.out_dir, "out_dir"))
+            sweep_stale_temporaries(self.out_dir)
+
+    def _fit(self) -> FitResult:
         self.restore()
         result = FitResult(history=self.history, checkpoint=self.checkpoint_path if self.epoch else None)
         self.board = _tensorboard(self.out_dir) if self.writes else None
@@ -365,12 +424,17 @@ class Trainer:
                    leave=False, file=sys.stderr)
         skipped = self.scaler.skipped.zero_()
         first_skipped = torch.full((), -1, dtype=torch.int64, device=self.device)
+        faults = torch.zeros(2, dtype=torch.int64, device=self.device)  # batches with bad pixels, bad labels
+        first_fault = torch.full((), -1, dtype=torch.int64, device=self.device)
         started = time.perf_counter()
         with contextlib.ExitStack() as unchecked:
             for index, item in enumerate(bar):
                 if index == 1:  # the first batch was checked on the host; the others run without a sync
                     unchecked.enter_context(no_host_checks())
                 batch = as_batch(item, self.device)
+                fault = self.audit_batch(batch, epoch, checked=index == 0)
+                faults += fault
+                first_fault = torch.where((first_fault < 0) & fault.any(), index, first_fault)
                 if size is not None:
                     batch = resize(batch, (size, size), self.config.clip)
                 out = self.train_step(batch, epoch)
@@ -380,19 +444,84 @@ class Trainer:
                 first_skipped = torch.where((first_skipped < 0) & (skipped > 0), index, first_skipped)
                 seen += count
         seconds = time.perf_counter() - started
+        self.scaler.refused.zero_()
         # Summed over ranks on the device, read once (float64 holds float32 sums and counts exactly).
         totals = torch.stack([loss_sum.double(), correct.double(), skipped.double(),
-                              torch.tensor(float(seen), device=self.device, dtype=torch.float64)])
-        loss_total, correct_total, skipped_total, seen = _dist.all_reduce_sum(totals).tolist()
+                              torch.tensor(float(seen), device=self.device, dtype=torch.float64), *faults.double()])
+        loss_total, correct_total, skipped_total, seen, bad_pixels, bad_labels = _dist.all_reduce_sum(totals).tolist()
+        kept = (f"the last good checkpoint {self.checkpoint_path} (after epoch {self.history[-1]['epoch']}) is intact"
+                if self.writes and self.history else "no checkpoint was written yet")
+        if bad_pixels or bad_labels:
+            what = [f"{int(n)} with {text}" for n, text in ((bad_pixels, self._pixel_fault()),
+                                                             (bad_labels, self._label_fault())) if n]
+            rank = f" on rank {_dist.rank()}" if self.world_size > 1 else ""
+            where = f" (the first: batch {int(first_fault)}{rank})" if first_fault >= 0 else ""
+            raise ValueError(f"train_data: invalid batches in epoch {epoch + 1}{where}: {'; '.join(what)}; their "
+                             f"updates were skipped; training stopped, {kept}")
         if skipped_total:
-            kept = (f"the last good checkpoint {self.checkpoint_path} (after epoch {self.history[-1]['epoch']}) is intact"
-                    if self.writes and self.history else "no checkpoint was written yet")
             where = f", batch {int(first_skipped)}" if first_skipped >= 0 else ""  # this rank's first
             raise NonFiniteLossError(
                 f"recipe {self.recipe.name!r}: the training loss was not finite in epoch {epoch + 1}{where} "
                 f"({int(skipped_total)} steps in all; their updates were skipped); training stopped, {kept}")
         return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_total / seen, "train_acc": correct_total / seen,
                 "seconds": seconds, "images_per_s": seen / seconds}
+
+    def audit_batch(self, batch: dict, epoch: int, *, checked: bool) -> torch.Tensor:
+        """Check every batch on the device: images inside the run's input box ``clip`` (finite) and
+        labels in [0, K) for the model's K logits. Returns int64 (2,) flags — bad pixels, bad labels —
+        for the epoch's tally (read once at its end); a bad batch's update is skipped
+        (:attr:`StepGuard.refused`) and its labels are clamped so that the step cannot fail inside
+        torch. With ``checked`` (the epoch's first batch) the flags are read now and a bad batch
+        raises at once.
+
+        Raises:
+            ValueError: ``checked`` and the batch is invalid (naming what and where).
+        """
+        images, labels = batch["image"], batch["label"]
+        if not images.numel():
+            self.scaler.refused.zero_()
+            return torch.zeros(2, dtype=torch.int64, device=self.device)
+        if self.num_classes is None:
+            self.num_classes = self._count_classes(images)
+        lo, hi = self.config.clip
+        low, high = torch.aminmax(images.detach())
+        least, most = torch.aminmax(labels)
+        # NaN fails both comparisons.
+        fault = torch.stack([~((low >= lo) & (high <= hi)), ~((least >= 0) & (most < self.num_classes))]).long()
+        batch["label"] = labels.clamp(0, self.num_classes - 1)
+        if checked and bool(fault.any()):
+            found = []
+            if fault[0]:
+                found.append(f"{self._pixel_fault()}: values from {float(low):g} to {float(high):g}")
+            if fault[1]:
+                found.append(f"{self._label_fault()}: labels from {int(least)} to {int(most)}")
+            raise ValueError(f"train_data: batch 0 of epoch {epoch + 1} is invalid: {'; '.join(found)}")
+        self.scaler.refused.copy_(fault.any())
+        return fault
+
+    def _pixel_fault(self) -> str:
+        lo, hi = self.config.clip
+        return (f"images outside the input box clip=({lo:g}, {hi:g}) or not finite (expected pixel values in "
+                f"[{lo:g}, {hi:g}]: e.g. images in [0, 1], not [0, 255])")
+
+    def _label_fault(self) -> str:
+        return (f"labels outside [0, {self.num_classes}) (expected class indices below num_classes = "
+                f"{self.num_classes}, the model's logit count)")
+
+    def _count_classes(self, images: torch.Tensor) -> int:
+        """K, the model's logit count, from one image through it (in eval mode, without gradients;
+        its mode is restored)."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                logits = self.model(images[:1])
+        finally:
+            self.model.train(training)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 1:
+            raise TypeError(f"model: expected (B, K) logits for a (B, C, H, W) batch, got {describe(logits)} for "
+                            f"{describe(images[:1])}")
+        return logits.shape[1]
 
     def train_step(self, batch: dict, epoch: int) -> RecipeOutput:
         """One batch: the recipe's optimisation step through ``train_model``, the LR schedule's
@@ -443,7 +572,7 @@ class Trainer:
             self.best = {"epoch": record["epoch"], "robust_acc": record["robust_acc"]}
             self.best_state = {k: v.detach().clone() for k, v in self.evaluated.state_dict().items()}
             if self.writes:
-                atomic_save({"epoch": self.best["epoch"], "model": self.best_state}, self.out_dir / BEST_NAME)
+                atomic_save(sealed({"epoch": self.best["epoch"], "model": self.best_state}), self.out_dir / BEST_NAME)
             return None
         drop = self.config.early_stop_drop
         if self.recipe.early_stop and drop is not None and record["robust_acc"] < self.best["robust_acc"] - drop:
@@ -454,8 +583,10 @@ class Trainer:
 
     def restore_best(self) -> None:
         """Load the best epoch's weights into ``model`` (from memory, or best.pt after a resume)."""
-        state = self.best_state if self.best_state is not None else load_checkpoint(self.out_dir / BEST_NAME)["model"]
-        self.model.load_state_dict(state)
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        else:
+            load_weights(self.model, load_checkpoint(self.out_dir / BEST_NAME)["model"], self.out_dir / BEST_NAME)
 
     def checkpoint(self) -> Path | None:
         """Write checkpoint.pt atomically (when :attr:`writes`); the other ranks wait at a barrier
@@ -463,7 +594,7 @@ class Trainer:
         if self.out_dir is None:
             return None
         if self.writes:
-            atomic_save(self.state_dict(), self.checkpoint_path)
+            atomic_save(sealed(self.state_dict()), self.checkpoint_path)
         _dist.barrier()
         return self.checkpoint_path
 
@@ -495,7 +626,8 @@ class Trainer:
         number of ranks that wrote it: any other number may resume (each epoch's data order and
         random streams follow from (seed, epoch, rank), see :mod:`fastsat.train.distributed`)."""
         return {
-            "format": CHECKPOINT_FORMAT, "config": self.run_config, "epoch": self.epoch, "world_size": self.world_size,
+            "format": CHECKPOINT_FORMAT, "config": self.run_config, "data": self.data, "epoch": self.epoch,
+            "world_size": self.world_size,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -505,27 +637,40 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict, source: object = "checkpoint") -> None:
-        """Inverse of :meth:`state_dict`. Refuses a checkpoint written with other settings (the
-        ones it recorded: a checkpoint of an older format recorded fewer)."""
+        """Inverse of :meth:`state_dict`. Refuses a checkpoint written with other settings or on
+        other data (the ones it recorded: a checkpoint of an older format recorded fewer), or for
+        another model (:func:`~fastsat.train.checkpoint.load_weights`)."""
+        missing = [key for key in ("config", "optimizer", "scheduler", "rng") if key not in state]
+        if missing:
+            kind = "best.pt (the best epoch's weights alone)" if set(state) <= {"epoch", "model", "checksum"} else \
+                f"a file without {missing}"
+            raise ValueError(f"resume: {source} is {kind}; expected a checkpoint.pt written by the trainer (it "
+                             "holds the optimizer, schedule and random state a resume needs)")
         saved = state["config"]
         differing = [k for k in self.run_config if k in saved and saved[k] != self.run_config[k]]
         if differing:
             raise ValueError(f"resume: {source} was written with different settings {differing}: "
                              f"{ {k: saved[k] for k in differing} } vs now { {k: self.run_config[k] for k in differing} }")
-        self.model.load_state_dict(state["model"])
+        data = state.get("data", {})  # checkpoints written before fastsat recorded the data have none
+        differing = [k for k in sorted(set(data) & set(self.data)) if data[k] != self.data[k]]
+        if differing:
+            said = "; ".join(f"{k}: {data[k]!r} then, {self.data.get(k)!r} now" for k in differing)
+            raise ValueError(f"resume: {source} was written for other training data ({said}); resume with the data "
+                             "settings it was written with, or start a new run")
+        load_weights(self.model, state["model"], source)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] is not None:  # None: written before every run had a StepGuard
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
+            self.ema.load_state_dict(state["ema"], source)
         self.recipe.load_state_dict(state["recipe_state"])
         restore_rng(state["rng"], self.generators)
         self.history, self.best, self.epoch = state["history"], state["best"], state["epoch"]
 
 
 def fit(model: nn.Module, train_data: object, config: TrainConfig | None = None, *, eval_data: object = None,
-        **options) -> FitResult:
+        data_settings: Mapping | None = None, **options) -> FitResult:
     """Train ``model`` in place with a recipe; evaluate, log and checkpoint every epoch.
 
     The one-call API over :class:`Trainer`: ``options`` are the fields of :class:`TrainConfig`
@@ -535,7 +680,7 @@ def fit(model: nn.Module, train_data: object, config: TrainConfig | None = None,
     ``optimizer`` a ``torch.optim.Optimizer`` over the model's parameters.
 
     Args:
-        model, train_data, eval_data: see :class:`Trainer`.
+        model, train_data, eval_data, data_settings: see :class:`Trainer`.
 
     Example::
 
@@ -569,13 +714,14 @@ def fit(model: nn.Module, train_data: object, config: TrainConfig | None = None,
     else:
         optimizer = None
     config = dataclasses.replace(config, **options) if config is not None else TrainConfig(**options)
-    return Trainer(model, train_data, config, eval_data=eval_data, recipe=recipe, optimizer=optimizer).fit()
+    return Trainer(model, train_data, config, eval_data=eval_data, recipe=recipe, optimizer=optimizer,
+                   data_settings=data_settings).fit()
 
 
 def _signature() -> inspect.Signature:
     """fit's signature with every TrainConfig field as a keyword (for help(), IDEs and the tests)."""
     hints = typing.get_type_hints(TrainConfig)
-    head = list(inspect.signature(fit).parameters.values())[:-1]  # model, train_data, config, eval_data
+    head = list(inspect.signature(fit).parameters.values())[:-1]  # model, train_data, config, eval_data, data_settings
     fields = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
                                 default=f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
               for f in dataclasses.fields(TrainConfig)]
