@@ -45,7 +45,7 @@ Etmann et al. (E1–E4) run on the digits as before (bias-free Etmann CNN, gradi
 Usage::
 
     python bench/paper_claims.py                            # CPU: 5 seeds, 2 processes (<= 30 min idle)
-    python bench/paper_claims.py --device cuda              # GPU: adds TRADES arms and CW
+    python bench/paper_claims.py --device cuda              # GPU: adds TRADES arms and CW L2 (not yet run)
     python bench/paper_claims.py --quick                    # minutes: the pipeline, not the numbers
 
 Writes ``bench/results/paper-claims-<date>-<mode>.md`` / ``.csv`` / ``.json`` and figures.
@@ -75,6 +75,7 @@ from fastsat import data, models
 from fastsat._stats import t_quantile
 from fastsat.alignment import analysis_rows, analysis_summary, spearman
 from fastsat.attacks import APGD, APGDT, PGD
+from fastsat.evaluate import PaperSuite, evaluate
 from fastsat.report import alignment_scatter, markdown_table, robustness_curves
 from fastsat.report.claims import judge_claims
 from fastsat.train import SaliencyDataset, fit, teacher_saliency
@@ -82,6 +83,9 @@ from fastsat.train import SaliencyDataset, fit, teacher_saliency
 RESULTS = Path(__file__).resolve().parent / "results"
 MARGIN = 0.02  # δ of the "fails" test, in AUC units
 GATE_CLEAN, GATE_AUC = 0.90, 0.10
+# fp32 and eager on every device, so that the arms compare the same way on the CPU and a GPU (the
+# networks are too small for compilation or bf16 to pay off).
+FIXED_PATH = {"precision": "fp32", "compile": False}
 
 
 # --- testbeds -------------------------------------------------------------------------------------------
@@ -260,7 +264,8 @@ def run_seed(testbed: Testbed, seed: int, mode: str, device: str, store: str) ->
                 teacher = testbed.build(train).to(dev)
                 teacher_options = {**arms(testbed, "cpu")["pgd"][1], "eps": testbed.eps / 2, "step_size": testbed.eps / 8}
                 fit(teacher, train, recipe="pgd", recipe_options=teacher_options, epochs=testbed.epochs, batch_size=64,
-                    optimizer="adam", lr=2e-3, weight_decay=0.0, schedule="cosine", seed=seed, augment=False, progress=False)
+                    optimizer="adam", lr=2e-3, weight_decay=0.0, schedule="cosine", seed=seed, augment=False, progress=False,
+                    **FIXED_PATH)
             maps = teacher_saliency(teacher.eval(), train.images, method="gradient_sign", cache_dir=False)
             train_data = SaliencyDataset(train, maps)
         torch.manual_seed(seed)
@@ -269,7 +274,7 @@ def run_seed(testbed: Testbed, seed: int, mode: str, device: str, store: str) ->
         # Every arm trains the full budget: no early stop (Fast-AT's needs eval data, and would end arms unevenly).
         history = fit(model, train_data, recipe=recipe, recipe_options=options, epochs=testbed.epochs, batch_size=64,
                       optimizer="adam", lr=2e-3, weight_decay=0.0, schedule="cosine", seed=seed, augment=False,
-                      early_stop_drop=None, progress=False).history
+                      early_stop_drop=None, progress=False, **FIXED_PATH).history
         cpu_seconds = time.process_time() - cpu_started
         model.eval()
         torch.manual_seed(seed)
@@ -280,6 +285,9 @@ def run_seed(testbed: Testbed, seed: int, mode: str, device: str, store: str) ->
             "train_cpu_s": cpu_seconds,
             "epoch_s": [row["seconds"] for row in history],
         }
+        if mode == "cuda":  # Carlini–Wagner L2 (the authors' second attack): too slow for the CPU budget
+            cw = evaluate(model, (x, y), suite=PaperSuite(eps=(testbed.eps,)), eps=(0.0,))["paper"]["cw"]
+            out[name]["cw_median_l2"], out[name]["cw_points"] = cw["median_l2"], cw["points"]
         torch.save(model.state_dict(), Path(store) / f"{testbed.name}-{seed}-{name}.pt")
         print(f"  {testbed.name} seed {seed} {name}: clean {out[name]['clean']:.3f} "
               f"AUC {statistics.fmean(out[name]['pgd20']):.3f} (train {cpu_seconds:.0f} s CPU)", flush=True)
@@ -319,7 +327,8 @@ def run_etmann(seed: int, epochs: int, n_points: int, device: str) -> dict:
         model = models.create("etmanncnn", num_classes=10, in_channels=1, image_size=8, bias=False).to(dev)
         warm = {"eps_warmup": max(1, epochs // 4)} if recipe == "pgd" else {}
         fit(model, train, recipe=recipe, recipe_options={**options, **warm}, epochs=epochs, batch_size=64,
-            optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="cosine", seed=seed, augment=False, progress=False)
+            optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="cosine", seed=seed, augment=False, progress=False,
+            **FIXED_PATH)
         rows = analysis_rows(model.eval(), x, y)
         out[name] = {"rows": rows, "summary": analysis_summary(rows)}
         print(f"  etmann seed {seed} {name}: acc {out[name]['summary']['accuracy']:.3f} "
@@ -370,7 +379,8 @@ def etmann_claims(per_seed: list[dict]) -> list[dict]:
 SIZES = {  # per mode: seeds, worker processes, Etmann's epochs / points / seeds, APGD steps of the confirmation
     "quick": {"seeds": 2, "jobs": 2, "etmann_epochs": 1, "etmann_points": 16, "etmann_seeds": 2, "confirm_steps": 3},
     "cpu": {"seeds": 5, "jobs": 2, "etmann_epochs": 10, "etmann_points": 150, "etmann_seeds": 3, "confirm_steps": 25},
-    "cuda": {"seeds": 5, "jobs": 1, "etmann_epochs": 30, "etmann_points": 449, "etmann_seeds": 5, "confirm_steps": 100},
+    # One H100/H200 (16 cores) runs 6 processes side by side: these networks are launch-bound. Not yet run.
+    "cuda": {"seeds": 5, "jobs": 6, "etmann_epochs": 20, "etmann_points": 449, "etmann_seeds": 5, "confirm_steps": 100},
 }
 
 
@@ -380,8 +390,7 @@ def _testbeds(mode: str) -> dict[str, Testbed]:
         return {name: replace(t, epochs=2, n_train=96, n_test=32) for name, t in TESTBEDS.items()}
     if mode == "cuda":
         from dataclasses import replace
-        return {name: replace(t, n_train=10_000 if t.data == "shapes" else t.n_train, epochs=2 * t.epochs)
-                for name, t in TESTBEDS.items()}
+        return {name: replace(t, n_train=10_000 if t.data == "shapes" else t.n_train) for name, t in TESTBEDS.items()}
     return dict(TESTBEDS)
 
 
@@ -408,7 +417,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 5)")
-    parser.add_argument("--jobs", type=int, default=None, help="worker processes (default 2 on the CPU, 1 on CUDA)")
+    parser.add_argument("--jobs", type=int, default=None, help="worker processes (default 2 on the CPU, 6 on CUDA)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the numbers")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder (default bench/results)")
     args = parser.parse_args(argv)
@@ -525,7 +534,9 @@ def write_results(args, mode, sizes, testbeds, results, gates, judged, confirmat
                          "AUC, authors' PGD-5": _mean_sd([statistics.fmean(r[arm]["paper_pgd5"]) for r in runs]),
                          "cost vs standard (epoch time)": statistics.fmean(
                              _steady(r[arm]["epoch_s"]) / _steady(r["standard"]["epoch_s"]) for r in runs),
-                         "cost vs standard (CPU time)": statistics.fmean(r[arm]["train_cpu_s"] / b for r, b in zip(runs, base))})
+                         "cost vs standard (CPU time)": statistics.fmean(r[arm]["train_cpu_s"] / b for r, b in zip(runs, base)),
+                         **({"CW median L2 (correct points)": _mean_sd([r[arm]["cw_median_l2"] or math.inf for r in runs])}
+                            if "cw_median_l2" in runs[0][arm] else {})})
         lines += [markdown_table(list(rows[0]), rows), ""]
         curves = {arm: [(0.0, statistics.fmean(r[arm]["clean"] for r in runs))]
                   + [(e, statistics.fmean(r[arm]["pgd20"][i] for r in runs)) for i, e in enumerate(t.grid)] for arm in runs[0]}
