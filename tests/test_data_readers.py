@@ -1,5 +1,6 @@
 """Every reader on tiny fixture files written in the real on-disk format, and its error paths."""
 
+import os
 import pickle
 import subprocess
 import sys
@@ -97,6 +98,46 @@ def test_cifar100_and_errors(tmp_path):
         pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [1]}, f)
     with pytest.raises(ValueError, match="test: expected 'data' of shape"):
         cifar100(tmp_path, train=False)
+
+
+class _RunsCode:
+    """Unpickling this writes the marker file: what a crafted data_batch_1 could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batches_in_every_pickle_protocol_load(tmp_path, protocol):
+    data = RNG.integers(0, 256, (3, 3072), dtype=np.uint8)
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump({b"data": data, b"labels": [0, 9, 4], b"filenames": [b"a.png", b"b.png", b"c.png"]}, f, protocol)
+    ds = cifar10(tmp_path, train=False)
+    assert torch.equal(ds.images, torch.from_numpy(data.reshape(3, 3, 32, 32))) and ds.labels.tolist() == [0, 9, 4]
+
+
+@pytest.mark.parametrize("payload", ["reduce", "in_a_list", "object_array"])
+def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path, payload):
+    marker = tmp_path / "ran"
+    blob = {
+        "reduce": _RunsCode(marker),
+        "in_a_list": {b"data": np.zeros((1, 3072), np.uint8), b"labels": [_RunsCode(marker)]},
+        # An object array's items are pickles themselves: refused at its dtype.
+        "object_array": {b"data": np.array([_RunsCode(marker)], dtype=object), b"labels": [0]},
+    }[payload]
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump(blob, f)
+    with pytest.raises(ValueError, match=r"test_batch: not a readable CIFAR pickle batch \((refused global|object dtype)"):
+        cifar10(tmp_path, train=False)
+    assert not marker.exists()
+    with open(tmp_path / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": _RunsCode(marker)}, f)
+    with pytest.raises(ValueError, match=r"batches.meta: not a readable CIFAR pickle batch \(refused global"):
+        cifar10(tmp_path, train=False)
+    assert not marker.exists()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ Test splits report the training statistics too.
 
 from __future__ import annotations
 
+import codecs
 import io
 import os
 import pickle
@@ -290,11 +291,48 @@ def _open_mask(record: Record, image: Image.Image) -> Image.Image:
 # CIFAR
 
 
+def _dtype_without_objects(*args: object) -> np.dtype:
+    """``numpy.dtype`` for the unpickler, refusing object dtypes (whose items would be pickles)."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"object dtype {dtype} (CIFAR arrays are uint8)")
+    return dtype
+
+
+def _cifar_globals() -> dict[tuple[str, str], object]:
+    """What the CIFAR python batches may reference, by (module, name): numpy arrays and dtypes
+    under numpy 1's and numpy 2's module names (the published files were written by Python 2's
+    cPickle with numpy 1; re-pickled ones by numpy 2, protocol 5 via ``_frombuffer``), and
+    ``_codecs.encode``, which Python 3 uses for bytes in pickles of protocol <= 2."""
+    try:
+        from numpy._core import multiarray, numeric  # numpy >= 2
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray, numeric
+    table = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _dtype_without_objects,
+             ("_codecs", "encode"): codecs.encode}
+    for package in ("numpy.core", "numpy._core"):
+        table[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        table[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+    return table
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, str/bytes, numbers and numpy arrays, and nothing else: a pickle can
+    name any importable callable, so a crafted batch would otherwise run code when read."""
+
+    def find_class(self, module: str, name: str) -> object:
+        allowed = _cifar_globals().get((module, name))
+        if allowed is None:
+            raise pickle.UnpicklingError(f"refused global {module}.{name} (a CIFAR batch holds only "
+                                         "dicts, lists, bytes and numpy arrays)")
+        return allowed
+
+
 def _unpickle(path: Path) -> dict[str, object]:
     _require(path)
     try:
         with open(path, "rb") as f:
-            blob = pickle.load(f, encoding="bytes")
+            blob = _CifarUnpickler(f, encoding="bytes").load()
     except Exception as err:  # pickle raises many types on a corrupt file
         raise ValueError(f"{path}: not a readable CIFAR pickle batch ({err})") from err
     if isinstance(blob, dict):
@@ -352,7 +390,9 @@ def cifar10(
 
     ``.mean``/``.std`` are :data:`CIFAR10_MEAN`/:data:`CIFAR10_STD` (for either split).
 
-    Note: the batches are Python pickles; only read files you trust.
+    The batches are Python pickles, read by an unpickler that builds only dicts, lists, bytes,
+    numbers and numpy arrays: a file naming anything else (which could run code) is refused with
+    a ValueError naming it.
     """
     root = Path(root)
     files = [root / f"data_batch_{i}" for i in range(1, 6)] if train else [root / "test_batch"]
