@@ -43,6 +43,7 @@ import os
 import pickle
 import random
 import re
+import struct
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -271,8 +272,10 @@ def decode_image(source: Path | bytes, what: str, name: str | None = None) -> Im
     try:
         image = Image.open(io.BytesIO(source))
         image.load()
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"{where}: cannot decode {what} ({err})") from err
+    # What Pillow's decoders raise on corrupt, truncated or crafted files (a decompression bomb:
+    # more than twice Image.MAX_IMAGE_PIXELS pixels).
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as err:
+        raise ValueError(f"{where}: cannot decode {what} ({type(err).__name__}: {err})") from err
     return image
 
 
