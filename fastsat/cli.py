@@ -299,7 +299,8 @@ def _read_yaml(path: Path, name: str) -> dict:
         loaded = yaml.safe_load(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise ValueError(f"{name}: {path}, line {line}: not UTF-8 text ({err.reason} {raw[err.start:err.end]!r})") from None
+        bad = raw[err.start : err.end]
+        raise ValueError(f"{name}: {path}, line {line}: not UTF-8 text ({err.reason} {bad!r})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""

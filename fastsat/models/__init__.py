@@ -20,7 +20,7 @@ from torch import nn
 
 from fastsat._checks import choice, describe, nearest, positive_int
 
-from .layers import Normalize, check_homogeneous_input, default_cam_layer, init_weights
+from .layers import Normalize, check_dtype, check_homogeneous_input, check_images, default_cam_layer, init_weights
 from .resnet import PreActResNet, ResNet, WideResNet
 from .small import EtmannCNN, MadryCNN
 
@@ -31,7 +31,9 @@ __all__ = [
     "PreActResNet",
     "ResNet",
     "WideResNet",
+    "check_dtype",
     "check_homogeneous_input",
+    "check_images",
     "create",
     "default_cam_layer",
     "init_weights",
