@@ -1,11 +1,15 @@
 """What the command line does with bad input: every mistake a clear error naming the option or
 file and what was expected, before any long work, and nothing taken silently from a run's files."""
 
+import contextlib
+import io
 import logging
 
 import pytest
 import torch
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fastsat import cli, models
 
@@ -95,3 +99,58 @@ def test_eval_takes_no_data_path_from_a_runs_config_and_says_what_it_took(tmp_pa
     taken = [r.getMessage() for r in caplog.records if "settings from the run's" in r.getMessage()]
     assert len(taken) == 1 and "dataset=cifar10" in taken[0] and "model=madrycnn" in taken[0]
     assert "data_dir" not in taken[0] and not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Every option of `fastsat train` and `fastsat eval` given a value of the wrong kind
+
+
+_WRONG_TEXT = st.sampled_from(["", " ", "x", "none", "nan", "inf", "-inf", "-1", "0", "1.5", "2.0", "1/0", "8/", "1e999",
+                               "0x10", "a,,b", ",", "1/0,2", "１", "cuda:99", "\x00"])
+_WRONG = st.one_of(_WRONG_TEXT, st.text(max_size=12))
+# Real training and evaluation are stubbed out: the property is about reading the options, and the
+# shapes data and the model that the options build before them.
+_BASE = {"train": ["--n-train", "8", "--n-test", "4", "--image-size", "8", "--num-classes", "3", "--model", "madrycnn",
+                   "--width", "2", "--device", "cpu", "--epochs", "1", "--batch-size", "4"],
+         "eval": ["--n-train", "8", "--n-test", "4", "--image-size", "8", "--num-classes", "3", "--model", "madrycnn",
+                  "--width", "2", "--device", "cpu", "--max-samples", "2"]}
+
+
+def _options(command):
+    return [spec.name for spec in cli.command_specs(command)]
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_wrong_values_for_any_option_give_fastsats_own_errors(command, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an accepted --out-dir or --out lands here
+    monkeypatch.setenv("FASTSAT_CACHE", str(tmp_path / "cache"))
+
+    class Reached(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(cli, "fit", stop)
+    monkeypatch.setattr(cli, "evaluate", stop)
+
+    @settings(max_examples=150, deadline=None, database=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(name=st.sampled_from(_options(command)), value=_WRONG)
+    def check(name, value):
+        argv = [command, *_BASE[command], f"--{name.replace('_', '-')}={value}"]  # "=": a value may start with "-"
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                status = cli.main(argv)
+            except SystemExit as exit:  # argparse: a usage error
+                status = exit.code
+            except Reached:  # the options were accepted
+                return
+        message = err.getvalue()
+        assert "Traceback" not in message, message
+        assert status in (0, 2), f"{argv}: exit status {status}: {message}"
+        if status == 2:
+            assert name in message or name.replace("_", "-") in message, f"{argv}: the error does not name {name}: {message}"
+
+    check()
