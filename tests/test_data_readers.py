@@ -98,6 +98,15 @@ def test_cifar100_and_errors(tmp_path):
         pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [1]}, f)
     with pytest.raises(ValueError, match="test: expected 'data' of shape"):
         cifar100(tmp_path, train=False)
+    # Other types are refused, not cast: 300.0 would wrap to 44, a nested list could expand without bound.
+    for data, labels, match in [(np.full((1, 3072), 300.0), [1], r"'data' as a uint8 numpy array, got ndarray"),
+                                ([[0] * 3072], [1], r"'data' as a uint8 numpy array, got list"),
+                                (np.zeros((1, 3072), np.uint8), [1.5], r"'fine_labels' as a list of integers"),
+                                (np.zeros((1, 3072), np.uint8), [2**70], r"'fine_labels' as a list of integers")]:
+        with open(tmp_path / "test", "wb") as f:
+            pickle.dump({b"data": data, b"fine_labels": labels}, f)
+        with pytest.raises(ValueError, match=rf"test: expected {match}"):
+            cifar100(tmp_path, train=False)
 
 
 class _RunsCode:

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastsat._checks import choice, number
+from fastsat._checks import choice, describe, number
 from fastsat._checks import seed as check_seed
 
 from .augment import resize
@@ -349,8 +349,16 @@ def _cifar(files: list[Path], label_key: str, classes: list[str], size, stats: t
         blob = _unpickle(path)
         if "data" not in blob or label_key not in blob:
             raise ValueError(f"{path}: missing 'data' or {label_key!r} in CIFAR batch")
-        data = np.asarray(blob["data"], dtype=np.uint8)
-        batch_labels = torch.as_tensor(np.asarray(blob[label_key]), dtype=torch.int64)
+        # The types first: a cast would wrap other values into [0, 255] silently, and a nested list
+        # (which a pickle can make of repeated references) could expand without bound.
+        data, raw_labels = blob["data"], blob[label_key]
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8):
+            raise ValueError(f"{path}: expected 'data' as a uint8 numpy array, got {describe(data)}")
+        integers = (isinstance(raw_labels, list) and all(type(v) is int and abs(v) < 2**62 for v in raw_labels)) or (
+            isinstance(raw_labels, np.ndarray) and raw_labels.ndim == 1 and raw_labels.dtype.kind in "iu")
+        if not integers:
+            raise ValueError(f"{path}: expected {label_key!r} as a list of integers, got {describe(raw_labels)}")
+        batch_labels = torch.as_tensor(np.asarray(raw_labels, dtype=np.int64))
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != batch_labels.numel():
             raise ValueError(
                 f"{path}: expected 'data' of shape (N, 3072) with N labels, got {data.shape} "
