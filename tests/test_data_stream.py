@@ -522,6 +522,7 @@ def test_broken_tars_are_value_errors_naming_the_shard(tmp_path):
     (b"x1", r"member 0.cls: expected the label as ASCII decimal digits, got b'x1'"),
     (b"-1", r"member 0.cls: expected the label as ASCII decimal digits"),
     (b"7", r"member 0.cls: label 7 out of range \[0, 2\)"),
+    (b"9" * 5000, r"member 0.cls: expected the label as ASCII decimal digits"),
 ])
 def test_a_bad_label_member_is_named(tmp_path, label, match):
     root = _crafted_shards(tmp_path / "shards", _sample("0", label=label), 1)
@@ -537,6 +538,20 @@ def test_undecodable_images_and_decompression_bombs_name_the_member(tmp_path, mo
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64)  # 64 x 64 pixels is then more than twice the limit
     with pytest.raises(ValueError, match=r"bomb/shard-000000.tar: member 0.png: cannot decode image "
                                          r"\(DecompressionBombError"):
+        list(shards(root, size=8))
+
+
+@pytest.mark.parametrize("meta, match", [
+    (b"{", r"member 0.json: expected \{\"box\": \[x0, y0, x1, y1\], ...\} \(Expecting property name"),
+    (b'{"label": 1}', r"member 0.json: expected .* \('box'\)"),
+    (b'{"box": [0, 0, 4, 1e400]}', r"member 0.json: expected .* \(box: expected 4 integers"),
+    (b'{"box": [0, 0, 4, 99999999999999999999999]}', r"member 0.json: expected .* \(box: expected 4 integers"),
+])
+def test_a_bad_box_member_is_named(tmp_path, meta, match):
+    root = _crafted_shards(tmp_path / "shards", _sample("0") + [("0.json", meta)], 1)
+    index = json.loads((root / "index.json").read_text())
+    (root / "index.json").write_text(json.dumps({**index, "annotations": "box"}))
+    with pytest.raises(ValueError, match=match):
         list(shards(root, size=8))
 
 

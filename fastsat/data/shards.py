@@ -300,7 +300,7 @@ class ShardDataset:
                              f"{''.join(f' and a .{e}' for e in needed)}, got {sorted(files)}")
         image = decode_image(files[ext], "image", f"{where}.{ext}")
         text = files["cls"].strip()
-        if not (text.isascii() and text.isdigit()):
+        if not (text.isascii() and text.isdigit() and len(text) <= 18):  # 18 digits: any int64
             raise ValueError(f"{where}.cls: expected the label as ASCII decimal digits, got {text[:32]!r}")
         label = int(text)
         check_labels(torch.tensor([label]), self.num_classes, f"{where}.cls")
@@ -308,7 +308,7 @@ class ShardDataset:
         if self.annotations == "box":
             try:
                 box = json.loads(files["json"])["box"]
-                if not (isinstance(box, list) and len(box) == 4 and all(type(v) is int for v in box)):
+                if not (isinstance(box, list) and len(box) == 4 and all(type(v) is int and abs(v) < 2**62 for v in box)):
                     raise ValueError(f"box: expected 4 integers, got {box!r:.80}")
             except (ValueError, KeyError, TypeError) as err:
                 raise ValueError(f"{where}.json: expected {{\"box\": [x0, y0, x1, y1], ...}} ({err})") from err
