@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import random
+import sys
 import tarfile
 
 import numpy as np
@@ -469,6 +470,14 @@ def test_shard_index_entries_stay_inside_the_folder(tmp_path, name):
     root = _crafted_shards(tmp_path / "shards", _sample("0"), 1, files=[name])
     (root / "link.tar").symlink_to(tmp_path / "outside.tar")  # a link leading out of the folder
     with pytest.raises(ValueError, match=r"index.json: malformed shard index \(shard file: .*(inside|leads outside)"):
+        shards(root)
+
+
+def test_an_oversized_index_is_refused_unread(tmp_path, monkeypatch):
+    shards_module = sys.modules["fastsat.data.shards"]  # fastsat.data.shards is also the function's name
+    root = _crafted_shards(tmp_path / "shards", _sample("0"), 1)
+    monkeypatch.setattr(shards_module, "MAX_MEMBER_BYTES", 100)
+    with pytest.raises(ValueError, match=r"index.json: expected a shard index of at most 100 bytes"):
         shards(root)
 
 

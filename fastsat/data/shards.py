@@ -236,7 +236,7 @@ class ShardDataset:
         files, counts: the shard paths and their sample counts, in packed order.
 
     Shards may come from anyone: ``index.json`` may name only files inside ``root`` (links
-    resolved), members are bounded by :data:`MAX_MEMBER_BYTES` (sparse ones refused), and a
+    resolved), it and its members are bounded by :data:`MAX_MEMBER_BYTES` (sparse members refused); a
     broken tar, an undecodable image, a bad ``.cls`` or a shard whose sample count differs from
     the index raises ValueError naming the shard and the member.
 
@@ -250,6 +250,9 @@ class ShardDataset:
         index_file = root / "index.json"
         if not index_file.is_file():
             raise FileNotFoundError(f"{index_file}: no such file (write one with fastsat.data.pack_shards)")
+        if index_file.stat().st_size > MAX_MEMBER_BYTES:
+            raise ValueError(f"{index_file}: expected a shard index of at most {MAX_MEMBER_BYTES} bytes "
+                             f"(MAX_MEMBER_BYTES), got {index_file.stat().st_size}")
         try:
             index = json.loads(index_file.read_text())
             if index.get("format") != _FORMAT or index.get("version") != _VERSION:
