@@ -102,25 +102,26 @@ def test_eval_takes_no_data_path_from_a_runs_config_and_says_what_it_took(tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------
-# Every option of `fastsat train` and `fastsat eval` given a value of the wrong kind
+# Every option of every command but `data pack` given a value of the wrong kind
 
 
 _WRONG_TEXT = st.sampled_from(["", " ", "x", "none", "nan", "inf", "-inf", "-1", "0", "1.5", "2.0", "1/0", "8/", "1e999",
                                "0x10", "a,,b", ",", "1/0,2", "１", "cuda:99", "\x00"])
 _WRONG = st.one_of(_WRONG_TEXT, st.text(max_size=12))
-# Real training and evaluation are stubbed out: the property is about reading the options, and the
-# shapes data and the model that the options build before them.
-_BASE = {"train": ["--n-train", "8", "--n-test", "4", "--image-size", "8", "--num-classes", "3", "--model", "madrycnn",
-                   "--width", "2", "--device", "cpu", "--epochs", "1", "--batch-size", "4"],
-         "eval": ["--n-train", "8", "--n-test", "4", "--image-size", "8", "--num-classes", "3", "--model", "madrycnn",
-                  "--width", "2", "--device", "cpu", "--max-samples", "2"]}
+# Training, evaluation and the analyses are stubbed out: the property is about reading the options,
+# and the shapes data and the model that the options build before them.
+_TRAINED = ["--n-train", "8", "--n-test", "4", "--image-size", "8", "--num-classes", "3", "--model", "madrycnn",
+            "--width", "2", "--device", "cpu"]
+_BASE = {"train": [*_TRAINED, "--epochs", "1", "--batch-size", "4"], "eval": [*_TRAINED, "--max-samples", "2"],
+         "saliency": [*_TRAINED, "--n-samples", "2"], "analyze": [*_TRAINED, "--n-samples", "2"],
+         "demo": ["--quick", "--device", "cpu"]}
 
 
 def _options(command):
     return [spec.name for spec in cli.command_specs(command)]
 
 
-@pytest.mark.parametrize("command", ["train", "eval"])
+@pytest.mark.parametrize("command", list(_BASE))
 def test_wrong_values_for_any_option_give_fastsats_own_errors(command, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # an accepted --out-dir or --out lands here
     monkeypatch.setenv("FASTSAT_CACHE", str(tmp_path / "cache"))
@@ -131,8 +132,8 @@ def test_wrong_values_for_any_option_give_fastsats_own_errors(command, tmp_path,
     def stop(*args, **kwargs):
         raise Reached
 
-    monkeypatch.setattr(cli, "fit", stop)
-    monkeypatch.setattr(cli, "evaluate", stop)
+    for name in ("fit", "evaluate", "_first_images", "run_demo"):  # where each command's real work begins
+        monkeypatch.setattr(cli, name, stop)
 
     @settings(max_examples=150, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
