@@ -330,6 +330,12 @@ def test_image_folder_voc_errors(tmp_path):
     (ann / "a_1.xml").write_text("<annotation><object>")
     with pytest.raises(ValueError, match=r"a_1.xml: malformed XML"):
         ds[0]
+    _voc_xml(ann / "a_1.xml", "forty", 20, [(1, 1, 5, 5)])
+    with pytest.raises(ValueError, match=r"a_1.xml: <size> needs integer width and height"):
+        ds[0]
+    _voc_xml(ann / "a_1.xml", 40, 20, [(1, 1, "inf", 5)])
+    with pytest.raises(ValueError, match=r"a_1.xml: bndbox needs numeric xmin, ymin, xmax, ymax"):
+        ds[0]
     with pytest.raises(ValueError, match="missing_boxes"):
         image_folder(root, annotations=ann, missing_boxes="maybe")
     with pytest.raises(FileNotFoundError, match="nowhere"):

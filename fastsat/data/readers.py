@@ -566,7 +566,10 @@ def _voc_box(record: Record, image: Image.Image) -> tuple[int, int, int, int]:
         raise ValueError(f"{path}: malformed XML ({err})") from err
     size = tree.find("size")
     if size is not None and size.findtext("width") and size.findtext("height"):
-        xml_wh = (int(size.findtext("width")), int(size.findtext("height")))
+        try:
+            xml_wh = (int(size.findtext("width")), int(size.findtext("height")))
+        except ValueError as err:
+            raise ValueError(f"{path}: <size> needs integer width and height ({err})") from err
         if xml_wh != image.size:
             raise ValueError(
                 f"{path}: annotated size {xml_wh[0]}x{xml_wh[1]} does not match image {record.image} "
@@ -576,7 +579,7 @@ def _voc_box(record: Record, image: Image.Image) -> tuple[int, int, int, int]:
     for obj in tree.iter("bndbox"):
         try:
             xmin, ymin, xmax, ymax = (int(float(obj.findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax"))
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, OverflowError) as err:  # OverflowError: int(float("inf"))
             raise ValueError(f"{path}: bndbox needs numeric xmin, ymin, xmax, ymax") from err
         boxes.append((xmin - 1, ymin - 1, xmax, ymax))  # 1-based inclusive -> 0-based half-open
     if not boxes:
