@@ -394,6 +394,27 @@ def test_oxford_pets_errors(tmp_path):
         oxford_pets(tmp_path)
 
 
+@pytest.mark.parametrize("reader, index_file, line", [
+    ("tiny_train", "wnids.txt", "../../../outside\n"),
+    ("tiny_train", "train/n001/n001_boxes.txt", "../../../../outside.png 0 0 1 1\n"),
+    ("tiny_val", "val/val_annotations.txt", "/etc/passwd n001 0 0 1 1\n"),
+    ("pets", "annotations/list.txt", "../../outside 1 1 1\n"),
+])
+def test_index_files_cannot_name_files_outside_the_data_folder(tmp_path, reader, index_file, line):
+    root = tmp_path / "data"
+    _save_image(tmp_path / "outside.png", 8, 8)  # what a crafted index would read
+    if reader == "pets":
+        _pets(root, [("Bengal_3", 5)])
+    else:
+        _tiny(root)
+    (root / index_file).write_text(line)
+    with pytest.raises(ValueError, match=rf"{index_file}:1: expected a relative path inside .*, got '(\.\./|/etc)"):
+        if reader == "pets":
+            oxford_pets(root)
+        else:
+            tiny_imagenet(root, split="val" if reader == "tiny_val" else "train")
+
+
 # ---------------------------------------------------------------------------------------------- digits
 
 

@@ -103,6 +103,19 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 
+def confined(folder: Path, name: object, where: str, *, resolve: bool = False) -> Path:
+    """``folder / name`` for a ``name`` read from an index file (``where`` names the file and line
+    in errors): a non-empty relative path without ".." parts — else a crafted index could read any
+    file — and with ``resolve``, one whose target (symbolic links followed) lies inside ``folder``
+    too. ValueError otherwise."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise ValueError(f"{where}: expected a relative path inside {folder}, got {name!r:.120}")
+    path = folder / name
+    if resolve and not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{where}: {name!r} leads outside {folder} (to {path.resolve()})")
+    return path
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
@@ -461,7 +474,10 @@ def tiny_imagenet(
     choice(split, "split", ("train", "val"))
     root = Path(root)
     wnids_file = root / "wnids.txt"
-    wnids = [fields[0] for _, fields in _read_lines(wnids_file)]
+    wnid_lines = _read_lines(wnids_file)
+    for lineno, fields in wnid_lines:  # each names a folder
+        confined(root / "train", fields[0], f"{wnids_file}:{lineno}")
+    wnids = [fields[0] for _, fields in wnid_lines]
     index = {w: i for i, w in enumerate(wnids)}
     records = []
 
@@ -475,7 +491,7 @@ def tiny_imagenet(
             for lineno, fields in _read_lines(boxes_file):
                 if len(fields) != 5:
                     raise ValueError(f"{boxes_file}:{lineno}: expected 'file x0 y0 x1 y1', got {fields}")
-                image = root / "train" / wnid / "images" / fields[0]
+                image = confined(root / "train" / wnid / "images", fields[0], f"{boxes_file}:{lineno}")
                 records.append(Record(_require(image), index[wnid], box_of(fields[1:], boxes_file, lineno)))
         where = root / "train"
     else:
@@ -485,7 +501,7 @@ def tiny_imagenet(
                 raise ValueError(f"{where}:{lineno}: expected 'file wnid x0 y0 x1 y1', got {fields}")
             if fields[1] not in index:
                 raise ValueError(f"{where}:{lineno}: class {fields[1]!r} is not in {wnids_file} (label out of range)")
-            image = root / "val" / "images" / fields[0]
+            image = confined(root / "val" / "images", fields[0], f"{where}:{lineno}")
             records.append(Record(_require(image), index[fields[1]], box_of(fields[2:], where, lineno)))
     return ImageFiles(records, wnids, size=size, annotations="box", where=where)
 
@@ -685,8 +701,9 @@ def oxford_pets(
         if not 1 <= class_id <= 37:
             raise ValueError(f"{index_file}:{lineno}: class id {class_id} out of range [1, 37]")
         names.setdefault(class_id - 1, fields[0].rsplit("_", 1)[0])
-        image = _require(root / "images" / f"{fields[0]}.jpg")
-        records.append(Record(image, class_id - 1, annotation=root / "annotations" / "trimaps" / f"{fields[0]}.png"))
+        image = _require(confined(root / "images", f"{fields[0]}.jpg", f"{index_file}:{lineno}"))
+        trimap = confined(root / "annotations" / "trimaps", f"{fields[0]}.png", f"{index_file}:{lineno}")
+        records.append(Record(image, class_id - 1, annotation=trimap))
     classes = [names.get(i, str(i + 1)) for i in range(37)]
 
     def parse(record: Record, image: Image.Image) -> np.ndarray:

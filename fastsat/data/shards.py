@@ -51,7 +51,7 @@ from fastsat._checks import seed as check_seed
 from fastsat._io import atomic_write, atomic_write_text
 
 from .dataset import AnnotatedDataset, check_labels, check_stats, clip_boxes, size_hw
-from .readers import ImageFiles, annotated_sample, decode_image, finish_sample, image_folder, pixels
+from .readers import ImageFiles, annotated_sample, confined, decode_image, finish_sample, image_folder, pixels
 from .transforms import Resize, SampleTransform
 
 __all__ = ["MAX_MEMBER_BYTES", "ShardDataset", "pack_shards", "shards"]
@@ -260,7 +260,7 @@ class ShardDataset:
             self.classes = [str(c) for c in index["classes"]]
             self.annotations = choice(index["annotations"], "annotations", ("none", "box", "mask"))
             self.mean, self.std = check_stats(index["mean"], index["std"], 3)
-            self.files = [_inside(root, entry["file"]) for entry in index["shards"]]
+            self.files = [confined(root, entry["file"], "shard file", resolve=True) for entry in index["shards"]]
             self.counts = [integer(entry["count"], "count", minimum=1) for entry in index["shards"]]
             if sum(self.counts) != index["count"]:
                 raise ValueError(f"shard counts add up to {sum(self.counts)}, not count={index['count']}")
@@ -321,17 +321,6 @@ class ShardDataset:
                 raise ValueError(f"{where}.mask.png: mask size {mask.shape[::-1]} does not match the image's "
                                  f"{image.size} (width, height)")
         return annotated_sample(pixels(image), label, box=box, mask=mask)
-
-
-def _inside(root: Path, name: object) -> Path:
-    """The shard file ``name`` of an index in ``root``: a relative path that stays inside ``root``
-    (symbolic links resolved), else ValueError."""
-    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
-        raise ValueError(f"shard file: expected a relative path inside {root}, got {name!r:.120}")
-    path = root / name
-    if not path.resolve().is_relative_to(root.resolve()):
-        raise ValueError(f"shard file: {name!r} leads outside {root} (to {path.resolve()})")
-    return path
 
 
 def shards(root: str | os.PathLike, *, size: int | Sequence[int] | None = 224) -> ShardDataset:
