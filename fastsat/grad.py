@@ -309,16 +309,19 @@ def input_grad(
     (float64 for float64 inputs).
 
     Returns :class:`InputGrad` (grad shaped like x, detached logits (B, K), detached value (B,)).
+    Non-finite logits raise ValueError (one host read; skipped inside no_host_checks).
     """
     check_input(model, x)
     choice(objective, "objective", OBJECTIVES)
     if clean_logits is not None and not isinstance(clean_logits, torch.Tensor):
         raise TypeError(f"clean_logits: expected a (B, K) tensor, got {describe(clean_logits)}")
     with frozen(model, mode, freeze_params=not create_graph), torch.enable_grad():
-        return _input_grad(
+        result = _input_grad(
             model, x, objective, check=True, create_graph=create_graph,
             target=target, other=other, y=y, clean_logits=clean_logits,
         )
+    check_logits(result.logits, x.shape[0], finite=True)  # a gradient of NaN logits would be a made-up map
+    return result
 
 
 def batched_logit_grads(
@@ -365,7 +368,7 @@ def logit_jacobian(
     with frozen(model, mode), torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
         logits = model(x_in)
-        check_logits(logits, x.shape[0])
+        check_logits(logits, x.shape[0], finite=True)
         batch, num_classes = logits.shape
         if classes is None:
             class_idx = torch.arange(num_classes, device=x.device)

@@ -37,7 +37,7 @@ from torch import nn
 
 from fastsat import _checks
 from fastsat._checks import choice, describe, flag, integer, number, positive_int
-from fastsat.grad import check_input, check_objective_args, frozen, input_grad
+from fastsat.grad import check_input, check_logits, check_objective_args, frozen, input_grad
 from fastsat.ops import accumulation_dtype
 
 __all__ = [
@@ -363,6 +363,7 @@ def gradcam_pp(
             logits = model(x.detach().requires_grad_(True))
     finally:
         handle.remove()
+    check_logits(logits, x.shape[0], finite=True)
     if len(activations) != 1:
         raise ValueError(f"layer: expected a layer that runs once per forward pass, got one that ran "
                          f"{len(activations)} times")

@@ -74,7 +74,7 @@ def test_a_missing_batch_dimension_blames_x_not_y(run):
         run(_zoo(), x[0], y)
 
 
-@pytest.mark.parametrize("where", ["pgd", "apgd", "square", "gradient", "evaluate"])
+@pytest.mark.parametrize("where", ["pgd", "apgd", "square", "gradient", "gradcam_pp", "evaluate"])
 def test_a_model_returning_a_tuple_is_named(where):
     x, y = _batch()
     model = _Returns("tuple").eval()
@@ -83,6 +83,8 @@ def test_a_model_returning_a_tuple_is_named(where):
                                         r"logits alone"):
         if where == "gradient":
             saliency.gradient(model, x)
+        elif where == "gradcam_pp":
+            saliency.gradcam_pp(model, x, layer=model.net[0])
         elif where == "evaluate":
             evaluate(model, (x, y), eps=[0.0])
         else:
@@ -112,6 +114,15 @@ def test_nan_logits_are_refused_not_counted(where):
             evaluate(model, (x, y), eps=[0.0, 8 / 255])
         else:
             ATTACKS[where](model)(x, y)
+
+
+@pytest.mark.parametrize("method", ["gradient", "smoothgrad", "integrated_gradients", "gradcam_pp"])
+def test_saliency_of_a_model_with_nan_logits_is_refused(method):
+    x, _ = _batch()
+    model = _Returns("nan").eval()
+    kwargs = {"layer": model.net[0]} if method == "gradcam_pp" else {}
+    with pytest.raises(ValueError, match=r"model output: expected finite logits"):
+        saliency.compute(method, model, x, **kwargs)
 
 
 def test_a_model_with_nan_weights_does_not_evaluate_to_numbers():
