@@ -604,9 +604,10 @@ def main(argv: list[str] | None = None) -> int:
                 base = _run_settings(checkpoint, {f.name for f in fields(DataOptions) + fields(ModelOptions)})
         cfg = load_config(command, config_file, args, base)
         COMMANDS[command].run(cfg)
-    # fastsat's own errors (TypeError and ValueError: a bad argument; FloatingPointError: a run that
-    # diverged) are messages for the user, printed without a traceback.
-    except (TypeError, ValueError, FileNotFoundError, FloatingPointError) as err:
+    # fastsat's own errors (TypeError and ValueError: a bad argument; OSError: a missing file, a full
+    # disk, a folder that cannot be written; FloatingPointError: a run that diverged) are messages for
+    # the user, printed without a traceback.
+    except (TypeError, ValueError, OSError, FloatingPointError) as err:
         print(f"fastsat {command}: error: {err}", file=sys.stderr)
         return 2 if not isinstance(err, FloatingPointError) else 1
     return 0

@@ -86,6 +86,15 @@ def test_eval_out_that_cannot_be_written_fails_before_the_evaluation(tmp_path, m
         cli.SaliencyOptions(out_dir=str(tmp_path / "file.txt"))
 
 
+def test_a_full_disk_is_an_error_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    def full(path, text):
+        raise OSError(28, f"could not write {path} (No space left on device)")
+
+    monkeypatch.setattr(cli, "atomic_write_text", full)
+    assert cli.main(["eval", *SMALL, "--max-samples", "2", "--eps", "0", "--out", str(tmp_path / "eval.json")]) == 2
+    assert "eval.json (No space left on device)" in _error(capsys)
+
+
 def test_eval_takes_no_data_path_from_a_runs_config_and_says_what_it_took(tmp_path, caplog, capsys):
     marker = tmp_path / "ran"
     downloaded = tmp_path / "bundle"
