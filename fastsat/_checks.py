@@ -39,6 +39,7 @@ __all__ = [
     "positive_int",
     "positive_number",
     "seed",
+    "writable_path",
 ]
 
 
@@ -135,14 +136,23 @@ def seed(value: object, name: str = "seed", *, allow_none: bool = False) -> int 
 
 
 def device(value: object, name: str = "device") -> torch.device:
-    """A torch device: a name such as "cpu" or "cuda:1", or "auto" (the GPU where there is one,
-    else the CPU). Nothing is initialised on it."""
+    """A torch device this machine has: a name such as "cpu" or "cuda:1", or "auto" (the GPU where
+    there is one, else the CPU). Nothing is initialised on it."""
     if value == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(value, (str, torch.device)):
+        raise TypeError(f"{name}: expected a device name such as 'cpu', 'cuda:0' or 'auto', got {describe(value)}")
     try:
-        return torch.device(value)
+        result = torch.device(value)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"{name}: {err}") from None
+    if result.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (result.index is not None and result.index >= count):
+            raise ValueError(f"{name}: expected a device this machine has (cpu{', cuda:0' if count else ''}"
+                             f"{f' .. cuda:{count - 1}' if count > 1 else ''}, or auto), got {value!r}: "
+                             f"{'torch sees no CUDA GPU' if count == 0 else f'{count} CUDA GPUs'}")
+    return result
 
 
 def flag(value: object, name: str, *, allow_none: bool = False) -> bool | None:
@@ -163,6 +173,28 @@ def path(value: object, name: str, *, allow_none: bool = False) -> str | None:
     if not os.fspath(value):
         raise ValueError(f"{name}: expected {expected}, got an empty path")
     return os.fspath(value)
+
+
+def writable_path(value: object, name: str, *, folder: bool = False, allow_none: bool = False) -> str | None:
+    """A path (as :func:`path`) where a file — or with ``folder``, a folder of files — can be
+    written: checked before long work, so that a run does not fail at its very end. It must not be
+    a folder (with ``folder``: a file), and the nearest existing folder on the way to it must be
+    writable (missing folders below it are created by the writer). None passes with ``allow_none``."""
+    text = path(value, name, allow_none=allow_none)
+    if text is None:
+        return None
+    target = os.path.abspath(text)
+    if os.path.isdir(target) != folder and os.path.exists(target):
+        raise ValueError(f"{name}: expected the path of a {'folder' if folder else 'file'} to write, got the existing "
+                         f"{'file' if folder else 'folder'} {text}")
+    existing = target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not folder and existing == target:
+        existing = os.path.dirname(target)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}: cannot write {text}: {existing} is not a writable folder")
+    return text
 
 
 def nearest(word: str, options: Iterable[str]) -> str:

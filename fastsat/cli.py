@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from fastsat import _dist, data, models, saliency
-from fastsat._checks import choice, flag, number, path, positive_int, seed
+from fastsat._checks import choice, flag, number, path, positive_int, seed, writable_path
 from fastsat._checks import device as device_of
 from fastsat._io import atomic_save, atomic_write_text
 from fastsat.alignment import ALIGNMENT_TARGETS
@@ -80,7 +80,8 @@ def _image_folder(options: DataOptions) -> tuple:
 
 def _root(options: DataOptions) -> Path:
     if options.data_dir is None:
-        raise ValueError(f"data_dir: dataset {options.dataset!r} needs --data-dir")
+        raise ValueError(f"data_dir: dataset {options.dataset!r} needs --data-dir (the folder of its files; a run's "
+                         "config.yaml never supplies it)")
     return Path(options.data_dir)
 
 
@@ -185,7 +186,8 @@ class EvalOptions:
     max_samples: int | None = option(_EVALUATE["max_samples"].default, "evaluate only the first N test images; None: all",
                                      check=functools.partial(positive_int, allow_none=True))
     batch_size: int = option(_EVALUATE["batch_size"].default, "test images per batch", check=positive_int)
-    out: str | None = option(None, "also write the results as JSON to this file", check=functools.partial(path, allow_none=True))
+    out: str | None = option(None, "also write the results as JSON to this file",
+                             check=functools.partial(writable_path, allow_none=True))
 
     def __post_init__(self):
         validate(self)
@@ -197,7 +199,8 @@ class SaliencyOptions:
                                                  "gradcam_pp"],
                                 help="saliency methods, comma-separated", choices=tuple(saliency.METHODS))
     n_samples: int = option(8, "test images to explain (count)", check=positive_int)
-    out_dir: str = option("runs/saliency", "where maps.pt and saliency_grid.png go", check=path)
+    out_dir: str = option("runs/saliency", "where maps.pt and saliency_grid.png go",
+                          check=functools.partial(writable_path, folder=True))
 
     def __post_init__(self):
         validate(self)
@@ -209,7 +212,7 @@ class AnalyzeOptions:
     target: str = option(inspect.signature(analyze).parameters["target"].default, "logit whose gradient defines α",
                          choices=ALIGNMENT_TARGETS)
     out_dir: str = option("runs/analyze", "where alignment.csv/.json, alignment_scatter.png, saliency_grid.png go",
-                          check=path)
+                          check=functools.partial(writable_path, folder=True))
 
     def __post_init__(self):
         validate(self)
@@ -276,10 +279,7 @@ def load_config(command: str, path: str | Path | None = None, overrides: dict | 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config: {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config: {path} must hold a mapping of option: value")
-        loaded = {str(key).replace("-", "_"): value for key, value in loaded.items()}
+        loaded = {str(key).replace("-", "_"): value for key, value in _read_yaml(path, "config").items()}
         unknown_keys(loaded, options, f"config {path} for `fastsat {command}`")
         for key, value in loaded.items():
             config[key] = _read(options[key], value, f"config {path}")
@@ -291,6 +291,29 @@ def load_config(command: str, path: str | Path | None = None, overrides: dict | 
     return config
 
 
+def _read_yaml(path: Path, name: str) -> dict:
+    """The mapping of option: value in the YAML file ``path`` (empty: {}), read with ``safe_load``;
+    a file that is not UTF-8 text, not YAML or not a mapping raises ValueError naming ``name``, the
+    file and, for syntax errors, the line."""
+    raw = path.read_bytes()
+    try:
+        loaded = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        bad = raw[err.start : err.end]
+        raise ValueError(f"{name}: {path}, line {line}: not UTF-8 text ({err.reason} {bad!r})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ValueError(f"{name}: {path}{where}: not valid YAML ({problem})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{name}: {path} must hold a mapping of option: value, got {type(loaded).__name__}")
+    return loaded
+
+
 def _read(spec: Spec, value: object, where: str) -> object:
     try:
         return parse(spec.type, value, spec.name)
@@ -299,11 +322,18 @@ def _read(spec: Spec, value: object, where: str) -> object:
 
 
 def _run_settings(checkpoint: str | Path, keys: set[str]) -> dict:
-    """The settings among ``keys`` of the training run that wrote ``checkpoint`` (its config.yaml)."""
+    """The settings among ``keys`` of the training run that wrote ``checkpoint`` (its config.yaml),
+    logged. Never ``data_dir``: a downloaded run's config.yaml must not point fastsat at files
+    (CIFAR batches are pickles), so the data's folder is always given on the command line."""
     run = Path(checkpoint).parent / "config.yaml"
-    saved = (yaml.safe_load(run.read_text()) or {}) if run.is_file() else {}
+    saved = _read_yaml(run, "run config") if run.is_file() else {}
     specs_by_name = {s.name: s for s in specs(DataOptions) + specs(ModelOptions)}
-    return {k: _read(specs_by_name[k], v, f"run config {run}") for k, v in saved.items() if k in keys}
+    taken = {k: _read(specs_by_name[k], v, f"run config {run}") for k, v in saved.items()
+             if k in keys and k != "data_dir"}
+    if taken:
+        log.info("settings from the run's %s (the command line overrides them): %s", run,
+                 ", ".join(f"{k}={v}" for k, v in taken.items()))
+    return taken
 
 
 # --- the command line ----------------------------------------------------------------------------------
@@ -563,18 +593,22 @@ def main(argv: list[str] | None = None) -> int:
         command = f"{command} {args.pop('action')}"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        path = args.pop("config", None)
+        config_file = args.pop("config", None)
         base = None
         if command in ("eval", "saliency", "analyze"):
             # The training run's data and model settings, under the user's YAML file and command line.
             checkpoint = args.get("checkpoint")
-            if checkpoint is None and path is not None and Path(path).is_file():
-                checkpoint = (yaml.safe_load(Path(path).read_text()) or {}).get("checkpoint")
+            if checkpoint is None and config_file is not None and Path(config_file).is_file():
+                checkpoint = _read_yaml(Path(config_file), "config").get("checkpoint")
+                checkpoint = path(checkpoint, f"checkpoint (config {config_file})", allow_none=True)
             if checkpoint is not None:
                 base = _run_settings(checkpoint, {f.name for f in fields(DataOptions) + fields(ModelOptions)})
-        cfg = load_config(command, path, args, base)
+        cfg = load_config(command, config_file, args, base)
         COMMANDS[command].run(cfg)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    # fastsat's own errors (TypeError and ValueError: a bad argument; OSError: a missing file, a full
+    # disk, a folder that cannot be written; FloatingPointError: a run that diverged) are messages for
+    # the user, printed without a traceback.
+    except (TypeError, ValueError, OSError, FloatingPointError) as err:
         print(f"fastsat {command}: error: {err}", file=sys.stderr)
         return 2 if not isinstance(err, FloatingPointError) else 1
     return 0

@@ -42,7 +42,7 @@ from fastsat._stats import binomial_lower_bound
 from fastsat.alignment import saliency_alignment
 from fastsat.attacks import APGD, APGDT, CW, FAB, PGD, Square
 from fastsat.data import AnnotatedDataset, ShardDataset, as_batch, loader, make_loader
-from fastsat.grad import frozen
+from fastsat.grad import check_finite, check_logits, frozen
 from fastsat.ops import NORMS
 
 __all__ = ["ATTACKS", "MEANINGS", "SUITES", "MaskingChecks", "PaperSuite", "StandardSuite", "evaluate"]
@@ -356,8 +356,10 @@ def evaluate(
     cw_norms = []
     main_eps = (max(settings.eps) if isinstance(settings, PaperSuite) else max(eps)) if settings is not None else 0.0
     for x, y, offset in _local_batches(data, batch_size, max_samples, device):
+        check_finite(x, "data", "finite pixel values in the images")
         with frozen(model, "eval"), torch.no_grad():
             logits = model(x)
+        check_logits(logits, x.shape[0], classes=2, finite=True)  # NaN logits would count as made-up accuracies
         if isinstance(settings, StandardSuite) and logits.shape[1] < 4:
             raise ValueError(f"suite: 'standard' runs APGD-T, whose targeted DLR loss needs at least 4 classes; the model "
                              f"has {logits.shape[1]}")

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastsat._checks import choice, describe, host_checks_enabled, positive_int
+from fastsat.models import Normalize, check_dtype, check_images
 from fastsat.ops import accumulation_dtype
 
 __all__ = [
@@ -39,7 +40,9 @@ __all__ = [
     "OBJECTIVES",
     "InputGrad",
     "batched_logit_grads",
+    "check_finite",
     "check_input",
+    "check_logits",
     "check_objective_args",
     "frozen",
     "input_grad",
@@ -113,14 +116,34 @@ def _check_labels(name: str, labels: torch.Tensor | None, batch: int, num_classe
         )
 
 
-def check_input(model: nn.Module, x: torch.Tensor) -> None:
-    """Raise TypeError/ValueError unless x is a floating (B, ...) tensor on the model's device."""
+def check_finite(t: torch.Tensor, name: str, what: str) -> None:
+    """ValueError naming ``name`` if ``t`` holds NaN or inf, where ``what`` says what it should
+    hold (one host read; skipped inside no_host_checks)."""
+    if host_checks_enabled() and not bool(torch.isfinite(t).all()):
+        bad = t.isnan().sum().item(), t.isinf().sum().item()
+        raise ValueError(f"{name}: expected {what}, got {bad[0]} NaN and {bad[1]} inf of {t.numel()} values")
+
+
+def check_input(model: nn.Module, x: torch.Tensor, *, finite: bool = False) -> None:
+    """Raise TypeError/ValueError unless x is a floating (B, ...) tensor of the dtype of the model's
+    weights (autocast aside) on their device; for a zoo model, (B, C, H, W) with its C channels.
+    Shapes, dtypes and devices only, no host sync — unless ``finite``: then also refuse NaN and
+    inf in x (:func:`check_finite`: one host read)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {describe(x)}")
     if not x.is_floating_point() or x.dim() < 2:
         raise ValueError(f"x: expected a floating (B, ...) tensor, got shape {tuple(x.shape)} dtype {x.dtype}")
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = None if weight is None else weight.dtype
+    normalize = next((m for m in model.modules() if isinstance(m, Normalize)), None)  # a zoo model's input layer
+    if normalize is not None:
+        check_images(x, channels=normalize.mean.shape[1], dtype=dtype)
+    else:
+        check_dtype(x, dtype)
+    if finite:
+        check_finite(x, "x", "finite input values (pixel space)")
     # Gradients are switched on for the call (a caller's torch.no_grad() is fine), but inference
     # mode cannot be switched off from inside, and its tensors cannot be differentiated.
     if torch.is_inference_mode_enabled():
@@ -159,8 +182,9 @@ def check_objective_args(
             f"objective: 'dlr_targeted' expected the target classes and a model with at least 4 classes, got "
             f"target {'None' if target is None else 'given'} and {num_classes} classes"
         )
-    if objective in ("logit_diff", "cw", "dlr") and num_classes < 2:
-        raise ValueError(f"objective: {objective!r} expected a model with at least 2 classes, got {num_classes}")
+    if objective in ("logit_diff", "ce", "cw", "dlr", "kl") and num_classes < 2:
+        raise ValueError(f"model output: objective {objective!r} needs (B, K) logits with K >= 2 classes, got "
+                         f"K = {num_classes}")
     if objective == "kl":
         if clean_logits is None:
             raise ValueError("clean_logits: expected the clean (B, K) logits for objective 'kl', got None")
@@ -217,9 +241,21 @@ def objective_value(
     return (torch.xlogy(p_clean, p_clean) - p_clean * F.log_softmax(z, dim=1)).sum(dim=1)
 
 
-def _check_logits(logits: torch.Tensor, batch: int) -> None:
-    if logits.dim() != 2 or logits.shape[0] != batch:
-        raise ValueError(f"model output: expected ({batch}, K) logits, got shape {tuple(logits.shape)}")
+def check_logits(logits: object, batch: int, *, classes: int = 1, finite: bool = False) -> None:
+    """Raise unless a model's output is a (batch, K) logits tensor with K >= ``classes``:
+    TypeError for anything else (a tuple, a dict), ValueError for another shape and, with
+    ``finite``, for NaN or inf logits (one host read; skipped inside no_host_checks)."""
+    if isinstance(logits, (tuple, list, dict)):
+        items = list(logits.values() if isinstance(logits, dict) else logits)
+        raise TypeError(f"model output: expected a ({batch}, K) logits tensor, got a {type(logits).__name__} of "
+                        f"{len(items)} ({', '.join(describe(v) for v in items[:3])}); return the logits alone")
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"model output: expected a ({batch}, K) logits tensor, got {describe(logits)}")
+    if logits.dim() != 2 or logits.shape[0] != batch or logits.shape[1] < classes:
+        raise ValueError(f"model output: expected ({batch}, K) logits with K >= {classes} classes, got shape "
+                         f"{tuple(logits.shape)}")
+    if finite:
+        check_finite(logits, "model output", "finite logits (are the model's weights finite?)")
 
 
 def _input_grad(
@@ -239,7 +275,7 @@ def _input_grad(
     logits = model(x_in)
     if check:
         # K is only known after the forward, which is then reused for the gradient.
-        _check_logits(logits, x.shape[0])
+        check_logits(logits, x.shape[0])
         check_objective_args(objective, tuple(logits.shape), **objective_args)
     value = objective_value(logits, objective, **objective_args)
     (grad,) = torch.autograd.grad(value.sum(), x_in, create_graph=create_graph)
@@ -273,16 +309,19 @@ def input_grad(
     (float64 for float64 inputs).
 
     Returns :class:`InputGrad` (grad shaped like x, detached logits (B, K), detached value (B,)).
+    Non-finite logits raise ValueError (one host read; skipped inside no_host_checks).
     """
     check_input(model, x)
     choice(objective, "objective", OBJECTIVES)
     if clean_logits is not None and not isinstance(clean_logits, torch.Tensor):
         raise TypeError(f"clean_logits: expected a (B, K) tensor, got {describe(clean_logits)}")
     with frozen(model, mode, freeze_params=not create_graph), torch.enable_grad():
-        return _input_grad(
+        result = _input_grad(
             model, x, objective, check=True, create_graph=create_graph,
             target=target, other=other, y=y, clean_logits=clean_logits,
         )
+    check_logits(result.logits, x.shape[0], finite=True)  # a gradient of NaN logits would be a made-up map
+    return result
 
 
 def batched_logit_grads(
@@ -329,7 +368,7 @@ def logit_jacobian(
     with frozen(model, mode), torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
         logits = model(x_in)
-        _check_logits(logits, x.shape[0])
+        check_logits(logits, x.shape[0], finite=True)
         batch, num_classes = logits.shape
         if classes is None:
             class_idx = torch.arange(num_classes, device=x.device)

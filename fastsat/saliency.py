@@ -15,7 +15,8 @@ takes either shape).
 batch-norm statistics fixed so a sample's map does not depend on the rest of the batch or on the
 chunking; "train" or None (as found) are allowed. The model's modes and parameter
 ``requires_grad`` flags are restored afterwards and no parameter ``.grad`` is written
-(see :func:`fastsat.grad.frozen`).
+(see :func:`fastsat.grad.frozen`). A map of a NaN or inf pixel would be a made-up number: every
+method refuses such an x with a ValueError naming it (one host read per call).
 
 SmoothGrad and Integrated Gradients evaluate many inputs per sample. ``chunk_size`` is the number
 of noise samples / path points evaluated per forward+backward pass; one pass feeds
@@ -36,7 +37,7 @@ from torch import nn
 
 from fastsat import _checks
 from fastsat._checks import choice, describe, flag, integer, number, positive_int
-from fastsat.grad import check_input, check_objective_args, frozen, input_grad
+from fastsat.grad import check_input, check_logits, check_objective_args, frozen, input_grad
 from fastsat.ops import accumulation_dtype
 
 __all__ = [
@@ -125,7 +126,7 @@ def gradient(
     model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | None = None, *, mode: str | None = "eval"
 ) -> torch.Tensor:
     """Vanilla saliency ∇_x Ψ^target(x): float32, shaped like x (B, ...), pixel space."""
-    check_input(model, x)
+    check_input(model, x, finite=True)
     return _logit_grad(model, x, _given_target(x, target), mode).float()
 
 
@@ -149,7 +150,7 @@ def gradient_x_input(
     For a positively one-homogeneous network (bias-free ReLU net) the map sums to the logit
     (Euler's identity), i.e. it is Integrated Gradients with a zero baseline.
     """
-    check_input(model, x)
+    check_input(model, x, finite=True)
     return (_logit_grad(model, x, _given_target(x, target), mode) * x).float()
 
 
@@ -177,7 +178,7 @@ def smoothgrad(
     independent of torch's global RNG), None to draw from torch's global RNG. chunk_size: noise
     draws per forward/backward pass (see the module docstring).
     """
-    check_input(model, x)
+    check_input(model, x, finite=True)
     n_samples = positive_int(n_samples, "n_samples")
     chunk_size = positive_int(chunk_size, "chunk_size", allow_none=True)
     sigma = number(sigma, "sigma", minimum=0)
@@ -252,7 +253,7 @@ def integrated_gradients(
     error (F(x) − F(x') for either objective). chunk_size: path points per forward/backward pass
     (see the module docstring). Returns float32, shaped like x.
     """
-    check_input(model, x)
+    check_input(model, x, finite=True)
     steps = positive_int(steps, "steps")
     chunk_size = positive_int(chunk_size, "chunk_size", allow_none=True)
     choice(method, "method", IG_METHODS)
@@ -312,7 +313,7 @@ def guided_backprop(
     ``x.relu()``) are invisible to hooks and keep their ordinary backward; a model with no
     ``nn.ReLU`` module at all raises ValueError.
     """
-    check_input(model, x)
+    check_input(model, x, finite=True)
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
     if not relus:
         raise ValueError(
@@ -348,7 +349,7 @@ def gradcam_pp(
     (map = Σ_k w_k A_k, negative evidence kept), as the SAT authors' code does before its min–max
     scaling (METHODS.md §6); the default True is the published method.
     """
-    check_input(model, x)
+    check_input(model, x, finite=True)
     relu = flag(relu, "relu")
     if not isinstance(layer, nn.Module) or not any(m is layer for m in model.modules()):
         raise ValueError(f"layer: expected a submodule of model, got {describe(layer)}")
@@ -362,6 +363,7 @@ def gradcam_pp(
             logits = model(x.detach().requires_grad_(True))
     finally:
         handle.remove()
+    check_logits(logits, x.shape[0], finite=True)
     if len(activations) != 1:
         raise ValueError(f"layer: expected a layer that runs once per forward pass, got one that ran "
                          f"{len(activations)} times")

@@ -1,5 +1,6 @@
 """Every reader on tiny fixture files written in the real on-disk format, and its error paths."""
 
+import os
 import pickle
 import subprocess
 import sys
@@ -97,6 +98,55 @@ def test_cifar100_and_errors(tmp_path):
         pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [1]}, f)
     with pytest.raises(ValueError, match="test: expected 'data' of shape"):
         cifar100(tmp_path, train=False)
+    # Other types are refused, not cast: 300.0 would wrap to 44, a nested list could expand without bound.
+    for data, labels, match in [(np.full((1, 3072), 300.0), [1], r"'data' as a uint8 numpy array, got ndarray"),
+                                ([[0] * 3072], [1], r"'data' as a uint8 numpy array, got list"),
+                                (np.zeros((1, 3072), np.uint8), [1.5], r"'fine_labels' as a list of integers"),
+                                (np.zeros((1, 3072), np.uint8), [2**70], r"'fine_labels' as a list of integers")]:
+        with open(tmp_path / "test", "wb") as f:
+            pickle.dump({b"data": data, b"fine_labels": labels}, f)
+        with pytest.raises(ValueError, match=rf"test: expected {match}"):
+            cifar100(tmp_path, train=False)
+
+
+class _RunsCode:
+    """Unpickling this writes the marker file: what a crafted data_batch_1 could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batches_in_every_pickle_protocol_load(tmp_path, protocol):
+    data = RNG.integers(0, 256, (3, 3072), dtype=np.uint8)
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump({b"data": data, b"labels": [0, 9, 4], b"filenames": [b"a.png", b"b.png", b"c.png"]}, f, protocol)
+    ds = cifar10(tmp_path, train=False)
+    assert torch.equal(ds.images, torch.from_numpy(data.reshape(3, 3, 32, 32))) and ds.labels.tolist() == [0, 9, 4]
+
+
+@pytest.mark.parametrize("payload", ["reduce", "in_a_list", "object_array"])
+def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path, payload):
+    marker = tmp_path / "ran"
+    blob = {
+        "reduce": _RunsCode(marker),
+        "in_a_list": {b"data": np.zeros((1, 3072), np.uint8), b"labels": [_RunsCode(marker)]},
+        # An object array's items are pickles themselves: refused at its dtype.
+        "object_array": {b"data": np.array([_RunsCode(marker)], dtype=object), b"labels": [0]},
+    }[payload]
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump(blob, f)
+    with pytest.raises(ValueError, match=r"test_batch: not a readable CIFAR pickle batch \((refused global|object dtype)"):
+        cifar10(tmp_path, train=False)
+    assert not marker.exists()
+    with open(tmp_path / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": _RunsCode(marker)}, f)
+    with pytest.raises(ValueError, match=r"batches.meta: not a readable CIFAR pickle batch \(refused global"):
+        cifar10(tmp_path, train=False)
+    assert not marker.exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,6 +330,12 @@ def test_image_folder_voc_errors(tmp_path):
     (ann / "a_1.xml").write_text("<annotation><object>")
     with pytest.raises(ValueError, match=r"a_1.xml: malformed XML"):
         ds[0]
+    _voc_xml(ann / "a_1.xml", "forty", 20, [(1, 1, 5, 5)])
+    with pytest.raises(ValueError, match=r"a_1.xml: <size> needs integer width and height"):
+        ds[0]
+    _voc_xml(ann / "a_1.xml", 40, 20, [(1, 1, "inf", 5)])
+    with pytest.raises(ValueError, match=r"a_1.xml: bndbox needs numeric xmin, ymin, xmax, ymax"):
+        ds[0]
     with pytest.raises(ValueError, match="missing_boxes"):
         image_folder(root, annotations=ann, missing_boxes="maybe")
     with pytest.raises(FileNotFoundError, match="nowhere"):
@@ -336,6 +392,27 @@ def test_oxford_pets_errors(tmp_path):
     (tmp_path / "images" / "Bengal_3.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="Bengal_3.jpg"):
         oxford_pets(tmp_path)
+
+
+@pytest.mark.parametrize("reader, index_file, line", [
+    ("tiny_train", "wnids.txt", "../../../outside\n"),
+    ("tiny_train", "train/n001/n001_boxes.txt", "../../../../outside.png 0 0 1 1\n"),
+    ("tiny_val", "val/val_annotations.txt", "/etc/passwd n001 0 0 1 1\n"),
+    ("pets", "annotations/list.txt", "../../outside 1 1 1\n"),
+])
+def test_index_files_cannot_name_files_outside_the_data_folder(tmp_path, reader, index_file, line):
+    root = tmp_path / "data"
+    _save_image(tmp_path / "outside.png", 8, 8)  # what a crafted index would read
+    if reader == "pets":
+        _pets(root, [("Bengal_3", 5)])
+    else:
+        _tiny(root)
+    (root / index_file).write_text(line)
+    with pytest.raises(ValueError, match=rf"{index_file}:1: expected a relative path inside .*, got '(\.\./|/etc)"):
+        if reader == "pets":
+            oxford_pets(root)
+        else:
+            tiny_imagenet(root, split="val" if reader == "tiny_val" else "train")
 
 
 # ---------------------------------------------------------------------------------------------- digits

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import random
+import sys
 import tarfile
 
 import numpy as np
@@ -424,5 +425,147 @@ def test_tar_members_in_other_tools_layout_are_grouped_by_key(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
-    assert [(p, f["jpg"]) for p, f in _members(path, 0, 3)] == [(0, b"1"), (1, b"2"), (2, b"3")]
-    assert [(p, f["cls"]) for p, f in _members(path, 1, 1)] == [(1, b"1")]
+    assert [(p, f["jpg"]) for p, _, f in _members(path, 0, 3, 3)] == [(0, b"1"), (1, b"2"), (2, b"3")]
+    assert [(p, f["cls"]) for p, _, f in _members(path, 1, 1, 3)] == [(1, b"1")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards handed over by someone else: confined, bounded, and every fault named
+
+
+def _png_bytes(size=(8, 8)):
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((*size, 3), 128, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _crafted_shards(root, members, count, files=("shard-000000.tar",)):
+    """A shard folder whose one tar holds ``members`` ((name, bytes), or a header's bytes alone) and whose index lists ``files`` with ``count`` samples each."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "shard-000000.tar", "wb") as handle:
+        for member in members:
+            if isinstance(member, bytes):  # a header alone: its data is never written
+                handle.write(member)
+                continue
+            name, blob = member
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            handle.write(info.tobuf(format=tarfile.GNU_FORMAT))
+            handle.write(blob + b"\0" * (-len(blob) % tarfile.BLOCKSIZE))
+        handle.write(b"\0" * 2 * tarfile.BLOCKSIZE)
+    index = {"format": "fastsat-shards", "version": 1, "classes": ["a", "b"], "annotations": "none",
+             "mean": [0.5] * 3, "std": [0.25] * 3, "count": count * len(files),
+             "shards": [{"file": f, "count": count} for f in files]}
+    (root / "index.json").write_text(json.dumps(index))
+    return root
+
+
+def _sample(key, label=b"1", image=None):
+    return [(f"{key}.png", _png_bytes() if image is None else image), (f"{key}.cls", label)]
+
+
+@pytest.mark.parametrize("name", ["../outside.tar", "/etc/passwd", "sub/../../outside.tar", "link.tar", 7, ""])
+def test_shard_index_entries_stay_inside_the_folder(tmp_path, name):
+    (tmp_path / "outside.tar").write_bytes(b"")
+    root = _crafted_shards(tmp_path / "shards", _sample("0"), 1, files=[name])
+    (root / "link.tar").symlink_to(tmp_path / "outside.tar")  # a link leading out of the folder
+    with pytest.raises(ValueError, match=r"index.json: malformed shard index \(shard file: .*(inside|leads outside)"):
+        shards(root)
+
+
+def test_an_oversized_index_is_refused_unread(tmp_path, monkeypatch):
+    shards_module = sys.modules["fastsat.data.shards"]  # fastsat.data.shards is also the function's name
+    root = _crafted_shards(tmp_path / "shards", _sample("0"), 1)
+    monkeypatch.setattr(shards_module, "MAX_MEMBER_BYTES", 100)
+    with pytest.raises(ValueError, match=r"index.json: expected a shard index of at most 100 bytes"):
+        shards(root)
+
+
+def test_a_link_inside_the_folder_is_allowed(tmp_path):
+    root = _crafted_shards(tmp_path / "shards", _sample("0"), 1, files=["link.tar"])
+    (root / "link.tar").symlink_to(root / "shard-000000.tar")
+    assert len(list(shards(root, size=8))) == 1
+
+
+def _huge_header(kind):
+    """A tar header of a 6 GiB member (for a GNU sparse one, its real size) and no data."""
+    header = tarfile.TarInfo("0.png")
+    header.type, header.size = kind, 6 << 30
+    block = bytearray(header.tobuf(format=tarfile.GNU_FORMAT))
+    if kind == tarfile.GNUTYPE_SPARSE:
+        block[483:495] = b"%011o\0" % (6 << 30)  # the GNU header's real size field
+        block[148:156] = b" " * 8
+        block[148:156] = b"%06o\0 " % sum(block[:512])  # the header checksum, over the new bytes
+    return bytes(block)
+
+
+@pytest.mark.parametrize("kind, got", [(tarfile.GNUTYPE_SPARSE, "a sparse file"), (tarfile.REGTYPE, "6442450944 bytes")])
+def test_a_huge_or_sparse_member_is_refused_before_it_is_read(tmp_path, kind, got):
+    import tracemalloc
+
+    root = _crafted_shards(tmp_path / "shards", [_huge_header(kind), *_sample("0")[1:]], 1)
+    assert tarfile.open(root / "shard-000000.tar").next().size == 6 << 30  # declared in a file of a few KiB
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=rf"shard-000000.tar: member 0.png: expected a plain file of at most "
+                                             rf"{64 << 20} bytes \(MAX_MEMBER_BYTES\), got {got}"):
+            list(shards(root, size=8))
+        assert tracemalloc.get_traced_memory()[1] < 32 << 20  # nothing of the declared size was allocated
+    finally:
+        tracemalloc.stop()
+
+
+def test_broken_tars_are_value_errors_naming_the_shard(tmp_path):
+    root = _crafted_shards(tmp_path / "shards", _sample("0") + _sample("1"), 2)
+    tar = root / "shard-000000.tar"
+    whole = tar.read_bytes()
+    tar.write_bytes(b"this is no tar archive" * 40)
+    with pytest.raises(ValueError, match=r"shard-000000.tar: not a readable tar shard"):
+        list(shards(root, size=8))
+    tar.write_bytes(whole[: 3 * tarfile.BLOCKSIZE + 100])  # cut inside the second member's data
+    with pytest.raises(ValueError, match=r"shard-000000.tar: not a readable tar shard at member 0"):
+        list(shards(root, size=8))
+
+
+@pytest.mark.parametrize("label, match", [
+    (b"x1", r"member 0.cls: expected the label as ASCII decimal digits, got b'x1'"),
+    (b"-1", r"member 0.cls: expected the label as ASCII decimal digits"),
+    (b"7", r"member 0.cls: label 7 out of range \[0, 2\)"),
+    (b"9" * 5000, r"member 0.cls: expected the label as ASCII decimal digits"),
+])
+def test_a_bad_label_member_is_named(tmp_path, label, match):
+    root = _crafted_shards(tmp_path / "shards", _sample("0", label=label), 1)
+    with pytest.raises(ValueError, match=match):
+        list(shards(root, size=8))
+
+
+def test_undecodable_images_and_decompression_bombs_name_the_member(tmp_path, monkeypatch):
+    root = _crafted_shards(tmp_path / "shards", _sample("0", image=b"\x89PNG\r\n\x1a\n broken"), 1)
+    with pytest.raises(ValueError, match=r"shard-000000.tar: member 0.png: cannot decode image"):
+        list(shards(root, size=8))
+    root = _crafted_shards(tmp_path / "bomb", _sample("0", image=_png_bytes((64, 64))), 1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64)  # 64 x 64 pixels is then more than twice the limit
+    with pytest.raises(ValueError, match=r"bomb/shard-000000.tar: member 0.png: cannot decode image "
+                                         r"\(DecompressionBombError"):
+        list(shards(root, size=8))
+
+
+@pytest.mark.parametrize("meta, match", [
+    (b"{", r"member 0.json: expected \{\"box\": \[x0, y0, x1, y1\], ...\} \(Expecting property name"),
+    (b'{"label": 1}', r"member 0.json: expected .* \('box'\)"),
+    (b'{"box": [0, 0, 4, 1e400]}', r"member 0.json: expected .* \(box: expected 4 integers"),
+    (b'{"box": [0, 0, 4, 99999999999999999999999]}', r"member 0.json: expected .* \(box: expected 4 integers"),
+])
+def test_a_bad_box_member_is_named(tmp_path, meta, match):
+    root = _crafted_shards(tmp_path / "shards", _sample("0") + [("0.json", meta)], 1)
+    index = json.loads((root / "index.json").read_text())
+    (root / "index.json").write_text(json.dumps({**index, "annotations": "box"}))
+    with pytest.raises(ValueError, match=match):
+        list(shards(root, size=8))
+
+
+@pytest.mark.parametrize("count, found", [(3, "found 2"), (1, "found more")])
+def test_a_shard_whose_sample_count_differs_from_the_index_is_refused(tmp_path, count, found):
+    root = _crafted_shards(tmp_path / "shards", _sample("0") + _sample("1"), count)
+    with pytest.raises(ValueError, match=rf"shard-000000.tar: expected {count} samples \(index.json\), {found}"):
+        list(shards(root, size=8))

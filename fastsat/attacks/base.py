@@ -19,7 +19,16 @@ from torch import nn
 
 from fastsat import ops
 from fastsat._checks import choice, clip_box, host_checks_enabled, no_host_checks, number
-from fastsat.grad import MODES, InputGrad, _input_grad, check_input, check_objective_args, frozen, objective_value
+from fastsat.grad import (
+    MODES,
+    InputGrad,
+    _input_grad,
+    check_input,
+    check_logits,
+    check_objective_args,
+    frozen,
+    objective_value,
+)
 from fastsat.ops import StepStats, accumulation_dtype
 
 __all__ = ["Attack", "AttackResult"]
@@ -210,8 +219,9 @@ class Attack(abc.ABC):
         return result
 
     def _warn_suspicious(self, logits: torch.Tensor, grad: torch.Tensor) -> None:
-        """Warn if the outputs look like probabilities or some samples have an all-zero gradient
-        (one host sync; nothing inside no_host_checks)."""
+        """Refuse non-finite logits (ValueError: an attack on them would report made-up successes),
+        warn if the outputs look like probabilities or some samples have an all-zero gradient (one
+        host sync; nothing inside no_host_checks)."""
         if not host_checks_enabled():
             return
         logits = logits.float()
@@ -219,7 +229,11 @@ class Attack(abc.ABC):
         rows_sum_to_one = (logits.sum(dim=1) - 1).abs().amax() < 1e-4
         looks_like_probs = (logits >= 0).all() & rows_sum_to_one
         zero_grads = (flat_grad == 0).all(dim=1).sum()
-        looks_like_probs, zero_grads = torch.stack([looks_like_probs.long(), zero_grads]).tolist()  # one sync
+        finite = torch.isfinite(logits).all()
+        flags = torch.stack([finite.long(), looks_like_probs.long(), zero_grads])
+        finite, looks_like_probs, zero_grads = flags.tolist()  # one sync
+        if not finite:
+            check_logits(logits, logits.shape[0], finite=True)  # raises, with the counts
         if looks_like_probs:
             warnings.warn(
                 f"{type(self).__name__}: the model's outputs are non-negative and every row sums to 1; "
@@ -236,13 +250,12 @@ class Attack(abc.ABC):
             )
 
     def _clean_logits(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """(B, K) logits at x from one gradient-free forward, checked to be (B, K) with K ≥ 2, and
-        the labels y (if given) checked to lie in [0, K) before they index anything (one host
-        sync)."""
+        """(B, K) logits at x from one gradient-free forward, checked to be finite and (B, K) with
+        K ≥ 2, and the labels y (if given) checked to lie in [0, K) before they index anything
+        (host syncs; none inside no_host_checks)."""
         with torch.no_grad():
             logits = self.model(x)
-        if logits.dim() != 2 or logits.shape[0] != x.shape[0] or logits.shape[1] < 2:
-            raise ValueError(f"model output: expected ({x.shape[0]}, K) logits with K >= 2, got {tuple(logits.shape)}")
+        check_logits(logits, x.shape[0], classes=2, finite=True)
         check_objective_args("logit", tuple(logits.shape), y=y)
         return logits
 

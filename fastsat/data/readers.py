@@ -37,11 +37,13 @@ Test splits report the training statistics too.
 
 from __future__ import annotations
 
+import codecs
 import io
 import os
 import pickle
 import random
 import re
+import struct
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -51,7 +53,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastsat._checks import choice, number
+from fastsat._checks import choice, describe, number
 from fastsat._checks import seed as check_seed
 
 from .augment import resize
@@ -99,6 +101,19 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+def confined(folder: Path, name: object, where: str, *, resolve: bool = False) -> Path:
+    """``folder / name`` for a ``name`` read from an index file (``where`` names the file and line
+    in errors): a non-empty relative path without ".." parts — else a crafted index could read any
+    file — and with ``resolve``, one whose target (symbolic links followed) lies inside ``folder``
+    too. ValueError otherwise."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise ValueError(f"{where}: expected a relative path inside {folder}, got {name!r:.120}")
+    path = folder / name
+    if resolve and not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{where}: {name!r} leads outside {folder} (to {path.resolve()})")
+    return path
 
 
 def _require(path: Path) -> Path:
@@ -270,8 +285,10 @@ def decode_image(source: Path | bytes, what: str, name: str | None = None) -> Im
     try:
         image = Image.open(io.BytesIO(source))
         image.load()
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"{where}: cannot decode {what} ({err})") from err
+    # What Pillow's decoders raise on corrupt, truncated or crafted files (a decompression bomb:
+    # more than twice Image.MAX_IMAGE_PIXELS pixels).
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as err:
+        raise ValueError(f"{where}: cannot decode {what} ({type(err).__name__}: {err})") from err
     return image
 
 
@@ -290,11 +307,48 @@ def _open_mask(record: Record, image: Image.Image) -> Image.Image:
 # CIFAR
 
 
+def _dtype_without_objects(*args: object) -> np.dtype:
+    """``numpy.dtype`` for the unpickler, refusing object dtypes (whose items would be pickles)."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"object dtype {dtype} (CIFAR arrays are uint8)")
+    return dtype
+
+
+def _cifar_globals() -> dict[tuple[str, str], object]:
+    """What the CIFAR python batches may reference, by (module, name): numpy arrays and dtypes
+    under numpy 1's and numpy 2's module names (the published files were written by Python 2's
+    cPickle with numpy 1; re-pickled ones by numpy 2, protocol 5 via ``_frombuffer``), and
+    ``_codecs.encode``, which Python 3 uses for bytes in pickles of protocol <= 2."""
+    try:
+        from numpy._core import multiarray, numeric  # numpy >= 2
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray, numeric
+    table = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _dtype_without_objects,
+             ("_codecs", "encode"): codecs.encode}
+    for package in ("numpy.core", "numpy._core"):
+        table[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        table[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+    return table
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, str/bytes, numbers and numpy arrays, and nothing else: a pickle can
+    name any importable callable, so a crafted batch would otherwise run code when read."""
+
+    def find_class(self, module: str, name: str) -> object:
+        allowed = _cifar_globals().get((module, name))
+        if allowed is None:
+            raise pickle.UnpicklingError(f"refused global {module}.{name} (a CIFAR batch holds only "
+                                         "dicts, lists, bytes and numpy arrays)")
+        return allowed
+
+
 def _unpickle(path: Path) -> dict[str, object]:
     _require(path)
     try:
         with open(path, "rb") as f:
-            blob = pickle.load(f, encoding="bytes")
+            blob = _CifarUnpickler(f, encoding="bytes").load()
     except Exception as err:  # pickle raises many types on a corrupt file
         raise ValueError(f"{path}: not a readable CIFAR pickle batch ({err})") from err
     if isinstance(blob, dict):
@@ -308,8 +362,16 @@ def _cifar(files: list[Path], label_key: str, classes: list[str], size, stats: t
         blob = _unpickle(path)
         if "data" not in blob or label_key not in blob:
             raise ValueError(f"{path}: missing 'data' or {label_key!r} in CIFAR batch")
-        data = np.asarray(blob["data"], dtype=np.uint8)
-        batch_labels = torch.as_tensor(np.asarray(blob[label_key]), dtype=torch.int64)
+        # The types first: a cast would wrap other values into [0, 255] silently, and a nested list
+        # (which a pickle can make of repeated references) could expand without bound.
+        data, raw_labels = blob["data"], blob[label_key]
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8):
+            raise ValueError(f"{path}: expected 'data' as a uint8 numpy array, got {describe(data)}")
+        integers = (isinstance(raw_labels, list) and all(type(v) is int and abs(v) < 2**62 for v in raw_labels)) or (
+            isinstance(raw_labels, np.ndarray) and raw_labels.ndim == 1 and raw_labels.dtype.kind in "iu")
+        if not integers:
+            raise ValueError(f"{path}: expected {label_key!r} as a list of integers, got {describe(raw_labels)}")
+        batch_labels = torch.as_tensor(np.asarray(raw_labels, dtype=np.int64))
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != batch_labels.numel():
             raise ValueError(
                 f"{path}: expected 'data' of shape (N, 3072) with N labels, got {data.shape} "
@@ -352,7 +414,9 @@ def cifar10(
 
     ``.mean``/``.std`` are :data:`CIFAR10_MEAN`/:data:`CIFAR10_STD` (for either split).
 
-    Note: the batches are Python pickles; only read files you trust.
+    The batches are Python pickles, read by an unpickler that builds only dicts, lists, bytes,
+    numbers and numpy arrays: a file naming anything else (which could run code) is refused with
+    a ValueError naming it.
     """
     root = Path(root)
     files = [root / f"data_batch_{i}" for i in range(1, 6)] if train else [root / "test_batch"]
@@ -410,7 +474,10 @@ def tiny_imagenet(
     choice(split, "split", ("train", "val"))
     root = Path(root)
     wnids_file = root / "wnids.txt"
-    wnids = [fields[0] for _, fields in _read_lines(wnids_file)]
+    wnid_lines = _read_lines(wnids_file)
+    for lineno, fields in wnid_lines:  # each names a folder
+        confined(root / "train", fields[0], f"{wnids_file}:{lineno}")
+    wnids = [fields[0] for _, fields in wnid_lines]
     index = {w: i for i, w in enumerate(wnids)}
     records = []
 
@@ -424,7 +491,7 @@ def tiny_imagenet(
             for lineno, fields in _read_lines(boxes_file):
                 if len(fields) != 5:
                     raise ValueError(f"{boxes_file}:{lineno}: expected 'file x0 y0 x1 y1', got {fields}")
-                image = root / "train" / wnid / "images" / fields[0]
+                image = confined(root / "train" / wnid / "images", fields[0], f"{boxes_file}:{lineno}")
                 records.append(Record(_require(image), index[wnid], box_of(fields[1:], boxes_file, lineno)))
         where = root / "train"
     else:
@@ -434,7 +501,7 @@ def tiny_imagenet(
                 raise ValueError(f"{where}:{lineno}: expected 'file wnid x0 y0 x1 y1', got {fields}")
             if fields[1] not in index:
                 raise ValueError(f"{where}:{lineno}: class {fields[1]!r} is not in {wnids_file} (label out of range)")
-            image = root / "val" / "images" / fields[0]
+            image = confined(root / "val" / "images", fields[0], f"{where}:{lineno}")
             records.append(Record(_require(image), index[fields[1]], box_of(fields[2:], where, lineno)))
     return ImageFiles(records, wnids, size=size, annotations="box", where=where)
 
@@ -515,7 +582,10 @@ def _voc_box(record: Record, image: Image.Image) -> tuple[int, int, int, int]:
         raise ValueError(f"{path}: malformed XML ({err})") from err
     size = tree.find("size")
     if size is not None and size.findtext("width") and size.findtext("height"):
-        xml_wh = (int(size.findtext("width")), int(size.findtext("height")))
+        try:
+            xml_wh = (int(size.findtext("width")), int(size.findtext("height")))
+        except ValueError as err:
+            raise ValueError(f"{path}: <size> needs integer width and height ({err})") from err
         if xml_wh != image.size:
             raise ValueError(
                 f"{path}: annotated size {xml_wh[0]}x{xml_wh[1]} does not match image {record.image} "
@@ -525,7 +595,7 @@ def _voc_box(record: Record, image: Image.Image) -> tuple[int, int, int, int]:
     for obj in tree.iter("bndbox"):
         try:
             xmin, ymin, xmax, ymax = (int(float(obj.findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax"))
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, OverflowError) as err:  # OverflowError: int(float("inf"))
             raise ValueError(f"{path}: bndbox needs numeric xmin, ymin, xmax, ymax") from err
         boxes.append((xmin - 1, ymin - 1, xmax, ymax))  # 1-based inclusive -> 0-based half-open
     if not boxes:
@@ -631,8 +701,9 @@ def oxford_pets(
         if not 1 <= class_id <= 37:
             raise ValueError(f"{index_file}:{lineno}: class id {class_id} out of range [1, 37]")
         names.setdefault(class_id - 1, fields[0].rsplit("_", 1)[0])
-        image = _require(root / "images" / f"{fields[0]}.jpg")
-        records.append(Record(image, class_id - 1, annotation=root / "annotations" / "trimaps" / f"{fields[0]}.png"))
+        image = _require(confined(root / "images", f"{fields[0]}.jpg", f"{index_file}:{lineno}"))
+        trimap = confined(root / "annotations" / "trimaps", f"{fields[0]}.png", f"{index_file}:{lineno}")
+        records.append(Record(image, class_id - 1, annotation=trimap))
     classes = [names.get(i, str(i + 1)) for i in range(37)]
 
     def parse(record: Record, image: Image.Image) -> np.ndarray:

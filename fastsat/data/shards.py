@@ -51,10 +51,10 @@ from fastsat._checks import seed as check_seed
 from fastsat._io import atomic_write, atomic_write_text
 
 from .dataset import AnnotatedDataset, check_labels, check_stats, clip_boxes, size_hw
-from .readers import ImageFiles, annotated_sample, decode_image, finish_sample, image_folder, pixels
+from .readers import ImageFiles, annotated_sample, confined, decode_image, finish_sample, image_folder, pixels
 from .transforms import Resize, SampleTransform
 
-__all__ = ["ShardDataset", "pack_shards", "shards"]
+__all__ = ["MAX_MEMBER_BYTES", "ShardDataset", "pack_shards", "shards"]
 
 _FORMAT, _VERSION = "fastsat-shards", 1
 _IMAGE_EXTENSIONS = ("jpg", "png", "webp", "bmp")
@@ -177,30 +177,50 @@ def pack_shards(
 # Reading
 
 
-def _members(path: Path, skip: int, take: int) -> Iterator[tuple[int, dict[str, bytes]]]:
-    """Samples ``skip .. skip + take - 1`` of a shard as (position, {extension: bytes}), read front
-    to back; the data of skipped samples is seeked over unread. (``tarfile``'s seekable mode: it
-    measured 13k samples/s against 9.5k for its pipe mode ``r|`` on 50 KiB samples.)"""
+#: The largest tar member a shard may hold, in bytes (an image, its mask or its metadata): a
+#: crafted shard declaring a bigger one is refused before anything is read.
+MAX_MEMBER_BYTES = 64 << 20
+
+
+def _members(path: Path, skip: int, take: int, count: int) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """Samples ``skip .. skip + take - 1`` of a shard of ``count`` samples as (position, key,
+    {extension: bytes}), read front to back; the data of skipped samples is seeked over unread.
+    (``tarfile``'s seekable mode: it measured 13k samples/s against 9.5k for its pipe mode ``r|``
+    on 50 KiB samples.) A shard that is no tar, holds a sparse or oversized member, or whose
+    sample count differs from ``count`` raises ValueError naming it (and the member)."""
     position, key, files = -1, None, {}
-    with open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            # WebDataset's rule: the key is the path up to the first dot of the file name.
-            folder, _, name = member.name.rpartition("/")
-            stem, _, ext = name.partition(".")
-            member_key = f"{folder}/{stem}"
-            if member_key != key:
-                if files:
-                    yield position, files
-                    files = {}
-                position, key = position + 1, member_key
-                if position >= skip + take:
-                    return
-            if position >= skip:
-                files[ext] = tar.extractfile(member).read()
-        if files:
-            yield position, files
+    try:
+        with open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+            for member in tar:
+                if member.issparse() or member.size > MAX_MEMBER_BYTES:
+                    got = "a sparse file" if member.issparse() else f"{member.size} bytes"
+                    raise ValueError(f"{path}: member {member.name}: expected a plain file of at most "
+                                     f"{MAX_MEMBER_BYTES} bytes (MAX_MEMBER_BYTES), got {got}")
+                if not member.isfile():
+                    continue
+                # WebDataset's rule: the key is the path up to the first dot of the file name.
+                folder, _, name = member.name.rpartition("/")
+                stem, _, ext = name.partition(".")
+                member_key = f"{folder}/{stem}" if folder else stem
+                if member_key != key:
+                    if files:
+                        yield position, key, files
+                        files = {}
+                    position, key = position + 1, member_key
+                    if position >= count:
+                        raise ValueError(f"{path}: expected {count} samples (index.json), found more (at member "
+                                         f"{member.name})")
+                    if position >= skip + take:
+                        return
+                if position >= skip:
+                    files[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError) as err:
+        where = f" at member {key}" if key is not None else ""
+        raise ValueError(f"{path}: not a readable tar shard{where} ({err})") from err
+    if files:
+        yield position, key, files
+    if position + 1 < min(skip + take, count):
+        raise ValueError(f"{path}: expected {count} samples (index.json), found {position + 1}")
 
 
 class ShardDataset:
@@ -215,6 +235,11 @@ class ShardDataset:
         image_size: (H, W) samples are resized to when no per-sample transform is given, or None.
         files, counts: the shard paths and their sample counts, in packed order.
 
+    Shards may come from anyone: ``index.json`` may name only files inside ``root`` (links
+    resolved), it and its members are bounded by :data:`MAX_MEMBER_BYTES` (sparse members refused); a
+    broken tar, an undecodable image, a bad ``.cls`` or a shard whose sample count differs from
+    the index raises ValueError naming the shard and the member.
+
     ``len(ds)`` is the number of samples; iterating yields them in packed order as float samples
     (one process, every sample), like indexing a map-style data set would; ``materialize()``
     decodes them all into an :class:`AnnotatedDataset`.
@@ -225,6 +250,9 @@ class ShardDataset:
         index_file = root / "index.json"
         if not index_file.is_file():
             raise FileNotFoundError(f"{index_file}: no such file (write one with fastsat.data.pack_shards)")
+        if index_file.stat().st_size > MAX_MEMBER_BYTES:
+            raise ValueError(f"{index_file}: expected a shard index of at most {MAX_MEMBER_BYTES} bytes "
+                             f"(MAX_MEMBER_BYTES), got {index_file.stat().st_size}")
         try:
             index = json.loads(index_file.read_text())
             if index.get("format") != _FORMAT or index.get("version") != _VERSION:
@@ -232,12 +260,12 @@ class ShardDataset:
             self.classes = [str(c) for c in index["classes"]]
             self.annotations = choice(index["annotations"], "annotations", ("none", "box", "mask"))
             self.mean, self.std = check_stats(index["mean"], index["std"], 3)
-            self.files = [root / entry["file"] for entry in index["shards"]]
+            self.files = [confined(root, entry["file"], "shard file", resolve=True) for entry in index["shards"]]
             self.counts = [integer(entry["count"], "count", minimum=1) for entry in index["shards"]]
-        except (ValueError, TypeError, KeyError) as err:
+            if sum(self.counts) != index["count"]:
+                raise ValueError(f"shard counts add up to {sum(self.counts)}, not count={index['count']}")
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise ValueError(f"{index_file}: malformed shard index ({err})") from err
-        if sum(self.counts) != index["count"]:
-            raise ValueError(f"{index_file}: shard counts add up to {sum(self.counts)}, not count={index['count']}")
         self.root = root
         self.image_size = None if size is None else size_hw(size)
 
@@ -266,18 +294,32 @@ class ShardDataset:
                                 std=self.std)  # fmt: skip
 
     def decode(self, files: dict[str, bytes], where: str) -> dict[str, torch.Tensor]:
-        """One sample's tar members as a uint8 sample dict at the image's own resolution."""
+        """One sample's tar members as a uint8 sample dict at the image's own resolution; ``where``
+        (shard and key) names the member in errors."""
         ext = next((e for e in _IMAGE_EXTENSIONS if e in files), None)
-        if ext is None or "cls" not in files:
-            raise ValueError(f"{where}: expected an image ({', '.join(_IMAGE_EXTENSIONS)}) and a .cls, got {sorted(files)}")
-        image = decode_image(files[ext], "image", where)
-        label = int(files["cls"])
-        check_labels(torch.tensor([label]), self.num_classes, where)
+        needed = {"box": ["json"], "mask": ["mask.png"]}.get(self.annotations, [])
+        if ext is None or any(e not in files for e in ["cls", *needed]):
+            raise ValueError(f"{where}: expected an image ({', '.join(_IMAGE_EXTENSIONS)}), a .cls"
+                             f"{''.join(f' and a .{e}' for e in needed)}, got {sorted(files)}")
+        image = decode_image(files[ext], "image", f"{where}.{ext}")
+        text = files["cls"].strip()
+        if not (text.isascii() and text.isdigit() and len(text) <= 18):  # 18 digits: any int64
+            raise ValueError(f"{where}.cls: expected the label as ASCII decimal digits, got {text[:32]!r}")
+        label = int(text)
+        check_labels(torch.tensor([label]), self.num_classes, f"{where}.cls")
         box = mask = None
         if self.annotations == "box":
-            box = json.loads(files["json"])["box"]
+            try:
+                box = json.loads(files["json"])["box"]
+                if not (isinstance(box, list) and len(box) == 4 and all(type(v) is int and abs(v) < 2**62 for v in box)):
+                    raise ValueError(f"box: expected 4 integers, got {box!r:.80}")
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{where}.json: expected {{\"box\": [x0, y0, x1, y1], ...}} ({err})") from err
         elif self.annotations == "mask":
-            mask = np.asarray(decode_image(files["mask.png"], "mask", where).convert("L")) > 0
+            mask = np.asarray(decode_image(files["mask.png"], "mask", f"{where}.mask.png").convert("L")) > 0
+            if mask.shape != tuple(image.size[::-1]):
+                raise ValueError(f"{where}.mask.png: mask size {mask.shape[::-1]} does not match the image's "
+                                 f"{image.size} (width, height)")
         return annotated_sample(pixels(image), label, box=box, mask=mask)
 
 
@@ -364,9 +406,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         for count in self.data.counts[:-1]:
             first.append(first[-1] + count)  # the packed number of each shard's first sample
         items = (
-            (first[shard] + position, files, f"{self.data.files[shard]}#{position}")
+            (first[shard] + position, files, f"{self.data.files[shard]}: member {key}")
             for shard, skip, take in self._plan(epoch, worker, workers)
-            for position, files in _members(self.data.files[shard], skip, take)
+            for position, key, files in _members(self.data.files[shard], skip, take, self.data.counts[shard])
         )
         if self.shuffle:
             items = _shuffled(items, self.buffer, random.Random(mix_seed(self.seed, epoch, self.rank, worker)))

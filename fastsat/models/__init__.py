@@ -13,13 +13,14 @@ and ``.std``; without them :class:`Normalize` is the identity. No torchvision ne
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 from torch import nn
 
-from fastsat._checks import choice, describe, positive_int
+from fastsat._checks import choice, describe, nearest, positive_int
 
-from .layers import Normalize, check_homogeneous_input, default_cam_layer, init_weights
+from .layers import Normalize, check_dtype, check_homogeneous_input, check_images, default_cam_layer, init_weights
 from .resnet import PreActResNet, ResNet, WideResNet
 from .small import EtmannCNN, MadryCNN
 
@@ -30,7 +31,9 @@ __all__ = [
     "PreActResNet",
     "ResNet",
     "WideResNet",
+    "check_dtype",
     "check_homogeneous_input",
+    "check_images",
     "create",
     "default_cam_layer",
     "init_weights",
@@ -95,4 +98,9 @@ def create(
     num_classes = positive_int(num_classes, "num_classes")
     in_channels = positive_int(in_channels, "in_channels")
     cls, defaults = _REGISTRY[name.lower()]
+    options = [p for p in inspect.signature(cls).parameters if p not in ("num_classes", "in_channels", "mean", "std")]
+    for key in kw:
+        if key not in options:
+            raise TypeError(f"{key}: model {name!r} has no option {key!r}; expected one of {', '.join(options)}"
+                            f"{nearest(key, options)}")
     return cls(**{**defaults, **kw}, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)

@@ -9,7 +9,7 @@ from torch import nn
 
 from fastsat._checks import describe, number
 
-__all__ = ["Normalize", "check_homogeneous_input", "default_cam_layer", "init_weights"]
+__all__ = ["Normalize", "check_dtype", "check_homogeneous_input", "check_images", "default_cam_layer", "init_weights"]
 
 
 class Normalize(nn.Module):
@@ -42,6 +42,7 @@ class Normalize(nn.Module):
         self.register_buffer("std", std_t.view(1, channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_images(x, channels=self.mean.shape[1], dtype=self.mean.dtype)
         if not self.enabled:
             return x
         return (x - self.mean) / self.std
@@ -50,6 +51,27 @@ class Normalize(nn.Module):
         if not self.enabled:
             return "identity"
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+def check_images(x: torch.Tensor, *, channels: int | None = None, dtype: torch.dtype | None = None) -> None:
+    """Raise unless ``x`` is a batch of images (B, C, H, W) with ``channels`` C (ValueError; None:
+    any C) of the model's ``dtype`` (:func:`check_dtype`). Shapes and dtypes only: no host sync."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a (B, C, H, W) image tensor, got {describe(x)}")
+    if x.dim() != 4 or (channels is not None and x.shape[1] != channels):
+        want = f"(B, {channels if channels is not None else 'C'}, H, W)"
+        hint = "; a single image needs its batch dimension: x[None]" if x.dim() == 3 else ""
+        raise ValueError(f"x: expected a batch of images {want}, got shape {tuple(x.shape)}{hint}")
+    check_dtype(x, dtype)
+
+
+def check_dtype(x: torch.Tensor, dtype: torch.dtype | None) -> None:
+    """TypeError unless ``x`` has the dtype of the model's weights (None: any), or is a 16- or
+    32-bit float under autocast, which casts it."""
+    autocast = x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type)
+    if dtype is not None and x.dtype != dtype and not autocast:
+        raise TypeError(f"x: expected {dtype} input (the dtype of the model's weights), got {x.dtype}; convert the "
+                        f"input (x.to({dtype})) or the model (model.to({x.dtype}))")
 
 
 def check_homogeneous_input(mean: Sequence[float] | None, bias_free: bool, why: str) -> None:

@@ -164,8 +164,8 @@ def parse(kind: object, value: object, name: str) -> object:
     if kind is float:
         try:
             return float(Fraction(value.strip()))
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"{name}: expected a number or a fraction like 8/255, got {describe(value)}") from None
+        except (ValueError, ZeroDivisionError, OverflowError):  # OverflowError: beyond a float, e.g. 1e999
+            raise ValueError(f"{name}: expected a finite number or a fraction like 8/255, got {describe(value)}") from None
     return value
 
 
