@@ -244,7 +244,8 @@ def test_perturbing_recipes_keep_every_input_in_the_run_box(name):
     batch = tiny_batch()
     batch["image"] = lo + (hi - lo) * torch.rand(batch["image"].shape, generator=torch.Generator().manual_seed(0))
     model = _Inputs(tiny_cnn())
-    recipe = T.make_recipe(name, eps=eps, clip=(lo, hi), **({"replays": 2} if name == "free" else {}))
+    extra = {"free": {"replays": 2}, "gradalign": {"lam": 1.0}}.get(name, {})  # gradalign: ε beyond λ's rule
+    recipe = T.make_recipe(name, eps=eps, clip=(lo, hi), **extra)
     for seed in range(2):  # both branches of the sat+* coin
         torch.manual_seed(seed)
         if name == "free":
@@ -313,6 +314,10 @@ def test_gradalign_lambda_follows_the_authors_rule():
     assert T.gradalign_lambda(8 / 255) == pytest.approx(0.2, rel=1e-12)
     assert T.gradalign_lambda(16 / 255) == pytest.approx(2.0, rel=1e-12)
     assert T.gradalign_lambda(1 / 255) == pytest.approx(0.027, abs=5e-4)
+    # Beyond their range the rule explodes (2e7 at 0.3): refused, naming lam, when the recipe is built.
+    with pytest.raises(ValueError, match="lam"):
+        T.GradAlign(eps=0.3)
+    assert T.GradAlign(eps=0.3, lam=1.0).lam == 1.0
 
 
 def test_gradalign_regulariser_vanishes_on_a_binary_linear_model():

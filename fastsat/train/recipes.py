@@ -500,10 +500,23 @@ class NFGSM(PerturbationRecipe):
         return _ce(model, _attack(attack, noisy, y), y)
 
 
+_GRADALIGN_RULE_MAX_EPS = 16 / 255
+
+
 def gradalign_lambda(eps: float) -> float:
     """GradAlign's weight λ at radius ``eps`` (pixels of [0, 1] images): the authors' log-linear
-    rule 0.02·10^(255·ε/8), which gives their CIFAR-10 values (0.2 at 8/255, 2 at 16/255, 0.027 at 1/255)."""
-    return 0.02 * 10 ** (number(eps, "eps", minimum=0) * 255 / 8)
+    rule 0.02·10^(255·ε/8), which gives their CIFAR-10 values (0.2 at 8/255, 2 at 16/255, 0.027 at
+    1/255). The rule interpolates their runs at 1/255–16/255 and grows tenfold per 8/255, so beyond
+    16/255 (λ = 2e7 at ε = 0.3) it is refused: set λ yourself there.
+
+    Raises:
+        ValueError: ``eps`` above 16/255.
+    """
+    eps = number(eps, "eps", minimum=0)
+    if eps > _GRADALIGN_RULE_MAX_EPS * (1 + 1e-12):
+        raise ValueError(f"lam: GradAlign's rule for λ covers eps <= 16/255 (the authors' CIFAR-10 range); at eps = "
+                         f"{eps:.4g} set lam explicitly (the rule gives 2 at 16/255)")
+    return 0.02 * 10 ** (eps * 255 / 8)
 
 
 def gradient_misalignment(model: Callable[[Tensor], Tensor], x: Tensor, x_noisy: Tensor, y: Tensor) -> Tensor:
@@ -538,15 +551,20 @@ class GradAlign(PerturbationRecipe):
     FGSM step's ``attack_mode`` says for the attack. About three single-step passes per batch.
 
     eps: default 8/255 (pixels). lam: λ, default None = :func:`gradalign_lambda` of the radius
-    trained at (0.2 at 8/255).
+    trained at (0.2 at 8/255; eps above 16/255 needs an explicit lam).
     """
 
     name: ClassVar[str] = "gradalign"
     early_stop: ClassVar[bool] = True
     lam: float | None = option(None, "weight λ of GradAlign's gradient-misalignment term; None: the authors' rule "
-                               "0.02·10^(255·eps/8) (0.2 at 8/255)",
+                               "0.02·10^(255·eps/8) (0.2 at 8/255; up to eps 16/255)",
                                check=functools.partial(number, minimum=0, allow_none=True))
     attack_mode: str = _attack_mode()
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lam is None:
+            gradalign_lambda(self.eps)  # the rule covers this radius (else: a ValueError naming lam)
 
     def loss(self, model, batch, *, epoch=0):
         batch = as_batch(batch)
