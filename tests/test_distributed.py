@@ -138,6 +138,10 @@ WORKER = SETUP + textwrap.dedent(
     # 5. AWP: the same global batch as one process.
     T.fit(madry(), train, out_dir=str(out / "awp"), **AWP)
 
+    # 5b. The catastrophic-overfitting guard: each rank attacks its share of the fixed batch, the counts summed.
+    guarded = T.fit(madry(), train, **dict(SAME, recipe="fast", early_stop_drop=0.2))
+    report["guard"] = [{k: row[k] for k in ("train_pgd_acc", "train_fgsm_acc")} for row in guarded.history]
+
     # 6. This rank's random streams in an epoch.
     distributed.seed_epoch(7, 3)
     report["stream"] = torch.rand(4).tolist()
@@ -203,6 +207,13 @@ def test_awp_on_two_processes_perturbs_the_weights_as_one_process(two_ranks):
     _, out = two_ranks
     state = load_checkpoint(out / "awp" / T.trainer.CHECKPOINT_NAME)
     _assert_close(state["model"], _single_process_reference(AWP), "AWP, 2 processes vs 1")
+
+
+def test_the_overfitting_guard_decides_alike_on_every_rank(two_ranks):
+    reports, _ = two_ranks
+    assert len(reports[0]["guard"]) == 2 and reports[0]["guard"] == reports[1]["guard"]
+    # Counts summed over the two shares of a 16-sample batch: multiples of 1/16.
+    assert all((16 * v) == round(16 * v) for row in reports[0]["guard"] for v in row.values())
 
 
 def test_exactly_one_process_writes_the_checkpoints(two_ranks):
