@@ -185,7 +185,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     for eps in sorted({r["eps"] for r in rows}):
         at = {(r["arm"], r["seed"]): r for r in rows if r["eps"] == eps}
         standard = {seed: r["epoch_s"] for (arm, seed), r in at.items() if arm == "standard"}
-        for arm in ARMS:
+        for arm, (recipe, options, _) in ARMS.items():
             runs = [r for (name, _), r in at.items() if name == arm]
             if not runs:
                 continue
@@ -198,7 +198,6 @@ def summarise(rows: list[dict]) -> list[dict]:
                     diff, diff_half = interval(paired)
                     out[f"{label} − PGD-AT"] = f"{diff:+.3f}" + (f" ± {diff_half:.3f}" if math.isfinite(diff_half) else "")
             out["fwd/step"] = runs[0]["forwards_per_step"]
-            recipe, options, _ = ARMS[arm]
             out["bwd/step"] = BACKWARDS["pgd+awp" if options.get("awp_gamma") else recipe]
             out["epoch time / standard"] = statistics.fmean(r["epoch_s"] / standard[r["seed"]] for r in runs
                                                             if r["seed"] in standard)

@@ -89,8 +89,10 @@ def test_a_factory_model_checkpoints_resumes_and_evaluates_from_the_cli(tmp_path
 def test_bad_model_names_and_arguments_are_reported(capsys):
     with pytest.raises(ValueError, match="name: cannot import 'no_such_module'"):
         models.create("no_such_module:net", num_classes=3)
-    with pytest.raises(ValueError, match="has no callable 'missing'"):
+    with pytest.raises(ValueError, match="has no 'missing'"):
         models.create(f"{HERE}:missing", num_classes=3)
+    with pytest.raises(TypeError, match="expected a callable factory"):
+        models.create(f"{HERE}:HERE", num_classes=3)
     with pytest.raises(TypeError, match="returned 'model'"):
         models.create(f"{HERE}:not_a_module", num_classes=3)
     with pytest.raises(ValueError, match="'package.module:factory'"):

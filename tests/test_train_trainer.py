@@ -307,8 +307,8 @@ def test_the_guard_leaves_a_user_loaders_shuffling_alone():
         seen = []
         trainer = T.Trainer(tiny_model(), loader, T.TrainConfig(recipe="fast", epochs=2, batch_size=16,
                                                                  early_stop_drop=drop, progress=False))
-        real = trainer.train_step
-        trainer.train_step = lambda batch, epoch: seen.append(batch["label"].clone()) or real(batch, epoch)
+        trainer.train_step = lambda batch, epoch, seen=seen, real=trainer.train_step: (
+            seen.append(batch["label"].clone()) or real(batch, epoch))
         trainer.fit()
         orders.append(torch.cat(seen))
     assert torch.equal(orders[0], orders[1])

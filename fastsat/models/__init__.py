@@ -171,9 +171,11 @@ def _factory(name: str):
     except ImportError as err:
         raise ValueError(f"name: cannot import {module_name!r} for the model {name!r} ({err}); the module must be on "
                          "sys.path (installed, or its folder in PYTHONPATH)") from err
-    factory = getattr(module, attribute, None)
+    if not hasattr(module, attribute):
+        raise ValueError(f"name: {module_name!r} has no {attribute!r} for the model {name!r}")
+    factory = getattr(module, attribute)
     if not callable(factory):
-        raise ValueError(f"name: {module_name!r} has no callable {attribute!r} for the model {name!r}")
+        raise TypeError(f"name: {name!r} is {describe(factory)}, expected a callable factory")
     return factory
 
 

@@ -38,10 +38,10 @@ from fastsat.train.distributed import unwrap
 from fastsat.train.options import option, validate
 
 __all__ = [
-    "PRECISIONS",
-    "RECIPES",
     "MART",
     "NFGSM",
+    "PRECISIONS",
+    "RECIPES",
     "SAT",
     "Fast",
     "Free",
