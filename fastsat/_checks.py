@@ -21,7 +21,7 @@ import difflib
 import math
 import numbers
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -32,6 +32,7 @@ __all__ = [
     "flag",
     "host_checks_enabled",
     "integer",
+    "mapping",
     "nearest",
     "no_host_checks",
     "number",
@@ -161,6 +162,15 @@ def flag(value: object, name: str, *, allow_none: bool = False) -> bool | None:
     if (value is None and allow_none) or isinstance(value, bool):
         return value
     raise TypeError(f"{name}: expected True or False{' or None' if allow_none else ''}, got {describe(value)}")
+
+
+def mapping(value: object, name: str, *, allow_none: bool = False) -> dict | None:
+    """Keyword arguments: a mapping with ``str`` keys, as a ``dict`` (None passes with ``allow_none``)."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
+        raise TypeError(f"{name}: expected a mapping of name: value{' or None' if allow_none else ''}, got {describe(value)}")
+    return dict(value)
 
 
 def path(value: object, name: str, *, allow_none: bool = False) -> str | None:

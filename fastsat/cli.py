@@ -21,7 +21,7 @@ import logging
 import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from fastsat import _dist, data, models, saliency
-from fastsat._checks import choice, flag, number, path, positive_int, seed, writable_path
+from fastsat._checks import choice, flag, mapping, number, path, positive_int, seed, writable_path
 from fastsat._checks import device as device_of
 from fastsat._io import atomic_save, atomic_write_text
 from fastsat.alignment import ALIGNMENT_TARGETS
@@ -124,10 +124,21 @@ class DataOptions:
         validate(self)
 
 
+def _pretrained(value: object, name: str) -> bool | str:
+    return value if isinstance(value, bool) else path(value, name)
+
+
 @dataclass(frozen=True)
 class ModelOptions:
-    model: str = option("preactresnet18", "architecture (it normalises its input with the training set's statistics)",
-                        choices=tuple(models.names()))
+    model: str = option("preactresnet18", f"architecture: a zoo name ({', '.join(models.names())}), "
+                        "package.module:factory (your classifier: factory(num_classes=K, **model_args), the module "
+                        "importable) or timm:NAME (pip install 'fastsat[timm]'); it normalises its input with the "
+                        "training set's statistics", check=models.check_name)
+    model_args: Mapping[str, object] | None = option(
+        None, "keyword arguments of the model (zoo class, factory or timm.create_model), a YAML mapping such as "
+        "'{depth: 3}'", check=functools.partial(mapping, allow_none=True))
+    pretrained: bool | str = option(False, "timm:NAME only: true loads timm's pretrained weights, a path that local "
+                                    "weights file (fastsat eval loads the checkpoint instead)", check=_pretrained)
     width: int | None = option(None, "channels of the first stage; None: the model's default",
                                check=functools.partial(positive_int, allow_none=True))
     stem: str | None = option(None, "resnet* only: cifar (3x3 conv, stride 1: 32 px inputs) or imagenet (7x7 conv, "
@@ -310,7 +321,7 @@ def _read_yaml(path: Path, name: str) -> dict:
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ValueError(f"{name}: {path} must hold a mapping of option: value, got {type(loaded).__name__}")
+        raise ValueError(f"{name}: {path} must hold a mapping of option: value, got {type(loaded).__name__}")  # noqa: TRY004 (a bad file)
     return loaded
 
 
@@ -408,15 +419,16 @@ def _num_classes(dataset) -> int:
     return len(classes)
 
 
-def _model(options: ModelOptions, train_set) -> torch.nn.Module:
-    """A fresh model for ``train_set``'s classes, normalising with its statistics (``.mean``/``.std``)."""
+def _model(options: ModelOptions, train_set, *, pretrained: bool = True) -> torch.nn.Module:
+    """A fresh model for ``train_set``'s classes, normalising with its statistics
+    (``.mean``/``.std``); ``pretrained=False`` skips the options' pretrained weights (a checkpoint follows)."""
     kwargs = {key: getattr(options, key) for key in ("width", "stem") if getattr(options, key) is not None}
     return models.create(options.model, num_classes=_num_classes(train_set), mean=train_set.mean, std=train_set.std,
-                         **kwargs)
+                         pretrained=options.pretrained if pretrained else False, **(options.model_args or {}), **kwargs)
 
 
 def _trained_model(options: ModelOptions, train_set, device: torch.device, checkpoint: str | None) -> torch.nn.Module:
-    model = _model(options, train_set)
+    model = _model(options, train_set, pretrained=checkpoint is None)
     if checkpoint:
         state = load_checkpoint(checkpoint)
         # A run trained with --ema was evaluated (and chose best.pt) on the averaged weights: use them.

@@ -18,6 +18,8 @@
 #              torch.compile and sync debug mode of the ops (tests/test_ops*.py), and the training
 #              step's sync and capture tests (tests/test_fast_path.py), selected with
 #              -k "cuda or triton"; junit in $OUT
+#   3b. timm   the timm:NAME model route (tests/test_models_external.py -k timm), which skips, with its
+#              reason in run.log, where the machine's python has no working timm (nothing is installed)
 #   4. bench-ops-quick   python -m bench.gpu --quick --no-compile (a first, cheap op table)
 #   5. bench-e2e         python bench/bench_e2e.py --device cuda (GPU_CHECK_E2E_ARGS, default --quick)
 #   6. bench-ops         python -m bench.gpu (full: both shapes, fp32 + bf16, torch.compile rows and
@@ -139,11 +141,13 @@ if [ "$dry" = "1" ]; then
   # answers without a GPU; bench_e2e parses its GPU arguments).
   run_part build 60 bash -c "check_backends cpp"
   run_part tests 120 "$py" -m pytest --collect-only "${pytest_args[@]}" "${tests[@]}"
+  run_part timm 60 "$py" -m pytest --collect-only -q -p no:cacheprovider -k timm tests/test_models_external.py
   run_part bench-ops-quick 60 bash -c "'$py' -m bench.gpu --quick --no-compile --out '$out'; test \$? -eq 2"
   run_part bench-e2e 60 "$py" bench/bench_e2e.py --help
 else
   run_part build 240 bash -c build
   run_part tests 180 "$py" -m pytest "${pytest_args[@]}" -n 8 --timeout 120 "${tests[@]}"
+  run_part timm 90 "$py" -m pytest -q -rs -p no:cacheprovider -k timm tests/test_models_external.py
   run_part bench-ops-quick 60 "$py" -m bench.gpu --quick --no-compile --out "$out"
   # shellcheck disable=SC2086  # word splitting of the extra arguments is meant
   run_part bench-e2e 120 "$py" bench/bench_e2e.py --device cuda ${GPU_CHECK_E2E_ARGS---quick} --out-dir "$out"

@@ -41,6 +41,9 @@ SETUP = textwrap.dedent(
     # A deterministic recipe (no random start) and no augmentation: the only difference between one
     # process and two is where the gradient's sum is split.
     SAME = dict(recipe="standard", epochs=2, batch_size=16, lr=0.05, augment=False, progress=False)
+    # AWP (a large γ): its weight perturbation must come from the global batch's gradient. The attack's
+    # radius is tiny, so that the ranks' own random starts change nothing measurable.
+    AWP = dict(SAME, recipe="pgd", recipe_options={"steps": 1, "eps": 1e-7, "step_size": 1e-7, "awp_gamma": 0.1})
     """
 )
 
@@ -133,7 +136,14 @@ WORKER = SETUP + textwrap.dedent(
     odd.fit()
     report["odd"] = {"batches": len(odd.loader), "steps": odd.steps_per_epoch}
 
-    # 5. This rank's random streams in an epoch.
+    # 5. AWP: the same global batch as one process.
+    T.fit(madry(), train, out_dir=str(out / "awp"), **AWP)
+
+    # 5b. The catastrophic-overfitting guard: each rank attacks its share of the fixed batch, the counts summed.
+    guarded = T.fit(madry(), train, **dict(SAME, recipe="fast", early_stop_drop=0.2))
+    report["guard"] = [{k: row[k] for k in ("train_pgd_acc", "train_fgsm_acc")} for row in guarded.history]
+
+    # 6. This rank's random streams in an epoch.
     distributed.seed_epoch(7, 3)
     report["stream"] = torch.rand(4).tolist()
 
@@ -145,7 +155,7 @@ WORKER = SETUP + textwrap.dedent(
 
 namespace: dict = {}
 exec(SETUP, namespace)  # noqa: S102 — the same source the 2-process run executes
-madry, train, SAME = namespace["madry"], namespace["train"], namespace["SAME"]
+madry, train, SAME, AWP = namespace["madry"], namespace["train"], namespace["SAME"], namespace["AWP"]
 
 
 def _torchrun(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
@@ -166,9 +176,9 @@ def two_ranks(tmp_path_factory):
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)], out
 
 
-def _single_process_reference():
+def _single_process_reference(settings=SAME):
     model = madry()
-    T.fit(model, train, **SAME)
+    T.fit(model, train, **settings)
     return model.state_dict()
 
 
@@ -190,6 +200,21 @@ def test_two_processes_train_as_one_with_the_same_global_batch(two_ranks):
     strip = [[{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in r["same_history"]]
              for r in reports]
     assert strip[0] == strip[1]
+
+
+def test_awp_on_two_processes_perturbs_the_weights_as_one_process(two_ranks):
+    # Each rank's own gradient would give each its own v (the half batch's): the weights would then
+    # differ by ~1e-3 after 8 steps; averaged over the ranks, by rounding only.
+    _, out = two_ranks
+    state = load_checkpoint(out / "awp" / T.trainer.CHECKPOINT_NAME)
+    _assert_close(state["model"], _single_process_reference(AWP), "AWP, 2 processes vs 1")
+
+
+def test_the_overfitting_guard_decides_alike_on_every_rank(two_ranks):
+    reports, _ = two_ranks
+    assert len(reports[0]["guard"]) == 2 and reports[0]["guard"] == reports[1]["guard"]
+    # Counts summed over the two shares of a 16-sample batch: multiples of 1/16.
+    assert all((16 * v) == round(16 * v) for row in reports[0]["guard"] for v in row.values())
 
 
 def test_exactly_one_process_writes_the_checkpoints(two_ranks):

@@ -23,15 +23,18 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 DATA = shapes(48, size=12, num_classes=3, seed=0, cache_dir=False)
 # Cheap settings of the recipes whose defaults are slow (steps, replays); the rest take their defaults.
 CHEAP = {"pgd": {"steps": 2}, "trades": {"steps": 2}, "free": {"replays": 2}, "sat+pgd": {"steps": 2},
-         "sat+trades": {"steps": 2}}
+         "sat+trades": {"steps": 2}, "mart": {"steps": 2}}
+# Every recipe, and the options that change its step's code path (AWP's weight perturbation).
+STEPS = [(name, CHEAP.get(name, {})) for name in sorted(T.RECIPES)] + [
+    (name, {**CHEAP[name], "awp_gamma": 5e-3}) for name in ("pgd", "trades")]
 
 
-@pytest.mark.parametrize("name", sorted(T.RECIPES))
-def test_a_steady_state_epoch_reads_the_device_at_most_four_times(name):
+@pytest.mark.parametrize("name, options", STEPS, ids=[f"{n}-awp" if "awp_gamma" in o else n for n, o in STEPS])
+def test_a_steady_state_epoch_reads_the_device_at_most_four_times(name, options):
     # "Steady state": the second epoch, after its first batch (which the trainer checks on the host
     # with every check on: input range, labels, boxes). From there to the epoch's record, logging
     # included, a step must not wait for the device; the epoch-end read of the sums is one.
-    config = T.TrainConfig(recipe=name, recipe_options=CHEAP.get(name, {}), epochs=2, batch_size=8, progress=False,
+    config = T.TrainConfig(recipe=name, recipe_options=options, epochs=2, batch_size=8, progress=False,
                            ema=0.9, early_stop_drop=None)
     trainer = T.Trainer(tiny_cnn(), DATA, config)
     trainer.restore()

@@ -244,7 +244,8 @@ def test_perturbing_recipes_keep_every_input_in_the_run_box(name):
     batch = tiny_batch()
     batch["image"] = lo + (hi - lo) * torch.rand(batch["image"].shape, generator=torch.Generator().manual_seed(0))
     model = _Inputs(tiny_cnn())
-    recipe = T.make_recipe(name, eps=eps, clip=(lo, hi), **({"replays": 2} if name == "free" else {}))
+    extra = {"free": {"replays": 2}, "gradalign": {"lam": 1.0}}.get(name, {})  # gradalign: ε beyond λ's rule
+    recipe = T.make_recipe(name, eps=eps, clip=(lo, hi), **extra)
     for seed in range(2):  # both branches of the sat+* coin
         torch.manual_seed(seed)
         if name == "free":
@@ -267,3 +268,226 @@ def test_fit_gives_the_run_box_to_the_recipe():
     assert inputs.min() >= lo and inputs.max() <= hi
     with pytest.raises(ValueError, match="clip"):
         T.fit(model, [(x, y)], recipe=T.Free(clip=(0.0, 1.0)), clip=(lo, hi), epochs=1, progress=False)
+
+
+# --- N-FGSM, GradAlign, MART, AWP (METHODS.md §3) -------------------------------------------------
+
+class _Forwards(nn.Module):
+    """Records the input of every forward, in every mode."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.model(x)
+
+
+def _linear_ce_grad(linear: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """∇ₓCE of a linear classifier by hand: Wᵀ(softmax(Wx + b) − e_y), per sample."""
+    flat = x.flatten(1)
+    p = torch.softmax(flat @ linear.weight.T + linear.bias, 1)
+    return ((p - F.one_hot(y, p.shape[1]).to(p)) @ linear.weight).view_as(x)
+
+
+def test_nfgsm_is_one_unprojected_sign_step_from_the_noisy_point_on_a_linear_model():
+    from _models import linear_model
+
+    torch.manual_seed(0)
+    x = 0.3 + 0.4 * torch.rand(6, 1, 4, 4, dtype=torch.float64)  # 0.3..0.7: the box never clips at 3ε = 0.15
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    model = _Forwards(linear_model(3, 16))
+    eps, k = 0.05, 2.0
+    T.NFGSM(eps=eps).loss(model, (x, y))
+    noisy, trained = model.seen[0], model.seen[-1]  # the gradient's point, the training input
+    assert (noisy - x).abs().max() <= k * eps + 1e-15
+    assert (noisy - x).abs().max() > eps, "the noise never left the ε-ball: it is not U(−2ε, 2ε)"
+    want = (noisy + eps * torch.sign(_linear_ce_grad(model.model[1], noisy, y))).clamp(0, 1)
+    assert torch.equal(trained, want), f"max |diff| {(trained - want).abs().max()}"  # the same float64 sum and clip
+    delta = (trained - x).abs().max()
+    assert delta <= (k + 1) * eps + 1e-15 and delta > 2 * eps, f"‖δ‖∞ = {delta}: projected back, or no step"
+
+
+def test_gradalign_lambda_follows_the_authors_rule():
+    # Their scripts: 0.027 at 1/255, 0.2 at 8/255, 2.0 at 16/255 (log-linear in ε).
+    assert T.gradalign_lambda(8 / 255) == pytest.approx(0.2, rel=1e-12)
+    assert T.gradalign_lambda(16 / 255) == pytest.approx(2.0, rel=1e-12)
+    assert T.gradalign_lambda(1 / 255) == pytest.approx(0.027, abs=5e-4)
+    # Beyond their range the rule explodes (2e7 at 0.3): refused, naming lam, when the recipe is built.
+    with pytest.raises(ValueError, match="lam"):
+        T.GradAlign(eps=0.3)
+    assert T.GradAlign(eps=0.3, lam=1.0).lam == 1.0
+
+
+def test_gradalign_regulariser_vanishes_on_a_binary_linear_model():
+    # K = 2: ∇ₓCE = (p₁ − [y = 1])·(w₁ − w₀), a multiple of one direction with the sign fixed by y, so
+    # every cosine is 1. With K = 3 the gradient's direction depends on x: the test can tell.
+    from _models import linear_model
+
+    torch.manual_seed(0)
+    x, noisy = torch.rand(8, 1, 3, 3, dtype=torch.float64), torch.rand(8, 1, 3, 3, dtype=torch.float64)
+    binary = linear_model(2, 9)
+    penalty = T.gradient_misalignment(binary, x, noisy, torch.randint(0, 2, (8,)))
+    assert abs(penalty.item()) < 1e-14
+    (grad,) = torch.autograd.grad(penalty, binary[1].weight)
+    assert grad.abs().max() < 1e-12
+    assert T.gradient_misalignment(linear_model(3, 9), x, noisy, torch.randint(0, 3, (8,))).item() > 1e-4  # ten orders above
+
+
+def test_gradalign_regulariser_against_per_sample_cosines_and_gradcheck():
+    model = _smooth_model()
+    torch.manual_seed(2)
+    x, noisy, y = torch.rand(5, 3, 8, 8, dtype=torch.float64), torch.rand(5, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0])
+    got = T.gradient_misalignment(model, x, noisy, y)
+    cosines = []
+    for i in range(5):
+        pair = []
+        for point in (x[i : i + 1], noisy[i : i + 1]):
+            point = point.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(model(point), y[i : i + 1]), point)
+            pair.append(g.flatten())
+        cosines.append(F.cosine_similarity(*pair, dim=0))
+    want = (1 - torch.stack(cosines)).mean()
+    assert got.item() == pytest.approx(want.item(), rel=1e-10)  # float64; cosine_similarity divides differently
+    # The double backprop through both gradients is the regulariser's true derivative in the weights
+    # (the inputs are data: it detaches them).
+    conv, head = model[0], model[3]
+
+    def regulariser(weight, bias):
+        def net(z):
+            return F.linear(F.softplus(F.conv2d(z, weight, conv.bias, padding=1)).flatten(1), head.weight, bias)
+        return T.gradient_misalignment(net, x[:2], noisy[:2], y[:2])
+
+    args = (conv.weight.detach().clone().requires_grad_(True), head.bias.detach().clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(regulariser, args)
+
+
+def test_gradalign_loss_is_ce_at_the_fgsm_point_plus_lambda_times_the_regulariser():
+    from fastsat.attacks import FGSM
+    from fastsat.ops import random_start
+
+    model = tiny_cnn().eval()  # eval: batch norm does not couple the forwards
+    batch = tiny_batch()
+    x, y = batch["image"], batch["label"]
+    torch.manual_seed(3)
+    got = T.GradAlign(eps=4 / 255).loss(model, batch).loss
+    torch.manual_seed(3)
+    x_fgsm = FGSM(model, eps=4 / 255, step_size=4 / 255)(x, y).x_adv
+    noisy = random_start(x, eps=4 / 255)
+    want = F.cross_entropy(model(x_fgsm), y) + T.gradalign_lambda(4 / 255) * T.gradient_misalignment(model, x, noisy, y)
+    assert torch.allclose(got, want, rtol=1e-6, atol=0), f"{got.item()} vs {want.item()}"
+
+
+def _mart_reference(logits_nat, logits_adv, labels, beta):
+    """MART's loss sample by sample in float64 from the paper's formula."""
+    terms = []
+    for z_nat, z_adv, y in zip(logits_nat.tolist(), logits_adv.tolist(), labels.tolist()):
+        p_nat = [math.exp(v) / sum(math.exp(u) for u in z_nat) for v in z_nat]
+        p_adv = [math.exp(v) / sum(math.exp(u) for u in z_adv) for v in z_adv]
+        bce = -math.log(p_adv[y]) - math.log(1 - max(p for k, p in enumerate(p_adv) if k != y))
+        kl = sum(p * math.log(p / q) for p, q in zip(p_nat, p_adv))
+        terms.append(bce + beta * kl * (1 - p_nat[y]))
+    return sum(terms) / len(terms)
+
+
+def test_mart_loss_against_the_formula_on_random_logits():
+    gen = torch.Generator().manual_seed(0)
+    logits_nat, logits_adv = 3 * torch.randn(9, 5, generator=gen, dtype=torch.float64), 3 * torch.randn(9, 5, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 5, (9,), generator=gen)
+    labels[0] = logits_adv[0].argmax()  # the true class ranks first at x' for one sample, last for another
+    labels[1] = logits_adv[1].argmin()
+    got = T.mart_loss(logits_nat, logits_adv, labels, beta=6.0)
+    assert got.item() == pytest.approx(_mart_reference(logits_nat, logits_adv, labels, 6.0), rel=1e-12)
+    # Hand case: p(x) = p(x') = (1/2, 1/4, 1/4), y = 0: BCE = log 2 − log(3/4), KL = 0.
+    z = torch.log(torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64))
+    assert T.mart_loss(z, z, torch.tensor([0]), 6.0).item() == pytest.approx(math.log(2) - math.log(0.75), rel=1e-14)
+
+
+def test_mart_recipe_uses_pgd_on_ce():
+    from fastsat.attacks import PGD
+
+    model = tiny_cnn().eval()
+    batch = tiny_batch()
+    x, y = batch["image"], batch["label"]
+    torch.manual_seed(4)
+    got = T.MART(steps=2).loss(model, batch)
+    torch.manual_seed(4)
+    x_adv = PGD(model, eps=8 / 255, step_size=2 / 255, steps=2)(x, y).x_adv
+    logits_adv = model(x_adv)
+    assert torch.equal(got.loss, T.mart_loss(model(x), logits_adv, y, 6.0))
+    assert torch.equal(got.logits, logits_adv.detach())
+
+
+class _Recording(torch.optim.SGD):
+    """SGD that records the parameters and their gradients at the moment it steps."""
+
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"]]
+        self.seen = ([p.detach().clone() for p in params], [p.grad.detach().clone() for p in params])
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("name", ["pgd", "trades"])
+def test_awp_takes_the_gradient_at_w_plus_v_and_steps_from_the_restored_w(name):
+    import copy
+
+    gamma = 0.05  # large, so that the gradient at w + v is far from the one at w
+    model = tiny_cnn()  # train mode, batch norm: the ascent's forward must not move its statistics
+    batch = tiny_batch()
+    x, y = batch["image"], batch["label"]
+    recipe = T.make_recipe(name, steps=2, awp_gamma=gamma)
+    original = copy.deepcopy(model)
+    opt = _Recording(model.parameters(), lr=0.1)
+    torch.manual_seed(6)
+    recipe.train_step(model, batch, opt)
+
+    # Independent reference: the same attack, then v by hand, then the gradient at w + v on a copy.
+    torch.manual_seed(6)
+    x_adv = recipe.adversarial(copy.deepcopy(original), x, y, 0)
+    at_w = copy.deepcopy(original)
+    names = [n for n, p in at_w.named_parameters() if p.dim() > 1]
+    grads = torch.autograd.grad(recipe.objective(at_w, x, x_adv, y).loss, [at_w.get_parameter(n) for n in names])
+    moved = copy.deepcopy(original)
+    with torch.no_grad():
+        for n, g in zip(names, grads):
+            w = moved.get_parameter(n)
+            w += gamma * w.norm() * g / g.norm()
+    loss = recipe.objective(moved, x, x_adv, y).loss
+    want = torch.autograd.grad(loss, list(moved.parameters()))
+    at_step, got = opt.seen
+    for before, weights in zip(original.parameters(), at_step):
+        assert torch.equal(before, weights), "the weights were not restored bit for bit before the step"
+    still = copy.deepcopy(original)
+    plain = torch.autograd.grad(recipe.objective(still, x, x_adv, y).loss, list(still.parameters()))
+    for g, w, p in zip(got, want, plain):
+        # float32: v by foreach norms vs by hand differs by rounding (~1e-7 relative).
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert max((g - p).abs().max() for g, p in zip(got, plain)) > 1e-3, "the gradient at w + v is the one at w"
+    # Batch-norm statistics: those of the one training forward at w + v, not of the ascent's forward too.
+    torch.testing.assert_close(model[1].running_mean, moved[1].running_mean, rtol=1e-5, atol=1e-7)
+    assert torch.equal(model[1].num_batches_tracked, moved[1].num_batches_tracked)  # pgd: 1 forward, trades: 2
+
+
+def test_awp_with_the_fused_optimiser_and_step_guard_matches_plain_sgd():
+    import copy
+
+    batch = tiny_batch()
+    recipe = T.PGDTraining(steps=2, awp_gamma=5e-3)
+    runs = []
+    for fused in (False, True):
+        model = tiny_cnn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused)
+        torch.manual_seed(7)
+        for _ in range(2):
+            recipe.train_step(model, batch, opt, scaler=T.StepGuard("cpu") if fused else None)
+        runs.append(copy.deepcopy(model.state_dict()))
+    for key in runs[0]:
+        torch.testing.assert_close(runs[1][key], runs[0][key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_awp_refuses_the_single_loss_helper():
+    with pytest.raises(TypeError, match="train_step"):
+        T.recipe_loss(tiny_cnn(), tiny_batch(), recipe="pgd", awp_gamma=5e-3)
+    with pytest.raises(ValueError, match="awp_gamma"):
+        T.make_recipe("trades", awp_gamma=-1.0)

@@ -214,8 +214,6 @@ def test_bad_arguments():
         T.fit(tiny_model(), train, recipe="standard", precision="fp8")
     with pytest.raises(ValueError, match="schedule"):
         T.fit(tiny_model(), train, recipe="standard", schedule="linear")
-    with pytest.raises(ValueError, match="eval_data"):
-        T.fit(tiny_model(), train, recipe="fast")
     with pytest.raises(TypeError, match="data"):
         T.fit(tiny_model(), object(), recipe="standard")
 
@@ -240,6 +238,80 @@ def test_fast_early_stop_restores_the_best_epoch(tmp_path, monkeypatch):
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["epoch"] == 2
     _assert_same_weights(best["model"], _weights(model), "model after early stop vs best epoch")
+
+
+def _scripted_guard(monkeypatch, pgd, fgsm):
+    rows = iter(zip(pgd, fgsm))
+    monkeypatch.setattr(T.Trainer, "check_overfitting", lambda self: dict(zip(("train_pgd_acc", "train_fgsm_acc"), next(rows))))
+
+
+@pytest.mark.parametrize("recipe", ["fast", "nfgsm", "gradalign"])
+def test_the_guard_stops_a_collapse_without_eval_data_and_restores_the_best_epoch(recipe, tmp_path, monkeypatch, caplog):
+    # The guard's training-batch accuracies: PGD peaks at epoch 2, then falls by 0.3 while FGSM rises
+    # (catastrophic overfitting's signature): stop at epoch 3 with epoch 2's weights back.
+    import logging
+
+    _scripted_guard(monkeypatch, pgd=[0.30, 0.40, 0.10, 0.10], fgsm=[0.40, 0.45, 0.80, 0.80])
+    model = tiny_model()
+    fit = {**FIT, "epochs": 4, "recipe_options": None, "eval_data": None}
+    with caplog.at_level(logging.WARNING, logger="fastsat.train"):
+        result = T.fit(model, train, recipe=recipe, out_dir=tmp_path, **fit)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert "catastrophic overfitting" in result.stopped and "FGSM accuracy rose from 0.450 to 0.800" in result.stopped
+    assert any("restored epoch 2's weights" in r.getMessage() for r in caplog.records)
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == 2
+    _assert_same_weights(best["model"], _weights(model), "model after the guard's stop vs best epoch")
+
+
+def test_the_guard_does_not_stop_when_single_step_accuracy_falls_too(monkeypatch):
+    # PGD and FGSM accuracy falling together is not the collapse (a diverging run, say): no stop. Nor
+    # does anything stop with early_stop_drop=None (the guard is off: no training-batch metrics).
+    _scripted_guard(monkeypatch, pgd=[0.40, 0.10, 0.10], fgsm=[0.50, 0.20, 0.20])
+    result = T.fit(tiny_model(), train, recipe="fast", **{**FIT, "recipe_options": None, "eval_data": None})
+    assert result.stopped is None and len(result.history) == 3
+    monkeypatch.undo()
+    result = T.fit(tiny_model(), train, recipe="fast", early_stop_drop=None, **{**FIT, "recipe_options": None, "eval_data": None})
+    assert result.stopped is None and "train_pgd_acc" not in result.history[-1]
+
+
+def test_the_guard_measures_pgd_and_fgsm_accuracy_on_the_first_training_samples():
+    from fastsat.attacks import FGSM, PGD
+
+    config = T.TrainConfig(recipe="fast", epochs=1, batch_size=16, eval_steps=3, progress=False)
+    model = tiny_model()
+    trainer = T.Trainer(model, train, config)
+    trainer.restore()
+    torch.manual_seed(9)
+    got = trainer.check_overfitting()
+    assert model.training, "the guard left the model in eval mode"
+    x, y = train.images[:16].float() / 255, train.labels[:16]
+    assert torch.equal(trainer.guard_batch[0], x) and torch.equal(trainer.guard_batch[1], y)  # in order, unaugmented
+    torch.manual_seed(9)
+    model.eval()
+    x_pgd = PGD(model, eps=8 / 255, step_size=2 / 255, steps=3).perturb(x, y)
+    x_fgsm = FGSM(model, eps=8 / 255).perturb(x, y)
+    with torch.no_grad():
+        clean, pgd, fgsm = ((model(z).argmax(1) == y) for z in (x, x_pgd, x_fgsm))
+    assert got == {"train_pgd_acc": (clean & pgd).float().mean().item(), "train_fgsm_acc": (clean & fgsm).float().mean().item()}
+
+
+def test_the_guard_leaves_a_user_loaders_shuffling_alone():
+    # Drawing the fixed batch from a shuffling DataLoader must not move its generator: the epoch's
+    # order is the one a run without the guard sees.
+    x, y = train.images.float() / 255, train.labels
+    orders = []
+    for drop in (None, 0.2):
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True,
+                                             generator=torch.Generator())
+        seen = []
+        trainer = T.Trainer(tiny_model(), loader, T.TrainConfig(recipe="fast", epochs=2, batch_size=16,
+                                                                 early_stop_drop=drop, progress=False))
+        trainer.train_step = lambda batch, epoch, seen=seen, real=trainer.train_step: (
+            seen.append(batch["label"].clone()) or real(batch, epoch))
+        trainer.fit()
+        orders.append(torch.cat(seen))
+    assert torch.equal(orders[0], orders[1])
 
 
 def test_ema_best_checkpoint_holds_the_evaluated_weights(tmp_path, monkeypatch):

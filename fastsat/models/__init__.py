@@ -8,17 +8,23 @@ and ``.std``; without them :class:`Normalize` is the identity. No torchvision ne
     train = fastsat.data.cifar10("cifar-10-batches-py")
     model = create("preactresnet18", num_classes=10, mean=train.mean, std=train.std)
     layer = default_cam_layer(model)     # model.layer4, for Grad-CAM++
-    names()                              # what create() accepts
+    names()                              # the zoo's names
+
+Models from elsewhere go through the same :func:`create`, behind the same normalisation
+(:class:`Normalized`): ``"package.module:factory"`` builds your own classifier with
+``factory(num_classes=K, **kw)``, and ``"timm:NAME"`` a timm model (``pip install 'fastsat[timm]'``;
+timm is imported only then).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Sequence
 
 from torch import nn
 
-from fastsat._checks import choice, describe, nearest, positive_int
+from fastsat._checks import choice, describe, nearest, path, positive_int
 
 from .layers import Normalize, check_dtype, check_homogeneous_input, check_images, default_cam_layer, init_weights
 from .resnet import PreActResNet, ResNet, WideResNet
@@ -28,12 +34,14 @@ __all__ = [
     "EtmannCNN",
     "MadryCNN",
     "Normalize",
+    "Normalized",
     "PreActResNet",
     "ResNet",
     "WideResNet",
     "check_dtype",
     "check_homogeneous_input",
     "check_images",
+    "check_name",
     "create",
     "default_cam_layer",
     "init_weights",
@@ -54,9 +62,44 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict]] = {
 }
 
 
+TIMM_PREFIX = "timm:"
+
+
 def names() -> list[str]:
-    """The model names :func:`create` accepts."""
+    """The zoo's model names (:func:`create` also takes ``package.module:factory`` and ``timm:NAME``)."""
     return list(_REGISTRY)
+
+
+def check_name(value: object, name: str = "name") -> str:
+    """A model name :func:`create` accepts, without building anything: a zoo name (any case),
+    ``"package.module:factory"`` or ``"timm:NAME"``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected a model name (str), got {describe(value)}")
+    if ":" not in value:
+        choice(value.lower(), name, names())
+        return value
+    module, _, attribute = value.partition(":")
+    if not module or not attribute or ":" in attribute or (module != TIMM_PREFIX[:-1] and not attribute.isidentifier()):
+        raise ValueError(f"{name}: expected a zoo name ({', '.join(names())}), 'package.module:factory' or "
+                         f"'timm:NAME', got {describe(value)}")
+    return value
+
+
+class Normalized(nn.Module):
+    """A classifier from outside the zoo behind fastsat's pixel-space input normalisation:
+    ``forward(x) = net(normalize(x))``, x (B, C, H, W) in pixel space, logits (B, K) out.
+
+    Args:
+        net: the classifier, taking normalised input. mean, std, channels: see :class:`Normalize`.
+    """
+
+    def __init__(self, net: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None, channels: int) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std, channels)
+        self.net = net
+
+    def forward(self, x):
+        return self.net(self.normalize(x))
 
 
 def create(
@@ -66,13 +109,19 @@ def create(
     in_channels: int = 3,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    pretrained: bool | str = False,
     **kw,
 ) -> nn.Module:
-    """Build a zoo model by name.
+    """Build a model by name.
 
     Args:
         name: one of :func:`names` (case-insensitive), e.g. "preactresnet18", "resnet50",
-            "wrn-28-10", "madrycnn", "etmanncnn".
+            "wrn-28-10", "madrycnn", "etmanncnn"; or ``"package.module:factory"``: your own
+            classifier, ``factory(num_classes=num_classes, **kw)`` returning an ``nn.Module`` of
+            normalised (B, in_channels, H, W) input (the module must be importable: on
+            ``sys.path``); or ``"timm:NAME"``: ``timm.create_model(NAME, num_classes=num_classes,
+            in_chans=in_channels, **kw)`` (``pip install 'fastsat[timm]'``). Those two are wrapped in
+            :class:`Normalized`; zoo models normalise themselves.
         num_classes: K, the number of logits.
         in_channels: C of the input images.
         mean, std: per-channel input normalisation ``(x - mean) / std`` in pixel units of [0, 1]
@@ -85,22 +134,66 @@ def create(
             ImageNet-style data, measured ones for shapes). Bias-free networks (``bias=False``,
             and ``norm="none"`` for the residual ones) refuse a ``mean``: see
             :func:`check_homogeneous_input`.
-        **kw: passed to the model class, overriding the name's defaults, e.g. ``stem="imagenet"``
-            or ``width=8`` for ResNets, ``depth=10, widen=1`` for WRNs, ``bias=False`` for
-            MadryCNN and EtmannCNN, ``image_size=8`` for EtmannCNN on 8x8 digits, ``norm="none"`` for the residual networks.
+        pretrained: timm models only: True loads timm's pretrained weights for NAME (from its
+            cache or the Hugging Face hub), a path loads that local weights file (timm's
+            ``pretrained_cfg_overlay``; the classifier head is re-initialised for ``num_classes``
+            when its shape differs, as timm does). Default False.
+        **kw: passed to the model class (zoo), the factory or ``timm.create_model``, overriding the
+            zoo name's defaults, e.g. ``stem="imagenet"`` or ``width=8`` for ResNets, ``depth=10,
+            widen=1`` for WRNs, ``bias=False`` for MadryCNN and EtmannCNN, ``image_size=8`` for
+            EtmannCNN on 8x8 digits, ``norm="none"`` for the residual networks.
 
     Returns:
-        The model (in training mode), with a ``cam_layer`` attribute naming its last conv stage.
+        The model (in training mode); zoo models have a ``cam_layer`` attribute naming their last
+        conv stage (others: :func:`default_cam_layer` takes the last ``Conv2d``).
     """
-    if not isinstance(name, str):
-        raise TypeError(f"name: expected a model name (str), got {describe(name)}")
-    choice(name.lower(), "name", names())
+    check_name(name)
     num_classes = positive_int(num_classes, "num_classes")
     in_channels = positive_int(in_channels, "in_channels")
-    cls, defaults = _REGISTRY[name.lower()]
-    options = [p for p in inspect.signature(cls).parameters if p not in ("num_classes", "in_channels", "mean", "std")]
-    for key in kw:
-        if key not in options:
-            raise TypeError(f"{key}: model {name!r} has no option {key!r}; expected one of {', '.join(options)}"
-                            f"{nearest(key, options)}")
-    return cls(**{**defaults, **kw}, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+    if not isinstance(pretrained, bool):
+        pretrained = path(pretrained, "pretrained")
+    if pretrained is not False and not name.startswith(TIMM_PREFIX):
+        raise ValueError(f"pretrained: only timm models load pretrained weights here, got it with {name!r} "
+                         "(load your own weights in your factory, or with load_state_dict)")
+    if ":" not in name:
+        cls, defaults = _REGISTRY[name.lower()]
+        options = [p for p in inspect.signature(cls).parameters if p not in ("num_classes", "in_channels", "mean", "std")]
+        for key in kw:
+            if key not in options:
+                raise TypeError(f"{key}: model {name!r} has no option {key!r}; expected one of {', '.join(options)}"
+                                f"{nearest(key, options)}")
+        return cls(**{**defaults, **kw}, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+    if name.startswith(TIMM_PREFIX):
+        net = _timm_model(name[len(TIMM_PREFIX) :], num_classes, in_channels, pretrained, kw)
+    else:
+        net = _factory(name)(num_classes=num_classes, **kw)
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"name: the factory {name!r} returned {describe(net)}, expected a torch.nn.Module")
+    return Normalized(net, mean, std, in_channels)
+
+
+def _factory(name: str):
+    module_name, _, attribute = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"name: cannot import {module_name!r} for the model {name!r} ({err}); the module must be on "
+                         "sys.path (installed, or its folder in PYTHONPATH)") from err
+    if not hasattr(module, attribute):
+        raise ValueError(f"name: {module_name!r} has no {attribute!r} for the model {name!r}")
+    factory = getattr(module, attribute)
+    if not callable(factory):
+        raise TypeError(f"name: {name!r} is {describe(factory)}, expected a callable factory")
+    return factory
+
+
+def _timm_model(arch: str, num_classes: int, in_channels: int, pretrained: bool | str, kw: dict) -> nn.Module:
+    try:
+        import timm
+    except (ImportError, RuntimeError) as err:  # RuntimeError: a torchvision built for another torch
+        raise ImportError(f"name: 'timm:{arch}' needs timm, which did not import ({type(err).__name__}: {err}); "
+                          "install it with pip install 'fastsat[timm]' (timm and a torchvision matching your "
+                          "torch)") from err
+    weights = {"pretrained_cfg_overlay": {"file": pretrained}} if isinstance(pretrained, str) else {}
+    return timm.create_model(arch, pretrained=pretrained is not False, num_classes=num_classes, in_chans=in_channels,
+                             **weights, **kw)

@@ -11,11 +11,14 @@
 from fastsat.train.checkpoint import load_checkpoint
 from fastsat.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from fastsat.train.recipes import (
+    MART,
+    NFGSM,
     PRECISIONS,
     RECIPES,
     SAT,
     Fast,
     Free,
+    GradAlign,
     GradNorm,
     NonFiniteLossError,
     PerturbationRecipe,
@@ -27,7 +30,11 @@ from fastsat.train.recipes import (
     Standard,
     StepGuard,
     Trades,
+    awp_perturbation,
+    gradalign_lambda,
+    gradient_misalignment,
     make_recipe,
+    mart_loss,
     recipe_loss,
     sat_probability,
     trades_loss,
@@ -36,6 +43,8 @@ from fastsat.train.teacher import TEACHER_METHODS, TEACHER_STYLES, SaliencyDatas
 from fastsat.train.trainer import FitResult, Trainer, fit, lr_factor
 
 __all__ = [
+    "MART",
+    "NFGSM",
     "OPTIMIZERS",
     "PRECISIONS",
     "RECIPES",
@@ -46,6 +55,7 @@ __all__ = [
     "Fast",
     "FitResult",
     "Free",
+    "GradAlign",
     "GradNorm",
     "NonFiniteLossError",
     "PGDTraining",
@@ -60,10 +70,14 @@ __all__ = [
     "Trades",
     "TrainConfig",
     "Trainer",
+    "awp_perturbation",
     "fit",
+    "gradalign_lambda",
+    "gradient_misalignment",
     "load_checkpoint",
     "lr_factor",
     "make_recipe",
+    "mart_loss",
     "recipe_loss",
     "sat_probability",
     "teacher_saliency",

@@ -117,8 +117,9 @@ class TrainConfig:
     eval_batch_size: int = option(256, "per-epoch evaluation: images per batch (eval_data given as a dataset)",
                                   check=positive_int)
     early_stop_drop: float | None = option(
-        0.2, "recipes that stop early (fast): stop and restore the best epoch when PGD accuracy falls this much "
-        "below its best (accuracy, 0-1); None: never stop early",
+        0.2, "single-step recipes (fast, nfgsm, gradalign): stop and restore the best epoch when PGD accuracy falls "
+        "this much below its best (accuracy, 0-1) on eval_data, or on a fixed training batch while FGSM accuracy "
+        "rises (catastrophic overfitting; checked every epoch); None: never stop early",
         check=functools.partial(number, minimum=0, maximum=1, exclusive_min=True, allow_none=True))
     out_dir: str | None = option(
         None, "run directory: checkpoint.pt (every epoch), best.pt, metrics.jsonl/.csv, TensorBoard logs; "

@@ -124,7 +124,7 @@ def teardown(failed: bool | None = None) -> None:
         return
     try:
         dist.destroy_process_group()
-    except Exception as err:  # the error being raised is the one to report, not this one
+    except Exception as err:  # noqa: BLE001 -- the error being raised is the one to report, not this one
         log.warning("leaving the process group after an error failed too (%s: %s)", type(err).__name__, err)
 
 

@@ -25,6 +25,8 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 
+import yaml
+
 from fastsat._checks import choice, describe, nearest
 
 __all__ = ["Spec", "document", "is_sequence", "option", "parse", "show", "specs", "unknown_keys", "validate"]
@@ -126,6 +128,7 @@ def unknown_keys(keys: object, known: object, where: str) -> None:
 
 
 _SEQUENCES = (list, tuple, Sequence)  # annotation origins read as comma-separated items (Sequence: a list)
+_MAPPINGS = (dict, Mapping)  # annotation origins read as YAML text
 _NONE = ("none", "null", "")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -134,7 +137,8 @@ _FALSE = ("0", "false", "no", "off")
 def parse(kind: object, value: object, name: str) -> object:
     """``value`` read as the declared type ``kind`` when it is text (the command line, or a string
     in YAML): numbers accept fractions (``"8/255"``), booleans true/false/yes/no/on/off/1/0, an
-    optional ``none``/``null``/empty, lists and pairs comma-separated items (``"2/255,4/255"``).
+    optional ``none``/``null``/empty, lists and pairs comma-separated items (``"2/255,4/255"``),
+    mappings YAML (``"{depth: 3}"``).
     Values that are not text pass through unchanged (lists item by item) for the field's check.
 
     Raises:
@@ -149,6 +153,12 @@ def parse(kind: object, value: object, name: str) -> object:
             word = isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE
             return _boolean(value, name) if isinstance(value, bool) or word else value
         return parse(others[0], value, name) if len(others) == 1 else value
+    if origin in _MAPPINGS and isinstance(value, str):  # YAML text: "{depth: 3, widen: 2}"
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{name}: expected a YAML mapping like '{{depth: 3}}', got {describe(value)} "
+                             f"({getattr(err, 'problem', None) or err})") from None
     if origin in _SEQUENCES and isinstance(value, (list, tuple, str)):
         items = [item.strip() for item in value.split(",")] if isinstance(value, str) else value
         return (tuple if origin is tuple else list)(parse(args[0], item, name) for item in items)

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastsat import _dist
 from fastsat._checks import choice, clip_box, integer, nearest, number, positive_int, positive_number
 from fastsat.attacks import FGSM, PGD, TradesAttack
 from fastsat.data import as_batch
@@ -36,11 +38,14 @@ from fastsat.train.distributed import unwrap
 from fastsat.train.options import option, validate
 
 __all__ = [
+    "MART",
+    "NFGSM",
     "PRECISIONS",
     "RECIPES",
     "SAT",
     "Fast",
     "Free",
+    "GradAlign",
     "GradNorm",
     "NonFiniteLossError",
     "PGDTraining",
@@ -52,7 +57,11 @@ __all__ = [
     "Standard",
     "StepGuard",
     "Trades",
+    "awp_perturbation",
+    "gradalign_lambda",
+    "gradient_misalignment",
     "make_recipe",
+    "mart_loss",
     "recipe_loss",
     "sat_probability",
     "trades_loss",
@@ -212,13 +221,24 @@ class Recipe:
 
 def _backward_and_step(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                        recipe: str) -> None:
+    _backward(loss, optimizer, scaler, recipe)
+    _step(optimizer, scaler)
+
+
+def _backward(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, recipe: str) -> None:
+    """The parameters' fresh gradients of ``loss`` (scaled by ``scaler``; without one, a NaN/inf loss raises first)."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         _check_finite_loss(loss, recipe)
         loss.backward()
-        optimizer.step()
     else:
         scaler.scale(loss).backward()
+
+
+def _step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    if scaler is None:
+        optimizer.step()
+    else:
         scaler.step(optimizer)
         scaler.update()
 
@@ -281,9 +301,101 @@ class PerturbationRecipe(Recipe):
         return self.eps * min(1.0, (epoch + 1) / (self.eps_warmup + 1))
 
 
+def awp_perturbation(model: nn.Module, loss_at: Callable[[nn.Module], Tensor], gamma: float) -> tuple[list[Tensor], list[Tensor]]:
+    """AWP's weight perturbation (Wu, Xia & Wang 2020): per weight tensor l, v_l = γ·‖w_l‖·g_l/‖g_l‖,
+    g the gradient of ``loss_at(module)`` at the current weights w (one ascent step, relative to
+    each layer's norm; a zero g_l gives v_l = 0). Nothing is changed: the weights and the buffers
+    (batch-norm statistics that the train-mode forward updates) are as they were on return.
+
+    AWP perturbs the weights with more than one dimension (convolution kernels, linear matrices),
+    as the authors' code does; biases and normalisation scales stay. Under DDP the forward runs on
+    the module inside the wrapper (no gradient hook fires) and g is averaged over the ranks, so N
+    processes perturb as one process with the global batch does.
+
+    Args:
+        model: the training model (DDP-wrapped or not). loss_at: the recipe's adversarial loss of
+            a module (its attacked batch fixed). gamma: γ, default of the recipes 5e-3.
+
+    Returns:
+        (weights, v): the perturbed parameters of the module and their perturbations.
+    """
+    module = unwrap(model)
+    weights = [p for p in module.parameters() if p.dim() > 1 and p.requires_grad]
+    buffers = list(module.buffers())
+    kept = [b.clone() for b in buffers]
+    grads = torch.autograd.grad(loss_at(module), weights, allow_unused=True)
+    if buffers:
+        torch._foreach_copy_(buffers, kept)
+    grads = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
+    if _dist.world_size() > 1:
+        flat = _dist.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / _dist.world_size()
+        grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
+    w_norms, g_norms = torch._foreach_norm(weights), torch._foreach_norm(grads)
+    v = [g * (gamma * wn / gn.clamp_min(torch.finfo(gn.dtype).tiny)) for g, wn, gn in zip(grads, w_norms, g_norms)]
+    return weights, v
+
+
+@contextlib.contextmanager
+def _moved(weights: list[Tensor], v: list[Tensor]) -> Iterator[None]:
+    """Within the block the weights are w + v; on leaving it (also on error) they are w again, bit for bit."""
+    kept = [w.detach().clone() for w in weights]
+    with torch.no_grad():
+        torch._foreach_add_(weights, v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(weights, kept)
+
+
+def _awp_gamma() -> dataclasses.Field:
+    return option(0.0, "AWP (adversarial weight perturbation): relative size γ of the weight ascent step after the "
+                  "attack (Wu et al.: 5e-3); 0: off", check=_non_negative)
+
+
 @dataclass
-class PGDTraining(PerturbationRecipe):
-    """Madry et al. PGD adversarial training: CE on an L∞ PGD attack from a random start.
+class _AdversarialPair(PerturbationRecipe):
+    """A recipe whose loss is ``objective(model, x, x_adv, y)`` on the attacked batch ``adversarial(...)``,
+    with AWP as an option (``awp_gamma`` > 0): after the attack the weights move to w + v
+    (:func:`awp_perturbation`), the gradient of the loss is taken there and applied to w, which is
+    restored bit for bit first. No host sync; the optimiser, fused or not, steps as usual."""
+
+    awp_gamma: float = _awp_gamma()
+
+    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, epoch: int) -> Tensor:
+        raise NotImplementedError
+
+    def objective(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> RecipeOutput:
+        raise NotImplementedError
+
+    def loss(self, model, batch, *, epoch=0):
+        if self.awp_gamma:
+            raise TypeError(f"recipe {self.name!r} with awp_gamma > 0 takes its gradient at perturbed weights and "
+                            f"restores them before the update; call {type(self).__name__}.train_step(model, batch, optimizer)")
+        batch = as_batch(batch)
+        x, y = batch["image"], batch["label"]
+        return self.objective(model, x, self.adversarial(model, x, y, epoch), y)
+
+    def train_step(self, model, batch, optimizer, *, epoch=0, precision="fp32", scaler=None):
+        if not self.awp_gamma:
+            return super().train_step(model, batch, optimizer, epoch=epoch, precision=precision, scaler=scaler)
+        batch = as_batch(batch)
+        x, y = batch["image"], batch["label"]
+        with _autocast(x.device, precision):
+            x_adv = self.adversarial(model, x, y, epoch)
+            weights, v = awp_perturbation(model, lambda module: self.objective(module, x, x_adv, y).loss, self.awp_gamma)
+        with _moved(weights, v):
+            with _autocast(x.device, precision):
+                out = self.objective(model, x, x_adv, y)
+            _backward(out.loss, optimizer, scaler, self.name)
+        _step(optimizer, scaler)
+        return out
+
+
+@dataclass
+class PGDTraining(_AdversarialPair):
+    """Madry et al. PGD adversarial training: CE on an L∞ PGD attack from a random start; with
+    ``awp_gamma`` > 0, AWP-AT (Wu et al. 2020).
 
     eps: radius (pixels, default 8/255). step_size: per step (default 2/255). steps: default 10.
     """
@@ -293,10 +405,11 @@ class PGDTraining(PerturbationRecipe):
     steps: int = _steps(10)
     attack_mode: str = _attack_mode()
 
-    def loss(self, model, batch, *, epoch=0):
-        batch = as_batch(batch)
-        x, y = batch["image"], batch["label"]
-        return _ce(model, _pgd_attack(self, model, x, y, epoch), y)
+    def adversarial(self, model, x, y, epoch):
+        return _pgd_attack(self, model, x, y, epoch)
+
+    def objective(self, model, x, x_adv, y):
+        return _ce(model, x_adv, y)
 
 
 def _pgd_attack(recipe: PerturbationRecipe, model: nn.Module, x: Tensor, y: Tensor, epoch: int) -> Tensor:
@@ -314,8 +427,9 @@ def _trades_attack(recipe: PerturbationRecipe, model: nn.Module, x: Tensor, y: T
 
 
 @dataclass
-class Trades(PerturbationRecipe):
-    """TRADES (Zhang et al. 2019): CE(f(x), y) + β·KL(f(x) ‖ f(x')), x' from the KL attack.
+class Trades(_AdversarialPair):
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + β·KL(f(x) ‖ f(x')), x' from the KL attack; with
+    ``awp_gamma`` > 0, TRADES-AWP (Wu et al. 2020).
 
     eps 0.031, step_size 0.007, steps 10 (pixels), beta 6, attack in eval mode (TRADES' defaults).
     """
@@ -327,10 +441,11 @@ class Trades(PerturbationRecipe):
     beta: float = _beta(6.0)
     attack_mode: str = _attack_mode()
 
-    def loss(self, model, batch, *, epoch=0):
-        batch = as_batch(batch)
-        x, y = batch["image"], batch["label"]
-        return _trades_output(model, x, _trades_attack(self, model, x, y, epoch), y, self.beta)
+    def adversarial(self, model, x, y, epoch):
+        return _trades_attack(self, model, x, y, epoch)
+
+    def objective(self, model, x, x_adv, y):
+        return _trades_output(model, x, x_adv, y, self.beta)
 
 
 def _trades_output(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float) -> RecipeOutput:
@@ -359,6 +474,154 @@ class Fast(PerturbationRecipe):
         step = 1.25 * eps if self.step_size is None else self.step_size
         attack = FGSM(unwrap(model), eps=eps, step_size=step, random_start=True, mode=self.attack_mode, clip=self.clip)
         return _ce(model, _attack(attack, x, y), y)
+
+
+@dataclass
+class NFGSM(PerturbationRecipe):
+    """N-FGSM (de Jorge et al., NeurIPS 2022): CE at x' = clip(x + η + α·sign(∇ₓCE(x + η))) with
+    η ~ U(−kε, kε) (x + η clipped to the box first) and no projection back to the ε-ball, so
+    ‖x' − x‖∞ ≤ kε + α (3ε at the defaults). Single-step cost; the trainer's catastrophic-
+    overfitting guard watches it like ``fast`` (``early_stop``).
+
+    eps: default 8/255 (pixels). noise_scale: k, default 2. step_size: α, default None = eps.
+    """
+
+    name: ClassVar[str] = "nfgsm"
+    early_stop: ClassVar[bool] = True
+    noise_scale: float = option(2.0, "N-FGSM noise radius k in multiples of eps: η ~ U(−kε, kε)", check=_non_negative)
+    step_size: float | None = option(None, "N-FGSM step size α (pixels); None: eps",
+                                     check=functools.partial(positive_number, allow_none=True))
+    attack_mode: str = _attack_mode()
+
+    def loss(self, model, batch, *, epoch=0):
+        batch = as_batch(batch)
+        x, y = batch["image"], batch["label"]
+        eps = self.eps_at(epoch)
+        step = eps if self.step_size is None else self.step_size
+        noisy = random_start(x, eps=self.noise_scale * eps, clip=self.clip) if self.noise_scale else x
+        # One sign step from x + η and no projection: an FGSM around x + η whose ball is the step itself.
+        attack = FGSM(unwrap(model), eps=step, step_size=step, mode=self.attack_mode, clip=self.clip)
+        return _ce(model, _attack(attack, noisy, y), y)
+
+
+_GRADALIGN_RULE_MAX_EPS = 16 / 255
+
+
+def gradalign_lambda(eps: float) -> float:
+    """GradAlign's weight λ at radius ``eps`` (pixels of [0, 1] images): the authors' log-linear
+    rule 0.02·10^(255·ε/8), which gives their CIFAR-10 values (0.2 at 8/255, 2 at 16/255, 0.027 at
+    1/255). The rule interpolates their runs at 1/255–16/255 and grows tenfold per 8/255, so beyond
+    16/255 (λ = 2e7 at ε = 0.3) it is refused: set λ yourself there.
+
+    Raises:
+        ValueError: ``eps`` above 16/255.
+    """
+    eps = number(eps, "eps", minimum=0)
+    if eps > _GRADALIGN_RULE_MAX_EPS * (1 + 1e-12):
+        raise ValueError(f"lam: GradAlign's rule for λ covers eps <= 16/255 (the authors' CIFAR-10 range); at eps = "
+                         f"{eps:.4g} set lam explicitly (the rule gives 2 at 16/255)")
+    return 0.02 * 10 ** (eps * 255 / 8)
+
+
+def gradient_misalignment(model: Callable[[Tensor], Tensor], x: Tensor, x_noisy: Tensor, y: Tensor) -> Tensor:
+    """GradAlign's regulariser without λ: the mean over samples of 1 − cos(∇ₓCE(x), ∇ₓCE(x_noisy)),
+    each sample's own input gradients, differentiable in the model's parameters (double backprop
+    through both gradients). A sample with an all-zero gradient at either point has no direction;
+    it is left out of the mean, as in the authors' code (but without their boolean indexing, a host
+    sync). Scalar; 0 when every pair of gradients points the same way.
+
+    Args:
+        model: (B, ...) → (B, K) logits, in the mode it trains in. x, x_noisy: (B, ...) pixel-space
+            inputs (GradAlign: x_noisy = clip(x + U(−ε, ε))). y: (B,) int64 labels.
+    """
+    grads = []
+    for point in (x, x_noisy):
+        point = point.detach().requires_grad_(True)
+        ce = F.cross_entropy(_upcast(model(point)), y, reduction="sum")  # the sum: each sample's own gradient
+        (grad,) = torch.autograd.grad(ce, point, create_graph=True)
+        grads.append(_upcast(grad).flatten(1))
+    g1, g2 = grads
+    norms = g1.norm(dim=1) * g2.norm(dim=1)
+    valid = norms > 0
+    cosine = (g1 * g2).sum(1) / torch.where(valid, norms, 1.0)
+    return torch.where(valid, 1.0 - cosine, 0.0).sum() / valid.sum().clamp_min(1)
+
+
+@dataclass
+class GradAlign(PerturbationRecipe):
+    """GradAlign (Andriushchenko & Flammarion, NeurIPS 2020): CE at the FGSM point (one step of
+    ε from x, no random start) + λ·(1 − cos(∇ₓCE(x), ∇ₓCE(x + η))), η ~ U(−ε, ε) (x + η clipped to
+    the box), see :func:`gradient_misalignment`; the two input gradients in train mode, as the
+    FGSM step's ``attack_mode`` says for the attack. About three single-step passes per batch.
+
+    eps: default 8/255 (pixels). lam: λ, default None = :func:`gradalign_lambda` of the radius
+    trained at (0.2 at 8/255; eps above 16/255 needs an explicit lam).
+    """
+
+    name: ClassVar[str] = "gradalign"
+    early_stop: ClassVar[bool] = True
+    lam: float | None = option(None, "weight λ of GradAlign's gradient-misalignment term; None: the authors' rule "
+                               "0.02·10^(255·eps/8) (0.2 at 8/255; up to eps 16/255)",
+                               check=functools.partial(number, minimum=0, allow_none=True))
+    attack_mode: str = _attack_mode()
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lam is None:
+            gradalign_lambda(self.eps)  # the rule covers this radius (else: a ValueError naming lam)
+
+    def loss(self, model, batch, *, epoch=0):
+        batch = as_batch(batch)
+        x, y = batch["image"], batch["label"]
+        eps = self.eps_at(epoch)
+        lam = gradalign_lambda(eps) if self.lam is None else self.lam
+        attack = FGSM(unwrap(model), eps=eps, step_size=eps, mode=self.attack_mode, clip=self.clip)
+        out = _ce(model, _attack(attack, x, y), y)
+        penalty = gradient_misalignment(model, x, random_start(x, eps=eps, clip=self.clip), y)
+        return RecipeOutput(out.loss + lam * penalty, out.logits)
+
+
+def mart_loss(logits_nat: Tensor, logits_adv: Tensor, labels: Tensor, beta: float) -> Tensor:
+    """MART's objective (Wang et al., ICLR 2020), averaged over the batch:
+    BCE(f(x'), y) + β·KL(f(x) ‖ f(x'))·(1 − p_y(x)), BCE = −log p_y(x') − log(1 − max_{k≠y} p_k(x')).
+
+    log(1 − max_{k≠y} p_k) is computed as the log-sum-exp of the other classes' log-probabilities,
+    exact and finite where the authors' code adds 1e-4 inside the log.
+
+    Args:
+        logits_nat: (B, K) logits of the clean batch. logits_adv: (B, K) of the attacked batch.
+        labels: (B,) int64. beta: weight β (λ in the paper) of the KL term, MART's default 6.
+    """
+    log_adv, log_nat = F.log_softmax(_upcast(logits_adv), 1), F.log_softmax(_upcast(logits_nat), 1)
+    true = labels[:, None]
+    strongest_wrong = log_adv.scatter(1, true, float("-inf")).argmax(1, keepdim=True)
+    log_rest = log_adv.scatter(1, strongest_wrong, float("-inf")).logsumexp(1)  # log(1 − p_{k*}(x'))
+    bce = -log_adv.gather(1, true).squeeze(1) - log_rest
+    kl = F.kl_div(log_adv, log_nat, reduction="none", log_target=True).sum(1)
+    return (bce + beta * kl * (1.0 - log_nat.gather(1, true).squeeze(1).exp())).mean()
+
+
+@dataclass
+class MART(PerturbationRecipe):
+    """MART (Wang et al., ICLR 2020): :func:`mart_loss` on the clean batch and an L∞ PGD attack on
+    CE (random start; eps 8/255, ``steps`` 10 of ``step_size`` 2/255); β = 6.
+
+    The authors start the attack at x + 0.001·N(0, I); fastsat's PGD starts uniformly in the ε-ball
+    (as ``pgd`` does). The training accuracy is that of the attacked batch.
+    """
+
+    name: ClassVar[str] = "mart"
+    step_size: float = _step_size(2 / 255)
+    steps: int = _steps(10)
+    beta: float = option(6.0, "weight β of MART's misclassification-weighted KL term", check=_non_negative)
+    attack_mode: str = _attack_mode()
+
+    def loss(self, model, batch, *, epoch=0):
+        batch = as_batch(batch)
+        x, y = batch["image"], batch["label"]
+        x_adv = _pgd_attack(self, model, x, y, epoch)
+        logits_nat, logits_adv = model(x), model(x_adv)
+        return RecipeOutput(mart_loss(logits_nat, logits_adv, y, self.beta), logits_adv.detach())
 
 
 @dataclass
@@ -548,7 +811,8 @@ class GradNorm(Recipe):
 
 
 RECIPES: dict[str, type[Recipe]] = {
-    cls.name: cls for cls in (Standard, PGDTraining, Trades, Fast, Free, SAT, SATPlusPGD, SATPlusTrades, GradNorm)
+    cls.name: cls for cls in (Standard, PGDTraining, Trades, Fast, NFGSM, GradAlign, MART, Free, SAT, SATPlusPGD,
+                               SATPlusTrades, GradNorm)
 }
 
 

@@ -31,7 +31,9 @@ from fastsat import _dist
 from fastsat import evaluate as evaluation
 from fastsat._checks import choice, describe, nearest, no_host_checks
 from fastsat._io import atomic_save, atomic_write_text, locked_folder, sweep_stale_temporaries
+from fastsat.attacks import FGSM, PGD
 from fastsat.data import as_batch, make_loader, resize
+from fastsat.grad import frozen
 from fastsat.train import distributed
 from fastsat.train.checkpoint import CHECKPOINT_FORMAT, capture_rng, load_checkpoint, load_weights, restore_rng, sealed
 from fastsat.train.config import SCHEDULES, TrainConfig
@@ -43,7 +45,8 @@ log = logging.getLogger("fastsat.train")
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
-_LOG_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "seconds", "images_per_s", "clean_acc", "robust_acc", "alignment", "cosine")
+_LOG_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "seconds", "images_per_s", "clean_acc", "robust_acc", "alignment", "cosine",
+               "train_pgd_acc", "train_fgsm_acc")
 
 
 @dataclass
@@ -193,8 +196,9 @@ class Trainer:
     """One training run of ``model`` on ``train_data`` as set by ``config``, as small named steps.
 
     :meth:`fit` = :meth:`restore`, then per epoch :meth:`train_epoch` (calling :meth:`train_step`
-    per batch), :meth:`evaluate`, :meth:`keep_best`, :meth:`checkpoint`, :meth:`log`; an early stop
-    ends with :meth:`restore_best`. Each step is one place to change:
+    per batch), :meth:`evaluate`, :meth:`check_overfitting` (single-step recipes: PGD and FGSM
+    accuracy on a fixed training batch), :meth:`keep_best`, :meth:`checkpoint`, :meth:`log`; an
+    early stop ends with :meth:`restore_best`. Each step is one place to change:
 
     - ``self.model`` is the module whose weights are trained, saved and restored, while the batches
       go through ``self.train_model`` — the same module, or ``torch.compile(model)`` (``compile``;
@@ -264,9 +268,6 @@ class Trainer:
             raise ValueError(f"recipe: the Recipe object ({recipe.name!r}, {recipe.options()}) is not the one the "
                              f"configuration describes ({built.name!r}, {built.options()})")
         self.recipe = recipe
-        if recipe.early_stop and config.early_stop_drop is not None and eval_data is None:
-            raise ValueError(f"eval_data: recipe {recipe.name!r} stops early on a PGD check and needs eval_data "
-                             "(or early_stop_drop=None)")
         param = next(model.parameters(), None)
         if param is None:
             raise ValueError("model: has no parameters to train")
@@ -317,6 +318,9 @@ class Trainer:
         self.eager_model = wrapped
         self.train_model = _compile(wrapped, self.device) if self.compile else wrapped
         self.generators = _generators(self.loader)
+        # The catastrophic-overfitting guard's fixed training minibatch: where it comes from, and (once drawn) it.
+        self.guard_data = _guard_source(train_data, config, self.device) if self.guards else None
+        self.guard_batch: tuple[torch.Tensor, torch.Tensor] | None = None
         # What a checkpoint records and a resume compares: the options that change the results.
         self.run_config = {**config.recorded(), **resolved, "steps_per_epoch": self.steps_per_epoch}
         if optimizer is not None:
@@ -361,6 +365,7 @@ class Trainer:
             for epoch in range(self.epoch, self.config.epochs):
                 record = self.train_epoch(epoch)
                 record.update(self.evaluate())
+                record.update(self.check_overfitting())
                 self.history.append(record)
                 stop = self.keep_best(record)
                 self.epoch = epoch + 1
@@ -563,22 +568,72 @@ class Trainer:
         return {"clean_acc": metrics["clean_acc"], "robust_acc": metrics["attacks"]["pgd"][0]["acc"],
                 "alignment": metrics["alignment"], "cosine": metrics["cosine"]}
 
+    @property
+    def guards(self) -> bool:
+        """Whether the catastrophic-overfitting guard runs: a recipe with ``early_stop`` and an ``early_stop_drop``."""
+        return self.recipe.early_stop and self.config.early_stop_drop is not None
+
+    def check_overfitting(self) -> dict:
+        """The catastrophic-overfitting guard of single-step recipes (``early_stop``), as Wong et al.
+        checked: accuracy of :attr:`evaluated` on one fixed training minibatch (the first
+        ``batch_size`` samples in the data's order) under PGD (``eval_steps`` steps of eval_eps/4
+        at ``eval_eps``, random start) and under FGSM (one step of eval_eps from x), as
+        ``train_pgd_acc`` and ``train_fgsm_acc`` (0-1; a sample counts when it is right both clean
+        and attacked). {} when the guard is off (:attr:`guards`). Each rank attacks its share of
+        the batch and the counts are summed, so every rank decides alike."""
+        if not self.guards:
+            return {}
+        if self.guard_batch is None:
+            state = capture_rng(self.generators)  # drawing a user loader's first batch must not move its shuffling
+            try:
+                batch = as_batch(next(iter(self.guard_data)), self.device)
+            finally:
+                restore_rng(state, self.generators)
+            self.guard_batch = batch["image"], batch["label"]
+        share = _dist.shard(len(self.guard_batch[1]))
+        x, y = (t[share.start : share.stop] for t in self.guard_batch)
+        model, eps, clip = self.evaluated, self.config.eval_eps, self.config.clip
+        attacks = (PGD(model, eps=eps, step_size=eps / 4, steps=self.config.eval_steps, clip=clip), FGSM(model, eps=eps, clip=clip))
+        inputs = [x, *(attack.perturb(x, y) for attack in attacks)]
+        with frozen(model, "eval"), torch.no_grad():
+            right = [model(z).argmax(1) == y for z in inputs]
+        counts = torch.stack([(right[0] & r).sum() for r in right[1:]] + [torch.tensor(len(y), device=y.device)])
+        pgd, fgsm, n = _dist.all_reduce_sum(counts.double()).tolist()
+        return {"train_pgd_acc": pgd / n, "train_fgsm_acc": fgsm / n}
+
     def keep_best(self, record: dict) -> str | None:
-        """Track the epoch of best robust accuracy (its weights in memory and in best.pt). Returns
-        why to stop (catastrophic overfitting of a recipe with ``early_stop``), else None."""
-        if "robust_acc" not in record:
+        """Track the epoch of best robust accuracy (its weights in memory and in best.pt): on
+        eval_data (``robust_acc``), else, with the guard on, on its training minibatch
+        (``train_pgd_acc``). Returns why to stop (catastrophic overfitting of a recipe with
+        ``early_stop``, see :meth:`overfitting`), else None."""
+        score = record.get("robust_acc", record.get("train_pgd_acc"))
+        if score is None:
             return None
-        if self.best is None or record["robust_acc"] > self.best["robust_acc"]:
-            self.best = {"epoch": record["epoch"], "robust_acc": record["robust_acc"]}
+        if self.best is None or score > self.best["robust_acc"]:
+            self.best = {"epoch": record["epoch"], "robust_acc": score}
             self.best_state = {k: v.detach().clone() for k, v in self.evaluated.state_dict().items()}
             if self.writes:
                 atomic_save(sealed({"epoch": self.best["epoch"], "model": self.best_state}), self.out_dir / BEST_NAME)
             return None
-        drop = self.config.early_stop_drop
-        if self.recipe.early_stop and drop is not None and record["robust_acc"] < self.best["robust_acc"] - drop:
-            return (f"catastrophic overfitting: PGD accuracy fell from {self.best['robust_acc']:.3f} (epoch "
-                    f"{self.best['epoch']}) to {record['robust_acc']:.3f} (epoch {record['epoch']}); restored epoch "
-                    f"{self.best['epoch']}'s weights")
+        return self.overfitting(record) if self.guards else None
+
+    def overfitting(self, record: dict) -> str | None:
+        """Why the epoch ``record`` shows catastrophic overfitting, else None: PGD accuracy on
+        eval_data fell more than ``early_stop_drop`` below the best epoch's; or on the guard's
+        training minibatch PGD accuracy fell more than ``early_stop_drop`` below its peak while the
+        single-step (FGSM) accuracy rose above its value at that peak — the collapse's signature."""
+        drop, best = self.config.early_stop_drop, self.best
+        restored = f"restored epoch {best['epoch']}'s weights"
+        if "robust_acc" in record and record["robust_acc"] < best["robust_acc"] - drop:
+            return (f"catastrophic overfitting: PGD accuracy fell from {best['robust_acc']:.3f} (epoch {best['epoch']}) "
+                    f"to {record['robust_acc']:.3f} (epoch {record['epoch']}); {restored}")
+        peak = max(self.history[:-1], key=lambda row: row["train_pgd_acc"], default=None)
+        if peak is not None and record["train_pgd_acc"] < peak["train_pgd_acc"] - drop \
+                and record["train_fgsm_acc"] > peak["train_fgsm_acc"]:
+            return (f"catastrophic overfitting: on the guard's training minibatch PGD accuracy fell from "
+                    f"{peak['train_pgd_acc']:.3f} (epoch {peak['epoch']}) to {record['train_pgd_acc']:.3f} (epoch "
+                    f"{record['epoch']}) while FGSM accuracy rose from {peak['train_fgsm_acc']:.3f} to "
+                    f"{record['train_fgsm_acc']:.3f}; {restored}")
         return None
 
     def restore_best(self) -> None:
@@ -667,6 +722,15 @@ class Trainer:
         self.recipe.load_state_dict(state["recipe_state"])
         restore_rng(state["rng"], self.generators)
         self.history, self.best, self.epoch = state["history"], state["best"], state["epoch"]
+
+
+def _guard_source(train_data: object, config: TrainConfig, device: torch.device) -> object:
+    """Where the guard's fixed minibatch comes from: the first ``batch_size`` samples of a map-style
+    data set (a subset: no second device-resident copy of the data), else the data's own first batch."""
+    if isinstance(train_data, torch.utils.data.Dataset) and not isinstance(train_data, torch.utils.data.IterableDataset):
+        train_data = torch.utils.data.Subset(train_data, range(min(config.batch_size, len(train_data))))
+    return make_loader(train_data, batch_size=config.batch_size, shuffle=False, seed=config.seed, device=device,
+                       rank=0, world_size=1)
 
 
 def fit(model: nn.Module, train_data: object, config: TrainConfig | None = None, *, eval_data: object = None,
