@@ -14,6 +14,7 @@ the data sets below, attacks, saliency methods). See :mod:`fastsat.train.options
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import inspect
 import json
@@ -22,7 +23,7 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ import yaml
 from fastsat import _dist, data, models, saliency
 from fastsat._checks import choice, flag, mapping, number, path, positive_int, seed, writable_path
 from fastsat._checks import device as device_of
-from fastsat._io import atomic_save, atomic_write_text
+from fastsat._io import atomic_save, atomic_write_text, locked_folder
 from fastsat.alignment import ALIGNMENT_TARGETS
 from fastsat.demo import _FULL, _QUICK, DEMO_RECIPES, run_demo
 from fastsat.evaluate import ATTACKS, SUITES, evaluate
@@ -47,6 +48,7 @@ from fastsat.train import (
     load_checkpoint,
     teacher_saliency,
 )
+from fastsat.train.checkpoint import load_weights
 from fastsat.train.options import Spec, is_sequence, option, parse, show, specs, unknown_keys, validate
 
 __all__ = ["COMMANDS", "build_parser", "command_specs", "load_config", "main"]
@@ -434,7 +436,7 @@ def _trained_model(options: ModelOptions, train_set, device: torch.device, check
         # A run trained with --ema was evaluated (and chose best.pt) on the averaged weights: use them.
         ema = state.get("ema")
         weights = state["model"] if ema is None else ema
-        model.load_state_dict(weights)
+        load_weights(model, weights, checkpoint)
     else:
         log.warning("no --checkpoint given: using an untrained %s", options.model)
     return model.to(device).eval()
@@ -476,9 +478,15 @@ def _train(cfg: dict, parts: dict, device: torch.device) -> dict:
         train_data = SaliencyDataset(train_set, maps)  # augmentation moves the maps too
     if config.out_dir is None:
         log.warning("no --out-dir: no checkpoint, logs or config.yaml of this run are kept")
-    elif _dist.is_main():
-        atomic_write_text(Path(config.out_dir) / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-    result = fit(model, train_data, config, eval_data=test_set)
+    writes = config.out_dir is not None and _dist.is_main()
+    # The run folder is locked before config.yaml is written: a second run there is refused before
+    # it changes anything of the first one's (the trainer takes the same lock again).
+    with locked_folder(config.out_dir, "out_dir") if writes else contextlib.nullcontext():
+        if writes:
+            atomic_write_text(Path(config.out_dir) / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        # The data settings (not the folder, which may move) are recorded, so a resume on other data names them.
+        settings = {k: v for k, v in asdict(parts[DataOptions]).items() if k != "data_dir"}
+        result = fit(model, train_data, config, eval_data=test_set, data_settings=settings)
     last = result.history[-1]
     if _dist.is_main():
         print(json.dumps({"checkpoint": str(result.checkpoint), "stopped": result.stopped, **last}, indent=1))

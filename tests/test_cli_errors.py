@@ -164,3 +164,47 @@ def test_wrong_values_for_any_option_give_fastsats_own_errors(command, tmp_path,
             assert name in message or name.replace("_", "-") in message, f"{argv}: the error does not name {name}: {message}"
 
     check()
+
+
+# --- a run's folder, data and weights through the command line -------------------------------------
+
+_TRAIN = ["train", "--n-train", "32", "--n-test", "8", "--image-size", "12", "--num-classes", "3", "--model", "madrycnn",
+          "--width", "4", "--batch-size", "16", "--device", "cpu", "--recipe", "standard", "--eval-steps", "1",
+          "--no-augment", "--no-progress"]
+_HOLD = ("import sys, time\nfrom fastsat._io import locked_folder\nwith locked_folder(sys.argv[1]):\n"
+         "    print('held', flush=True)\n    time.sleep(60)")
+
+
+def test_a_second_train_in_a_busy_out_dir_changes_nothing_of_the_first(tmp_path, capsys):
+    """The folder is locked before config.yaml is written: the refused run leaves the first one's intact."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("first: run\n")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cli.main([*_TRAIN, "--epochs", "1", "--out-dir", str(out)]) == 2
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert f"out_dir: {out} is in use by another fastsat run (pid {holder.pid}" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == "first: run\n"
+
+
+def test_a_resume_on_other_data_settings_names_the_setting(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main([*_TRAIN, "--epochs", "1", "--out-dir", str(out)]) == 0
+    assert cli.main([*_TRAIN, "--epochs", "1", "--out-dir", str(out), "--resume", "--data-seed", "7"]) == 2
+    assert "data_seed" in capsys.readouterr().err
+
+
+def test_eval_of_a_checkpoint_for_another_class_count_names_the_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main([*_TRAIN, "--epochs", "1", "--out-dir", str(out)]) == 0
+    checkpoint = out / "checkpoint.pt"
+    assert cli.main(["eval", "--checkpoint", str(checkpoint), "--num-classes", "4", "--eps", "0", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {checkpoint} does not fit the model" in err and "Traceback" not in err
