@@ -51,9 +51,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from scipy.stats import t as student_t  # scikit-learn's dependency: present wherever the digits are
 
 from fastsat import data, models
+from fastsat._stats import t_quantile
 from fastsat.evaluate import MaskingChecks, StandardSuite, evaluate
 from fastsat.report import markdown_table
 from fastsat.train import fit, make_recipe
@@ -120,7 +120,7 @@ def interval(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% t-interval over ``values`` (NaN half-width for one value)."""
     if len(values) < 2:
         return statistics.fmean(values), math.nan
-    return statistics.fmean(values), student_t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return statistics.fmean(values), t_quantile(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def forwards_per_step(recipe: str, options: dict, model: torch.nn.Module, train) -> int:
