@@ -11,9 +11,9 @@ first ``n_analysis`` of the first seed) and writes ``report.md`` / ``report.html
 
 What the numbers say is decided by :func:`fastsat.report.claims.judge_claims`: paired differences
 over the seeds with t-intervals and Holm's correction over the comparisons (:data:`MARGIN` for
-"fails"). The cost column is the steady-state epoch time (the median over the epochs after the
-first) relative to standard training, so that a slow first epoch or a busy machine does not
-reverse it. SAT's curriculum is compressed to the run length (:func:`compressed_curriculum`) and
+"fails"). The cost column is the training's CPU time relative to standard training, trained on one
+thread, so that other processes on a busy machine do not enter it (wall-clock epoch times did:
+``bench/results/demo-cost-under-load-2026-12-07.md``). SAT's curriculum is compressed to the run length (:func:`compressed_curriculum`) and
 the PGD recipes ramp ε up over the first third of the epochs.
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from fastsat.report import analyze, markdown_table, robustness_curves, write_rep
 from fastsat.report.claims import ClaimResult, judge_claims
 from fastsat.train import fit, sat_probability
 
-__all__ = ["CONTROL", "DEMO_RECIPES", "EVAL_EPS", "MARGIN", "comparisons", "compressed_curriculum", "run_demo", "steady_epoch_time"]
+__all__ = ["CONTROL", "DEMO_RECIPES", "EVAL_EPS", "MARGIN", "comparisons", "compressed_curriculum", "cost_vs_standard", "run_demo"]
 
 #: The control run: SAT's perturbation with random signs only (a = 1, so p_e = 0 at every epoch).
 CONTROL = "noise-only"
@@ -89,11 +90,26 @@ def _model(num_classes: int, width: int, train: data.AnnotatedDataset) -> torch.
     return models.create("madrycnn", num_classes=num_classes, width=width, mean=train.mean, std=train.std)
 
 
-def steady_epoch_time(history: list[dict]) -> float:
-    """Seconds of a steady-state epoch: the median over the epochs after the first (which pays the
-    one-time costs); the only epoch when there is one."""
-    seconds = [row["seconds"] for row in history]
-    return statistics.median(seconds[1:] or seconds)
+def cost_vs_standard(runs: dict[str, list[dict]]) -> dict[str, float]:
+    """Run name → its training CPU time relative to standard's in the same seed, averaged over the
+    seeds (``runs``: name → one dict per seed with ``train_cpu_s``); {} without a standard run."""
+    if "standard" not in runs:
+        return {}
+    return {name: statistics.fmean(r["train_cpu_s"] / b["train_cpu_s"] for r, b in zip(rs, runs["standard"], strict=True))
+            for name, rs in runs.items()}
+
+
+@contextmanager
+def _one_thread():
+    """Train on one thread: its process CPU time is then the work alone. With two intra-op threads
+    on a busy machine a thread waits (spinning) for a descheduled other, and the wait counts as CPU
+    time; these tiny networks gain little from a second thread anyway."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def comparisons(names: list[str]) -> list[tuple[str, str, str, str]]:
@@ -166,13 +182,17 @@ def run_demo(
             torch.manual_seed(s)
             model = _model(classes, sizes["width"], train_set).to(dev)
             # Only the first seed keeps its run folders (checkpoints, logs): the others are for the statistics.
-            history = fit(
-                model, train_set, recipe=recipe, recipe_options=options, epochs=sizes["epochs"], batch_size=64,
-                optimizer="adam", lr=2e-3, weight_decay=0.0, schedule="cosine", seed=s, augment=False,
-                out_dir=out_dir / name if s == seed else None, progress=False,
-            ).history
+            with _one_thread():
+                cpu_started = time.process_time()
+                history = fit(
+                    model, train_set, recipe=recipe, recipe_options=options, epochs=sizes["epochs"], batch_size=64,
+                    optimizer="adam", lr=2e-3, weight_decay=0.0, schedule="cosine", seed=s, augment=False,
+                    out_dir=out_dir / name if s == seed else None, progress=False,
+                ).history
+                train_cpu_s = time.process_time() - cpu_started
             metrics = evaluate(model, test_batch, eps=EVAL_EPS, steps=sizes["eval_steps"])
-            run = {"recipe": recipe, "options": options, "epoch_s": steady_epoch_time(history),
+            run = {"recipe": recipe, "options": options, "train_s": sum(row["seconds"] for row in history),
+                   "train_cpu_s": train_cpu_s,
                    "train_acc": history[-1]["train_acc"], "clean": metrics["clean_acc"],
                    "pgd": {row["eps"]: row["acc"] for row in metrics["attacks"]["pgd"]}}
             run["auc"] = statistics.fmean(run["pgd"].values())
@@ -202,13 +222,12 @@ def _spread(values: list[float]) -> str:
 def _markdown(runs: dict[str, list[dict]], sizes: dict, device: torch.device, wall: float, curves: Path,
               out_dir: Path) -> str:
     rows = []
+    costs = cost_vs_standard(runs)
     for name, rs in runs.items():
         first = rs[0]
-        cost = (statistics.fmean(r["epoch_s"] / b["epoch_s"] for r, b in zip(rs, runs["standard"], strict=True))
-                if "standard" in runs else None)
         rows.append({
-            "run": name, "recipe": first["recipe"], "epoch s (steady)": statistics.fmean(r["epoch_s"] for r in rs),
-            "cost vs standard": cost, "train acc (own inputs)": _spread([r["train_acc"] for r in rs]),
+            "run": name, "recipe": first["recipe"], "train s": statistics.fmean(r["train_s"] for r in rs),
+            "cost vs standard": costs.get(name), "train acc (own inputs)": _spread([r["train_acc"] for r in rs]),
             "clean acc": _spread([r["clean"] for r in rs]),
             **{f"PGD {round(e * 255)}/255": _spread([r["pgd"][e] for r in rs]) for e in EVAL_EPS},
             "robust AUC": _spread([r["auc"] for r in rs]),
@@ -235,9 +254,10 @@ def _markdown(runs: dict[str, list[dict]], sizes: dict, device: torch.device, wa
               "radii. Etmann's alignment α = |⟨x, ∇Ψ⟩|/‖∇Ψ‖ of the predicted logit and the boundary distance ρ "
               "(DeepFool + bisection, L2, pixel units) on the first "
               f"{min(sizes['n_analysis'], sizes['n_test'])} test images of the first seed. Train acc is measured on "
-              "each recipe's own training inputs (adversarial or perturbed) during the last epoch. Cost: the "
-              "steady-state epoch time (median over the epochs after the first) relative to `standard` in the same "
-              "seed, averaged over seeds; a slow first epoch or a load that lasts the whole run does not move it.")
+              "each recipe's own training inputs (adversarial or perturbed) during the last epoch. Train s: wall time of "
+              "the training (mean over seeds), which the machine's load enters. Cost: the training's CPU time on one "
+              "thread relative to `standard` in the same seed, averaged over seeds, which other processes do not "
+              "enter.")
     lines = [
         "# fastsat demo report", "", generated, "", setup, "", method, "",
         "## Results", "", markdown_table(list(rows[0]), rows), "",

@@ -18,7 +18,7 @@ def test_quick_demo_writes_the_report(tmp_path):
     for name in DEMO_RECIPES:
         assert any(line.startswith(f"| {name} |") for line in table), f"{name} missing from the table"
         assert f"<td>{name}</td>" in page
-    for column in ("cost vs standard", "epoch s (steady)", "clean acc", "PGD 2/255", "PGD 4/255", "PGD 8/255", "median α", "median ρ", "Spearman(α, ρ)"):
+    for column in ("cost vs standard", "train s", "clean acc", "PGD 2/255", "PGD 4/255", "PGD 8/255", "median α", "median ρ", "Spearman(α, ρ)"):
         assert column in table[0]
     # Every image the Markdown links exists; the HTML embeds them (self-contained).
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
@@ -63,11 +63,11 @@ def test_findings_are_paired_verdicts_over_seeds_with_holm_and_the_prose_follows
     assert all("clean accuracy the same difference in every seed: not weighed" in line for line in said.values())
 
 
-def test_the_cost_is_the_steady_state_epoch_time():
-    """A slow first epoch (one-time costs, or a burst of load) does not move the cost column."""
-    history = [{"seconds": 50.0}, {"seconds": 1.7}, {"seconds": 1.8}, {"seconds": 1.6}, {"seconds": 9.0}]
-    assert demo.steady_epoch_time(history) == pytest.approx(1.75)
-    assert demo.steady_epoch_time([{"seconds": 3.0}]) == 3.0
+def test_the_cost_is_the_cpu_time_ratio_to_standard_in_the_same_seed():
+    runs = {"standard": [{"train_cpu_s": 10.0}, {"train_cpu_s": 20.0}],
+            "pgd": [{"train_cpu_s": 40.0}, {"train_cpu_s": 100.0}]}
+    assert demo.cost_vs_standard(runs) == {"standard": 1.0, "pgd": pytest.approx(4.5)}  # mean of 4 and 5
+    assert demo.cost_vs_standard({"pgd": runs["pgd"]}) == {}
 
 
 def test_the_curriculum_is_compressed_to_the_run_and_pgd_warms_up():
