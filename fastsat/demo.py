@@ -22,7 +22,6 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from fastsat import data, models
 from fastsat._checks import choice, number, positive_int
 from fastsat._checks import device as check_device
 from fastsat._checks import seed as check_seed
+from fastsat._threads import one_thread
 from fastsat.evaluate import evaluate
 from fastsat.report import analyze, markdown_table, robustness_curves, write_report
 from fastsat.report.claims import ClaimResult, judge_claims
@@ -97,19 +97,6 @@ def cost_vs_standard(runs: dict[str, list[dict]]) -> dict[str, float]:
         return {}
     return {name: statistics.fmean(r["train_cpu_s"] / b["train_cpu_s"] for r, b in zip(rs, runs["standard"], strict=True))
             for name, rs in runs.items()}
-
-
-@contextmanager
-def _one_thread():
-    """Train on one thread: its process CPU time is then the work alone. With two intra-op threads
-    on a busy machine a thread waits (spinning) for a descheduled other, and the wait counts as CPU
-    time; these tiny networks gain little from a second thread anyway."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def comparisons(names: list[str]) -> list[tuple[str, str, str, str]]:
@@ -182,7 +169,7 @@ def run_demo(
             torch.manual_seed(s)
             model = _model(classes, sizes["width"], train_set).to(dev)
             # Only the first seed keeps its run folders (checkpoints, logs): the others are for the statistics.
-            with _one_thread():
+            with one_thread():  # its CPU time is then the work alone, whatever else runs
                 cpu_started = time.process_time()
                 history = fit(
                     model, train_set, recipe=recipe, recipe_options=options, epochs=sizes["epochs"], batch_size=64,

@@ -13,7 +13,7 @@ PACKAGE = Path(fastsat.__file__).parent
 
 # Lowest first. A module belongs to the layer of its longest matching prefix.
 LAYERS = [
-    ("fastsat", "fastsat._checks", "fastsat._io", "fastsat._dist", "fastsat._C"),
+    ("fastsat", "fastsat._checks", "fastsat._io", "fastsat._dist", "fastsat._stats", "fastsat._threads", "fastsat._C"),
     ("fastsat.data",),
     ("fastsat.models",),
     ("fastsat.ops",),

@@ -25,8 +25,6 @@ import math
 import os
 import pickle
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,6 +33,7 @@ import torch.nn.functional as F
 from fastsat._checks import choice, flag, integer, positive_int
 from fastsat._checks import seed as check_seed
 from fastsat._io import atomic_save
+from fastsat._threads import one_thread
 
 from .dataset import AnnotatedDataset, boxes_from_masks
 
@@ -68,22 +67,6 @@ _CHUNK_PIXELS = 1 << 22
 def default_cache_dir() -> Path:
     """``$FASTSAT_CACHE`` if set, else ``~/.cache/fastsat``."""
     return Path(os.environ.get("FASTSAT_CACHE") or Path.home() / ".cache" / "fastsat")
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch ops single-threaded for the duration, then restore the thread count.
-
-    Generation is hundreds of small element-wise ops per chunk; with two intra-op threads on a
-    shared 2-core machine every op waits for a descheduled thread, which measured 5-10x slower
-    than one thread (and on an idle machine two threads gain little).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _inside_one(kind: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -214,7 +197,7 @@ def generate_shapes(
     n, size, num_classes, seed, clutter, polarity = _checked(n, size, num_classes, seed, clutter, polarity)
     chunk = max(16, min(512, _CHUNK_PIXELS // (size * size)))
     images, labels, masks = [], [], []
-    with _one_thread():
+    with one_thread():
         for index, start in enumerate(range(0, n, chunk)):
             # Always generate a full chunk (then truncate) so that a prefix of the data does not
             # depend on n; labels are balanced within each full chunk.
