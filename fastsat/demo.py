@@ -260,7 +260,7 @@ def _markdown(runs: dict[str, list[dict]], sizes: dict, device: torch.device, wa
     return "\n".join(lines)
 
 
-_PHRASES = {"holds": "higher", "fails": "not higher by {margin} or more (equivalent within the margin)",
+_PHRASES = {"holds": "higher", "fails": "not higher (the interval lies below +{margin})",
             "inconclusive": "not distinguishable", "floor": "at the floor (0) for both: not weighed",
             "ceiling": "at the ceiling (1) for both: not weighed", "one seed": "one seed: no interval",
             "no spread": "the same difference in every seed: not weighed"}
@@ -274,8 +274,8 @@ def _findings(runs: dict[str, list[dict]]) -> list[str]:
     seeds = len(next(iter(runs.values())))
     lines = [(f"Each comparison is the mean paired difference over the {seeds} seeds with its 95% t-interval; "
               f"Holm's correction runs over the {len(spec)} comparisons of each metric. Higher: the interval lies "
-              f"above 0; not higher by {MARGIN} or more: it lies below the margin δ = {MARGIN}; otherwise not "
-              "distinguishable."), ""]
+              f"above 0; not higher: it lies below the margin δ = {MARGIN} (a difference too small to matter, or a loss); "
+              "otherwise not distinguishable."), ""]
     judged = {}
     for metric in ("auc", "clean"):
         values = {name: [r[metric] for r in rs] for name, rs in runs.items()}
