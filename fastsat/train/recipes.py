@@ -17,6 +17,7 @@ normalise internally). ``attack_mode`` is the train/eval mode of the model while
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import functools
@@ -354,7 +355,7 @@ def _awp_gamma() -> dataclasses.Field:
 
 
 @dataclass
-class _AdversarialPair(PerturbationRecipe):
+class _AdversarialPair(PerturbationRecipe, abc.ABC):
     """A recipe whose loss is ``objective(model, x, x_adv, y)`` on the attacked batch ``adversarial(...)``,
     with AWP as an option (``awp_gamma`` > 0): after the attack the weights move to w + v
     (:func:`awp_perturbation`), the gradient of the loss is taken there and applied to w, which is
@@ -362,11 +363,13 @@ class _AdversarialPair(PerturbationRecipe):
 
     awp_gamma: float = _awp_gamma()
 
+    @abc.abstractmethod
     def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, epoch: int) -> Tensor:
-        raise NotImplementedError
+        """The attacked batch x_adv (B, ...) for the clean batch ``x`` at ``epoch``."""
 
+    @abc.abstractmethod
     def objective(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> RecipeOutput:
-        raise NotImplementedError
+        """The loss on the clean and attacked batches."""
 
     def loss(self, model, batch, *, epoch=0):
         if self.awp_gamma:
