@@ -26,4 +26,13 @@ if ! "$venv_python" -c "import torch" 2>/dev/null; then
 fi
 # --no-build-isolation: setup.py compiles fastsat._C against the torch installed above.
 "$venv_python" -m pip install --quiet --no-build-isolation -e ".[test]"
+# The timm:NAME route is tested here too. timm needs torchvision, and the registry's only torchvision
+# for torch 2.13 is 0.28.0, a CUDA build whose C ops cannot load beside the CPU torch
+# (tests/conftest.py lets its Python parts import). --no-deps: neither may pull a CUDA torch.
+if "$venv_python" -c "import sys, torch; sys.exit(torch.__version__ != '2.13.0+cpu')" \
+        && ! "$venv_python" -m pip show -q timm >/dev/null 2>&1; then
+    echo "setup: installing timm and torchvision 0.28.0 (its Python parts) for the timm tests"
+    "$venv_python" -m pip install --quiet --no-deps "timm==1.0.31" "torchvision==0.28.0"
+    "$venv_python" -m pip install --quiet "huggingface_hub" "safetensors"
+fi
 "$venv_python" -c "import fastsat.ops as ops; print('setup: fastsat backends', ops.available_backends())"

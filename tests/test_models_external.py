@@ -3,6 +3,7 @@ defined here, through fit, checkpoint, resume and `fastsat eval`; "timm:NAME" wh
 
 import importlib
 import json
+import sys
 
 import pytest
 import torch
@@ -126,14 +127,14 @@ def _timm_imports() -> bool:
     return True
 
 
-# On the development machine timm does not import: the registry's torchvision 0.28.0 fails beside the
-# CPU torch 2.13.0 ("operator torchvision::nms does not exist") and torchvision 0.29 pulls torch 2.14
-# with CUDA. These tests run where timm imports (scripts/gpu_check.sh runs them as its "timm" part).
-needs_timm = pytest.mark.skipif(not _timm_imports(), reason="timm does not import here (torchvision built for another torch)")
+# scripts/setup_env.sh installs timm beside CPU torch 2.13 with the registry's torchvision 0.28.0 (a CUDA
+# build; tests/conftest.py lets its Python parts import), so these run on the development machine and in CI.
+needs_timm = pytest.mark.skipif(not _timm_imports(), reason="timm does not import here (not installed, or a torchvision "
+                                                             "built for another torch)")
 
 
-@pytest.mark.skipif(_timm_imports(), reason="timm imports here")
-def test_without_timm_the_error_says_how_to_install_it():
+def test_without_timm_the_error_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # what an absent package does to `import timm`
     with pytest.raises(ImportError, match=r"pip install 'fastsat\[timm\]'"):
         models.create("timm:resnet18", num_classes=3)
 
@@ -152,6 +153,32 @@ def test_a_timm_model_trains_and_loads_a_local_weights_file(tmp_path):
     loaded = models.create("timm:resnet18", num_classes=3, pretrained=str(weights))
     saved = torch.load(weights)
     assert all(torch.equal(loaded.net.state_dict()[k], v) for k, v in saved.items())
+
+
+@needs_timm
+def test_a_weights_file_with_another_class_count_keeps_all_but_the_fresh_classifier(tmp_path):
+    import timm
+
+    imagenet = timm.create_model("resnet18", num_classes=1000).state_dict()
+    weights = tmp_path / "imagenet.pth"
+    torch.save(imagenet, weights)
+    loaded = models.create("timm:resnet18", num_classes=3, pretrained=str(weights)).net.state_dict()
+    assert loaded["fc.weight"].shape == (3, 512)
+    assert all(torch.equal(loaded[k], v) for k, v in imagenet.items() if not k.startswith("fc."))
+
+
+@needs_timm
+def test_a_weights_file_that_does_not_fit_is_refused_naming_it(tmp_path):
+    import timm
+
+    other = tmp_path / "resnet34.pth"
+    torch.save(timm.create_model("resnet34", num_classes=3).state_dict(), other)
+    with pytest.raises(ValueError, match=r"pretrained: .*resnet34.pth.* does not fit"):
+        models.create("timm:resnet18", num_classes=3, pretrained=str(other))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a weights file")
+    with pytest.raises(ValueError, match=r"pretrained: cannot read .*garbage.pth"):
+        models.create("timm:resnet18", num_classes=3, pretrained=str(garbage))
 
 
 @needs_timm

@@ -22,6 +22,7 @@ import importlib
 import inspect
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from fastsat._checks import choice, describe, nearest, path, positive_int
@@ -135,9 +136,8 @@ def create(
             and ``norm="none"`` for the residual ones) refuse a ``mean``: see
             :func:`check_homogeneous_input`.
         pretrained: timm models only: True loads timm's pretrained weights for NAME (from its
-            cache or the Hugging Face hub), a path loads that local weights file (timm's
-            ``pretrained_cfg_overlay``; the classifier head is re-initialised for ``num_classes``
-            when its shape differs, as timm does). Default False.
+            cache or the Hugging Face hub), a path loads that local weights file (a state dict; the classifier head is
+            re-initialised for ``num_classes`` when its shape differs, as timm does). Default False.
         **kw: passed to the model class (zoo), the factory or ``timm.create_model``, overriding the
             zoo name's defaults, e.g. ``stem="imagenet"`` or ``width=8`` for ResNets, ``depth=10,
             widen=1`` for WRNs, ``bias=False`` for MadryCNN and EtmannCNN, ``image_size=8`` for
@@ -194,6 +194,39 @@ def _timm_model(arch: str, num_classes: int, in_channels: int, pretrained: bool 
         raise ImportError(f"name: 'timm:{arch}' needs timm, which did not import ({type(err).__name__}: {err}); "
                           "install it with pip install 'fastsat[timm]' (timm and a torchvision matching your "
                           "torch)") from err
-    weights = {"pretrained_cfg_overlay": {"file": pretrained}} if isinstance(pretrained, str) else {}
-    return timm.create_model(arch, pretrained=pretrained is not False, num_classes=num_classes, in_chans=in_channels,
-                             **weights, **kw)
+    net = timm.create_model(arch, pretrained=pretrained is True, num_classes=num_classes, in_chans=in_channels, **kw)
+    if isinstance(pretrained, str):
+        _load_local_weights(net, pretrained)
+    return net
+
+
+def _load_local_weights(net: nn.Module, file: str) -> None:
+    """Load a local weights file (a state dict: safetensors, or torch.save'd tensors, read with
+    ``weights_only``) into the timm model ``net``. Its classifier (``net.pretrained_cfg["classifier"]``)
+    is kept as built, freshly initialised, where the file's differs in shape (ImageNet weights for
+    another class count), as timm does; every other weight must match."""
+    try:
+        if file.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(file)
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"pretrained: cannot read {file!r} as a weights file ({type(err).__name__}: {err})") from err
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"pretrained: {file!r} holds {describe(state)}, expected a state dict of tensors")
+    own = net.state_dict()
+    classifiers = net.pretrained_cfg.get("classifier") or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    reset = [k for k in state if k.rpartition(".")[0] in classifiers and k in own and state[k].shape != own[k].shape]
+    for key in reset:
+        del state[key]
+    missing = sorted(set(own) - set(state) - set(reset))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(f"pretrained: {file!r} does not fit timm's {type(net).__name__}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, other shapes {wrong[:5]} (first 5 of each)")
+    net.load_state_dict(state, strict=not reset)
