@@ -327,8 +327,8 @@ class Trainer:
 
     def _setup_record(self, optimizer: torch.optim.Optimizer | None) -> None:
         """``run_config``: what a checkpoint records and a resume compares (the options that change the results)."""
-        resolved = {"precision": self.precision, "channels_last": self.channels_last, "compile": self.compile}
-        self.run_config = {**self.config.recorded(), **resolved, "steps_per_epoch": self.steps_per_epoch}
+        self.run_config = {**self.config.recorded(), **device_defaults(self.config, self.device),
+                           "steps_per_epoch": self.steps_per_epoch}
         if optimizer is not None:
             self.run_config["optimizer"] = type(optimizer).__name__
 
@@ -639,8 +639,7 @@ class Trainer:
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         else:
-            best = self.out_dir / BEST_NAME
-            load_weights(self.model, load_checkpoint(best)[ckpt.MODEL_KEY], best)
+            ckpt.load_trained_weights(self.model, self.out_dir / BEST_NAME)
 
     def checkpoint(self) -> Path | None:
         """Write checkpoint.pt atomically (when :attr:`writes`); the other ranks wait at a barrier
