@@ -35,7 +35,7 @@ from fastsat._checks import choice, clip_box, integer, nearest, number, positive
 from fastsat.attacks import FGSM, PGD, TradesAttack
 from fastsat.data import as_batch
 from fastsat.ops import pgd_step, random_start, sat_perturb
-from fastsat.train.distributed import unwrap
+from fastsat.train.distributed import unwrap  # the module attacks run on: see _perturbed
 from fastsat.train.options import document, option, validate
 
 __all__ = [
