@@ -34,7 +34,7 @@ from fastsat._checks import choice, flag, mapping, number, path, positive_int, s
 from fastsat._checks import device as device_of
 from fastsat._io import atomic_save, atomic_write_text, locked_folder
 from fastsat.alignment import ALIGNMENT_TARGETS
-from fastsat.demo import _FULL, _QUICK, DEMO_RECIPES, run_demo
+from fastsat.demo import DEMO_RECIPES, FULL_SIZES, QUICK_SIZES, run_demo
 from fastsat.evaluate import ATTACKS, SUITES, evaluate
 from fastsat.models import default_cam_layer
 from fastsat.report import analyze, saliency_grid
@@ -45,10 +45,9 @@ from fastsat.train import (
     TrainConfig,
     distributed,
     fit,
-    load_checkpoint,
     teacher_saliency,
 )
-from fastsat.train.checkpoint import load_weights
+from fastsat.train.checkpoint import load_trained_weights
 from fastsat.train.options import Spec, is_sequence, option, parse, show, specs, unknown_keys, validate
 
 __all__ = ["COMMANDS", "build_parser", "command_specs", "load_config", "main"]
@@ -235,7 +234,7 @@ _DEMO = inspect.signature(run_demo).parameters
 
 
 def _demo_size(key: str, what: str) -> object:
-    return option(_DEMO[key].default, f"{what} (None: {_FULL[key]}, quick: {_QUICK[key]})",
+    return option(_DEMO[key].default, f"{what} (None: {FULL_SIZES[key]}, quick: {QUICK_SIZES[key]})",
                   check=functools.partial(positive_int, allow_none=True))
 
 
@@ -432,11 +431,7 @@ def _model(options: ModelOptions, train_set, *, pretrained: bool = True) -> torc
 def _trained_model(options: ModelOptions, train_set, device: torch.device, checkpoint: str | None) -> torch.nn.Module:
     model = _model(options, train_set, pretrained=checkpoint is None)
     if checkpoint:
-        state = load_checkpoint(checkpoint)
-        # A run trained with --ema was evaluated (and chose best.pt) on the averaged weights: use them.
-        ema = state.get("ema")
-        weights = state["model"] if ema is None else ema
-        load_weights(model, weights, checkpoint)
+        load_trained_weights(model, checkpoint)
     else:
         log.warning("no --checkpoint given: using an untrained %s", options.model)
     return model.to(device).eval()
@@ -478,11 +473,11 @@ def _train(cfg: dict, parts: dict, device: torch.device) -> dict:
         train_data = SaliencyDataset(train_set, maps)  # augmentation moves the maps too
     if config.out_dir is None:
         log.warning("no --out-dir: no checkpoint, logs or config.yaml of this run are kept")
-    writes = config.out_dir is not None and _dist.is_main()
+    is_writer = config.out_dir is not None and _dist.is_main()
     # The run folder is locked before config.yaml is written: a second run there is refused before
     # it changes anything of the first one's (the trainer takes the same lock again).
-    with locked_folder(config.out_dir, "out_dir") if writes else contextlib.nullcontext():
-        if writes:
+    with locked_folder(config.out_dir, "out_dir") if is_writer else contextlib.nullcontext():
+        if is_writer:
             atomic_write_text(Path(config.out_dir) / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
         # The data settings (not the folder, which may move) are recorded, so a resume on other data names them.
         settings = {k: v for k, v in asdict(parts[DataOptions]).items() if k != "data_dir"}
@@ -493,16 +488,25 @@ def _train(cfg: dict, parts: dict, device: torch.device) -> dict:
     return last
 
 
-def _trained(command: str, cfg: dict):
+class TrainedRun(typing.NamedTuple):
+    """What the commands that read a trained run (eval, saliency, analyze) start from."""
+
+    parts: dict  # the command's option dataclasses, built from its settings (see _sections)
+    model: torch.nn.Module  # the trained model, in eval mode on ``device``
+    test_set: object
+    device: torch.device
+
+
+def _trained_run(command: str, cfg: dict) -> TrainedRun:
     parts = _sections(command, cfg)
     device = device_of(parts[DeviceOptions].device)
     train_set, test_set = DATASETS[parts[DataOptions].dataset](parts[DataOptions])
     model = _trained_model(parts[ModelOptions], train_set, device, parts[CheckpointOptions].checkpoint)
-    return parts, model, test_set, device
+    return TrainedRun(parts, model, test_set, device)
 
 
 def cmd_eval(cfg: dict) -> dict:
-    parts, model, test_set, _ = _trained("eval", cfg)
+    parts, model, test_set, _ = _trained_run("eval", cfg)
     options: EvalOptions = parts[EvalOptions]
     report = evaluate(model, test_set, suite=options.suite, eps=options.eps, attacks=options.attacks, steps=options.steps,
                       restarts=options.restarts, batch_size=options.batch_size, max_samples=options.max_samples)
@@ -524,7 +528,7 @@ def cmd_eval(cfg: dict) -> dict:
 
 
 def cmd_saliency(cfg: dict) -> dict:
-    parts, model, test_set, device = _trained("saliency", cfg)
+    parts, model, test_set, device = _trained_run("saliency", cfg)
     options: SaliencyOptions = parts[SaliencyOptions]
     x, _ = _first_images(test_set, options.n_samples, device)
     maps = {}
@@ -539,7 +543,7 @@ def cmd_saliency(cfg: dict) -> dict:
 
 
 def cmd_analyze(cfg: dict) -> dict:
-    parts, model, test_set, device = _trained("analyze", cfg)
+    parts, model, test_set, device = _trained_run("analyze", cfg)
     options: AnalyzeOptions = parts[AnalyzeOptions]
     x, y = _first_images(test_set, options.n_samples, device)
     result = analyze(model, (x, y), out_dir=options.out_dir, target=options.target)

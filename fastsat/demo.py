@@ -37,7 +37,8 @@ from fastsat.report import analyze, markdown_table, robustness_curves, write_rep
 from fastsat.report.claims import ClaimResult, judge_claims
 from fastsat.train import fit, sat_probability
 
-__all__ = ["CONTROL", "DEMO_RECIPES", "EVAL_EPS", "MARGIN", "comparisons", "compressed_curriculum", "cost_vs_standard", "run_demo"]
+__all__ = ["CONTROL", "DEMO_RECIPES", "EVAL_EPS", "FULL_SIZES", "MARGIN", "QUICK_SIZES", "comparisons",
+           "compressed_curriculum", "cost_vs_standard", "run_demo"]
 
 #: The control run: SAT's perturbation with random signs only (a = 1, so p_e = 0 at every epoch).
 CONTROL = "noise-only"
@@ -57,13 +58,13 @@ DEMO_RECIPES: dict[str, tuple[str, dict]] = {
 EVAL_EPS = (2 / 255, 4 / 255, 8 / 255)
 #: δ of the "fails" verdict (robust AUC and clean accuracy units), stated before any result.
 MARGIN = 0.02
-# Sized for about 10 minutes on 2 CPU cores with 3 seeds: standard training reaches >= 0.90 clean
-# accuracy here (the gate of bench/paper_claims.py), so differences in robustness can show.
-_FULL = {"epochs": 10, "n_train": 2500, "n_test": 1000, "n_analysis": 200, "image_size": 16, "num_classes": 4,
-         "width": 16, "eval_steps": 10, "seeds": 3}
-# Quick mode checks the pipeline, not the numbers: PGD-2 and a short DeepFool keep it to seconds.
-_QUICK = {"epochs": 1, "n_train": 64, "n_test": 16, "n_analysis": 16, "image_size": 12, "num_classes": 4, "width": 4,
-          "eval_steps": 2, "seeds": 2}
+#: The demo's sizes (counts; image_size in pixels). Sized for about 10 minutes on 2 CPU cores with 3
+#: seeds: standard training reaches >= 0.90 clean accuracy here, so differences in robustness can show.
+FULL_SIZES = {"epochs": 10, "n_train": 2500, "n_test": 1000, "n_analysis": 200, "image_size": 16, "num_classes": 4,
+              "width": 16, "eval_steps": 10, "seeds": 3}
+#: ``quick=True``'s sizes: it checks the pipeline, not the numbers (PGD-2 and a short DeepFool keep it to seconds).
+QUICK_SIZES = {"epochs": 1, "n_train": 64, "n_test": 16, "n_analysis": 16, "image_size": 12, "num_classes": 4,
+               "width": 4, "eval_steps": 2, "seeds": 2}
 
 
 def compressed_curriculum(epochs: int, a: float = 0.6, length: int = 100) -> float:
@@ -128,10 +129,9 @@ def run_demo(
     """Train, evaluate and analyse the demo recipes; write ``out_dir``/report.md and report.html.
 
     Args:
-        quick: tiny sizes (seconds; for tests). epochs, n_train, n_test, image_size (pixels),
-            seeds: override the sizes (defaults 10, 2500, 1000, 16, 3; quick 1, 64, 16, 12, 2).
-            Etmann's α and ρ are measured on the first 200 test images of the first seed (quick:
-            16). The data has 4 classes; the model is Madry's CNN of width 16 (quick: 4).
+        quick: :data:`QUICK_SIZES` (seconds; for tests) instead of :data:`FULL_SIZES`. epochs,
+            n_train, n_test, image_size (pixels), seeds: override those sizes. Etmann's α and ρ are
+            measured on the first ``n_analysis`` test images of the first seed.
         recipes: subset of :data:`DEMO_RECIPES` (default all seven, in that order).
         seed: the first seed (seeds seed, seed + 1, ...: data, weights and training).
         device: "auto" (cuda if available), "cpu", ...
@@ -139,7 +139,7 @@ def run_demo(
     Returns:
         Path of report.md (report.html and the figures sit next to it).
     """
-    sizes = dict(_QUICK if quick else _FULL)
+    sizes = dict(QUICK_SIZES if quick else FULL_SIZES)
     for key, value in (("epochs", epochs), ("n_train", n_train), ("n_test", n_test), ("image_size", image_size),
                        ("seeds", seeds)):
         if value is not None:

@@ -62,11 +62,11 @@ def test_help_lists_every_option_with_its_default(command, capsys):
 
 def test_demo_help_states_the_demo_sizes():
     # The demo's sizes live in fastsat.demo; its --help must quote them, not a stale copy.
-    from fastsat.demo import _FULL, _QUICK
+    from fastsat.demo import FULL_SIZES, QUICK_SIZES
 
     helps = {option.name: option.help for option in cli.command_specs("demo")}
     for key in ("epochs", "n_train", "n_test", "image_size"):
-        want = f"None: {_FULL[key]}, quick: {_QUICK[key]}"
+        want = f"None: {FULL_SIZES[key]}, quick: {QUICK_SIZES[key]}"
         assert want in helps[key], f"demo --{key} help {helps[key]!r} does not say {want!r}"
 
 

@@ -59,7 +59,7 @@ WORKER = SETUP + textwrap.dedent(
 
     import fastsat.attacks
     import fastsat.train as T
-    import fastsat.train.trainer as trainer_module
+    import fastsat.train.checkpoint as checkpoint_module  # it writes the run folder's files
     from fastsat.train import distributed
 
     out = Path(sys.argv[1])
@@ -68,17 +68,17 @@ WORKER = SETUP + textwrap.dedent(
 
     # 1. Same global batch as one process; count the checkpoint writes of each rank.
     saves = Counter()
-    real_save = trainer_module.atomic_save
+    real_save = checkpoint_module.atomic_save
     def counting_save(obj, path):
         saves[Path(path).name] += 1
         return real_save(obj, path)
-    trainer_module.atomic_save = counting_save
+    checkpoint_module.atomic_save = counting_save
     model = madry()
     result = T.fit(model, train, out_dir=str(out / "same"), **SAME)
     report["saves"] = dict(saves)
     report["same_checkpoint"] = str(result.checkpoint)
     report["same_history"] = result.history
-    trainer_module.atomic_save = real_save
+    checkpoint_module.atomic_save = real_save
 
     # 2. Resume 2 -> 1: two processes stop after epoch 1 (its checkpoint written), one process goes on.
     class Stop(Exception):

@@ -158,3 +158,42 @@ def test_fast_early_stop_is_the_recipes_declaration_not_an_option(tmp_path):
     T.fit(model, data, recipe="fast", epochs=1, batch_size=8, eval_data=data, eval_steps=1, out_dir=tmp_path, progress=False)
     recorded = T.load_checkpoint(tmp_path / "checkpoint.pt")["config"]["recipe_options"]
     assert recorded == T.Fast().options() and "early_stop" not in recorded
+
+
+def test_the_config_builds_its_recipe_once_and_gives_each_run_a_fresh_copy(monkeypatch):
+    built = []
+    real = T.config.make_recipe
+
+    def counting(*args, **kwargs):
+        built.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T.config, "make_recipe", counting)
+    config = T.TrainConfig(recipe="free", recipe_options={"replays": 2}, clip=(0.25, 0.75))
+    first, second = config.build_recipe(), config.build_recipe()
+    config.recorded()
+    assert len(built) == 1, f"the recipe was built {len(built)} times"
+    assert first is not second and first.options() == second.options() == T.Free(replays=2, clip=(0.25, 0.75)).options()
+    first.load_state_dict({"delta": torch.ones(1)})
+    assert second.state_dict()["delta"] is None, "two runs of one config share the recipe's state"
+
+
+def test_run_options_are_declared_by_the_recipes_and_taken_from_the_config():
+    # clip is the run's for every recipe that perturbs its inputs (from_run), and for no other.
+    assert T.PerturbationRecipe.from_run == ("clip",) and T.Standard.from_run == () and T.GradNorm.from_run == ()
+    for name, cls in T.RECIPES.items():
+        recipe = T.TrainConfig(recipe=name, clip=(0.25, 0.75)).build_recipe()
+        assert {k: getattr(recipe, k) for k in cls.from_run} == {k: (0.25, 0.75) for k in cls.from_run}, name
+    config = T.TrainConfig(recipe="pgd", clip=(0.25, 0.75))
+    assert config.check_recipe(T.PGDTraining(clip=(0.25, 0.75))).clip == (0.25, 0.75)
+    with pytest.raises(ValueError, match="not the one the configuration describes"):
+        config.check_recipe(T.PGDTraining())
+    with pytest.raises(TypeError, match="recipe: expected a Recipe"):
+        config.check_recipe("pgd")
+
+
+def test_recipe_docstrings_list_their_options_with_the_declared_defaults():
+    for name, cls in T.RECIPES.items():
+        for spec in specs(cls):
+            assert f"    {spec.name}: {spec.help}" in cls.__doc__ and f"(default: {show(spec.default)})" in cls.__doc__, \
+                f"{name}: help() does not document {spec.name}"

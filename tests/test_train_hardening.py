@@ -18,7 +18,7 @@ from fastsat.train.checkpoint import load_checkpoint
 
 train = shapes(48, size=12, num_classes=3, seed=0, cache_dir=False)
 test = shapes(16, size=12, num_classes=3, seed=1, cache_dir=False)
-RUN = dict(recipe="standard", epochs=1, batch_size=16, lr=0.05, progress=False)
+RUN = {"recipe": "standard", "epochs": 1, "batch_size": 16, "lr": 0.05, "progress": False}
 
 
 def tiny_model(num_classes=3):
@@ -168,8 +168,8 @@ def test_resuming_with_another_model_names_the_file_and_the_mismatching_weights(
     (shapes(48, size=12, num_classes=3, seed=5, cache_dir=False),
      r"train_data.sample_digest: '[0-9a-f]{64}' then, '[0-9a-f]{64}' now"),
     (shapes(48, size=16, num_classes=3, seed=0, cache_dir=False),
-     r"train_data.image_size: \[12, 12\] then, \[16, 16\] now; .*train_data.sample_shape: \[3, 12, 12\] then, "
-     r"\[3, 16, 16\] now"),
+     (r"train_data.image_size: \[12, 12\] then, \[16, 16\] now; .*train_data.sample_shape: \[3, 12, 12\] then, "
+      r"\[3, 16, 16\] now")),
 ])
 def test_resuming_on_other_data_is_refused_naming_the_difference(tmp_path, other, named):
     _first_of_two_epochs(tmp_path)

@@ -1,11 +1,11 @@
-"""Reading checkpoints, their checksum, and the random-number-generator state a bit-exact resume needs.
+"""The files of a run folder: their names and keys, writing and reading them, their checksum, and
+the random-number-generator state a bit-exact resume needs.
 
-Checkpoints are written (atomically, :func:`fastsat._io.atomic_save`) by
-:meth:`fastsat.train.Trainer.checkpoint`; their ``"format"`` is :data:`CHECKPOINT_FORMAT`.
-Format 1 (fastsat before the TrainConfig) still loads: :func:`load_checkpoint` brings its
-recorded settings to today's names. Every file the trainer writes (checkpoint.pt, best.pt) carries
-a ``"checksum"`` of its weights (:func:`sealed`), verified on load; files written before it have
-none and load as they are.
+A run folder holds checkpoint.pt (:data:`CHECKPOINT_NAME`, every epoch: what a resume needs, see
+:meth:`fastsat.train.Trainer.state_dict`) and best.pt (:data:`BEST_NAME`: the best epoch's
+evaluated weights and its epoch). Both are written atomically and carry a checksum of their weights
+(:func:`sealed`), verified on load; files written before the checksum load as they are. The format
+is :data:`CHECKPOINT_FORMAT`; format 1 (before TrainConfig) loads in today's form.
 """
 
 from __future__ import annotations
@@ -21,17 +21,56 @@ import torch
 from torch import nn
 
 from fastsat._checks import describe
-from fastsat.train.recipes import RECIPES, PerturbationRecipe, Recipe
+from fastsat._io import atomic_save
+from fastsat.train.recipes import RECIPES
 
-__all__ = ["CHECKPOINT_FORMAT", "capture_rng", "load_checkpoint", "load_weights", "restore_rng", "sealed",
-           "weights_checksum"]
+__all__ = ["BEST_NAME", "CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "capture_rng", "is_best_file",
+           "load_checkpoint", "load_trained_weights", "load_weights", "restore_rng", "save_best", "save_checkpoint", "sealed",
+           "trained_weights", "weights_checksum"]
 
 #: 2: the config records every option that changes a run's results (TrainConfig's), and the recipe
 #: options hold the input box ``clip`` and no longer Fast's ``early_stop``.
 CHECKPOINT_FORMAT = 2
+CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"
 
-# The entries of a checkpoint that hold weights (the model's, and the EMA's average or None).
-_WEIGHTS = ("model", "ema")
+# The keys of checkpoint.pt (best.pt holds EPOCH_KEY and MODEL_KEY), and of both files' checksum.
+FORMAT_KEY, CONFIG_KEY, DATA_KEY, EPOCH_KEY, WORLD_SIZE_KEY = "format", "config", "data", "epoch", "world_size"
+MODEL_KEY, EMA_KEY = "model", "ema"  # state dicts: the trained model's, the EMA's average (or None)
+OPTIMIZER_KEY, SCHEDULER_KEY, SCALER_KEY, RECIPE_KEY = "optimizer", "scheduler", "scaler", "recipe_state"
+RNG_KEY, HISTORY_KEY, BEST_KEY, CHECKSUM_KEY = "rng", "history", "best", "checksum"
+_WEIGHTS = (MODEL_KEY, EMA_KEY)
+
+
+def save_checkpoint(state: dict, out_dir: Path) -> Path:
+    """Write ``state`` (:meth:`fastsat.train.Trainer.state_dict`), sealed, as out_dir/checkpoint.pt; its path."""
+    path = out_dir / CHECKPOINT_NAME
+    atomic_save(sealed(state), path)
+    return path
+
+
+def save_best(out_dir: Path, epoch: int, weights: Mapping) -> None:
+    """Write best.pt: the best epoch (1-based) and the weights evaluated at it, sealed."""
+    atomic_save(sealed({EPOCH_KEY: epoch, MODEL_KEY: weights}), out_dir / BEST_NAME)
+
+
+def is_best_file(state: Mapping) -> bool:
+    """Whether ``state`` is best.pt's contents (weights alone: nothing a resume needs)."""
+    return set(state) <= {EPOCH_KEY, MODEL_KEY, CHECKSUM_KEY}
+
+
+def trained_weights(state: Mapping) -> Mapping:
+    """The weights to evaluate from a loaded checkpoint.pt or best.pt: the EMA's average when the
+    run kept one (it was the module evaluated and kept as best), else the model's."""
+    ema = state.get(EMA_KEY)
+    return state[MODEL_KEY] if ema is None else ema
+
+
+def load_trained_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a finished run's weights (:func:`trained_weights` of the checkpoint at ``path``) into
+    ``model``; returns ``model``. Raises as :func:`load_checkpoint` and :func:`load_weights`."""
+    load_weights(model, trained_weights(load_checkpoint(path)), path)
+    return model
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -53,11 +92,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except Exception as err:
         raise ValueError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
     _check_layout(state, path)
-    version = state.get("format")
+    version = state.get(FORMAT_KEY)
     if version is not None and version > CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {path} has format {version}; this fastsat reads formats up to "
                          f"{CHECKPOINT_FORMAT} (upgrade fastsat)")
-    if "checksum" in state and state["checksum"] != weights_checksum(state):
+    if CHECKSUM_KEY in state and state[CHECKSUM_KEY] != weights_checksum(state):
         raise ValueError(f"checkpoint {path} is corrupt: its weights do not match the checksum stored with them "
                          "(the file was changed after it was written); use another copy or retrain")
     if version == 1:
@@ -73,7 +112,7 @@ def _check_layout(state: object, path: Path) -> None:
     if isinstance(state, Mapping) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path} is a bare state dict ({len(state)} tensors such as "
                          f"{next(iter(state))!r}); {expected}")
-    weights = state.get("model") if isinstance(state, dict) else None
+    weights = state.get(MODEL_KEY) if isinstance(state, dict) else None
     if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         held = sorted(map(str, state))[:8] if isinstance(state, Mapping) else describe(state)
         raise ValueError(f"checkpoint {path} holds {held}; {expected}")
@@ -97,7 +136,7 @@ def weights_checksum(state: Mapping) -> str:
 def sealed(state: dict) -> dict:
     """``state`` with the ``"checksum"`` of its weights (:func:`weights_checksum`) added: what the
     trainer saves."""
-    return {**state, "checksum": weights_checksum(state)}
+    return {**state, CHECKSUM_KEY: weights_checksum(state)}
 
 
 def load_weights(module: nn.Module, weights: Mapping, source: object) -> None:
@@ -122,15 +161,15 @@ def _from_format_1(state: dict) -> dict:
     they were then: Fast's ``early_stop`` among them, and no ``clip`` (it was always (0, 1)). Its EMA
     was torch's AveragedModel's state dict ("module."-prefixed weights and an ``n_averaged``
     counter); the average is now the model's own state dict."""
-    config = dict(state["config"])
+    config = dict(state[CONFIG_KEY])
     options = {k: v for k, v in config["recipe_options"].items() if k != "early_stop"}
-    if issubclass(RECIPES.get(config["recipe"], Recipe), PerturbationRecipe):
+    if "clip" in getattr(RECIPES.get(config["recipe"]), "from_run", ()):
         options["clip"] = (0.0, 1.0)
     config["recipe_options"] = options
-    ema = state.get("ema")
+    ema = state.get(EMA_KEY)
     if ema is not None:
         ema = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
-    return {**state, "format": CHECKPOINT_FORMAT, "config": config, "ema": ema}
+    return {**state, FORMAT_KEY: CHECKPOINT_FORMAT, CONFIG_KEY: config, EMA_KEY: ema}
 
 
 def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict:

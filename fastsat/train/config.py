@@ -21,13 +21,13 @@ from collections.abc import Mapping, Sequence
 
 from fastsat._checks import clip_box, describe, flag, integer, number, path, positive_int, positive_number, seed
 from fastsat.train.options import Spec, document, option, parse, show, specs, unknown_keys, validate
-from fastsat.train.recipes import PRECISIONS, RECIPES, PerturbationRecipe, Recipe, make_recipe
+from fastsat.train.recipes import PRECISIONS, RECIPES, Recipe, make_recipe
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig", "recipe_option_specs"]
 
 SCHEDULES = ("piecewise", "cosine", "onecycle", "constant")
 OPTIMIZERS = ("sgd", "adam")
-
+_FROM_RUN = sorted({name for cls in RECIPES.values() for name in cls.from_run})
 
 
 def _recipe_options(value: object, name: str) -> dict:
@@ -35,8 +35,10 @@ def _recipe_options(value: object, name: str) -> dict:
         return {}
     if not isinstance(value, Mapping):
         raise TypeError(f"{name}: expected a mapping of option: value, got {describe(value)}")
-    if "clip" in value:
-        raise ValueError(f"{name}: 'clip' is the run's input box; set it as TrainConfig.clip (fit(clip=...))")
+    for key in _FROM_RUN:
+        if key in value:
+            raise ValueError(f"{name}: {key!r} is the run's, not the recipe's; set it as TrainConfig.{key} "
+                             f"(fit({key}=...))")
     return dict(value)
 
 
@@ -131,7 +133,9 @@ class TrainConfig:
 
     def __post_init__(self):
         validate(self)
-        self.build_recipe()  # the recipe checks its options now, not at the first batch
+        # The recipe is built once, here, so that it checks its options now, not at the first batch.
+        run = {name: getattr(self, name) for name in RECIPES[self.recipe].from_run}
+        object.__setattr__(self, "_recipe", make_recipe(self.recipe, **self.recipe_options, **run))
 
     def image_size(self, epoch: int) -> int | None:
         """The side (pixels) training batches are resized to in 0-based ``epoch`` (``resize_schedule``), or None."""
@@ -139,9 +143,25 @@ class TrainConfig:
         return next((size for start, size in reversed(phases) if epoch >= start), None)
 
     def build_recipe(self) -> Recipe:
-        """The recipe this configuration describes (the run's ``clip`` goes to recipes that perturb inputs)."""
-        run = {"clip": self.clip} if issubclass(RECIPES[self.recipe], PerturbationRecipe) else {}
-        return make_recipe(self.recipe, **self.recipe_options, **run)
+        """The recipe this configuration describes, with the run's values of its ``from_run``
+        options (``clip``): a fresh copy of the one built on construction, so that runs do not share
+        a recipe's state (Free's δ)."""
+        return dataclasses.replace(self._recipe)
+
+    def check_recipe(self, recipe: Recipe) -> Recipe:
+        """``recipe`` (a Recipe object, e.g. a subclass) if it is the recipe this configuration
+        describes: the same name and options, ``from_run`` ones included.
+
+        Raises:
+            TypeError: not a Recipe. ValueError: another recipe, naming both.
+        """
+        if not isinstance(recipe, Recipe):
+            raise TypeError(f"recipe: expected a Recipe, got {describe(recipe)}")
+        mine = self._recipe
+        if (recipe.name, recipe.options()) != (mine.name, mine.options()):
+            raise ValueError(f"recipe: the Recipe object ({recipe.name!r}, {recipe.options()}) is not the one the "
+                             f"configuration describes ({mine.name!r}, {mine.options()})")
+        return recipe
 
     @classmethod
     def setting_specs(cls) -> list[Spec]:
@@ -186,18 +206,18 @@ class TrainConfig:
         """The options that can change a run's results (checkpoints record them; resuming compares
         them), with the recipe's options in full."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["recorded"]}
-        values["recipe_options"] = self.build_recipe().options()
+        values["recipe_options"] = self._recipe.options()
         return values
 
 
 def recipe_option_specs() -> list[Spec]:
-    """The recipe options as flat settings: one per option name over all recipes (``clip`` excepted:
-    it is the run's), default None (each recipe's own), the help naming each recipe's default."""
-    run_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    """The recipe options as flat settings: one per option name over all recipes (``from_run`` ones
+    excepted: they are TrainConfig's), default None (each recipe's own), the help naming each
+    recipe's default."""
     by_name: dict[str, list[tuple[str, Spec]]] = {}
     for name, cls in RECIPES.items():
         for spec in specs(cls):
-            if spec.name not in run_fields:
+            if spec.name not in cls.from_run:
                 by_name.setdefault(spec.name, []).append((name, spec))
     rows = []
     for key, entries in by_name.items():

@@ -6,8 +6,8 @@ epoch=e)`` returns the loss of one batch (the single-step helper for people who 
 loop), and ``recipe.train_step(model, batch, optimizer, ...)`` does one optimisation step with it —
 the trainer (:class:`fastsat.train.Trainer`) calls nothing else, so a recipe's math lives in exactly
 one place. What the trainer needs to know about a recipe it reads from declared attributes:
-``early_stop`` (class attribute), ``batch_keys`` (the batch entries it reads) and whether it is a
-:class:`PerturbationRecipe` (then the run's input box ``clip`` is one of its options).
+``early_stop``, ``batch_keys`` (the batch entries it reads) and ``from_run`` (the options whose
+value is the run's: the input box ``clip`` of :class:`PerturbationRecipe`).
 
 All ε and step sizes are in pixel units (inputs in the box ``clip``, default [0, 1]; models
 normalise internally). ``attack_mode`` is the train/eval mode of the model while an attack runs
@@ -35,8 +35,8 @@ from fastsat._checks import choice, clip_box, integer, nearest, number, positive
 from fastsat.attacks import FGSM, PGD, TradesAttack
 from fastsat.data import as_batch
 from fastsat.ops import pgd_step, random_start, sat_perturb
-from fastsat.train.distributed import unwrap
-from fastsat.train.options import option, validate
+from fastsat.train.distributed import unwrap  # the module attacks run on: see _perturbed
+from fastsat.train.options import document, option, validate
 
 __all__ = [
     "MART",
@@ -165,6 +165,9 @@ class Recipe:
     name: ClassVar[str] = ""
     #: Whether the trainer should stop on catastrophic overfitting (a collapse of PGD accuracy).
     early_stop: ClassVar[bool] = False
+    #: The options whose value is the run's, not the recipe's: a TrainConfig sets them from its
+    #: fields of the same names (and refuses them among its recipe_options).
+    from_run: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self):
         validate(self)
@@ -270,6 +273,7 @@ def _attack_mode() -> dataclasses.Field:
     return option("eval", "model mode while the recipe's attack runs (batch-norm statistics)", choices=ATTACK_MODES)
 
 
+@document
 @dataclass
 class Standard(Recipe):
     """Plain cross-entropy on the clean batch."""
@@ -284,11 +288,12 @@ class Standard(Recipe):
 @dataclass
 class PerturbationRecipe(Recipe):
     """Base of the recipes that train on perturbed inputs: within ``eps`` of the clean input and
-    inside the valid input box ``clip`` = (lo, hi) (pixel units, default (0, 1)), which the trainer
-    sets from the run's :attr:`TrainConfig.clip <fastsat.train.TrainConfig.clip>`."""
+    inside the valid input box ``clip``."""
 
+    from_run: ClassVar[tuple[str, ...]] = ("clip",)
     eps: float = _eps()
-    clip: tuple[float, float] = option((0.0, 1.0), "valid input box (lo, hi), pixels", check=clip_box)
+    clip: tuple[float, float] = option((0.0, 1.0), "valid input box (lo, hi), pixels; in a run, the run's "
+                                       "(TrainConfig.clip)", check=clip_box)
     eps_warmup: int = option(0, "epochs of a linear ε warm-up: epoch e < eps_warmup trains at ε·(e+1)/(eps_warmup+1); "
                              "0: full ε from the start", check=functools.partial(integer, minimum=0))
 
@@ -395,13 +400,11 @@ class _AdversarialPair(PerturbationRecipe, abc.ABC):
         return out
 
 
+@document
 @dataclass
 class PGDTraining(_AdversarialPair):
     """Madry et al. PGD adversarial training: CE on an L∞ PGD attack from a random start; with
-    ``awp_gamma`` > 0, AWP-AT (Wu et al. 2020).
-
-    eps: radius (pixels, default 8/255). step_size: per step (default 2/255). steps: default 10.
-    """
+    ``awp_gamma`` > 0, AWP-AT (Wu et al. 2020)."""
 
     name: ClassVar[str] = "pgd"
     step_size: float = _step_size(2 / 255)
@@ -415,27 +418,33 @@ class PGDTraining(_AdversarialPair):
         return _ce(model, x_adv, y)
 
 
+def _perturbed(attack: type, model: nn.Module, x: Tensor, y: Tensor, **settings) -> Tensor:
+    """The detached adversarial batch of a training-time attack on ``model``.
+
+    The attack runs on the module inside a DDP wrapper (``unwrap``): through the wrapper its forward
+    passes would prepare the gradient reducer for a backward that never comes and re-broadcast
+    batch-norm buffers. ``perturb``, not ``run``: no success pass, audit or warnings (an all-zero
+    input gradient is routine for a few samples of a training batch)."""
+    return attack(unwrap(model), **settings).perturb(x, y)
+
+
 def _pgd_attack(recipe: PerturbationRecipe, model: nn.Module, x: Tensor, y: Tensor, epoch: int) -> Tensor:
     """The L∞ PGD adversarial batch (random start) with ``recipe``'s eps (at ``epoch``)/step_size/steps/attack_mode/clip."""
-    attack = PGD(unwrap(model), eps=recipe.eps_at(epoch), step_size=recipe.step_size, steps=recipe.steps, random_start=True,
-                 mode=recipe.attack_mode, clip=recipe.clip)
-    return _attack(attack, x, y)
+    return _perturbed(PGD, model, x, y, eps=recipe.eps_at(epoch), step_size=recipe.step_size, steps=recipe.steps,
+                      random_start=True, mode=recipe.attack_mode, clip=recipe.clip)
 
 
 def _trades_attack(recipe: PerturbationRecipe, model: nn.Module, x: Tensor, y: Tensor, epoch: int) -> Tensor:
     """TRADES' KL attack batch with ``recipe``'s eps (at ``epoch``)/step_size/steps/attack_mode/clip."""
-    attack = TradesAttack(unwrap(model), eps=recipe.eps_at(epoch), step_size=recipe.step_size, steps=recipe.steps,
-                          mode=recipe.attack_mode, clip=recipe.clip)
-    return _attack(attack, x, y)
+    return _perturbed(TradesAttack, model, x, y, eps=recipe.eps_at(epoch), step_size=recipe.step_size,
+                      steps=recipe.steps, mode=recipe.attack_mode, clip=recipe.clip)
 
 
+@document
 @dataclass
 class Trades(_AdversarialPair):
     """TRADES (Zhang et al. 2019): CE(f(x), y) + β·KL(f(x) ‖ f(x')), x' from the KL attack; with
-    ``awp_gamma`` > 0, TRADES-AWP (Wu et al. 2020).
-
-    eps 0.031, step_size 0.007, steps 10 (pixels), beta 6, attack in eval mode (TRADES' defaults).
-    """
+    ``awp_gamma`` > 0, TRADES-AWP (Wu et al. 2020). The defaults are TRADES' own."""
 
     name: ClassVar[str] = "trades"
     eps: float = _eps(0.031)
@@ -456,13 +465,12 @@ def _trades_output(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: 
     return RecipeOutput(trades_loss(logits_nat, model(x_adv), y, beta), logits_nat.detach())
 
 
+@document
 @dataclass
 class Fast(PerturbationRecipe):
     """Fast AT (Wong, Rice & Kolter 2020): CE on one FGSM step of size 1.25ε from a uniform start.
-
-    eps: default 8/255 (pixels). step_size: default None = 1.25·eps. The trainer stops early
-    (``early_stop``) and restores the best epoch if PGD accuracy collapses (catastrophic overfitting).
-    """
+    The trainer stops early (``early_stop``) and restores the best epoch if PGD accuracy collapses
+    (catastrophic overfitting)."""
 
     name: ClassVar[str] = "fast"
     early_stop: ClassVar[bool] = True
@@ -475,19 +483,18 @@ class Fast(PerturbationRecipe):
         x, y = batch["image"], batch["label"]
         eps = self.eps_at(epoch)
         step = 1.25 * eps if self.step_size is None else self.step_size
-        attack = FGSM(unwrap(model), eps=eps, step_size=step, random_start=True, mode=self.attack_mode, clip=self.clip)
-        return _ce(model, _attack(attack, x, y), y)
+        x_adv = _perturbed(FGSM, model, x, y, eps=eps, step_size=step, random_start=True, mode=self.attack_mode,
+                           clip=self.clip)
+        return _ce(model, x_adv, y)
 
 
+@document
 @dataclass
 class NFGSM(PerturbationRecipe):
     """N-FGSM (de Jorge et al., NeurIPS 2022): CE at x' = clip(x + η + α·sign(∇ₓCE(x + η))) with
     η ~ U(−kε, kε) (x + η clipped to the box first) and no projection back to the ε-ball, so
     ‖x' − x‖∞ ≤ kε + α (3ε at the defaults). Single-step cost; the trainer's catastrophic-
-    overfitting guard watches it like ``fast`` (``early_stop``).
-
-    eps: default 8/255 (pixels). noise_scale: k, default 2. step_size: α, default None = eps.
-    """
+    overfitting guard watches it like ``fast`` (``early_stop``)."""
 
     name: ClassVar[str] = "nfgsm"
     early_stop: ClassVar[bool] = True
@@ -503,8 +510,8 @@ class NFGSM(PerturbationRecipe):
         step = eps if self.step_size is None else self.step_size
         noisy = random_start(x, eps=self.noise_scale * eps, clip=self.clip) if self.noise_scale else x
         # One sign step from x + η and no projection: an FGSM around x + η whose ball is the step itself.
-        attack = FGSM(unwrap(model), eps=step, step_size=step, mode=self.attack_mode, clip=self.clip)
-        return _ce(model, _attack(attack, noisy, y), y)
+        return _ce(model, _perturbed(FGSM, model, noisy, y, eps=step, step_size=step, mode=self.attack_mode,
+                                     clip=self.clip), y)
 
 
 _GRADALIGN_RULE_MAX_EPS = 16 / 255
@@ -550,16 +557,14 @@ def gradient_misalignment(model: Callable[[Tensor], Tensor], x: Tensor, x_noisy:
     return torch.where(valid, 1.0 - cosine, 0.0).sum() / valid.sum().clamp_min(1)
 
 
+@document
 @dataclass
 class GradAlign(PerturbationRecipe):
     """GradAlign (Andriushchenko & Flammarion, NeurIPS 2020): CE at the FGSM point (one step of
     ε from x, no random start) + λ·(1 − cos(∇ₓCE(x), ∇ₓCE(x + η))), η ~ U(−ε, ε) (x + η clipped to
     the box), see :func:`gradient_misalignment`; the two input gradients in train mode, as the
-    FGSM step's ``attack_mode`` says for the attack. About three single-step passes per batch.
-
-    eps: default 8/255 (pixels). lam: λ, default None = :func:`gradalign_lambda` of the radius
-    trained at (0.2 at 8/255; eps above 16/255 needs an explicit lam).
-    """
+    FGSM step's ``attack_mode`` says for the attack. About three single-step passes per batch;
+    λ = None follows :func:`gradalign_lambda` of the radius trained at."""
 
     name: ClassVar[str] = "gradalign"
     early_stop: ClassVar[bool] = True
@@ -578,8 +583,7 @@ class GradAlign(PerturbationRecipe):
         x, y = batch["image"], batch["label"]
         eps = self.eps_at(epoch)
         lam = gradalign_lambda(eps) if self.lam is None else self.lam
-        attack = FGSM(unwrap(model), eps=eps, step_size=eps, mode=self.attack_mode, clip=self.clip)
-        out = _ce(model, _attack(attack, x, y), y)
+        out = _ce(model, _perturbed(FGSM, model, x, y, eps=eps, step_size=eps, mode=self.attack_mode, clip=self.clip), y)
         penalty = gradient_misalignment(model, x, random_start(x, eps=eps, clip=self.clip), y)
         return RecipeOutput(out.loss + lam * penalty, out.logits)
 
@@ -604,10 +608,11 @@ def mart_loss(logits_nat: Tensor, logits_adv: Tensor, labels: Tensor, beta: floa
     return (bce + beta * kl * (1.0 - log_nat.gather(1, true).squeeze(1).exp())).mean()
 
 
+@document
 @dataclass
 class MART(PerturbationRecipe):
     """MART (Wang et al., ICLR 2020): :func:`mart_loss` on the clean batch and an L∞ PGD attack on
-    CE (random start; eps 8/255, ``steps`` 10 of ``step_size`` 2/255); β = 6.
+    CE from a random start.
 
     The authors start the attack at x + 0.001·N(0, I); fastsat's PGD starts uniformly in the ε-ball
     (as ``pgd`` does). The training accuracy is that of the attacked batch.
@@ -627,6 +632,7 @@ class MART(PerturbationRecipe):
         return RecipeOutput(mart_loss(logits_nat, logits_adv, y, self.beta), logits_adv.detach())
 
 
+@document
 @dataclass
 class Free(PerturbationRecipe):
     """Free AT (Shafahi et al. 2019): each batch is replayed ``replays`` times; the input gradient
@@ -634,10 +640,7 @@ class Free(PerturbationRecipe):
     to ``clip``). δ carries over from batch to batch: it is kept at the largest batch seen, and a
     batch of B samples starts from (and advances) its first B rows, so a smaller last batch does
     not reset it. One epoch costs ``replays`` forward/backward passes per batch, so divide the
-    epochs by ``replays`` for Free AT's budget.
-
-    eps: default 8/255 (pixels). replays: m, default 8.
-    """
+    epochs by ``replays`` for Free AT's budget."""
 
     name: ClassVar[str] = "free"
     replays: int = option(8, "replays m of each batch (weight updates per batch)", check=positive_int)
@@ -687,14 +690,14 @@ class Free(PerturbationRecipe):
         self._delta = state.get("delta")
 
 
+@document
 @dataclass
 class SAT(PerturbationRecipe):
     """Saliency-based adversarial training (Mangla et al. 2020, METHODS.md §2):
     CE(f(clip(x − ε·s)), y), s = (1 − w)·n + w·S, w ~ Bernoulli(p_e), p_e = 1 − a^(e/10).
 
-    eps: default 8/255 (pixels). maps: where S comes from — "boxes" (batch["box"]), "masks"
-    (batch["mask"]) or "saliency" (batch["saliency"], e.g. teacher maps from
-    :func:`fastsat.train.teacher_saliency`). a: curriculum base, default 0.6.
+    ``maps`` names the batch entry S comes from: "boxes" → batch["box"], "masks" → batch["mask"],
+    "saliency" → batch["saliency"] (e.g. teacher maps from :func:`fastsat.train.teacher_saliency`).
     """
 
     name: ClassVar[str] = "sat"
@@ -725,27 +728,18 @@ class SAT(PerturbationRecipe):
         return _ce(model, self.perturb(batch, epoch=epoch), batch["label"])
 
 
-def _attack(attack, x: Tensor, y: Tensor) -> Tensor:
-    """Run a training-time attack: its detached adversarial batch (``perturb``: no success pass, no
-    audit, no warnings — an all-zero input gradient is routine for a few samples of a training batch).
-
-    Attacks are built on ``unwrap(model)``: under DistributedDataParallel their forward passes must
-    not go through the wrapper, which would prepare the gradient reducer for a backward that never
-    comes and re-broadcast batch-norm buffers (fastsat.train.distributed)."""
-    return attack.perturb(x, y)
-
-
 def _coin() -> bool:
     """A fair coin from Python's generator: drawn on the host, so no device value is read back
     (the trainer seeds it and its checkpoints carry its state)."""
     return random.random() < 0.5
 
 
+@document
 @dataclass
 class SATPlusPGD(SAT):
     """SAT + PGD (METHODS.md §2): per batch a fair coin picks either the SAT input around an
     unclipped uniform random start x₀ = x + U(−ε, ε), clip(x₀ − ε·s), or an L∞ PGD attack from a random
-    start (eps 8/255, ``steps`` 5 of ``step_size`` 2/255); loss CE on the result."""
+    start; loss CE on the result."""
 
     name: ClassVar[str] = "sat+pgd"
     step_size: float = _step_size(2 / 255)
@@ -765,11 +759,11 @@ class SATPlusPGD(SAT):
         return _ce(model, x_train, y)
 
 
+@document
 @dataclass
 class SATPlusTrades(SAT):
     """SAT + TRADES (METHODS.md §2): a fair coin per batch picks x' = clip(x − ε·s) or the TRADES
-    KL attack (eps, ``step_size`` 2/255, ``steps`` 10); loss CE(f(x), y) + β·KL(f(x) ‖ f(x')),
-    β = 1 as in SAT's code."""
+    KL attack; loss CE(f(x), y) + β·KL(f(x) ‖ f(x')), β = 1 by default as in SAT's code."""
 
     name: ClassVar[str] = "sat+trades"
     step_size: float = _step_size(2 / 255)
@@ -784,17 +778,15 @@ class SATPlusTrades(SAT):
         return _trades_output(model, x, x_adv, y, self.beta)
 
 
+@document
 @dataclass
 class GradNorm(Recipe):
     """Input-gradient-norm regularisation (double backprop, as in Etmann et al.):
     mean_i [CE_i + λ·‖∇_{x_i} CE_i‖²], the gradient per sample in pixel space.
 
-    lam: λ, default 1e-3: it multiplies each sample's own squared L2 norm of a pixel-space
-    gradient. Etmann et al.'s code penalises the squared norm of the gradient of the batch-mean
-    loss, i.e. λ_theirs/B² per sample: their MNIST setting (λ = 10, B = 100) is λ = 1e-3 here, the
-    default, so the default reproduces the paper. Their comment that the model "starts to
-    degenerate" at λ_theirs = 1000 is λ = 0.1 here (fastsat's former default, ~100× stronger);
-    sweep λ upwards from the default for more robustness (bench/paper_claims.py sweeps 0 to 0.1).
+    Etmann et al.'s code penalises the squared gradient norm of the batch-mean loss, λ_theirs/B²
+    per sample: their MNIST setting (λ = 10, B = 100) is the default λ = 1e-3, and the λ_theirs =
+    1000 at which they saw the model "start to degenerate" is λ = 0.1 here.
     """
 
     name: ClassVar[str] = "gradnorm"

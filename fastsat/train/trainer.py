@@ -30,21 +30,20 @@ from tqdm.auto import tqdm
 from fastsat import _dist
 from fastsat import evaluate as evaluation
 from fastsat._checks import choice, describe, nearest, no_host_checks
-from fastsat._io import atomic_save, atomic_write_text, locked_folder, sweep_stale_temporaries
+from fastsat._io import atomic_write_text, locked_folder, sweep_stale_temporaries
 from fastsat.attacks import FGSM, PGD
 from fastsat.data import as_batch, make_loader, resize
 from fastsat.grad import frozen
+from fastsat.train import checkpoint as ckpt
 from fastsat.train import distributed
-from fastsat.train.checkpoint import CHECKPOINT_FORMAT, capture_rng, load_checkpoint, load_weights, restore_rng, sealed
+from fastsat.train.checkpoint import BEST_NAME, CHECKPOINT_NAME, capture_rng, load_checkpoint, load_weights, restore_rng
 from fastsat.train.config import SCHEDULES, TrainConfig
-from fastsat.train.recipes import NonFiniteLossError, PerturbationRecipe, Recipe, RecipeOutput, StepGuard
+from fastsat.train.recipes import NonFiniteLossError, Recipe, RecipeOutput, StepGuard
 
 __all__ = ["BEST_NAME", "CHECKPOINT_NAME", "FitResult", "Trainer", "data_record", "fit", "lr_factor"]
 
 log = logging.getLogger("fastsat.train")
 
-CHECKPOINT_NAME = "checkpoint.pt"
-BEST_NAME = "best.pt"
 _LOG_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "seconds", "images_per_s", "clean_acc", "robust_acc", "alignment", "cosine",
                "train_pgd_acc", "train_fgsm_acc")
 
@@ -195,54 +194,32 @@ def data_record(data: object, settings: Mapping | None = None) -> dict:
 class Trainer:
     """One training run of ``model`` on ``train_data`` as set by ``config``, as small named steps.
 
-    :meth:`fit` = :meth:`restore`, then per epoch :meth:`train_epoch` (calling :meth:`train_step`
-    per batch), :meth:`evaluate`, :meth:`check_overfitting` (single-step recipes: PGD and FGSM
-    accuracy on a fixed training batch), :meth:`keep_best`, :meth:`checkpoint`, :meth:`log`; an
-    early stop ends with :meth:`restore_best`. Each step is one place to change:
+    The constructor is the ``_setup_*`` steps in order; :meth:`fit` is :meth:`restore`, then per
+    epoch :meth:`train_epoch` (:meth:`train_step` per batch), :meth:`evaluate`,
+    :meth:`check_overfitting`, :meth:`keep_best`, :meth:`checkpoint` and :meth:`log`, and
+    :meth:`restore_best` after an early stop. Override a step to change one thing.
 
-    - ``self.model`` is the module whose weights are trained, saved and restored, while the batches
-      go through ``self.train_model`` — the same module, or ``torch.compile(model)`` (``compile``;
-      used by the attack and the update; on CUDA captured as CUDA graphs; if compiling fails, the
-      run falls back to the eager module and says so once in the log); a distributed run wraps it
-      (DDP) there and keeps saving ``model``.
-    - :meth:`train_step` is the whole per-batch work (recipe step, LR schedule, EMA), without a
-      host sync: the first batch of each epoch is checked on the host (input range, labels, boxes),
-      the others run inside :func:`fastsat._checks.no_host_checks`. Every batch's pixels and labels
-      are also checked on the device (:meth:`audit_batch`). A NaN/inf loss or an invalid batch
-      skips its update on the device (:class:`~fastsat.train.recipes.StepGuard`); the epoch's loss,
-      accuracy, skipped steps and invalid batches are summed on the device and read once at its
-      end, where either stops the run (:class:`NonFiniteLossError`, ValueError) before the epoch is
-      checkpointed.
-    - :meth:`fit` locks ``out_dir`` for the run (:meth:`claim_out_dir`); checkpoints carry a
-      checksum of their weights and a record of the data (:func:`data_record`), both checked on
-      resume.
-    - ``precision``, ``channels_last`` and ``compile`` left at "auto"/None take the device's
-      defaults (:func:`device_defaults`: bf16, channels_last and compile on CUDA — where
-      ``cudnn.benchmark`` and, at precision "auto", TF32 matmuls are switched on too — fp32 and
-      eager elsewhere); the resolved values are this object's attributes of those names.
-    - :attr:`evaluated` is the module evaluated and kept as best (the EMA's average with ``ema``).
-    - :attr:`writes` decides whether this process writes files (checkpoints, logs: rank 0 only in a
-      distributed run); :meth:`evaluate` attacks each rank's share of the evaluation data and
-      sums the counts over ranks, in the run's input box ``clip``.
+    ``model`` is the module whose weights are trained and saved; the batches go through
+    ``train_model`` (the same module, DDP-wrapped under torchrun, compiled with ``compile``).
+    :attr:`evaluated` is what is evaluated and kept as best (the EMA's average with ``ema``). A
+    training step does not sync with the host: every batch is checked on the device, a bad batch
+    or a NaN/inf loss skips its update, and the epoch's tally is read once at its end, where it
+    stops the run (ValueError, :class:`NonFiniteLossError`) before the epoch is checkpointed.
 
     Args:
         model: a classifier on pixel-space (B, C, H, W) input in ``config.clip`` returning (B, K)
             logits; trained in place on the device its parameters are on.
         train_data: a map-style dataset of sample dicts (e.g. ``fastsat.data.shapes(...)``),
-            batched with ``config.batch_size``, shuffled and (``augment``) augmented by
-            :func:`fastsat.data.make_loader`; or your own iterable of batches with ``len()`` — a
-            DataLoader yielding (x, y) tuples or dicts — used as it is.
+            batched, shuffled and augmented by :func:`fastsat.data.make_loader`; or your own
+            iterable of batches with ``len()`` (a DataLoader of (x, y) or dicts), used as it is.
         config: the run's options (default ``TrainConfig()``).
-        eval_data: data (as ``train_data``) for the per-epoch clean accuracy, PGD robust accuracy
-            (``eval_eps``, ``eval_steps``) and the mean alignment and cosine of the predicted
-            logit's gradient at the clean inputs; None skips evaluation.
-        recipe: a :class:`Recipe` object to use instead of building ``config.recipe`` (e.g. a
-            subclass); its name and options must be the configuration's.
+        eval_data: data (as ``train_data``) for the per-epoch metrics (:meth:`evaluate`); None: none.
+        recipe: a :class:`Recipe` object (e.g. a subclass) to use instead of ``config.build_recipe()``;
+            it must be the recipe the configuration describes (:meth:`TrainConfig.check_recipe`).
         optimizer: an optimizer over the model's parameters to use instead of ``config.optimizer``
             (then ``lr``, ``momentum`` and ``weight_decay`` are its own).
-        data_settings: the settings that made ``train_data`` (e.g. ``fastsat train``'s dataset,
-            image_size, n_train, data_seed), recorded in checkpoints with what the trainer sees of
-            the data (:func:`data_record`); a resume on other data is refused, naming the difference.
+        data_settings: the settings that made ``train_data`` (e.g. ``fastsat train``'s dataset
+            options), recorded with :func:`data_record` in checkpoints; a resume on other data is refused.
     """
 
     def __init__(
@@ -256,34 +233,49 @@ class Trainer:
         optimizer: torch.optim.Optimizer | None = None,
         data_settings: Mapping | None = None,
     ) -> None:
-        self.config = config = TrainConfig() if config is None else config
-        if not isinstance(config, TrainConfig):
-            raise TypeError(f"config: expected a TrainConfig, got {describe(config)}")
-        built = config.build_recipe()
-        if recipe is None:
-            recipe = built
-        elif not isinstance(recipe, Recipe):
-            raise TypeError(f"recipe: expected a Recipe, got {describe(recipe)}")
-        elif (recipe.name, recipe.options()) != (built.name, built.options()):
-            raise ValueError(f"recipe: the Recipe object ({recipe.name!r}, {recipe.options()}) is not the one the "
-                             f"configuration describes ({built.name!r}, {built.options()})")
-        self.recipe = recipe
+        self._setup_config(config, recipe)
+        self._setup_device(model)
+        self._setup_data(train_data, eval_data, data_settings)
+        self._setup_backends()
+        self._setup_optimizer(optimizer)
+        self._setup_modules()
+        self._setup_record(optimizer)
+        self.history: list[dict] = []
+        self.best: dict | None = None  # {"epoch", "robust_acc"} of the best evaluated epoch
+        self.best_state: dict | None = None
+        self.epoch = 0  # completed epochs
+        self.num_classes: int | None = None  # the model's logit count, read at the first batch
+        self.board = None
+
+    def _setup_config(self, config: TrainConfig | None, recipe: Recipe | None) -> None:
+        """``config`` (checked) and the recipe it describes."""
+        self.config = TrainConfig() if config is None else config
+        if not isinstance(self.config, TrainConfig):
+            raise TypeError(f"config: expected a TrainConfig, got {describe(self.config)}")
+        self.recipe = self.config.build_recipe() if recipe is None else self.config.check_recipe(recipe)
+        self.out_dir = Path(self.config.out_dir) if self.config.out_dir is not None else None
+        if self.config.resume is True and self.out_dir is None:
+            raise ValueError("resume: needs out_dir (or a checkpoint path)")
+        self.checkpoint_path = self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
+
+    def _setup_device(self, model: nn.Module) -> None:
+        """The rank's device, with ``model`` on it. Under torchrun this joins the process group and
+        each rank trains on its own device (cuda:LOCAL_RANK)."""
         param = next(model.parameters(), None)
         if param is None:
             raise ValueError("model: has no parameters to train")
-        # Under torchrun: join the process group; each rank trains on its own device (cuda:LOCAL_RANK).
         self.device = distributed.setup(param.device)
         if self.device != param.device:
             model.to(self.device)
         self.model, self.world_size = model, _dist.world_size()
-        if config.batch_size % self.world_size:
-            raise ValueError(f"batch_size: the global batch ({config.batch_size}) must split evenly over the "
+        if self.config.batch_size % self.world_size:
+            raise ValueError(f"batch_size: the global batch ({self.config.batch_size}) must split evenly over the "
                              f"{self.world_size} ranks")
-        self.out_dir = Path(config.out_dir) if config.out_dir is not None else None
-        if config.resume is True and self.out_dir is None:
-            raise ValueError("resume: needs out_dir (or a checkpoint path)")
-        _check_batch_keys(train_data, recipe)
 
+    def _setup_data(self, train_data: object, eval_data: object, data_settings: Mapping | None) -> None:
+        """The training and evaluation loaders, the record of the data, and the guard's data."""
+        config = self.config
+        _check_batch_keys(train_data, self.recipe)
         # batch_size is the global batch; fastsat's loaders deal each rank its share of every epoch.
         self.loader = make_loader(train_data, batch_size=config.batch_size // self.world_size, shuffle=True,
                                   seed=config.seed, device=self.device, augment=config.augment,
@@ -294,45 +286,51 @@ class Trainer:
             rank=0, world_size=1)
         if data_settings is not None and not isinstance(data_settings, Mapping):
             raise TypeError(f"data_settings: expected a mapping of setting: value, got {describe(data_settings)}")
-        self.data = data_record(train_data, data_settings)  # what checkpoints record about the data
+        self.data = data_record(train_data, data_settings)
         self.steps_per_epoch = distributed.agreed_steps(len(self.loader))
         if self.steps_per_epoch < 1:
             raise ValueError("train_data: yields no batches")
-        resolved = device_defaults(config, self.device)
-        self.precision, self.channels_last, self.compile = resolved["precision"], resolved["channels_last"], resolved["compile"]
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
-            if config.precision == "auto":
-                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        if self.channels_last:
-            model.to(memory_format=torch.channels_last)
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {describe(optimizer)}")
-        self.optimizer = optimizer if optimizer is not None else _make_optimizer(config, model.parameters(), self.device)
-        total = config.epochs * self.steps_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(config.schedule, step, total, self.steps_per_epoch))
-        self.scaler = StepGuard(self.device, self.precision)
-        self.ema = _EMA(model, config.ema) if config.ema is not None else None
-        wrapped = distributed.wrap(model, self.device, sync_batchnorm=config.sync_batchnorm)
-        self.eager_model = wrapped
-        self.train_model = _compile(wrapped, self.device) if self.compile else wrapped
         self.generators = _generators(self.loader)
         # The catastrophic-overfitting guard's fixed training minibatch: where it comes from, and (once drawn) it.
         self.guard_data = _guard_source(train_data, config, self.device) if self.guards else None
         self.guard_batch: tuple[torch.Tensor, torch.Tensor] | None = None
-        # What a checkpoint records and a resume compares: the options that change the results.
-        self.run_config = {**config.recorded(), **resolved, "steps_per_epoch": self.steps_per_epoch}
+
+    def _setup_backends(self) -> None:
+        """``precision``, ``channels_last`` and ``compile`` as resolved for the device
+        (:func:`device_defaults`), and on CUDA torch's process-wide kernel choices."""
+        resolved = device_defaults(self.config, self.device)
+        self.precision, self.channels_last, self.compile = (resolved[k] for k in ("precision", "channels_last", "compile"))
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
+            if self.config.precision == "auto":  # "auto" asks for speed: TF32 matmuls are part of it
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def _setup_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """The optimizer (``optimizer`` or the config's), the per-step LR schedule and the StepGuard."""
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {describe(optimizer)}")
+        config, steps = self.config, self.steps_per_epoch
+        self.optimizer = optimizer if optimizer is not None else _make_optimizer(config, self.model.parameters(),
+                                                                                 self.device)
+        total = config.epochs * steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(config.schedule, step, total, steps))
+        self.scaler = StepGuard(self.device, self.precision)
+
+    def _setup_modules(self) -> None:
+        """The EMA (``ema``) and ``train_model``: the model wrapped for DDP, then compiled (``compile``)."""
+        self.ema = _EMA(self.model, self.config.ema) if self.config.ema is not None else None
+        self.eager_model = distributed.wrap(self.model, self.device, sync_batchnorm=self.config.sync_batchnorm)
+        self.train_model = _compile(self.eager_model, self.device) if self.compile else self.eager_model
+
+    def _setup_record(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """``run_config``: what a checkpoint records and a resume compares (the options that change the results)."""
+        self.run_config = {**self.config.recorded(), **device_defaults(self.config, self.device),
+                           "steps_per_epoch": self.steps_per_epoch}
         if optimizer is not None:
             self.run_config["optimizer"] = type(optimizer).__name__
-
-        self.history: list[dict] = []
-        self.best: dict | None = None  # {"epoch", "robust_acc"} of the best evaluated epoch
-        self.best_state: dict | None = None
-        self.epoch = 0  # completed epochs
-        self.num_classes: int | None = None  # the model's logit count, read at the first batch
-        self.checkpoint_path = self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
-        self.board = None
 
     # --- the run ---------------------------------------------------------------------------------
 
@@ -613,7 +611,7 @@ class Trainer:
             self.best = {"epoch": record["epoch"], "robust_acc": score}
             self.best_state = {k: v.detach().clone() for k, v in self.evaluated.state_dict().items()}
             if self.writes:
-                atomic_save(sealed({"epoch": self.best["epoch"], "model": self.best_state}), self.out_dir / BEST_NAME)
+                ckpt.save_best(self.out_dir, self.best["epoch"], self.best_state)
             return None
         return self.overfitting(record) if self.guards else None
 
@@ -641,7 +639,7 @@ class Trainer:
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         else:
-            load_weights(self.model, load_checkpoint(self.out_dir / BEST_NAME)["model"], self.out_dir / BEST_NAME)
+            ckpt.load_trained_weights(self.model, self.out_dir / BEST_NAME)
 
     def checkpoint(self) -> Path | None:
         """Write checkpoint.pt atomically (when :attr:`writes`); the other ranks wait at a barrier
@@ -649,7 +647,7 @@ class Trainer:
         if self.out_dir is None:
             return None
         if self.writes:
-            atomic_save(sealed(self.state_dict()), self.checkpoint_path)
+            ckpt.save_checkpoint(self.state_dict(), self.out_dir)
         _dist.barrier()
         return self.checkpoint_path
 
@@ -681,47 +679,47 @@ class Trainer:
         number of ranks that wrote it: any other number may resume (each epoch's data order and
         random streams follow from (seed, epoch, rank), see :mod:`fastsat.train.distributed`)."""
         return {
-            "format": CHECKPOINT_FORMAT, "config": self.run_config, "data": self.data, "epoch": self.epoch,
-            "world_size": self.world_size,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "recipe_state": self.recipe.state_dict(), "rng": capture_rng(self.generators),
-            "history": self.history, "best": self.best,
+            ckpt.FORMAT_KEY: ckpt.CHECKPOINT_FORMAT, ckpt.CONFIG_KEY: self.run_config, ckpt.DATA_KEY: self.data,
+            ckpt.EPOCH_KEY: self.epoch, ckpt.WORLD_SIZE_KEY: self.world_size,
+            ckpt.MODEL_KEY: self.model.state_dict(),
+            ckpt.OPTIMIZER_KEY: self.optimizer.state_dict(), ckpt.SCHEDULER_KEY: self.scheduler.state_dict(),
+            ckpt.SCALER_KEY: self.scaler.state_dict(),
+            ckpt.EMA_KEY: self.ema.state_dict() if self.ema is not None else None,
+            ckpt.RECIPE_KEY: self.recipe.state_dict(), ckpt.RNG_KEY: capture_rng(self.generators),
+            ckpt.HISTORY_KEY: self.history, ckpt.BEST_KEY: self.best,
         }
 
     def load_state_dict(self, state: dict, source: object = "checkpoint") -> None:
         """Inverse of :meth:`state_dict`. Refuses a checkpoint written with other settings or on
         other data (the ones it recorded: a checkpoint of an older format recorded fewer), or for
         another model (:func:`~fastsat.train.checkpoint.load_weights`)."""
-        missing = [key for key in ("config", "optimizer", "scheduler", "rng") if key not in state]
+        missing = [key for key in (ckpt.CONFIG_KEY, ckpt.OPTIMIZER_KEY, ckpt.SCHEDULER_KEY, ckpt.RNG_KEY)
+                   if key not in state]
         if missing:
-            kind = "best.pt (the best epoch's weights alone)" if set(state) <= {"epoch", "model", "checksum"} else \
-                f"a file without {missing}"
+            kind = "best.pt (the best epoch's weights alone)" if ckpt.is_best_file(state) else f"a file without {missing}"
             raise ValueError(f"resume: {source} is {kind}; expected a checkpoint.pt written by the trainer (it "
                              "holds the optimizer, schedule and random state a resume needs)")
-        saved = state["config"]
+        saved = state[ckpt.CONFIG_KEY]
         differing = [k for k in self.run_config if k in saved and saved[k] != self.run_config[k]]
         if differing:
             raise ValueError(f"resume: {source} was written with different settings {differing}: "
                              f"{ {k: saved[k] for k in differing} } vs now { {k: self.run_config[k] for k in differing} }")
-        data = state.get("data", {})  # checkpoints written before fastsat recorded the data have none
+        data = state.get(ckpt.DATA_KEY, {})  # checkpoints written before fastsat recorded the data have none
         differing = [k for k in sorted(set(data) & set(self.data)) if data[k] != self.data[k]]
         if differing:
             said = "; ".join(f"{k}: {data[k]!r} then, {self.data.get(k)!r} now" for k in differing)
             raise ValueError(f"resume: {source} was written for other training data ({said}); resume with the data "
                              "settings it was written with, or start a new run")
-        load_weights(self.model, state["model"], source)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"] is not None:  # None: written before every run had a StepGuard
-            self.scaler.load_state_dict(state["scaler"])
+        load_weights(self.model, state[ckpt.MODEL_KEY], source)
+        self.optimizer.load_state_dict(state[ckpt.OPTIMIZER_KEY])
+        self.scheduler.load_state_dict(state[ckpt.SCHEDULER_KEY])
+        if state[ckpt.SCALER_KEY] is not None:  # None: written before every run had a StepGuard
+            self.scaler.load_state_dict(state[ckpt.SCALER_KEY])
         if self.ema is not None:
-            self.ema.load_state_dict(state["ema"], source)
-        self.recipe.load_state_dict(state["recipe_state"])
-        restore_rng(state["rng"], self.generators)
-        self.history, self.best, self.epoch = state["history"], state["best"], state["epoch"]
+            self.ema.load_state_dict(state[ckpt.EMA_KEY], source)
+        self.recipe.load_state_dict(state[ckpt.RECIPE_KEY])
+        restore_rng(state[ckpt.RNG_KEY], self.generators)
+        self.history, self.best, self.epoch = state[ckpt.HISTORY_KEY], state[ckpt.BEST_KEY], state[ckpt.EPOCH_KEY]
 
 
 def _guard_source(train_data: object, config: TrainConfig, device: torch.device) -> object:
@@ -767,10 +765,10 @@ def fit(model: nn.Module, train_data: object, config: TrainConfig | None = None,
         if options.get("recipe_options"):
             raise ValueError(f"recipe_options: {sorted(options['recipe_options'])} given with a Recipe object; "
                              "set them on the object")
-        described = {k: v for k, v in recipe.options().items() if k != "clip"}
-        options = {**options, "recipe": recipe.name, "recipe_options": described}
-        if isinstance(recipe, PerturbationRecipe):
-            options.setdefault("clip", recipe.clip)
+        # The object's from_run options (clip) are the run's unless given; the Trainer checks they agree.
+        run = {name: getattr(recipe, name) for name in recipe.from_run}
+        own = {k: v for k, v in recipe.options().items() if k not in run}
+        options = {**run, **options, "recipe": recipe.name, "recipe_options": own}
     else:
         recipe = None
     if isinstance(optimizer, torch.optim.Optimizer):
