@@ -8,7 +8,7 @@ sizes are in pixel units of images in [0, 1] and accept fractions (``--eps 8/255
 No option is listed here by hand: ``fastsat train``'s come from :class:`fastsat.train.TrainConfig`
 and the recipes' declared options, the other commands' from the small dataclasses below; choices
 come from the registries (recipes, schedules, optimizers, precisions, ``fastsat.models.names()``,
-the data sets below, attacks, saliency methods). See :mod:`fastsat.train.options`.
+the data sets below, attacks, saliency methods). See :mod:`fastsat._options`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from fastsat import _dist, data, models, saliency
 from fastsat._checks import choice, flag, mapping, number, path, positive_int, seed, writable_path
 from fastsat._checks import device as device_of
 from fastsat._io import atomic_save, atomic_write_text, locked_folder
+from fastsat._options import Spec, is_sequence, option, parse, show, specs, unknown_keys, validate
 from fastsat.alignment import ALIGNMENT_TARGETS
 from fastsat.demo import _FULL, _QUICK, DEMO_RECIPES, run_demo
 from fastsat.evaluate import ATTACKS, SUITES, evaluate
@@ -49,7 +50,6 @@ from fastsat.train import (
     teacher_saliency,
 )
 from fastsat.train.checkpoint import load_weights
-from fastsat.train.options import Spec, is_sequence, option, parse, show, specs, unknown_keys, validate
 
 __all__ = ["COMMANDS", "build_parser", "command_specs", "load_config", "main"]
 

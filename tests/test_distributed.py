@@ -14,7 +14,7 @@ from _compile import RecordingBackend, needs_traced_autograd
 
 import fastsat.train as T
 from fastsat._io import LOCK_NAME
-from fastsat.data.shards import mix_seed
+from fastsat._random import mix_seed
 from fastsat.train import distributed
 from fastsat.train.checkpoint import load_checkpoint
 

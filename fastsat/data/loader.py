@@ -37,19 +37,16 @@ import torch
 from fastsat import _dist
 from fastsat._checks import integer, positive_int
 from fastsat._checks import seed as check_seed
+from fastsat._random import epoch_seed, mix_seed
 
 from .augment import Augment
 from .dataset import AnnotatedDataset, check_stats
-from .shards import ShardDataset, ShardStream, mix_seed
+from .shards import ShardDataset, ShardStream
 from .transforms import SampleTransform
 
 __all__ = ["DeviceLoader", "DevicePrefetcher", "WorkerLoader", "loader"]
 
 Batch = dict[str, torch.Tensor]
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch) % (1 << 63)
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -107,7 +104,7 @@ class _Loader:
 
         The batch augmentation's stream is this rank's own (ranks must not draw the same crops and
         flips for their different samples); rank 0's is the single-process one."""
-        epoch, seed = self.epoch, _epoch_seed(self.seed, self.epoch)
+        epoch, seed = self.epoch, epoch_seed(self.seed, self.epoch)
         self.epoch += 1
         augment_seed = seed + 1 if self.rank == 0 else mix_seed(seed, self.rank)
         return epoch, seed, torch.Generator(device=self.device).manual_seed(augment_seed)

@@ -38,18 +38,16 @@ import datetime
 import gc
 import logging
 import os
-import random
 import sys
 import weakref
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fastsat import _dist
-from fastsat.data.shards import mix_seed
+from fastsat._random import seed_all, seed_epoch
 
 __all__ = ["TIMEOUT_VARIABLE", "agreed_steps", "launched", "seed_all", "seed_epoch", "setup", "teardown", "timeout",
            "unwrap", "wrap"]
@@ -176,14 +174,3 @@ def agreed_steps(steps: int) -> int:
     return min(_dist.all_gather_objects(int(steps)))
 
 
-def seed_epoch(seed: int, epoch: int) -> None:
-    """Seed python's, numpy's and torch's (CPU and CUDA) global generators for ``epoch`` of this
-    rank from ``(seed, epoch, rank)``."""
-    seed_all(mix_seed(seed, epoch, _dist.rank()))
-
-
-def seed_all(value: int) -> None:
-    """Seed python's, numpy's and torch's (CPU and every CUDA device) global generators."""
-    random.seed(value)
-    np.random.seed(value % (1 << 32))  # numpy takes 32 bits
-    torch.manual_seed(value)
