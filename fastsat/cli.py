@@ -56,50 +56,15 @@ __all__ = ["COMMANDS", "build_parser", "command_specs", "load_config", "main"]
 log = logging.getLogger("fastsat")
 
 
-# --- data sets: name → (train, test) -----------------------------------------------------------------
+# --- data sets: fastsat.data.create, their files only from --data-dir ------------------------------
 
-def _shapes(options: DataOptions) -> tuple:
-    common = {"size": options.image_size, "num_classes": options.num_classes}
-    return (data.shapes(options.n_train, seed=options.data_seed, **common),
-            data.shapes(options.n_test, seed=options.data_seed + 1, **common))
-
-
-def _cifar(reader: Callable) -> Callable:
-    return lambda options: (reader(_root(options), train=True, size=options.image_size),
-                            reader(_root(options), train=False, size=options.image_size))
-
-
-def _tiny_imagenet(options: DataOptions) -> tuple:
-    root = _root(options)
-    return (data.tiny_imagenet(root, split="train", size=options.image_size),
-            data.tiny_imagenet(root, split="val", size=options.image_size))
-
-
-def _image_folder(options: DataOptions) -> tuple:
-    root = _root(options)
-    return data.image_folder(root / "train", size=options.image_size), data.image_folder(root / "val", size=options.image_size)
-
-
-def _root(options: DataOptions) -> Path:
-    if options.data_dir is None:
+def _datasets(options: DataOptions) -> tuple:
+    """The (train, test) data sets of ``--dataset``."""
+    if options.data_dir is None and data.DATASETS[options.dataset].reads_files:
         raise ValueError(f"data_dir: dataset {options.dataset!r} needs --data-dir (the folder of its files; a run's "
                          "config.yaml never supplies it)")
-    return Path(options.data_dir)
-
-
-def _shards(options: DataOptions) -> tuple:
-    root = _root(options)
-    return data.shards(root / "train", size=options.image_size), data.shards(root / "val", size=options.image_size)
-
-
-DATASETS: dict[str, Callable] = {
-    "shapes": _shapes,
-    "cifar10": _cifar(data.cifar10),
-    "cifar100": _cifar(data.cifar100),
-    "tiny_imagenet": _tiny_imagenet,
-    "imagefolder": _image_folder,
-    "shards": _shards,
-}
+    return data.create(options.dataset, options.data_dir, size=options.image_size, n_train=options.n_train,
+                       n_test=options.n_test, num_classes=options.num_classes, seed=options.data_seed)
 
 
 # --- the options of each command ---------------------------------------------------------------------
@@ -112,7 +77,7 @@ def _each(check: Callable) -> Callable:
 @dataclass(frozen=True)
 class DataOptions:
     dataset: str = option("shapes", "data set: the built-in synthetic shapes, or files in --data-dir",
-                          choices=tuple(DATASETS))
+                          choices=tuple(data.DATASETS))
     data_dir: str | None = option(None, "directory of the data set's files (cifar: the batches folder; imagefolder: "
                                   "with train/ and val/ class folders; shards: with train/ and val/ written by "
                                   "`fastsat data pack`)", check=functools.partial(path, allow_none=True))
@@ -464,7 +429,7 @@ def _train(cfg: dict, parts: dict, device: torch.device) -> dict:
     config: TrainConfig = parts[TrainConfig]
     teacher: TeacherOptions = parts[TeacherOptions]
     torch.manual_seed(config.seed)
-    train_set, test_set = DATASETS[parts[DataOptions].dataset](parts[DataOptions])
+    train_set, test_set = _datasets(parts[DataOptions])
     model = _model(parts[ModelOptions], train_set).to(device)
     train_data = train_set
     if "saliency" in config.build_recipe().batch_keys:
@@ -496,7 +461,7 @@ def _train(cfg: dict, parts: dict, device: torch.device) -> dict:
 def _trained(command: str, cfg: dict):
     parts = _sections(command, cfg)
     device = device_of(parts[DeviceOptions].device)
-    train_set, test_set = DATASETS[parts[DataOptions].dataset](parts[DataOptions])
+    train_set, test_set = _datasets(parts[DataOptions])
     model = _trained_model(parts[ModelOptions], train_set, device, parts[CheckpointOptions].checkpoint)
     return parts, model, test_set, device
 

@@ -353,7 +353,7 @@ def test_a_user_dataloaders_distributed_sampler_follows_the_epoch():
 
 
 def test_each_rank_augments_with_its_own_stream():
-    from fastsat.data import loader
+    from fastsat.data import dataset_loader as loader
 
     def stream(rank, world_size):
         batches = loader(train, batch_size=8, augment=True, seed=3, rank=rank, world_size=world_size)

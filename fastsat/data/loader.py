@@ -44,7 +44,7 @@ from .dataset import AnnotatedDataset, check_stats
 from .shards import ShardDataset, ShardStream
 from .transforms import SampleTransform
 
-__all__ = ["DeviceLoader", "DevicePrefetcher", "WorkerLoader", "loader"]
+__all__ = ["DeviceLoader", "DevicePrefetcher", "WorkerLoader", "dataset_loader"]
 
 Batch = dict[str, torch.Tensor]
 
@@ -117,7 +117,7 @@ class DeviceLoader(_Loader):
     """Whole data set resident on ``device`` (uint8 images); batches are gathered and augmented there.
 
     Use it when the data fits in device memory: no worker processes, no host-to-device copy per
-    batch. See :func:`loader` for the arguments.
+    batch. See :func:`dataset_loader` for the arguments.
     """
 
     def __init__(self, dataset: AnnotatedDataset, **kw) -> None:
@@ -258,7 +258,7 @@ class WorkerLoader(_Loader):
     """A ``torch.utils.data.DataLoader`` over a map-style data set of sample dicts or a
     :class:`~fastsat.data.shards.ShardDataset`, built once for the run (see the module docstring).
 
-    Args (besides those of :func:`loader`):
+    Args (besides those of :func:`dataset_loader`):
         num_workers: worker processes (0: decode in the main process).
         transform: per-sample transform applied in the workers (e.g.
             :class:`~fastsat.data.transforms.RandomResizedCrop`); None: the data set's own size.
@@ -313,7 +313,7 @@ class WorkerLoader(_Loader):
             yield self._finish(batch, aug_gen)
 
 
-def loader(
+def dataset_loader(
     dataset: torch.utils.data.Dataset | ShardDataset,
     *,
     batch_size: int,

@@ -216,7 +216,7 @@ def _members(path: Path, skip: int, take: int, count: int) -> Iterator[tuple[int
 
 
 class ShardDataset:
-    """A packed data set (see the module docstring), read as a stream by :func:`fastsat.data.loader`.
+    """A packed data set (see the module docstring), read as a stream by :func:`fastsat.data.dataset_loader`.
 
     Attributes:
         root: the directory of ``index.json``.
