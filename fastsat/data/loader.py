@@ -1,7 +1,6 @@
 """Batch iteration in two modes: device-resident whole tensors, or worker processes streaming from disk.
 
-Both yield batch dicts on ``device`` (``image`` float32 (B, C, H, W) in [0, 1], ``label`` int64
-(B,), optional ``box`` int64 (B, 4) and ``mask`` bool (B, 1, H, W)) and apply the same batched
+Both yield the batch dicts of :mod:`fastsat.data` on ``device`` and apply the same batched
 :class:`~fastsat.data.augment.Augment` on the device after batching. Shuffling and augmentation
 are seeded from ``(seed, epoch)``: the epoch counter advances at each new iteration and can be set
 with ``set_epoch`` (e.g. when resuming), so a run is reproducible epoch by epoch.
