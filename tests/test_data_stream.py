@@ -520,7 +520,8 @@ def test_a_huge_or_sparse_member_is_refused_before_it_is_read(tmp_path, kind, go
     import tracemalloc
 
     root = _crafted_shards(tmp_path / "shards", [_huge_header(kind), *_sample("0")[1:]], 1)
-    assert tarfile.open(root / "shard-000000.tar").next().size == 6 << 30  # declared in a file of a few KiB
+    with tarfile.open(root / "shard-000000.tar") as tar:
+        assert tar.next().size == 6 << 30  # declared in a file of a few KiB
     tracemalloc.start()
     try:
         with pytest.raises(ValueError, match=rf"shard-000000.tar: member 0.png: expected a plain file of at most "
