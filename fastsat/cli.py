@@ -408,7 +408,7 @@ def _trained_model(options: ModelOptions, train_set, device: torch.device, check
 
 
 def _first_images(dataset, n: int, device: torch.device):
-    batch = data.as_batch(next(iter(data.make_loader(dataset, batch_size=n, shuffle=False, seed=0, device=device))), device)
+    batch = data.as_batch(next(iter(data.as_batches(dataset, batch_size=n, shuffle=False, seed=0, device=device))), device)
     return batch["image"][:n], batch["label"][:n]
 
 

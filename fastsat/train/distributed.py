@@ -14,7 +14,7 @@ What the trainer does with a process group of more than one rank:
   wrapper when it is compiled), so their forward passes neither touch the gradient reducer nor
   re-broadcast batch-norm buffers;
 - ``batch_size`` is the global batch: each rank takes ``batch_size / world_size`` of it (its
-  share of every epoch comes from :func:`fastsat.data.loader`, or a user DataLoader's
+  share of every epoch comes from :func:`fastsat.data.dataset_loader`, or a user DataLoader's
   ``DistributedSampler``); all ranks run :func:`agreed_steps` batches per epoch;
 - :func:`seed_epoch` seeds python's, numpy's and torch's generators (augmentation, random starts,
   SAT noise) from (seed, epoch, rank) at every epoch, so streams differ across ranks, are
