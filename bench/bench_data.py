@@ -21,7 +21,7 @@ size of an ImageNet JPEG) as an ImageFolder in a temporary directory and measure
 * ``shards, RandomResizedCrop``: the same samples streamed from ``pack_shards`` tar shards;
 * ``shards, tar read only``: reading the shards' members without decoding — the format's own cost;
 
-then the end-to-end ``loader`` (RandomResizedCrop, batch 64, ``--workers`` processes, batches
+then the end-to-end ``dataset_loader`` (RandomResizedCrop, batch 64, ``--workers`` processes, batches
 delivered as float32 on the CPU) for files and shards, and the one-off ``pack_shards`` time.
 Each figure is the median of ``--repeats`` passes, interleaved across the paths. The machine's load is printed: figures measured
 beside other work are lower bounds.
@@ -47,9 +47,9 @@ from fastsat.data import (
     CenterCrop,
     RandomResizedCrop,
     Resize,
+    dataset_loader,
     generate_shapes,
     image_folder,
-    loader,
     pack_shards,
     shards,
 )
@@ -144,7 +144,7 @@ def bench_stream(args: argparse.Namespace) -> None:
         }
         rows = [(name, args.n / t) for name, t in _median_times(per_worker, args.repeats).items()]
         torch.set_num_threads(2)
-        loaders = {name: loader(data, batch_size=64, shuffle=True, transform=crop, num_workers=args.workers)
+        loaders = {name: dataset_loader(data, batch_size=64, shuffle=True, transform=crop, num_workers=args.workers)
                    for name, data in (("files", files), ("shards", packed))}  # fmt: skip
         for batches in loaders.values():
             list(batches)  # start the workers
@@ -156,7 +156,7 @@ def bench_stream(args: argparse.Namespace) -> None:
     print("\n| path, one process (= one worker) | images/s |\n|---|---|")
     for name, rate in rows:
         print(f"| {name} | {rate:.0f} |")
-    print(f"\n| end to end: loader(RandomResizedCrop(224), batch 64, {args.workers} workers) | images/s |\n|---|---|")
+    print(f"\n| end to end: dataset_loader(RandomResizedCrop(224), batch 64, {args.workers} workers) | images/s |\n|---|---|")
     for name, rate in end_to_end:
         print(f"| {name} | {rate:.0f} |")
     print(f"\npack_shards: {pack_s:.2f} s for {args.n} images ({args.n / pack_s:.0f} images/s, one process, "

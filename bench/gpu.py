@@ -21,7 +21,7 @@ twice (the L2 step on samples too long for one tile or block, the L2 random star
 materialises intermediates (eager) cannot reach 100% of that. Every row also gives the speed-up over torch eager (the reference) on the
 same inputs.
 
-The functions timed are the backend interface of ``fastsat.ops.reference`` (arguments already
+The functions timed are the backend interface (``fastsat.ops._backends.Backend``; arguments already
 checked and laid out), so the numbers are those of the kernels, without the argument checks of
 the public API. Results go to ``<out>/gpu-<date>-<gpu>.csv`` and ``.md`` together with the GPU
 name, torch / triton / CUDA versions and the date; the markdown ends with which of triton and

@@ -7,10 +7,14 @@ Sits below every other module (layer 0): data, evaluation and training all shard
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["all_gather_objects", "all_reduce_sum", "barrier", "initialized", "is_main", "rank", "shard", "world_size"]
+__all__ = ["all_gather_objects", "all_reduce_sum", "barrier", "initialized", "is_main", "rank", "shard", "unwrap", "world_size"]
 
 
 def initialized() -> bool:
@@ -64,3 +68,21 @@ def shard(n: int, part: int | None = None, parts: int | None = None) -> range:
     if not 0 <= part < parts:
         raise ValueError(f"part: expected an integer in [0, {parts}), got {part!r}")
     return range(n * part // parts, n * (part + 1) // parts)
+
+
+# Per compiled DDP wrapper, the module inside it compiled the same way (made once per run).
+_COMPILED_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """What attacks run on: the module inside a ``DistributedDataParallel`` — compiled the way the
+    wrapper was when ``model`` is ``torch.compile(DDP(module))``, so that attacks stay compiled —
+    and ``model`` itself otherwise."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if not isinstance(inner, DistributedDataParallel):
+        return model
+    if inner is model:
+        return inner.module
+    if model not in _COMPILED_MODULES:
+        _COMPILED_MODULES[model] = model.dynamo_ctx(inner.module)  # torch.compile's settings, applied to the module
+    return _COMPILED_MODULES[model]

@@ -8,7 +8,7 @@ sizes are in pixel units of images in [0, 1] and accept fractions (``--eps 8/255
 No option is listed here by hand: ``fastsat train``'s come from :class:`fastsat.train.TrainConfig`
 and the recipes' declared options, the other commands' from the small dataclasses below; choices
 come from the registries (recipes, schedules, optimizers, precisions, ``fastsat.models.names()``,
-the data sets below, attacks, saliency methods). See :mod:`fastsat.train.options`.
+the data sets below, attacks, saliency methods). See :mod:`fastsat._options`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from fastsat import _dist, data, models, saliency
 from fastsat._checks import choice, flag, mapping, number, path, positive_int, seed, writable_path
 from fastsat._checks import device as device_of
 from fastsat._io import atomic_save, atomic_write_text, locked_folder
+from fastsat._options import Spec, is_sequence, option, parse, show, specs, unknown_keys, validate
 from fastsat.alignment import ALIGNMENT_TARGETS
 from fastsat.demo import DEMO_RECIPES, FULL_SIZES, QUICK_SIZES, run_demo
 from fastsat.evaluate import ATTACKS, SUITES, evaluate
@@ -48,57 +49,21 @@ from fastsat.train import (
     teacher_saliency,
 )
 from fastsat.train.checkpoint import load_trained_weights
-from fastsat.train.options import Spec, is_sequence, option, parse, show, specs, unknown_keys, validate
 
 __all__ = ["COMMANDS", "build_parser", "command_specs", "load_config", "main"]
 
 log = logging.getLogger("fastsat")
 
 
-# --- data sets: name → (train, test) -----------------------------------------------------------------
+# --- data sets: fastsat.data.create, their files only from --data-dir ------------------------------
 
-def _shapes(options: DataOptions) -> tuple:
-    common = {"size": options.image_size, "num_classes": options.num_classes}
-    return (data.shapes(options.n_train, seed=options.data_seed, **common),
-            data.shapes(options.n_test, seed=options.data_seed + 1, **common))
-
-
-def _cifar(reader: Callable) -> Callable:
-    return lambda options: (reader(_root(options), train=True, size=options.image_size),
-                            reader(_root(options), train=False, size=options.image_size))
-
-
-def _tiny_imagenet(options: DataOptions) -> tuple:
-    root = _root(options)
-    return (data.tiny_imagenet(root, split="train", size=options.image_size),
-            data.tiny_imagenet(root, split="val", size=options.image_size))
-
-
-def _image_folder(options: DataOptions) -> tuple:
-    root = _root(options)
-    return data.image_folder(root / "train", size=options.image_size), data.image_folder(root / "val", size=options.image_size)
-
-
-def _root(options: DataOptions) -> Path:
-    if options.data_dir is None:
+def _datasets(options: DataOptions) -> tuple:
+    """The (train, test) data sets of ``--dataset``."""
+    if options.data_dir is None and data.DATASETS[options.dataset].reads_files:
         raise ValueError(f"data_dir: dataset {options.dataset!r} needs --data-dir (the folder of its files; a run's "
                          "config.yaml never supplies it)")
-    return Path(options.data_dir)
-
-
-def _shards(options: DataOptions) -> tuple:
-    root = _root(options)
-    return data.shards(root / "train", size=options.image_size), data.shards(root / "val", size=options.image_size)
-
-
-DATASETS: dict[str, Callable] = {
-    "shapes": _shapes,
-    "cifar10": _cifar(data.cifar10),
-    "cifar100": _cifar(data.cifar100),
-    "tiny_imagenet": _tiny_imagenet,
-    "imagefolder": _image_folder,
-    "shards": _shards,
-}
+    return data.create(options.dataset, options.data_dir, size=options.image_size, n_train=options.n_train,
+                       n_test=options.n_test, num_classes=options.num_classes, seed=options.data_seed)
 
 
 # --- the options of each command ---------------------------------------------------------------------
@@ -108,18 +73,22 @@ def _each(check: Callable) -> Callable:
     return lambda values, name: [check(value, name) for value in values]
 
 
+_CREATE = inspect.signature(data.create).parameters  # data.create's defaults are the CLI's
+
+
 @dataclass(frozen=True)
 class DataOptions:
     dataset: str = option("shapes", "data set: the built-in synthetic shapes, or files in --data-dir",
-                          choices=tuple(DATASETS))
+                          choices=tuple(data.DATASETS))
     data_dir: str | None = option(None, "directory of the data set's files (cifar: the batches folder; imagefolder: "
                                   "with train/ and val/ class folders; shards: with train/ and val/ written by "
                                   "`fastsat data pack`)", check=functools.partial(path, allow_none=True))
-    n_train: int = option(5000, "shapes: training images (count)", check=positive_int)
-    n_test: int = option(1000, "shapes: test images (count)", check=positive_int)
+    n_train: int = option(_CREATE["n_train"].default, "shapes: training images (count)", check=positive_int)
+    n_test: int = option(_CREATE["n_test"].default, "shapes: test images (count)", check=positive_int)
     image_size: int = option(32, "image side in pixels (images are resized to it)", check=positive_int)
-    num_classes: int = option(10, "shapes: number of classes (2–12); other data sets set their own", check=positive_int)
-    data_seed: int = option(0, "shapes: generator seed of the training images (the test images use seed + 1)", check=seed)
+    num_classes: int = option(_CREATE["num_classes"].default, "shapes: number of classes (2–12); other data sets set "
+                              "their own", check=positive_int)
+    data_seed: int = option(_CREATE["seed"].default, "shapes: generator seed of the training images (the test images use seed + 1)", check=seed)
 
     def __post_init__(self):
         validate(self)
@@ -438,7 +407,7 @@ def _trained_model(options: ModelOptions, train_set, device: torch.device, check
 
 
 def _first_images(dataset, n: int, device: torch.device):
-    batch = data.as_batch(next(iter(data.make_loader(dataset, batch_size=n, shuffle=False, seed=0, device=device))), device)
+    batch = data.as_batch(next(iter(data.as_batches(dataset, batch_size=n, shuffle=False, seed=0, device=device))), device)
     return batch["image"][:n], batch["label"][:n]
 
 
@@ -459,7 +428,7 @@ def _train(cfg: dict, parts: dict, device: torch.device) -> dict:
     config: TrainConfig = parts[TrainConfig]
     teacher: TeacherOptions = parts[TeacherOptions]
     torch.manual_seed(config.seed)
-    train_set, test_set = DATASETS[parts[DataOptions].dataset](parts[DataOptions])
+    train_set, test_set = _datasets(parts[DataOptions])
     model = _model(parts[ModelOptions], train_set).to(device)
     train_data = train_set
     if "saliency" in config.build_recipe().batch_keys:
@@ -500,7 +469,7 @@ class TrainedRun(typing.NamedTuple):
 def _trained_run(command: str, cfg: dict) -> TrainedRun:
     parts = _sections(command, cfg)
     device = device_of(parts[DeviceOptions].device)
-    train_set, test_set = DATASETS[parts[DataOptions].dataset](parts[DataOptions])
+    train_set, test_set = _datasets(parts[DataOptions])
     model = _trained_model(parts[ModelOptions], train_set, device, parts[CheckpointOptions].checkpoint)
     return TrainedRun(parts, model, test_set, device)
 

@@ -41,7 +41,7 @@ from fastsat._checks import choice, clip_box, describe, number, positive_int
 from fastsat._stats import binomial_lower_bound
 from fastsat.alignment import saliency_alignment
 from fastsat.attacks import APGD, APGDT, CW, FAB, PGD, Square
-from fastsat.data import AnnotatedDataset, ShardDataset, as_batch, loader, make_loader
+from fastsat.data import AnnotatedDataset, as_batch, as_batches, data_kind, dataset_loader
 from fastsat.grad import check_finite, check_logits, frozen
 from fastsat.ops import NORMS
 
@@ -198,10 +198,6 @@ def _main_attack(model: nn.Module, settings: StandardSuite | PaperSuite, eps: fl
                random_start=True, norm="linf", clip=clip)
 
 
-def _is_pair(data: object) -> bool:
-    return isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
-
-
 def _local_batches(data: object, batch_size: int, max_samples: int | None, device: torch.device
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """This rank's samples as (x, y, index of x[0] in the whole data), in order.
@@ -211,27 +207,27 @@ def _local_batches(data: object, batch_size: int, max_samples: int | None, devic
     share; any other source (a user's DataLoader, a list of batches, tar shards) is read whole by
     every rank, which keeps the contiguous share of each batch."""
     limit = math.inf if max_samples is None else max_samples
-    if _is_pair(data) or (isinstance(data, torch.utils.data.Dataset) and not isinstance(
-            data, (torch.utils.data.IterableDataset, ShardDataset)) and hasattr(data, "__len__")):
-        n = min(len(data[0]) if _is_pair(data) else len(data), limit)
+    kind = data_kind(data)
+    if kind in ("pair", "dataset"):
+        n = min(len(data[0]) if kind == "pair" else len(data), limit)
         mine = _dist.shard(n)
-        if _is_pair(data):
+        if kind == "pair":
             x, y = data[0][mine.start : mine.stop], data[1][mine.start : mine.stop]
             batches = [(x[s : s + batch_size], y[s : s + batch_size]) for s in range(0, len(mine), batch_size)]
         else:
             part = (data.subset(slice(mine.start, mine.stop)) if isinstance(data, AnnotatedDataset)
                     else torch.utils.data.Subset(data, mine))
-            batches = loader(part, batch_size=batch_size, shuffle=False, device=device, rank=0, world_size=1)
+            batches = dataset_loader(part, batch_size=batch_size, shuffle=False, device=device, rank=0, world_size=1)
         offset = mine.start
         for item in batches:
             batch = as_batch(item, device)
             yield batch["image"], batch["label"], offset
             offset += batch["image"].shape[0]
         return
-    if isinstance(data, ShardDataset):
-        batches = loader(data, batch_size=batch_size, shuffle=False, device=device, rank=0, world_size=1)
+    if kind == "shards":
+        batches = dataset_loader(data, batch_size=batch_size, shuffle=False, device=device, rank=0, world_size=1)
     else:
-        batches = make_loader(data, batch_size=batch_size, shuffle=False, seed=0, device=device)
+        batches = as_batches(data, batch_size=batch_size, shuffle=False, seed=0, device=device)
     seen = 0
     for item in batches:
         batch = as_batch(item, device)

@@ -48,6 +48,7 @@ __all__ = [
     "input_grad",
     "logit_jacobian",
     "objective_value",
+    "raw_input_grad",
 ]
 
 OBJECTIVES = ("logit", "logit_diff", "ce", "cw", "dlr", "dlr_targeted", "kl")
@@ -95,8 +96,6 @@ def frozen(model: nn.Module, mode: str | None = None, *, freeze_params: bool = T
             m.training = training
         for p, flag in param_flags:
             p.requires_grad_(flag)
-
-
 
 
 def _check_labels(name: str, labels: torch.Tensor | None, batch: int, num_classes: int) -> None:
@@ -258,7 +257,7 @@ def check_logits(logits: object, batch: int, *, classes: int = 1, finite: bool =
         check_finite(logits, "model output", "finite logits (are the model's weights finite?)")
 
 
-def _input_grad(
+def raw_input_grad(
     model: nn.Module,
     x: torch.Tensor,
     objective: str,
@@ -267,9 +266,11 @@ def _input_grad(
     create_graph: bool = False,
     **objective_args: torch.Tensor | None,
 ) -> InputGrad:
-    """Forward, objective, one backward to the input. The caller holds :func:`frozen`.
+    """:func:`input_grad` without its input checks and without freezing the model: forward,
+    objective, one backward to the input. The caller holds :func:`frozen` (and autograd on).
 
-    check=False skips every argument check (no host sync): for attack loops that validated once.
+    check: whether to check the logits and ``objective_args``; False needs no host sync, for
+    attack loops that checked once.
     """
     x_in = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
     logits = model(x_in)
@@ -316,7 +317,7 @@ def input_grad(
     if clean_logits is not None and not isinstance(clean_logits, torch.Tensor):
         raise TypeError(f"clean_logits: expected a (B, K) tensor, got {describe(clean_logits)}")
     with frozen(model, mode, freeze_params=not create_graph), torch.enable_grad():
-        result = _input_grad(
+        result = raw_input_grad(
             model, x, objective, check=True, create_graph=create_graph,
             target=target, other=other, y=y, clean_logits=clean_logits,
         )

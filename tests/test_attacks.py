@@ -632,12 +632,12 @@ def test_float16_step_uses_the_float32_gradient_unrounded(monkeypatch, make):
     grad = torch.randn(4, 1, 4, 4)
     grad[:, :, :2] *= 1e-9
     assert (grad.half()[:, :, :2] == 0).all(), "the construction needs entries that flush in float16"
-    real_input_grad = base._input_grad
+    real_input_grad = base.raw_input_grad
 
     def injected(*args, **kwargs):
         return real_input_grad(*args, **kwargs)._replace(grad=grad.clone())
 
-    monkeypatch.setattr(base, "_input_grad", injected)
+    monkeypatch.setattr(base, "raw_input_grad", injected)
     x_adv = make(model)(x, y).x_adv
     expected = (x.float() + 0.125 * grad.sign()).clamp(0, 1).half()
     assert x_adv.dtype == torch.float16

@@ -10,9 +10,9 @@ from fastsat.data import (
     WorkerLoader,
     boxes_from_masks,
     crop_shift,
+    dataset_loader,
     generate_shapes,
     hflip,
-    loader,
     rescale_boxes,
     resize,
 )
@@ -140,7 +140,7 @@ def data():
 
 
 def test_device_loader_covers_epoch_and_reproduces(data):
-    batches = loader(data, batch_size=16, shuffle=True, seed=3)
+    batches = dataset_loader(data, batch_size=16, shuffle=True, seed=3)
     assert isinstance(batches, DeviceLoader) and len(batches) == 4
     first = list(batches)
     labels = torch.cat([b["label"] for b in first])
@@ -158,12 +158,12 @@ def test_device_loader_covers_epoch_and_reproduces(data):
     for x, y in zip(first, replay):
         for key in x:
             assert torch.equal(x[key], y[key]), key
-    dropped = loader(data, batch_size=16, drop_last=True)
+    dropped = dataset_loader(data, batch_size=16, drop_last=True)
     assert len(dropped) == 3 and sum(len(b["label"]) for b in dropped) == 48
 
 
 def test_worker_loader_matches_dataset(data):
-    plain = loader(data, batch_size=20, resident=False)
+    plain = dataset_loader(data, batch_size=20, resident=False)
     assert isinstance(plain, WorkerLoader) and len(plain) == 3
     got = list(plain)
     for key, ref in (
@@ -173,7 +173,7 @@ def test_worker_loader_matches_dataset(data):
         ("mask", data.masks),
     ):
         assert torch.equal(torch.cat([b[key] for b in got]), ref), key
-    workers = loader(data, batch_size=20, shuffle=True, augment=True, num_workers=2, seed=1, resident=False)
+    workers = dataset_loader(data, batch_size=20, shuffle=True, augment=True, num_workers=2, seed=1, resident=False)
     a = list(workers)
     workers.set_epoch(0)
     b = list(workers)
@@ -197,7 +197,7 @@ def test_resident_from_file_like_dataset(data):
         def __getitem__(self, i):
             return data[i]
 
-    batches = loader(Plain(), batch_size=50, resident=True)
+    batches = dataset_loader(Plain(), batch_size=50, resident=True)
     assert isinstance(batches, DeviceLoader)
     assert isinstance(batches.dataset, AnnotatedDataset)
     (batch,) = list(batches)
@@ -207,8 +207,8 @@ def test_resident_from_file_like_dataset(data):
 
 def test_loader_bad_arguments(data):
     with pytest.raises(ValueError, match="batch_size"):
-        loader(data, batch_size=0)
+        dataset_loader(data, batch_size=0)
     with pytest.raises(TypeError, match="augment"):
-        loader(data, batch_size=4, augment="yes")
+        dataset_loader(data, batch_size=4, augment="yes")
     with pytest.raises(ValueError, match="num_workers"):
-        loader(data, batch_size=4, num_workers=-1, resident=False)
+        dataset_loader(data, batch_size=4, num_workers=-1, resident=False)

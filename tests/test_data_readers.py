@@ -19,10 +19,10 @@ from fastsat.data import (
     channel_stats,
     cifar10,
     cifar100,
+    dataset_loader,
     digits,
     flowers17,
     image_folder,
-    loader,
     oxford_pets,
     tiny_imagenet,
 )
@@ -294,7 +294,7 @@ def test_image_folder_voc(tmp_path):
     plain = image_folder(root, size=8)
     assert len(plain) == 3 and set(plain[0]) == {"image", "label"}
     assert plain.mean == IMAGENET_MEAN and plain.std == IMAGENET_STD
-    batches = loader(ds, batch_size=2, resident=False)
+    batches = dataset_loader(ds, batch_size=2, resident=False)
     (batch,) = list(batches)
     assert batch["image"].shape == (2, 3, 10, 20) and batch["box"].shape == (2, 4)
 
@@ -373,7 +373,7 @@ def test_oxford_pets(tmp_path):
     test = oxford_pets(tmp_path, split="test", size=6)
     assert len(test) == 1 and test[0]["mask"].shape == (1, 6, 6)
     assert test.mean == IMAGENET_MEAN and test.std == IMAGENET_STD
-    resident = loader(ds, batch_size=2, resident=True)
+    resident = dataset_loader(ds, batch_size=2, resident=True)
     (batch,) = list(resident)
     assert torch.equal(batch["mask"][1, 0], want)
 

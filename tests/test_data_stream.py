@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from fastsat.data import (
+    DATA_KINDS,
     AnnotatedDataset,
     CenterCrop,
     DeviceLoader,
@@ -25,12 +26,13 @@ from fastsat.data import (
     ShardDataset,
     WorkerLoader,
     as_batch,
+    as_batches,
     boxes_from_masks,
     crop_resize,
+    data_kind,
+    dataset_loader,
     generate_shapes,
     image_folder,
-    loader,
-    make_loader,
     pack_shards,
     shards,
 )
@@ -181,8 +183,8 @@ def test_device_prefetcher_converts_and_normalises_on_the_device_side():
 
 def test_worker_loader_ships_bytes_and_matches_the_resident_loader():
     data = generate_shapes(40, size=8, seed=2)
-    resident = loader(data, batch_size=16, shuffle=True, seed=5)
-    workers = loader(data, batch_size=16, shuffle=True, seed=5, resident=False)
+    resident = dataset_loader(data, batch_size=16, shuffle=True, seed=5)
+    workers = dataset_loader(data, batch_size=16, shuffle=True, seed=5, resident=False)
     assert isinstance(resident, DeviceLoader) and isinstance(workers, WorkerLoader) and len(workers) == 3
     host = next(iter(workers._batches))  # what crosses from the workers: bytes, not float32
     assert host["image"].dtype == torch.uint8
@@ -199,7 +201,7 @@ def _pid(sample, rng):
 
 def test_workers_persist_across_epochs():
     data = generate_shapes(12, size=8, seed=0)
-    batches = loader(data, batch_size=4, num_workers=2, transform=_pid, resident=False)
+    batches = dataset_loader(data, batch_size=4, num_workers=2, transform=_pid, resident=False)
     pids = [set(torch.cat([b["pid"] for b in batches]).tolist()) for _ in range(2)]
     assert pids[0] == pids[1] and os.getpid() not in pids[0] and len(pids[0]) == 2
 
@@ -211,11 +213,11 @@ def _draw(sample, rng):
 
 def test_per_sample_crops_are_seeded_by_sample_not_by_worker(tmp_path):
     ds = image_folder(_image_folder(tmp_path), masks=tmp_path / "masks", size=None)
-    draws = [torch.cat([b["draw"] for b in loader(ds, batch_size=3, transform=_draw, num_workers=w)]) for w in (0, 2)]
+    draws = [torch.cat([b["draw"] for b in dataset_loader(ds, batch_size=3, transform=_draw, num_workers=w)]) for w in (0, 2)]
     assert torch.equal(draws[0], draws[1]) and len(set(draws[0].tolist())) == len(ds)  # one stream per sample
     transform = RandomResizedCrop(12)
-    one = loader(ds, batch_size=3, shuffle=True, transform=transform, seed=1)
-    two = loader(ds, batch_size=3, shuffle=True, transform=transform, seed=1, num_workers=2)
+    one = dataset_loader(ds, batch_size=3, shuffle=True, transform=transform, seed=1)
+    two = dataset_loader(ds, batch_size=3, shuffle=True, transform=transform, seed=1, num_workers=2)
     first, replay = list(one), list(two)
     assert [b["image"].shape for b in first] == [(3, 3, 12, 12)] * 3
     for a, b in zip(first, replay, strict=True):
@@ -229,15 +231,15 @@ def test_per_sample_crops_are_seeded_by_sample_not_by_worker(tmp_path):
 
 def test_in_memory_data_takes_per_sample_transforms_in_workers():
     data = generate_shapes(8, size=16, seed=1)
-    (batch,) = list(loader(data, batch_size=8, transform=RandomResizedCrop(8, scale=(0.5, 1.0)), resident=False))
+    (batch,) = list(dataset_loader(data, batch_size=8, transform=RandomResizedCrop(8, scale=(0.5, 1.0)), resident=False))
     assert batch["image"].shape == (8, 3, 8, 8) and batch["mask"].shape == (8, 1, 8, 8)
     # The stored boxes were tight on the masks; after a crop the moved box covers the visible mask.
     tight, seen = boxes_from_masks(batch["mask"]), batch["mask"].flatten(1).any(1)
     assert (batch["box"][seen, :2] <= tight[seen, :2]).all() and (batch["box"][seen, 2:] >= tight[seen, 2:]).all()
     with pytest.raises(ValueError, match="transform: per-sample transforms run in loader workers"):
-        loader(data, batch_size=4, transform=RandomResizedCrop(8))
+        dataset_loader(data, batch_size=4, transform=RandomResizedCrop(8))
     with pytest.raises(TypeError, match="transform"):
-        loader(data, batch_size=4, transform="crop", resident=False)
+        dataset_loader(data, batch_size=4, transform="crop", resident=False)
 
 
 def test_saliency_maps_move_with_the_image_in_workers():
@@ -252,7 +254,7 @@ def test_saliency_maps_move_with_the_image_in_workers():
             image = torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(i))
             return {"image": image, "label": torch.tensor(i), "saliency": image[:1].clone()}
 
-    for batch in loader(WithMaps(), batch_size=3, transform=RandomResizedCrop(10), num_workers=2):
+    for batch in dataset_loader(WithMaps(), batch_size=3, transform=RandomResizedCrop(10), num_workers=2):
         torch.testing.assert_close(batch["saliency"], batch["image"][:, :1], rtol=0, atol=1e-6)
 
 
@@ -261,14 +263,14 @@ def test_map_style_ranks_share_every_epoch_exactly_once():
     seen = []
     for rank in range(2):
         for resident in (True, False):
-            batches = loader(data, batch_size=4, shuffle=True, seed=3, rank=rank, world_size=2, resident=resident)
+            batches = dataset_loader(data, batch_size=4, shuffle=True, seed=3, rank=rank, world_size=2, resident=resident)
             got = [_key(image) for batch in batches for image in batch["image"]]
             assert len(batches) == 3 and len(got) == (12 if rank == 0 else 11)
             if resident:
                 seen += got
     assert sorted(seen) == sorted(_key(image) for image in data.images)
     with pytest.raises(ValueError, match="rank"):
-        loader(data, batch_size=4, rank=2, world_size=2)
+        dataset_loader(data, batch_size=4, rank=2, world_size=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,7 +368,7 @@ def test_two_ranks_by_two_workers_see_every_sample_exactly_once(packed):
     for epoch in range(2):
         seen, counts = [], []
         for rank in range(2):
-            batches = loader(packed, batch_size=2, shuffle=True, seed=4, num_workers=2, rank=rank, world_size=2)
+            batches = dataset_loader(packed, batch_size=2, shuffle=True, seed=4, num_workers=2, rank=rank, world_size=2)
             batches.set_epoch(epoch)
             got = list(batches)
             assert len(got) == len(batches)  # len() counts each worker's last partial batch
@@ -378,7 +380,7 @@ def test_two_ranks_by_two_workers_see_every_sample_exactly_once(packed):
 
 
 def test_shard_stream_shuffling_is_epoch_seeded_and_reproducible(packed):
-    batches = loader(packed, batch_size=13, shuffle=True, seed=9, transform=RandomResizedCrop(8))
+    batches = dataset_loader(packed, batch_size=13, shuffle=True, seed=9, transform=RandomResizedCrop(8))
     (first,), (second,) = list(batches), list(batches)
     assert sorted(first["label"].tolist()) == sorted(second["label"].tolist())
     assert not torch.equal(first["image"], second["image"])
@@ -388,27 +390,41 @@ def test_shard_stream_shuffling_is_epoch_seeded_and_reproducible(packed):
         assert torch.equal(first[key], replay[key]), key
     assert torch.equal(first["box"], boxes_from_masks(first["mask"]))
     # The same epoch with the workers splitting the stream: the same samples, each cropped the same way.
-    workers = loader(packed, batch_size=13, shuffle=True, seed=9, transform=RandomResizedCrop(8), num_workers=2)
+    workers = dataset_loader(packed, batch_size=13, shuffle=True, seed=9, transform=RandomResizedCrop(8), num_workers=2)
     split = {_key(image): image for batch in workers for image in batch["image"]}
     assert sorted(split) == sorted(_key(image) for image in first["image"])
-    plain = loader(packed, batch_size=5)  # no shuffle: packed order
+    plain = dataset_loader(packed, batch_size=5)  # no shuffle: packed order
     assert torch.equal(torch.cat([b["image"] for b in plain]), torch.stack([s["image"] for s in packed]))
 
 
 def test_persistent_stream_workers_follow_the_epoch(packed):
     """The epoch reaches workers that outlive it: a run's second epoch equals a fresh loader's epoch 1."""
     options = {"batch_size": 4, "shuffle": True, "seed": 2, "num_workers": 2, "transform": RandomResizedCrop(8)}
-    run = loader(packed, **options)
+    run = dataset_loader(packed, **options)
     first, second = list(run), list(run)
-    fresh = loader(packed, **options)
+    fresh = dataset_loader(packed, **options)
     fresh.set_epoch(1)
     for a, b in zip(second, fresh, strict=True):
         assert torch.equal(a["image"], b["image"])
     assert not torch.equal(torch.cat([b["image"] for b in first]), torch.cat([b["image"] for b in second]))
 
 
-def test_make_loader_streams_shards(packed):
-    batches = make_loader(packed, batch_size=4, shuffle=False, seed=0, device=torch.device("cpu"))
+def test_data_kind_tells_every_source_apart(packed):
+    x, y = torch.rand(2, 3, 4, 4), torch.tensor([0, 1])
+    dataset = generate_shapes(4, size=8, num_classes=2, seed=0)
+    assert data_kind((x, y)) == "pair"
+    assert data_kind(dataset) == "dataset"
+    assert data_kind(packed) == "shards"
+    assert data_kind([(x, y)]) == "batches"
+    assert data_kind(torch.utils.data.DataLoader(dataset, batch_size=2)) == "batches"
+    assert data_kind((x, y, y)) == "batches"  # three tensors are not a pair
+    with pytest.raises(TypeError, match="data: expected a Dataset or an iterable of batches with len\\(\\), got int"):
+        data_kind(3)
+    assert set(DATA_KINDS) == {"pair", "dataset", "shards", "batches"}
+
+
+def test_as_batches_streams_shards(packed):
+    batches = as_batches(packed, batch_size=4, shuffle=False, seed=0, device=torch.device("cpu"))
     assert isinstance(batches, WorkerLoader) and len(batches) == 4
     batch = as_batch(next(iter(batches)))
     assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].dtype == torch.float32
@@ -504,7 +520,8 @@ def test_a_huge_or_sparse_member_is_refused_before_it_is_read(tmp_path, kind, go
     import tracemalloc
 
     root = _crafted_shards(tmp_path / "shards", [_huge_header(kind), *_sample("0")[1:]], 1)
-    assert tarfile.open(root / "shard-000000.tar").next().size == 6 << 30  # declared in a file of a few KiB
+    with tarfile.open(root / "shard-000000.tar") as tar:
+        assert tar.next().size == 6 << 30  # declared in a file of a few KiB
     tracemalloc.start()
     try:
         with pytest.raises(ValueError, match=rf"shard-000000.tar: member 0.png: expected a plain file of at most "

@@ -14,7 +14,7 @@ from _compile import RecordingBackend, needs_traced_autograd
 
 import fastsat.train as T
 from fastsat._io import LOCK_NAME
-from fastsat.data.shards import mix_seed
+from fastsat._random import mix_seed
 from fastsat.train import distributed
 from fastsat.train.checkpoint import load_checkpoint
 
@@ -353,7 +353,7 @@ def test_a_user_dataloaders_distributed_sampler_follows_the_epoch():
 
 
 def test_each_rank_augments_with_its_own_stream():
-    from fastsat.data import loader
+    from fastsat.data import dataset_loader as loader
 
     def stream(rank, world_size):
         batches = loader(train, batch_size=8, augment=True, seed=3, rank=rank, world_size=world_size)

@@ -99,9 +99,9 @@ def test_a_folder_locked_by_another_process_is_refused_naming_it_until_that_proc
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(ValueError, match=rf"out_dir: {tmp_path} is in use by another fastsat run \(pid {holder.pid}"):
-            with _io.locked_folder(tmp_path, "out_dir"):
-                pass
+        with (pytest.raises(ValueError, match=rf"out_dir: {tmp_path} is in use by another fastsat run \(pid {holder.pid}"),
+              _io.locked_folder(tmp_path, "out_dir")):
+            pass
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
@@ -115,7 +115,7 @@ def test_the_lock_is_re_entrant_in_its_process_and_released_by_the_outermost_hol
     def locked_by_another_process() -> bool:
         probe = "import sys\nfrom fastsat._io import locked_folder\ntry:\n    with locked_folder(sys.argv[1]): pass\n" \
                 "except ValueError: sys.exit(3)"
-        return subprocess.run([sys.executable, "-c", probe, str(tmp_path)], timeout=60).returncode == 3
+        return subprocess.run([sys.executable, "-c", probe, str(tmp_path)], timeout=60, check=False).returncode == 3
 
     with _io.locked_folder(tmp_path, "out_dir"):
         with _io.locked_folder(tmp_path / "." , "out_dir"):  # e.g. the CLI holding it, then the trainer
@@ -130,8 +130,8 @@ def test_a_read_only_folder_is_refused_naming_it(tmp_path):
     folder.mkdir()
     folder.chmod(0o500)
     try:
-        with pytest.raises(ValueError, match=rf"out_dir: cannot write in {folder} .*expected a writable folder"):
-            with _io.locked_folder(folder, "out_dir"):
-                pass
+        with (pytest.raises(ValueError, match=rf"out_dir: cannot write in {folder} .*expected a writable folder"),
+              _io.locked_folder(folder, "out_dir")):
+            pass
     finally:
         folder.chmod(0o700)

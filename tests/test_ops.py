@@ -562,6 +562,35 @@ def test_missing_backend_says_how_to_get_it():
         ops.alignment_stats(torch.rand(1, 3), torch.rand(1, 3), backend=missing[0])
 
 
+def _parameter_names(fn) -> list[str]:
+    """A function's parameter names, or a torch.ops op's from its schema."""
+    if isinstance(fn, torch._ops.OpOverloadPacket):
+        return [arg.name for arg in fn.default._schema.arguments]
+    return [name for name in inspect.signature(fn).parameters if name != "self"]
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_every_backend_implements_the_interface(backend):
+    """The written interface lists the ops of OPS, and every backend has each of them with the
+    interface's parameters in its order."""
+    from fastsat.ops import _backends
+
+    interface = [name for name, member in vars(_backends.Backend).items()
+                 if inspect.isfunction(member) and not name.startswith("_")]
+    assert interface == list(_backends.OPS) == list(_backends.AUTO_CUDA)
+    module = _backends.resolve(backend, torch.device(_device(backend)), "pgd_step")
+    for op in _backends.OPS:
+        assert _parameter_names(getattr(module, op)) == _parameter_names(getattr(_backends.Backend, op)), op
+
+
+def test_backends_are_the_rows_of_the_table():
+    from fastsat.ops import _backends
+
+    assert ops.BACKENDS == ("auto", *_backends.BACKEND_TABLE) == ("auto", "triton", "cuda", "cpp", "torch")
+    assert list(ops.available_backends()) == list(_backends.BACKEND_TABLE)
+    assert ops.available_backends()["torch"]
+
+
 def test_import_touches_no_gpu_and_needs_no_triton():
     """`import fastsat` loads neither triton nor the extension; with both missing, `auto` falls
     back to the reference."""

@@ -13,7 +13,7 @@ from torch import nn
 import fastsat.train as T
 import fastsat.train.trainer as trainer_module
 from fastsat import cli
-from fastsat.train.options import show, specs
+from fastsat._options import show, specs
 
 FIELDS = {f.name: f for f in dataclasses.fields(T.TrainConfig)}
 DEFAULTS = {name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

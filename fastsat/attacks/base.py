@@ -22,17 +22,16 @@ from fastsat._checks import choice, clip_box, host_checks_enabled, no_host_check
 from fastsat.grad import (
     MODES,
     InputGrad,
-    _input_grad,
     check_input,
     check_logits,
     check_objective_args,
     frozen,
     objective_value,
+    raw_input_grad,
 )
 from fastsat.ops import StepStats, accumulation_dtype
 
 __all__ = ["Attack", "AttackResult"]
-
 
 
 @dataclass
@@ -71,28 +70,21 @@ def merge_stats(take_new: torch.Tensor, new: StepStats, old: StepStats) -> StepS
 class Attack(abc.ABC):
     """Base class: ``attack(x, y) -> AttackResult``.
 
-    Subclasses implement ``_run(x, y, need_success=...) -> AttackResult`` (``delta_norm`` None: measured here),
-    called with the model in ``mode`` (restored afterwards, also on error). ``__call__`` freezes the
-    parameters for the run, checks the arguments first and audits the output afterwards: finite,
-    inside ``clip``, and within ε in the attack's norm (ε·(1 + 1e-6) plus the rounding of the
-    storage dtype); it raises RuntimeError otherwise. :meth:`perturb` (training) skips the audit,
-    the warnings and the success pass and does not freeze the parameters.
+    Subclasses implement :meth:`_run`. ``__call__`` freezes the parameters, checks the arguments
+    and audits the output (finite, inside ``clip``, within ε·(1 + 1e-6) plus the storage dtype's
+    rounding), raising RuntimeError otherwise; :meth:`perturb` (training) does none of the audit.
+    Checks that read values on the host are skipped inside :func:`fastsat._checks.no_host_checks`.
 
-    Checks that read tensor values on the host (input range, label range, warnings, audit) are
-    skipped inside :func:`fastsat._checks.no_host_checks`; shapes, dtypes and devices are still checked.
-
-    Given a ``torch.compile``'d model, PGD, FGSM and TRADES compile each step whole — forward, input
-    gradient and the fused :func:`fastsat.ops.pgd_step` in one graph, the same graph every step,
-    compiled with the model's own backend, mode and options (``mode="reduce-overhead"``: one CUDA
-    graph per step). That needs a torch whose compiler traces ``autograd.grad`` (≥ 2.11); an older
-    one runs the compiled model's forward and backward graphs with the step between them. Each new
-    ε or step size compiles the step again (they are constants of the graph). Under CUDA graphs the
-    adversarial batch, like the compiled model's own outputs, is valid until the next iteration
-    begins (``torch.compiler.cudagraph_mark_step_begin()``, which the trainer calls every step):
-    clone it to keep it longer.
+    With a ``torch.compile``'d model, PGD, FGSM and TRADES compile each step (forward, input
+    gradient, fused step) as one graph with the model's settings (torch ≥ 2.11); a new ε or step
+    size compiles it again. Under CUDA graphs the adversarial batch is valid until the next
+    ``torch.compiler.cudagraph_mark_step_begin()``: clone it to keep it.
     """
 
     label_required: bool = True
+    #: Step α of :meth:`_ascend` in pixel units (L∞: per element, L2: per sample); None for
+    #: attacks that take no projected step. Set by PGD, FGSM and TRADES.
+    step_size: float | None = None
 
     def __init__(
         self,
@@ -135,14 +127,11 @@ class Attack(abc.ABC):
         return result
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Only the adversarial batch (detached), for training loops, without a host sync after the
-        argument checks: no ``success`` flags (which saves the final forward pass of single-run
-        attacks — PGD/FGSM with restarts=1, TRADES: a sixth of a Fast-AT step), no warnings and no
-        output audit (those are for evaluation). The input gradients come from ``torch.autograd.grad``
-        of the input alone, so no parameter ``.grad`` is written. The parameters of an eager model
-        keep ``requires_grad`` (switching it off would defeat autocast's cache of low-precision
-        weights); those of a ``torch.compile``'d one are frozen, since its compiled backward
-        computes every gradient its inputs require, asked for or not."""
+        """Only the adversarial batch (detached), for training: no ``success`` flags (saving a
+        forward pass), no warnings, no audit and no host sync after the argument checks; no
+        parameter ``.grad`` is written. An eager model's parameters keep ``requires_grad`` (autocast
+        caches low-precision weights only for those); a compiled model's are frozen, since its
+        compiled backward computes every gradient its inputs require."""
         self._check_inputs(x, y)
         x, y = x.detach(), None if y is None else y.detach()
         compiled = hasattr(self.model, "dynamo_ctx")  # torch.compile's wrapper (as in _step_function)
@@ -151,10 +140,9 @@ class Attack(abc.ABC):
 
     @abc.abstractmethod
     def _run(self, x: torch.Tensor, y: torch.Tensor | None, *, need_success: bool) -> AttackResult:
-        """The attack proper on detached inputs, model already in ``mode`` (parameters frozen in a
-        call, not in :meth:`perturb`: differentiate with ``torch.autograd.grad`` towards the input only).
-        With ``need_success=False`` an attack may skip work that only ``success`` needs and return
-        ``success=None``."""
+        """The attack on detached inputs, the model in ``mode``; differentiate towards the input
+        only (``torch.autograd.grad``). ``delta_norm=None`` is measured by the caller; with
+        ``need_success=False`` the attack may return ``success=None``."""
 
     def _check_inputs(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         check_input(self.model, x)
@@ -188,14 +176,10 @@ class Attack(abc.ABC):
         return_stats: bool = False,
         **objective_args: torch.Tensor | None,
     ) -> tuple[torch.Tensor, StepStats | None]:
-        """One projected step up the input gradient of ``objective`` at x_adv (down with ``negate``):
-        :func:`fastsat.ops.pgd_step` with the attack's ``step_size``, ε, norm, clip and ``backend``
-        (attacks that have them: PGD, FGSM, TRADES). Returns (new x_adv, :class:`StepStats` of the
-        gradient with ``return_stats``, else None).
-
-        The first step of a run with host checks on goes through :meth:`_grad` (label values,
-        warnings); every other step is :func:`_ascent_step`, compiled for a compiled model
-        (:func:`_step_function`)."""
+        """One projected step up the input gradient of ``objective`` at x_adv (down with ``negate``),
+        with the attack's ``step_size``, ε, norm, clip and ``backend``. Returns (new x_adv,
+        :class:`StepStats` with ``return_stats``, else None). The first step of a checked run goes
+        through :meth:`_grad` (label values, warnings); the others need no host sync."""
         if first and host_checks_enabled():
             grad = self._grad(x_adv, objective, first=True, **objective_args).grad
             return _fused_step(self, x_adv, grad, x, negate, return_stats)
@@ -213,7 +197,7 @@ class Attack(abc.ABC):
         """Input gradient of ``objective`` at x. The first call of a run checks the labels against
         the number of classes and warns about suspicious models (one host sync); the others are
         sync-free."""
-        result = _input_grad(self.model, x, objective, check=first, **objective_args)
+        result = raw_input_grad(self.model, x, objective, check=first, **objective_args)
         if first:
             self._warn_suspicious(result.logits, result.grad)
         return result
@@ -304,10 +288,8 @@ _COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _step_function(model: nn.Module) -> Callable:
-    """What :meth:`Attack._ascend` runs per step: :func:`_ascent_step` as it is, or — for a
-    ``torch.compile``'d model, where torch can trace ``autograd.grad`` (torch ≥ 2.11) — compiled
-    the way the model was (its backend, mode and options): forward, input gradient and the fused
-    step then run as one graph, which ``mode="reduce-overhead"`` replays as one CUDA graph."""
+    """:func:`_ascent_step`, compiled as the model was when it is a ``torch.compile``'d model and
+    torch can trace ``autograd.grad``: one graph per step."""
     compiler = getattr(model, "dynamo_ctx", None)  # torch.compile's wrapper keeps its settings here
     if compiler is None or not hasattr(torch._dynamo.config, "trace_autograd_ops"):
         return _ascent_step
@@ -317,11 +299,8 @@ def _step_function(model: nn.Module) -> Callable:
     return _COMPILED_STEPS[model]
 
 
-# trace_autograd_ops: the input gradient inside the graph. specialize_float: ε and the step size
-# are constants of the graph (a float that changed would otherwise become a symbol, which the ops'
-# argument checks cannot take). recompile_limit: each ε compiles its own graph, twice where the
-# last batch is smaller — an ε warm-up of a few epochs would pass dynamo's default of 8 and fall
-# back to running the step uncompiled.
+# specialize_float: the ops' argument checks cannot take a symbolic ε or step size. recompile_limit:
+# each ε compiles its own graph, and an ε warm-up would pass dynamo's default of 8.
 _STEP_COMPILER_CONFIG = {"trace_autograd_ops": True, "specialize_float": True, "recompile_limit": 64}
 
 
@@ -334,10 +313,9 @@ def _ascent_step(
     return_stats: bool,
     objective_args: dict,
 ) -> tuple[torch.Tensor, StepStats | None]:
-    """One step of :meth:`Attack._ascend` without host syncs: the input gradient (one forward, one
-    backward to the input) and the fused projected step. Shapes are checked where that needs no
-    sync (inside no_host_checks, as in training; compiled, only while the graph is traced)."""
-    grad = _input_grad(attack.model, x_adv, objective, check=not host_checks_enabled(), **objective_args).grad
+    """One step of :meth:`Attack._ascend` without host syncs: the input gradient and the fused
+    projected step (shapes checked inside no_host_checks, where that costs no sync)."""
+    grad = raw_input_grad(attack.model, x_adv, objective, check=not host_checks_enabled(), **objective_args).grad
     return _fused_step(attack, x_adv, grad, x, negate, return_stats)
 
 

@@ -1,10 +1,8 @@
 """Batched augmentation that moves image, mask and box together, on whatever device the batch is on.
 
-Batches are the sample dicts of :mod:`fastsat.data.dataset` with a leading batch dim B:
-``image`` float32 (B, C, H, W) in [0, 1], optional ``box`` int64 (B, 4) half-open pixel coordinates
-``(x0, y0, x1, y1)``, optional ``mask`` bool (B, 1, H, W), optional ``saliency`` float map shaped
-like the image or (B, 1, H, W) (a teacher's map for SAT); other keys pass through unchanged.
-Saliency maps move like the image: zero (no preference) where a crop reveals padding.
+Batches are the batch dicts of :mod:`fastsat.data`, plus an optional ``saliency`` map shaped like
+the image or (B, 1, H, W), which moves like the image (0, no preference, where a crop reveals
+padding); other keys pass through unchanged.
 
 Box rules:
 

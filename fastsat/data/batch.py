@@ -1,6 +1,7 @@
-"""One place where whatever a data source yields becomes fastsat's batch dict.
+"""Data of any kind as batches: :func:`data_kind` tells the kinds of source apart,
+:func:`as_batches` iterates any of them, :func:`as_batch` makes what they yield fastsat's batch dict.
 
-Accepted items: the dicts of :mod:`fastsat.data` (``{"image", "label", optional "box", "mask",
+Accepted batches: the dicts of :mod:`fastsat.data` (``{"image", "label", optional "box", "mask",
 "saliency"}``) and ``(x, y)`` / ``[x, y, ...]`` sequences from a user's own DataLoader (extra
 elements are ignored).
 """
@@ -12,10 +13,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fastsat.data.loader import loader
+from fastsat.data.loader import dataset_loader
 from fastsat.data.shards import ShardDataset
 
-__all__ = ["as_batch", "make_loader"]
+__all__ = ["DATA_KINDS", "as_batch", "as_batches", "data_kind"]
+
+#: What :func:`data_kind` tells apart.
+DATA_KINDS = ("pair", "dataset", "shards", "batches")
 
 _OPTIONAL_KEYS = ("box", "mask", "saliency")
 
@@ -54,21 +58,35 @@ def as_batch(item: object, device: torch.device | str | None = None) -> dict[str
     return batch
 
 
-def make_loader(data: object, *, batch_size: int, shuffle: bool, seed: int, device: torch.device, augment: bool = False,
-                num_workers: int = 0, rank: int | None = None, world_size: int | None = None):
-    """``data`` as an iterable of batches: a map-style dataset (e.g. :func:`fastsat.data.shapes`)
-    or a :class:`~fastsat.data.ShardDataset` goes through :func:`fastsat.data.loader`
-    (device-resident for in-memory data, worker processes otherwise; ``rank``/``world_size`` as
-    there: this process's share, by default torch.distributed's; ``num_workers`` decode file data in
-    worker processes); anything else
-    iterable with ``len()`` (a user's DataLoader, a list of (x, y) batches) is used as it is, and a
-    single ``(x, y)`` tensor pair is one batch."""
+def data_kind(data: object) -> str:
+    """Which kind of data source ``data`` is, one of :data:`DATA_KINDS`:
+
+    - ``"pair"``: an ``(x, y)`` tuple of tensors, one batch;
+    - ``"dataset"``: a map-style ``torch.utils.data.Dataset`` (e.g. :func:`fastsat.data.shapes`);
+    - ``"shards"``: a :class:`~fastsat.data.ShardDataset`;
+    - ``"batches"``: any other iterable with ``len()`` (a user's DataLoader, a list of batches).
+
+    Raises TypeError for anything else."""
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        return "pair"
+    if isinstance(data, ShardDataset):
+        return "shards"
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        return "dataset"
+    if hasattr(data, "__iter__") and hasattr(data, "__len__"):
+        return "batches"
+    raise TypeError(f"data: expected a Dataset or an iterable of batches with len(), got {type(data).__name__}")
+
+
+def as_batches(data: object, *, batch_size: int, shuffle: bool, seed: int, device: torch.device, augment: bool = False,
+               num_workers: int = 0, rank: int | None = None, world_size: int | None = None):
+    """Any data source (:func:`data_kind`) as an iterable of batches with ``len()``: a dataset or
+    shards through :func:`~fastsat.data.dataset_loader` (the other arguments as there), a pair as
+    one batch, an iterable of batches as it is."""
+    kind = data_kind(data)
+    if kind == "pair":
         return [data]
-    map_style = isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset)
-    if map_style or isinstance(data, ShardDataset):
-        return loader(data, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device, augment=augment,
-                      num_workers=num_workers, rank=rank, world_size=world_size)
-    if not hasattr(data, "__iter__") or not hasattr(data, "__len__"):
-        raise TypeError(f"data: expected a Dataset or an iterable of batches with len(), got {type(data).__name__}")
+    if kind in ("dataset", "shards"):
+        return dataset_loader(data, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device, augment=augment,
+                              num_workers=num_workers, rank=rank, world_size=world_size)
     return data

@@ -1,7 +1,6 @@
 """Batch iteration in two modes: device-resident whole tensors, or worker processes streaming from disk.
 
-Both yield batch dicts on ``device`` (``image`` float32 (B, C, H, W) in [0, 1], ``label`` int64
-(B,), optional ``box`` int64 (B, 4) and ``mask`` bool (B, 1, H, W)) and apply the same batched
+Both yield the batch dicts of :mod:`fastsat.data` on ``device`` and apply the same batched
 :class:`~fastsat.data.augment.Augment` on the device after batching. Shuffling and augmentation
 are seeded from ``(seed, epoch)``: the epoch counter advances at each new iteration and can be set
 with ``set_epoch`` (e.g. when resuming), so a run is reproducible epoch by epoch.
@@ -37,19 +36,16 @@ import torch
 from fastsat import _dist
 from fastsat._checks import integer, positive_int
 from fastsat._checks import seed as check_seed
+from fastsat._random import epoch_seed, mix_seed
 
 from .augment import Augment
 from .dataset import AnnotatedDataset, check_stats
-from .shards import ShardDataset, ShardStream, mix_seed
+from .shards import ShardDataset, ShardStream
 from .transforms import SampleTransform
 
-__all__ = ["DeviceLoader", "DevicePrefetcher", "WorkerLoader", "loader"]
+__all__ = ["DeviceLoader", "DevicePrefetcher", "WorkerLoader", "dataset_loader"]
 
 Batch = dict[str, torch.Tensor]
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch) % (1 << 63)
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -107,7 +103,7 @@ class _Loader:
 
         The batch augmentation's stream is this rank's own (ranks must not draw the same crops and
         flips for their different samples); rank 0's is the single-process one."""
-        epoch, seed = self.epoch, _epoch_seed(self.seed, self.epoch)
+        epoch, seed = self.epoch, epoch_seed(self.seed, self.epoch)
         self.epoch += 1
         augment_seed = seed + 1 if self.rank == 0 else mix_seed(seed, self.rank)
         return epoch, seed, torch.Generator(device=self.device).manual_seed(augment_seed)
@@ -120,7 +116,7 @@ class DeviceLoader(_Loader):
     """Whole data set resident on ``device`` (uint8 images); batches are gathered and augmented there.
 
     Use it when the data fits in device memory: no worker processes, no host-to-device copy per
-    batch. See :func:`loader` for the arguments.
+    batch. See :func:`dataset_loader` for the arguments.
     """
 
     def __init__(self, dataset: AnnotatedDataset, **kw) -> None:
@@ -261,7 +257,7 @@ class WorkerLoader(_Loader):
     """A ``torch.utils.data.DataLoader`` over a map-style data set of sample dicts or a
     :class:`~fastsat.data.shards.ShardDataset`, built once for the run (see the module docstring).
 
-    Args (besides those of :func:`loader`):
+    Args (besides those of :func:`dataset_loader`):
         num_workers: worker processes (0: decode in the main process).
         transform: per-sample transform applied in the workers (e.g.
             :class:`~fastsat.data.transforms.RandomResizedCrop`); None: the data set's own size.
@@ -316,7 +312,7 @@ class WorkerLoader(_Loader):
             yield self._finish(batch, aug_gen)
 
 
-def loader(
+def dataset_loader(
     dataset: torch.utils.data.Dataset | ShardDataset,
     *,
     batch_size: int,

@@ -49,6 +49,7 @@ from fastsat import _dist
 from fastsat._checks import choice, describe, integer, positive_int
 from fastsat._checks import seed as check_seed
 from fastsat._io import atomic_write, atomic_write_text
+from fastsat._random import mix_seed
 
 from .dataset import AnnotatedDataset, check_labels, check_stats, clip_boxes, size_hw
 from .readers import ImageFiles, annotated_sample, confined, decode_image, finish_sample, image_folder, pixels
@@ -58,15 +59,6 @@ __all__ = ["MAX_MEMBER_BYTES", "ShardDataset", "pack_shards", "shards"]
 
 _FORMAT, _VERSION = "fastsat-shards", 1
 _IMAGE_EXTENSIONS = ("jpg", "png", "webp", "bmp")
-
-
-def mix_seed(*values: int) -> int:
-    """One 63-bit seed from several non-negative ints (a fixed polynomial hash: stable across
-    processes and Python versions, unlike ``hash()``)."""
-    out = 0
-    for value in values:
-        out = (out * 1_000_003 + int(value) + 1) % (1 << 63)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,7 +216,7 @@ def _members(path: Path, skip: int, take: int, count: int) -> Iterator[tuple[int
 
 
 class ShardDataset:
-    """A packed data set (see the module docstring), read as a stream by :func:`fastsat.data.loader`.
+    """A packed data set (see the module docstring), read as a stream by :func:`fastsat.data.dataset_loader`.
 
     Attributes:
         root: the directory of ``index.json``.

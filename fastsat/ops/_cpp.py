@@ -1,17 +1,14 @@
 """The ``cpp`` and ``cuda`` backends: the kernels of the compiled extension ``fastsat._C``.
 
-Importing this module loads ``fastsat._C`` (an ImportError propagates: the dispatcher then reports
-the backend missing and how to build it), which registers ``torch.ops.fastsat.pgd_step``,
-``random_start``, ``alignment_stats`` and ``sat_perturb`` with CPU (and, when built with CUDA,
-CUDA) kernels; this module adds their fake implementations so ``torch.compile`` can trace them.
-The four functions follow the backend interface of :mod:`fastsat.ops.reference`; the device of
-the tensors picks the kernel. Seeds reach the kernels as a (1,) int64 tensor on the device of the
-data (:func:`fastsat.ops.reference.seed_tensor`), read through a pointer: no host sync, and
-graph-safe on CUDA.
+Importing this module loads ``fastsat._C`` (an ImportError marks both backends missing), which
+registers ``torch.ops.fastsat.<op>`` with CPU (and, if built with CUDA, CUDA) kernels; the device
+of the tensors picks the kernel. This module adds the fakes ``torch.compile`` traces with, and
+implements :class:`fastsat.ops._backends.Backend` over the ops.
 
-RNG: Philox4x32-10 keyed by the seed; call q of sample b on stream s (counter ``(q, b, s)``) gives
-the draws of the sample's elements 4q..4q+3 in memory order, so results do not depend on the
-number of threads, and CPU and CUDA share streams.
+Seeds reach the kernels as a (1,) int64 tensor on the device of the data
+(:func:`fastsat.ops.reference.seed_tensor`), read through a pointer: no host sync, graph-safe.
+RNG: Philox4x32-10 keyed by the seed; call q of sample b on stream s (counter ``(q, b, s)``) draws
+the sample's elements 4q..4q+3, so results depend neither on the thread count nor on the device.
 """
 
 from __future__ import annotations
@@ -48,17 +45,13 @@ def _sat_perturb_fake(x, eps, p, seed, lo, hi, saliency, boxes, masks):
     return torch.empty_like(x)
 
 
-def pgd_step(x: Tensor, grad: Tensor, x_nat: Tensor, out: Tensor, step_size: float, eps: float, l2: bool,
-             lo: float, hi: float, with_stats: bool) -> Tensor:
-    return torch.ops.fastsat.pgd_step(x, grad, x_nat, out, step_size, eps, l2, lo, hi, with_stats)
+# The ops whose arguments are the interface's as they are; the two random ops take the seed as a tensor.
+pgd_step = torch.ops.fastsat.pgd_step
+alignment_stats = torch.ops.fastsat.alignment_stats
 
 
 def random_start(x_nat: Tensor, eps: float, l2: bool, lo: float, hi: float, seed: int | None) -> Tensor:
     return torch.ops.fastsat.random_start(x_nat, eps, l2, lo, hi, seed_tensor(seed, x_nat.device))
-
-
-def alignment_stats(x: Tensor, g: Tensor) -> Tensor:
-    return torch.ops.fastsat.alignment_stats(x, g)
 
 
 def sat_perturb(x: Tensor, eps: float, p: float, seed: int | None, lo: float, hi: float, saliency: Tensor | None,

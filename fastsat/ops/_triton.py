@@ -1,8 +1,7 @@
 """Triton kernels of the fused ops (the ``triton`` backend).
 
-The four functions at the bottom implement the backend interface documented in
-:mod:`fastsat.ops.reference`, with the arguments already checked and laid out by
-:mod:`fastsat.ops.functional`: every tensor is contiguous or channels_last, so each sample is one
+The four functions at the bottom implement :class:`fastsat.ops._backends.Backend`, with the
+arguments already checked and laid out by :mod:`fastsat.ops.functional`: every tensor is contiguous or channels_last, so each sample is one
 dense block of ``N`` elements starting at ``b * N`` and all same-shaped tensors share one element
 order. Each op reads top to bottom: ``@triton.jit`` kernels → a launcher that flattens to
 (B, N) rows and picks the block → a ``torch.library.triton_op`` (``fastsat::<op>_triton``)
@@ -628,7 +627,7 @@ def _sat_perturb_op(
     return out
 
 
-# --- backend interface (see fastsat.ops.reference) ---------------------------------------------
+# --- the Backend interface (fastsat.ops._backends) ---------------------------------------------
 
 def pgd_step(
     x: Tensor, grad: Tensor, x_nat: Tensor, out: Tensor, step_size: float, eps: float, l2: bool,

@@ -92,10 +92,8 @@ def _check_tensor(t: object, name: str) -> Tensor:
 
 
 def _check_like(t: object, name: str, x: Tensor, *, gradient: bool = False) -> Tensor:
-    """``t`` has the shape, dtype and device of ``x``. A ``gradient`` may also come in the
-    accumulation dtype of x (float32 for float16/bfloat16 x): rounding a float32 gradient to
-    float16 would flush its small entries to zero, so their L∞ sign and their share of the L2
-    direction would be lost."""
+    """``t`` has the shape, dtype and device of ``x``; a ``gradient`` may also be in x's
+    accumulation dtype, since rounding it to float16 would flush small entries (and their sign) to 0."""
     _check_tensor(t, name)
     if t.shape != x.shape:
         raise ValueError(f"{name}: expected the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
@@ -122,12 +120,9 @@ def _host_checks(t: Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-# The finiteness check needs a reduction and a host sync (skipped inside no_host_checks()); an
-# attack passes the same unchanged x_nat to every step, so the last tensor found finite (and its version counter) is remembered.
-# In-place torch ops bump the version counter, which views share with their base, so those are
-# seen. Writes that bypass it (through ``t.data``, a numpy array sharing the memory) are not: such
-# a tensor is checked again only once another tensor has been checked. Inference tensors have no
-# version counter and are checked every time.
+# The finiteness check costs a host sync, and an attack passes the same x_nat to every step: the
+# last tensor found finite is remembered with its version counter (which in-place ops, also on a
+# view, bump; writes through ``.data`` or numpy do not). Inference tensors have none: always checked.
 _last_finite: tuple[weakref.ref, int] | None = None
 
 
@@ -225,11 +220,8 @@ def pgd_step(
         backend: ``"auto" | "triton" | "cuda" | "cpp" | "torch"``; default ``$FASTSAT_BACKEND``
             or ``"auto"``.
 
-    Passes over memory: L∞ reads x, g, x_nat and writes the result once. L2 needs ‖g‖ before the
-    step and ‖δ‖ before the projection: on the GPU backends a sample that fits in one tile / block
-    (Triton ≤ 4096, CUDA ≤ 8192 elements: a CIFAR sample) is done in one pass; otherwise both
-    norms come from one reduction pass (‖δ‖² expands into ‖x − x_nat‖², ⟨x − x_nat, g⟩ and ‖g‖²)
-    followed by one elementwise pass: two reads of the inputs, one write.
+    Passes over memory: one for L∞; for L2 one per sample that fits a GPU tile (Triton ≤ 4096,
+    CUDA ≤ 8192 elements), else two (see :mod:`fastsat.ops._triton`).
 
     Returns:
         ``x_new`` (B, ...) in the dtype and layout of ``x``, or ``(x_new, stats)``.

@@ -1,29 +1,9 @@
 """Pure-PyTorch reference implementations of the fused ops: the specification every kernel is
-tested against (METHODS.md §2 and §4).
+tested against (METHODS.md §2 and §4), and the ``torch`` backend.
 
-Every backend module (this one, ``_triton``, ``_cpp``) exposes the same four functions with the
-same already-validated arguments (see ``fastsat.ops.functional`` for the checks and the layout
-normalisation that happen before). ``grad`` (and ``g``) has the dtype of ``x`` or, for float16 and
-bfloat16 ``x``, float32; every other floating-point tensor has the dtype of ``x``:
-
-- ``pgd_step(x, grad, x_nat, out, step_size, eps, l2, lo, hi, with_stats) -> stats``
-  writes the new iterate into ``out`` (which may be ``x``); returns a (B, 4) tensor
-  ``[<x_nat, g>, ||g||_2, ||x_nat||_2, ||x_new - x_nat||_p]`` when ``with_stats`` else an empty one.
-- ``random_start(x_nat, eps, l2, lo, hi, seed) -> x0``, ``seed`` an int or None (see below)
-- ``alignment_stats(x, g) -> (B, 3)`` ``[<x, g>, ||g||_2, ||x||_2]``
-- ``sat_perturb(x, eps, p, seed, lo, hi, saliency, boxes, masks) -> x'`` with exactly one of
-  ``saliency`` / ``boxes`` / ``masks`` given.
-
-Seeds: an int seed gives the same numbers on every call (per backend). ``None`` draws fresh
-numbers from torch's generator of the tensors' device without reading anything back to the host:
-the reference samples from that generator directly; the kernel backends draw a device-resident
-seed with :func:`seed_tensor` and read it through a pointer, so a captured CUDA graph (whose
-torch Philox offset advances on every replay) draws fresh numbers on every replay.
-
-Arithmetic is done in float32 for float16/bfloat16/float32 inputs and in float64 for float64
-inputs; results are rounded to the input dtype once, at the end. Statistics are returned in that
-accumulation dtype. The reference is written for clarity, not speed: it makes several passes
-over memory where the kernels make one or two.
+The functions implement :class:`fastsat.ops._backends.Backend` (arguments, dtypes, seeds). With
+``seed=None`` they sample from torch's generator of the device directly. Written for clarity, not
+speed: several passes over memory where the kernels make one or two.
 """
 
 from __future__ import annotations

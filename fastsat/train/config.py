@@ -2,7 +2,7 @@
 
 Every training option and its default is declared once, here: :func:`fastsat.train.fit` takes the
 fields as keyword arguments, ``fastsat train`` generates its flags and ``--help`` from them, and its
-YAML files use the same keys (see :mod:`fastsat.train.options` for how, and why no library).
+YAML files use the same keys (see :mod:`fastsat._options` for how, and why no library).
 
 Outside Python — on the command line and in YAML — a run is written as *flat settings*: every
 field except ``recipe_options``, plus the recipe's own options by name (``eps: 8/255``,
@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 from fastsat._checks import clip_box, describe, flag, integer, number, path, positive_int, positive_number, seed
-from fastsat.train.options import Spec, document, option, parse, show, specs, unknown_keys, validate
+from fastsat._options import Spec, document, option, parse, show, specs, unknown_keys, validate
 from fastsat.train.recipes import PRECISIONS, RECIPES, Recipe, make_recipe
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig", "recipe_option_specs"]

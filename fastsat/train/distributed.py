@@ -14,7 +14,7 @@ What the trainer does with a process group of more than one rank:
   wrapper when it is compiled), so their forward passes neither touch the gradient reducer nor
   re-broadcast batch-norm buffers;
 - ``batch_size`` is the global batch: each rank takes ``batch_size / world_size`` of it (its
-  share of every epoch comes from :func:`fastsat.data.loader`, or a user DataLoader's
+  share of every epoch comes from :func:`fastsat.data.dataset_loader`, or a user DataLoader's
   ``DistributedSampler``); all ranks run :func:`agreed_steps` batches per epoch;
 - :func:`seed_epoch` seeds python's, numpy's and torch's generators (augmentation, random starts,
   SAT noise) from (seed, epoch, rank) at every epoch, so streams differ across ranks, are
@@ -38,18 +38,16 @@ import datetime
 import gc
 import logging
 import os
-import random
 import sys
-import weakref
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fastsat import _dist
-from fastsat.data.shards import mix_seed
+from fastsat._dist import unwrap
+from fastsat._random import seed_all, seed_epoch
 
 __all__ = ["TIMEOUT_VARIABLE", "agreed_steps", "launched", "seed_all", "seed_epoch", "setup", "teardown", "timeout",
            "unwrap", "wrap"]
@@ -152,38 +150,9 @@ def _convert_batchnorm(model: nn.Module) -> None:
             setattr(model, name, converted)
 
 
-# Per compiled DDP wrapper, the module inside it compiled the same way (made once per run).
-_COMPILED_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """What attacks run on: the module inside a ``DistributedDataParallel`` — compiled the way the
-    wrapper was when ``model`` is ``torch.compile(DDP(module))``, so that attacks stay compiled —
-    and ``model`` itself otherwise."""
-    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-    if not isinstance(inner, DistributedDataParallel):
-        return model
-    if inner is model:
-        return inner.module
-    if model not in _COMPILED_MODULES:
-        _COMPILED_MODULES[model] = model.dynamo_ctx(inner.module)  # torch.compile's settings, applied to the module
-    return _COMPILED_MODULES[model]
-
-
 def agreed_steps(steps: int) -> int:
     """The batches per epoch all ranks run: the fewest any rank has (rank shares of an epoch can
     differ by a sample, and a DDP backward needs every rank)."""
     return min(_dist.all_gather_objects(int(steps)))
 
 
-def seed_epoch(seed: int, epoch: int) -> None:
-    """Seed python's, numpy's and torch's (CPU and CUDA) global generators for ``epoch`` of this
-    rank from ``(seed, epoch, rank)``."""
-    seed_all(mix_seed(seed, epoch, _dist.rank()))
-
-
-def seed_all(value: int) -> None:
-    """Seed python's, numpy's and torch's (CPU and every CUDA device) global generators."""
-    random.seed(value)
-    np.random.seed(value % (1 << 32))  # numpy takes 32 bits
-    torch.manual_seed(value)

@@ -1,7 +1,7 @@
 """Training recipes: each computes one batch's training loss (METHODS.md §2–3).
 
 A recipe is a small dataclass whose fields are its hyper-parameters (declared with
-:func:`fastsat.train.options.option`: default, units, allowed values). ``recipe.loss(model, batch,
+:func:`fastsat._options.option`: default, units, allowed values). ``recipe.loss(model, batch,
 epoch=e)`` returns the loss of one batch (the single-step helper for people who keep their own
 loop), and ``recipe.train_step(model, batch, optimizer, ...)`` does one optimisation step with it —
 the trainer (:class:`fastsat.train.Trainer`) calls nothing else, so a recipe's math lives in exactly
@@ -32,11 +32,11 @@ from torch import Tensor, nn
 
 from fastsat import _dist
 from fastsat._checks import choice, clip_box, integer, nearest, number, positive_int, positive_number
+from fastsat._dist import unwrap  # the module attacks run on: see _perturbed
+from fastsat._options import document, option, validate
 from fastsat.attacks import FGSM, PGD, TradesAttack
 from fastsat.data import as_batch
 from fastsat.ops import pgd_step, random_start, sat_perturb
-from fastsat.train.distributed import unwrap  # the module attacks run on: see _perturbed
-from fastsat.train.options import document, option, validate
 
 __all__ = [
     "MART",

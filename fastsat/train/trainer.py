@@ -32,7 +32,7 @@ from fastsat import evaluate as evaluation
 from fastsat._checks import choice, describe, nearest, no_host_checks
 from fastsat._io import atomic_write_text, locked_folder, sweep_stale_temporaries
 from fastsat.attacks import FGSM, PGD
-from fastsat.data import as_batch, make_loader, resize
+from fastsat.data import as_batch, as_batches, data_kind, resize
 from fastsat.grad import frozen
 from fastsat.train import checkpoint as ckpt
 from fastsat.train import distributed
@@ -151,7 +151,7 @@ def _tensorboard(out_dir: Path | None):
 def _check_batch_keys(data: object, recipe: Recipe) -> None:
     """The recipe's batch entries are in the first sample of a map-style dataset of dicts (a user's
     iterable of batches is not peeked at: that could consume its shuffling randomness)."""
-    if not isinstance(data, torch.utils.data.Dataset) or isinstance(data, torch.utils.data.IterableDataset) or not len(data):
+    if data_kind(data) != "dataset" or not len(data):
         return
     sample = data[0]
     have = set(sample) if isinstance(sample, Mapping) else {"image", "label"}
@@ -173,8 +173,7 @@ def data_record(data: object, settings: Mapping | None = None) -> dict:
         record["train_data.len"] = len(data)
     if getattr(data, "image_size", None) is not None:
         record["train_data.image_size"] = list(data.image_size)
-    map_style = isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset)
-    if not map_style or not len(data):
+    if data_kind(data) != "dataset" or not len(data):
         return record
     digest = hashlib.sha256()
     for index in sorted({0, len(data) // 2, len(data) - 1}):
@@ -210,7 +209,7 @@ class Trainer:
         model: a classifier on pixel-space (B, C, H, W) input in ``config.clip`` returning (B, K)
             logits; trained in place on the device its parameters are on.
         train_data: a map-style dataset of sample dicts (e.g. ``fastsat.data.shapes(...)``),
-            batched, shuffled and augmented by :func:`fastsat.data.make_loader`; or your own
+            batched, shuffled and augmented by :func:`fastsat.data.as_batches`; or your own
             iterable of batches with ``len()`` (a DataLoader of (x, y) or dicts), used as it is.
         config: the run's options (default ``TrainConfig()``).
         eval_data: data (as ``train_data``) for the per-epoch metrics (:meth:`evaluate`); None: none.
@@ -277,11 +276,11 @@ class Trainer:
         config = self.config
         _check_batch_keys(train_data, self.recipe)
         # batch_size is the global batch; fastsat's loaders deal each rank its share of every epoch.
-        self.loader = make_loader(train_data, batch_size=config.batch_size // self.world_size, shuffle=True,
-                                  seed=config.seed, device=self.device, augment=config.augment,
-                                  num_workers=config.num_workers)
+        self.loader = as_batches(train_data, batch_size=config.batch_size // self.world_size, shuffle=True,
+                                 seed=config.seed, device=self.device, augment=config.augment,
+                                 num_workers=config.num_workers)
         # Every rank iterates over the whole evaluation data; evaluate() attacks this rank's part of each batch.
-        self.eval_loader = None if eval_data is None else make_loader(
+        self.eval_loader = None if eval_data is None else as_batches(
             eval_data, batch_size=config.eval_batch_size, shuffle=False, seed=config.seed, device=self.device,
             rank=0, world_size=1)
         if data_settings is not None and not isinstance(data_settings, Mapping):
@@ -725,10 +724,10 @@ class Trainer:
 def _guard_source(train_data: object, config: TrainConfig, device: torch.device) -> object:
     """Where the guard's fixed minibatch comes from: the first ``batch_size`` samples of a map-style
     data set (a subset: no second device-resident copy of the data), else the data's own first batch."""
-    if isinstance(train_data, torch.utils.data.Dataset) and not isinstance(train_data, torch.utils.data.IterableDataset):
+    if data_kind(train_data) == "dataset":
         train_data = torch.utils.data.Subset(train_data, range(min(config.batch_size, len(train_data))))
-    return make_loader(train_data, batch_size=config.batch_size, shuffle=False, seed=config.seed, device=device,
-                       rank=0, world_size=1)
+    return as_batches(train_data, batch_size=config.batch_size, shuffle=False, seed=config.seed, device=device,
+                      rank=0, world_size=1)
 
 
 def fit(model: nn.Module, train_data: object, config: TrainConfig | None = None, *, eval_data: object = None,
