@@ -9,9 +9,16 @@ benchmark measures that on a data set small enough for a CPU (scikit-learn's 8x8
     overfitting guard, N-FGSM (``nfgsm``), GradAlign (``gradalign``), PGD-AT (``pgd``, 10 steps
     of ε/4), PGD-AT+AWP (``pgd``, ``awp_gamma`` 5e-3), TRADES (``trades``) and MART (``mart``),
 
-at two L∞ radii: a small one, and the smallest radius of a grid at which FGSM-RS collapses on this
-data, found first by a sweep (one seed; its per-epoch PGD accuracy is the collapse curve). Every
-arm but "FGSM-RS + guard" runs with the guard off (``early_stop_drop=None``), so a collapse shows.
+at two L∞ radii: a small one on the 8x8 digits, and the smallest radius of a grid at which FGSM-RS
+(Wong et al.'s step 1.25ε) collapses, found first by a sweep (one seed; its per-epoch PGD accuracy
+is the collapse curve). The large radius runs on the digits resized to 16x16 (bilinear) for 20
+epochs: on the 8x8 images no FGSM-RS run collapsed, up to the radii where PGD-AT itself no longer
+learns (0.2-0.4, also with width 64, step 2ε or a constant learning rate; bench/results/
+fast-at-methods-2026-12-07-cpu.md), and catastrophic overfitting is known to need more input
+dimensions. A run *collapsed* when its test PGD-10 accuracy ends at a quarter of its peak or less,
+after a peak of at least 0.05 (a run that never became robust cannot collapse); the rule was
+written before the sweep's results. Every arm but "FGSM-RS + guard" runs with the guard off
+(``early_stop_drop=None``), so a collapse shows.
 
 Reported per arm and radius, over the seeds (paired: a seed fixes the initial weights and the data
 order of every arm): clean test accuracy, PGD-50 accuracy (random start, step ε/4), the standard
@@ -24,7 +31,7 @@ benchmark's CIFAR-10 table (arXiv 2604.22853) is printed beside the results, mar
 
 Usage::
 
-    python bench/fast_at_methods.py            # CPU, 3 seeds, meant for <= 20 min on 2 cores
+    python bench/fast_at_methods.py            # CPU, 3 seeds, 2 worker processes
     python bench/fast_at_methods.py --quick    # seconds: the pipeline, not the numbers
     python bench/fast_at_methods.py --seeds 5  # more seeds
 
@@ -37,12 +44,15 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import functools
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -60,18 +70,20 @@ from fastsat.train import fit, make_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# Sizes per mode. cpu: 3 seeds x 2 radii x 9 arms + the sweep, meant for <= 20 min on 2 idle cores (an
-# estimate from single epochs and evaluations timed under load; the full run has not been timed yet).
+# Sizes per mode. cpu: 3 seeds x 2 radii x 9 arms + the sweep on 2 worker processes. "small" and "large":
+# the image side (pixels) and epochs at the small radius and at the large one (the sweep's).
 SIZES = {
-    "quick": {"n_train": 128, "epochs": 1, "small_eps": 0.1, "collapse_grid": (0.3,), "curve_points": 32,
-              "n_test": 32, "suite_points": 8, "suite_scale": 0.01, "masking_factor": 1, "pgd_steps": 2, "batch": 64},
-    "cpu": {"n_train": None, "epochs": 10, "small_eps": 0.1, "collapse_grid": (0.2, 0.3, 0.4), "curve_points": 200,
-            "n_test": None, "suite_points": 100, "suite_scale": 0.05, "masking_factor": 4, "pgd_steps": 50, "batch": 128},
+    "quick": {"n_train": 128, "small": {"side": 8, "epochs": 1}, "large": {"side": 8, "epochs": 1}, "small_eps": 0.1,
+              "collapse_grid": (0.3,), "curve_points": 32, "n_test": 32, "suite_points": 8, "suite_scale": 0.01,
+              "masking_factor": 1, "pgd_steps": 2, "batch": 64, "jobs": 2},
+    "cpu": {"n_train": None, "small": {"side": 8, "epochs": 10}, "large": {"side": 16, "epochs": 20}, "small_eps": 0.1,
+            "collapse_grid": (0.15, 0.2, 0.25), "curve_points": 200, "n_test": None, "suite_points": 100,
+            "suite_scale": 0.05, "masking_factor": 4, "pgd_steps": 50, "batch": 128, "jobs": 2},
 }
 # The training run every arm shares (Wong et al.'s Fast-AT shape: SGD, one-cycle learning rate).
 TRAINING = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "onecycle",
             "augment": False, "progress": False}
-COLLAPSE_DROP = 0.2  # a run collapsed when its test PGD accuracy ends this far below its peak
+COLLAPSE_SHARE, COLLAPSE_PEAK = 0.25, 0.05  # collapsed: ends at <= a quarter of a peak of >= 0.05 (see above)
 
 # name -> (recipe, options, guard on). Options that depend on ε are filled in by arm_options.
 ARMS = {
@@ -133,18 +145,31 @@ def forwards_per_step(recipe: str, options: dict, model: torch.nn.Module, train)
     return count[0]
 
 
-def run_arm(name: str, eps: float, seed: int, sizes: dict, train, test, device: torch.device) -> dict:
-    """Train one arm at one radius and seed; its accuracies, cost and per-epoch curve."""
+@functools.lru_cache(maxsize=2)
+def digits_at(side: int, n_train: int | None) -> tuple:
+    """The (train, test) digits at ``side`` x ``side`` pixels (8: as shipped), train cut to ``n_train``."""
+    size = None if side == 8 else side
+    train, test = data.digits(seed=0, size=size), data.digits(train=False, seed=0, size=size)
+    return (train if n_train is None else train.subset(slice(0, n_train))), test
+
+
+def run_arm(name: str, eps: float, seed: int, sizes: dict, setting: str) -> dict:
+    """Train one arm at one radius and seed (``setting``: "small" or "large", its image side and
+    epochs); its accuracies, cost and per-epoch curve. Runs in a worker process, on one thread."""
+    torch.set_num_threads(1)
     recipe, options, guard = ARMS[name]
+    side, epochs = sizes[setting]["side"], sizes[setting]["epochs"]
+    train, test = digits_at(side, sizes["n_train"])
+    device = torch.device("cpu")
     torch.manual_seed(seed)
     model = models.create("madrycnn", num_classes=10, in_channels=1, width=16, hidden=128, mean=train.mean,
                           std=train.std).to(device)
-    options = arm_options(recipe, options, eps, sizes["epochs"])
+    options = arm_options(recipe, options, eps, epochs)
     forwards = forwards_per_step(recipe, options, model, train)
     eval_data = (test.images[: sizes["curve_points"]].float().div(255), test.labels[: sizes["curve_points"]])
     started = time.perf_counter()
     result = fit(model, train, recipe=recipe, recipe_options=options,
-                 epochs=sizes["epochs"], batch_size=sizes["batch"], seed=seed, eval_data=eval_data, eval_eps=eps,
+                 epochs=epochs, batch_size=sizes["batch"], seed=seed, eval_data=eval_data, eval_eps=eps,
                  eval_steps=10, early_stop_drop=0.2 if guard else None, **TRAINING)
     train_seconds = time.perf_counter() - started
     model.eval()
@@ -157,7 +182,7 @@ def run_arm(name: str, eps: float, seed: int, sizes: dict, train, test, device: 
                      suite=StandardSuite(steps=k(100), fab_steps=k(100), square_queries=k(5000), checks=checks))
     epoch_seconds = [row["seconds"] for row in result.history[1:]] or [result.history[0]["seconds"]]
     row = {
-        "arm": name, "eps": eps, "seed": seed, "clean": pgd["clean_acc"], "pgd50": pgd["attacks"]["pgd"][0]["acc"],
+        "arm": name, "eps": eps, "side": side, "seed": seed, "clean": pgd["clean_acc"], "pgd50": pgd["attacks"]["pgd"][0]["acc"],
         "autoattack": suite["standard"][0]["acc"], "masking_flags": suite["masking"]["flags"], "epoch_s": statistics.median(epoch_seconds),
         "forwards_per_step": forwards,
         "stopped": result.stopped, "epochs_run": len(result.history), "train_s": train_seconds,
@@ -168,15 +193,21 @@ def run_arm(name: str, eps: float, seed: int, sizes: dict, train, test, device: 
     return row
 
 
-def find_collapse(sizes: dict, train, test, device: torch.device) -> tuple[float, list[dict]]:
-    """FGSM-RS over the grid of radii (seed 0, guard off): the smallest radius whose test PGD accuracy
-    ends ``COLLAPSE_DROP`` below its peak, and every run's row (the largest radius if none collapsed)."""
-    runs = [run_arm("FGSM-RS", eps, 0, sizes, train, test, device) for eps in sizes["collapse_grid"]]
+def collapsed(curve: list) -> bool:
+    """Whether a per-epoch PGD accuracy curve collapsed (see the module docstring)."""
+    values = [v for v in curve if v is not None]
+    return max(values) >= COLLAPSE_PEAK and values[-1] <= COLLAPSE_SHARE * max(values)
+
+
+def find_collapse(sizes: dict, pool: ProcessPoolExecutor) -> tuple[float, list[dict]]:
+    """FGSM-RS over the grid of radii (seed 0, guard off, the large setting): the smallest radius
+    whose run collapsed, and every run's row (the largest radius if none collapsed)."""
+    jobs = [pool.submit(run_arm, "FGSM-RS", eps, 0, sizes, "large") for eps in sizes["collapse_grid"]]
+    runs = [job.result() for job in jobs]
     for run in runs:
-        curve = [v for v in run["curve"] if v is not None]
-        run["collapsed"] = max(curve) - curve[-1] >= COLLAPSE_DROP
-    collapsed = [run["eps"] for run in runs if run["collapsed"]]
-    return (min(collapsed) if collapsed else max(sizes["collapse_grid"])), runs
+        run["collapsed"] = collapsed(run["curve"])
+    hits = [run["eps"] for run in runs if run["collapsed"]]
+    return (min(hits) if hits else max(sizes["collapse_grid"])), runs
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -201,6 +232,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             out["bwd/step"] = BACKWARDS["pgd+awp" if options.get("awp_gamma") else recipe]
             out["epoch time / standard"] = statistics.fmean(r["epoch_s"] / standard[r["seed"]] for r in runs
                                                             if r["seed"] in standard)
+            out["collapsed"] = sum(collapsed(r["curve"]) for r in runs)
             out["stopped early"] = sum(bool(r["stopped"]) for r in runs)
             out["masking flags"] = ", ".join(sorted({f for r in runs for f in r["masking_flags"]})) or "none"
             table.append(out)
@@ -236,7 +268,7 @@ def write_results(prefix: Path, meta: dict, rows: list[dict], table: list[dict],
     sweep_rows = [{"ε": r["eps"], "peak PGD-10": max(v for v in r["curve"] if v is not None),
                    "last PGD-10": r["curve"][-1], "collapsed": r["collapsed"]} for r in sweep]
     columns = ["ε", "arm", "seeds", "clean", "clean ±", "PGD-50", "PGD-50 ±", "PGD-50 − PGD-AT", "AutoAttack",
-               "AutoAttack ±", "AutoAttack − PGD-AT", "fwd/step", "bwd/step", "epoch time / standard", "stopped early",
+               "AutoAttack ±", "AutoAttack − PGD-AT", "fwd/step", "bwd/step", "epoch time / standard", "collapsed", "stopped early",
                "masking flags"]
     lines = [
         "# Fast adversarial-training methods on scikit-learn's digits (bench/fast_at_methods.py)", "",
@@ -267,17 +299,15 @@ def main(argv: list[str] | None = None) -> Path:
     sizes = SIZES[mode]
     seeds = 1 if args.quick else args.seeds
     device = torch.device("cpu")
-    train, test = data.digits(seed=0), data.digits(train=False, seed=0)
-    if sizes["n_train"] is not None:
-        train = train.subset(slice(0, sizes["n_train"]))
+    train, test = digits_at(8, sizes["n_train"])
     started = time.perf_counter()
     print(f"sweep: FGSM-RS at ε in {sizes['collapse_grid']}", flush=True)
-    large, sweep = find_collapse(sizes, train, test, device)
-    rows = []
-    for eps in (sizes["small_eps"], large):
-        for seed in range(seeds):
-            print(f"ε = {eps:g}, seed {seed}", flush=True)
-            rows += [run_arm(arm, eps, seed, sizes, train, test, device) for arm in ARMS]
+    with ProcessPoolExecutor(max_workers=sizes["jobs"], mp_context=multiprocessing.get_context("spawn")) as pool:
+        large, sweep = find_collapse(sizes, pool)
+        jobs = [pool.submit(run_arm, arm, eps, seed, sizes, setting)
+                for eps, setting in ((sizes["small_eps"], "small"), (large, "large"))
+                for seed in range(seeds) for arm in ARMS]
+        rows = [job.result() for job in jobs]
     table = summarise(rows)
     load = f"Load average at the end: {os.getloadavg()[0]:.2f} (other work shares the CPU; times are relative to standard)."
     meta = {
@@ -285,15 +315,19 @@ def main(argv: list[str] | None = None) -> Path:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "mode": mode, "seeds": seeds, "sizes": sizes, "training": TRAINING,
         "large_eps": large, "wall_s": time.perf_counter() - started, "load": load,
-        "setup": (f"Data: scikit-learn's digits, 8×8 grey, {len(train)} training and {len(test)} test images "
+        "setup": (f"Data: scikit-learn's digits, grey, {len(train)} training and {len(test)} test images: at the small "
+                  f"radius as shipped ({sizes['small']['side']}×{sizes['small']['side']}, {sizes['small']['epochs']} epochs), "
+                  f"at the large one resized to {sizes['large']['side']}×{sizes['large']['side']} (bilinear; "
+                  f"{sizes['large']['epochs']} epochs; see the script's docstring for why) "
                   f"(per-epoch PGD-10 curve on the first {sizes['curve_points']}, PGD-{sizes['pgd_steps']} on the first "
                   f"{sizes['n_test'] or len(test)}; AutoAttack on the first {sizes['suite_points']}, "
                   f"its iterations and queries at {sizes['suite_scale']:g} of the protocol's, its gradient-masking checks on the "
                   f"same points). Model: madrycnn (width "
-                  f"16, hidden 128) with the data's normalisation. Training: {sizes['epochs']} epochs, batch {sizes['batch']}, SGD lr 0.05 "
+                  f"16, hidden 128) with the data's normalisation. Training: batch {sizes['batch']}, SGD lr 0.05 "
                   "(one-cycle), momentum 0.9, weight decay 5e-4, no augmentation, ε warm-up over the first fifth of "
                   "the epochs; PGD-AT, TRADES and MART attack with 10 steps of ε/4; GradAlign's λ follows the authors' "
-                  f"rule up to 16/255 and is {GRADALIGN_LAM_ABOVE_RULE:g} above it (not tuned). Forward passes per step are "
+                  f"rule up to 16/255 and is {GRADALIGN_LAM_ABOVE_RULE:g} above it (not tuned). Runs go to "
+                  f"{sizes['jobs']} worker processes of one thread each. Forward passes per step are "
                   "counted with a hook in one training step; backward passes are the recipes' own count."),
     }
     prefix = args.out / f"fast-at-methods-{datetime.now(timezone.utc):%Y-%m-%d}-{device.type}{'-quick' if args.quick else ''}"
