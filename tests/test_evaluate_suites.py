@@ -17,7 +17,7 @@ from torch import nn
 
 from fastsat import cli
 from fastsat.attacks import APGD, APGDT, FAB, Square
-from fastsat.evaluate import MEANINGS, MaskingChecks, PaperSuite, StandardSuite, _standard_attacks, evaluate
+from fastsat.evaluate import MEANINGS, MaskingChecks, PaperSuite, StandardSuite, evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,7 +60,7 @@ def _quiet(*args, **kwargs) -> dict:
 def test_defaults_are_the_protocols_numbers():
     # AutoAttack standard: APGD-CE 100 iterations 1 restart, APGD-T 9 targets 100 iterations 1
     # restart, FAB-T 9 targets 1 restart, Square 5000 queries (p_init 0.8).
-    chain = _standard_attacks(linear_model(5, PIXELS, bias=False), StandardSuite(), 8 / 255, "linf", (0.0, 1.0))
+    chain = StandardSuite().attacks(linear_model(5, PIXELS, bias=False), [8 / 255], "linf", (0.0, 1.0))[8 / 255]
     assert list(chain) == ["apgd-ce", "apgd-t", "fab-t", "square"]
     apgd, apgdt, fab, square = chain.values()
     assert isinstance(apgd, APGD) and (apgd.steps, apgd.restarts, apgd.loss) == (100, 1, "ce")
