@@ -179,8 +179,8 @@ class MaskingChecks:
 
     What each check reuses of the suite's own runs (where the check means the same with it):
     zero_gradients is read from ``evaluate()``'s alignment pass at the clean x; convergence's
-    ``factor`` restarts count the suite's own run of its main attack as the first (the points it
-    left robust are exactly those that run failed on, and restarts are independent draws), so
+    ``factor`` restarts count the suite's own run of its main attack as the first (every point
+    the suite left robust is one that run failed on, and restarts are independent draws), so
     only factor − 1 more run; gradient_free is the standard suite's own Square and the rapid
     suite's own probe. The factor× steps run cannot reuse one (a longer run has another
     step-size schedule), nor can the large-ε run (another radius).
