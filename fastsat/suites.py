@@ -72,6 +72,18 @@ def _require_four_classes(suite: str, logits: torch.Tensor) -> None:
                          f"has {logits.shape[1]}")
 
 
+def _in_turn(attacks: dict | None, names: Sequence[str], x: torch.Tensor, y: torch.Tensor, robust: torch.Tensor,
+             prefix: str, add: Add) -> None:
+    """The attacks ``names`` of ``attacks`` (None: ε = 0, no attack) one after the other, each on
+    the points still ``robust`` ((B,) bool, updated in place), adding its count after each under
+    ``f"{prefix}:{name}"``."""
+    for name in names:
+        todo = robust.nonzero().squeeze(1)
+        if attacks is not None and todo.numel():
+            robust[todo] = ~attacks[name](x[todo], y[todo]).success
+        add(f"{prefix}:{name}", robust)
+
+
 @dataclass
 class SuiteRun:
     """One ``evaluate()`` call's state of a suite, shared by its methods across batches.
@@ -283,7 +295,7 @@ class StandardSuite(Suite):
     K ≥ 4 classes (APGD-T's loss)."""
 
     name: ClassVar[str] = "standard"
-    ATTACKS: ClassVar[tuple[str, ...]] = ("apgd-ce", "apgd-t", "fab-t", "square")
+    ORDER: ClassVar[tuple[str, ...]] = ("apgd-ce", "apgd-t", "fab-t", "square")
 
     steps: int = 100
     n_target_classes: int = 9
@@ -311,23 +323,19 @@ class StandardSuite(Suite):
         _require_four_classes(self.name, logits)
         for e in run.eps:
             robust = correct.clone()
-            for name in self.ATTACKS:
-                todo = robust.nonzero().squeeze(1)
-                if e > 0 and todo.numel():
-                    robust[todo] = ~run.attacks[e][name](x[todo], y[todo]).success
-                add(f"standard@{e}:{name}", robust)
+            _in_turn(run.attacks.get(e), self.ORDER, x, y, robust, f"standard@{e}", add)
             if e == run.main_eps:
                 main_robust = robust
         return main_robust
 
     def keys(self, run):
-        return [f"standard@{e}:{name}" for e in run.eps for name in self.ATTACKS]
+        return [f"standard@{e}:{name}" for e in run.eps for name in self.ORDER]
 
     def report(self, run, totals, n):
         """``[{"eps", "acc", "cumulative": {"apgd-ce", "apgd-t", "fab-t", "square"}}]``: per ε the
         robust accuracy after each attack in turn (``acc``: after all four)."""
         return [{"eps": e, "acc": totals[f"standard@{e}:square"] / n,
-                 "cumulative": {name: totals[f"standard@{e}:{name}"] / n for name in self.ATTACKS}}
+                 "cumulative": {name: totals[f"standard@{e}:{name}"] / n for name in self.ORDER}}
                 for e in run.eps]
 
     def main_attack(self, run, eps, *, steps_factor=1, restarts=1):
@@ -477,7 +485,6 @@ class RapidSuite(Suite):
     """
 
     name: ClassVar[str] = "rapid"
-    ATTACKS: ClassVar[tuple[str, ...]] = ("apgd-ce", "apgd-t", "square")
 
     steps: int = 50
     n_target_classes: int = 3
@@ -513,11 +520,7 @@ class RapidSuite(Suite):
         robust_at = {}
         for e in run.eps:
             robust = correct.clone()
-            for name in ("apgd-ce", "apgd-t"):
-                todo = robust.nonzero().squeeze(1)
-                if e > 0 and todo.numel():
-                    robust[todo] = ~run.attacks[e][name](x[todo], y[todo]).success
-                add(f"rapid@{e}:{name}", robust)
+            _in_turn(run.attacks.get(e), ("apgd-ce", "apgd-t"), x, y, robust, f"rapid@{e}", add)
             if e == run.main_eps:
                 # The gradient-free check's probe, part of the suite: what it breaks is broken.
                 todo = (robust & in_subset).nonzero().squeeze(1)
