@@ -29,7 +29,7 @@ from fastsat.evaluate import (
     Suite,
     evaluate,
 )
-from fastsat.suites import malt_scores
+from fastsat.evaluate.suites import malt_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -196,7 +196,8 @@ class APGDT(APGD):
     run; one host sync per run (to select the points still robust).
 
     target_score: (x, y, clean logits) → (B, K) scores that rank the targets instead of the clean
-    logits, highest first (e.g. MALT's linearised margins, :func:`fastsat.suites.malt_scores`).
+    logits, highest first (e.g. MALT's linearised margins,
+    :func:`fastsat.evaluate.suites.malt_scores`).
     """
 
     losses = ("dlr_targeted",)

@@ -1,5 +1,5 @@
 """Clean and adversarial accuracy of a classifier, its alignment, and the evaluation suites of
-:mod:`fastsat.suites` with their gradient-masking checks.
+:mod:`fastsat.evaluate.suites` with their gradient-masking checks.
 
 ``evaluate(model, data, suite="quick", eps=[2/255, 4/255, 8/255], attacks=("pgd",))`` returns plain
 numbers (JSON-ready). Every suite reports:
@@ -22,8 +22,8 @@ targets per point ranked by MALT's linearised margin, Square only where the mask
 for it; :class:`RapidSuite`) and ``suite="paper"`` the SAT authors' protocol (PGD-5, fixed step
 2/255, ε ∈ {1, …, 8}/255, and Carlini–Wagner L2; :class:`PaperSuite`), each with the
 gradient-masking checks of :class:`MaskingChecks` (Croce & Hein's ``checks.py``; Carlini et al.
-2019). The suites are objects (:class:`fastsat.suites.Suite`; names in :data:`SUITES`); the
-attacks of ``attacks`` come from :data:`fastsat.attacks.ATTACKS`.
+2019). The suites are objects (:class:`fastsat.evaluate.suites.Suite`; names in :data:`SUITES`);
+the attacks of ``attacks`` come from :data:`fastsat.attacks.ATTACKS`.
 
 Under torch.distributed (e.g. torchrun) every rank attacks its contiguous share of the data
 (:func:`fastsat._dist.shard`) and the counts and sums are all-reduced, so every rank returns the
@@ -44,9 +44,18 @@ from fastsat._checks import choice, clip_box, describe, number, positive_int
 from fastsat.alignment import saliency_alignment
 from fastsat.attacks import ATTACKS
 from fastsat.data import AnnotatedDataset, as_batch, as_batches, data_kind, dataset_loader
+from fastsat.evaluate.suites import (
+    MEANINGS,
+    SUITES,
+    MaskingChecks,
+    PaperSuite,
+    RapidSuite,
+    StandardSuite,
+    Suite,
+    distinct,
+)
 from fastsat.grad import check_finite, check_logits, frozen
 from fastsat.ops import NORMS
-from fastsat.suites import MEANINGS, SUITES, MaskingChecks, PaperSuite, RapidSuite, StandardSuite, Suite, distinct
 
 __all__ = ["ATTACKS", "MEANINGS", "SUITES", "MaskingChecks", "PaperSuite", "RapidSuite", "StandardSuite", "Suite",
            "evaluate"]
