@@ -155,13 +155,15 @@ _EVALUATE = inspect.signature(evaluate).parameters
 
 @dataclass(frozen=True)
 class EvalOptions:
-    suite: str = option(_EVALUATE["suite"].default, "quick: the attacks below; standard: also AutoAttack at each ε; paper: "
-                        "also the SAT authors' PGD-5 at 1..8/255 and CW L2 (both with gradient-masking checks)",
-                        choices=SUITES)
+    suite: str = option(_EVALUATE["suite"].default, "quick: the attacks below; standard: also AutoAttack at each ε; rapid: "
+                        "also a cheaper protocol for model selection (APGD-CE, APGD-T on 3 targets, Square only where "
+                        "masking is flagged) at each ε; paper: also the SAT authors' PGD-5 at 1..8/255 and CW L2 (all "
+                        "three with gradient-masking checks)",
+                        choices=tuple(SUITES))
     eps: Sequence[float] = option(factory=lambda: list(_EVALUATE["eps"].default), help="radii in pixel units, comma-separated",
                               check=_each(functools.partial(number, minimum=0)))
     attacks: Sequence[str] = option(factory=lambda: list(_EVALUATE["attacks"].default), help="attacks, comma-separated",
-                                choices=ATTACKS)
+                                choices=tuple(ATTACKS))
     steps: int = option(_EVALUATE["steps"].default, "iterations per attack", check=positive_int)
     restarts: int = option(_EVALUATE["restarts"].default, "random restarts per attack", check=positive_int)
     max_samples: int | None = option(_EVALUATE["max_samples"].default, "evaluate only the first N test images; None: all",
@@ -482,9 +484,14 @@ def cmd_eval(cfg: dict) -> dict:
     print(f"clean accuracy {report['clean_acc']:.4f} on {report['n']} images ({report['points_per_s']:.1f} images/s)")
     rows = [(name, row) for name, attack_rows in report["attacks"].items() for row in attack_rows]
     rows += [("autoattack", row) for row in report.get("standard", [])]
+    rows += [("rapid", row) for row in report.get("rapid", [])]
     rows += [("paper-pgd5", row) for row in report.get("paper", {}).get("pgd", [])]
     for name, row in rows:
         print(f"{name:10s} eps {row['eps'] * 255:6.2f}/255  robust accuracy {row['acc']:.4f}")
+    if "rapid" in report:
+        ran = any(row["square_on"] == "all" for row in report["rapid"])
+        print("rapid      Square " + ("ran on every point left robust (a gradient-masking flag was raised)" if ran
+                                      else "skipped (no gradient-masking flag; only the probe on the check subset)"))
     if "paper" in report:
         print("cw-l2      robust accuracy {acc:.4f} at L2 {eps:g}, median minimal L2 {median_l2}".format(**report["paper"]["cw"]))
     if "masking" in report:

@@ -1,7 +1,8 @@
 """fastsat.evaluate's suites: the protocols' numbers, exact answers on linear models (the L∞ robust
-accuracy and the minimal L2 perturbation are analytic there), the gradient-masking flags on models
-that mask gradients and on one that does not, and strength against torchattacks' AutoAttack where
-it is installed."""
+accuracy, the minimal L2 perturbation and MALT's target scores are analytic there), the
+gradient-masking flags on models that mask gradients and on one that does not, the rapid suite
+against the standard one (robust accuracy and forward passes), a suite written outside the library,
+and strength against torchattacks' AutoAttack where it is installed."""
 
 from __future__ import annotations
 
@@ -17,13 +18,25 @@ from torch import nn
 
 from fastsat import cli
 from fastsat.attacks import APGD, APGDT, FAB, Square
-from fastsat.evaluate import MEANINGS, MaskingChecks, PaperSuite, StandardSuite, _standard_attacks, evaluate
+from fastsat.evaluate import (
+    ATTACKS,
+    MEANINGS,
+    SUITES,
+    MaskingChecks,
+    PaperSuite,
+    RapidSuite,
+    StandardSuite,
+    Suite,
+    evaluate,
+)
+from fastsat.evaluate.suites import malt_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CHECKS = MaskingChecks(subset=16, square_queries=100)
 SMALL_STANDARD = StandardSuite(steps=10, fab_steps=10, square_queries=100, checks=CHECKS)
 SMALL_PAPER = PaperSuite(cw_steps=100, cw_binary_search_steps=6, checks=CHECKS)
+SMALL_RAPID = RapidSuite(steps=10, target_steps=10, square_queries=100, checks=CHECKS)
 PIXELS = 64  # the 1×8×8 images of _points, flattened
 
 
@@ -60,7 +73,7 @@ def _quiet(*args, **kwargs) -> dict:
 def test_defaults_are_the_protocols_numbers():
     # AutoAttack standard: APGD-CE 100 iterations 1 restart, APGD-T 9 targets 100 iterations 1
     # restart, FAB-T 9 targets 1 restart, Square 5000 queries (p_init 0.8).
-    chain = _standard_attacks(linear_model(5, PIXELS, bias=False), StandardSuite(), 8 / 255, "linf", (0.0, 1.0))
+    chain = StandardSuite().attacks(linear_model(5, PIXELS, bias=False), [8 / 255], "linf", (0.0, 1.0))[8 / 255]
     assert list(chain) == ["apgd-ce", "apgd-t", "fab-t", "square"]
     apgd, apgdt, fab, square = chain.values()
     assert isinstance(apgd, APGD) and (apgd.steps, apgd.restarts, apgd.loss) == (100, 1, "ce")
@@ -73,9 +86,18 @@ def test_defaults_are_the_protocols_numbers():
     assert paper.eps == tuple(k / 255 for k in range(1, 9))
     assert (paper.steps, paper.step_size) == (5, 2 / 255)
     assert (paper.cw_steps, paper.cw_binary_search_steps) == (1000, 9)
+    # Rapid: APGD-CE 50, APGD-T 100 iterations on 3 of the 9 top-logit classes re-ranked by MALT's
+    # score, Square (5000 queries) only where a masking check calls for it.
+    rapid = RapidSuite()
+    built = rapid.attacks(linear_model(5, PIXELS, bias=False), [8 / 255], "linf", (0.0, 1.0))
+    apgd, apgdt = built[8 / 255]["apgd-ce"], built[8 / 255]["apgd-t"]
+    assert (apgd.steps, apgd.restarts, apgd.loss) == (50, 1, "ce")
+    assert (apgdt.steps, apgdt.n_target_classes, rapid.candidates) == (100, 3, 9) and apgdt.target_score is not None
+    assert built[8 / 255]["square"].n_queries == 5000 and built["probe"].n_queries == MaskingChecks().square_queries
 
 
-def test_standard_suite_reaches_the_analytic_linf_robust_accuracy_of_a_linear_model():
+@pytest.mark.parametrize("suite", [SMALL_STANDARD, SMALL_RAPID], ids=["standard", "rapid"])
+def test_suite_reaches_the_analytic_linf_robust_accuracy_of_a_linear_model(suite):
     # z = Wx, box out of reach: a correctly classified point is robust at ε iff
     # (z_y − z_j)/‖w_y − w_j‖₁ > ε for every j ≠ y.
     model, x = linear_model(5, PIXELS, bias=False), _points()
@@ -83,8 +105,8 @@ def test_standard_suite_reaches_the_analytic_linf_robust_accuracy_of_a_linear_mo
     eps = 0.02
     margin = _pairwise(model, x, y, dual=1)
     torch.manual_seed(0)
-    report = _quiet(model, (x, y), suite=SMALL_STANDARD, eps=[0.0, eps])
-    clean, row = report["standard"]
+    report = _quiet(model, (x, y), suite=suite, eps=[0.0, eps])
+    clean, row = report[suite.name]
     assert clean["acc"] == report["clean_acc"] == (margin > 0).double().mean().item()
     n = x.shape[0]
     surely_robust = (margin > eps * (1 + 1e-6)).sum().item()
@@ -141,28 +163,35 @@ class Saturated(nn.Module):
         return torch.softmax(self.inner(x) * 1e4, dim=1)
 
 
-@pytest.mark.parametrize("suite", [SMALL_STANDARD, SMALL_PAPER], ids=["standard", "paper"])
+@pytest.mark.parametrize("suite", [SMALL_STANDARD, SMALL_PAPER, SMALL_RAPID], ids=["standard", "paper", "rapid"])
 def test_a_quantising_model_raises_the_masking_flags(suite):
     model, x = Quantised(linear_model(5, PIXELS, bias=False)), _points()
     with torch.no_grad():
         y = model(x).argmax(1)
     torch.manual_seed(0)
-    masking = _quiet(model, (x, y), suite=suite, eps=[0.02])["masking"]
+    report = _quiet(model, (x, y), suite=suite, eps=[0.02])
+    masking = report["masking"]
     # Whether more random restarts get lucky on a model without gradients is up to chance: the
     # convergence flag is not asserted.
     assert {"gradient_free", "large_eps", "zero_gradients"} <= set(masking["flags"]), masking
     assert masking["checks"]["zero_gradients"]["share"] == 1.0
     for name, check in masking["checks"].items():
         assert check["meaning"] == MEANINGS[name] and check["meaning"].endswith(".")
+    if suite is SMALL_RAPID:  # the flags call for Square on every point, and it breaks some
+        (row,) = report["rapid"]
+        assert row["square_on"] == "all" and row["acc"] < row["cumulative"]["apgd-t"], row
 
 
-def test_a_saturated_model_raises_the_zero_gradient_and_large_eps_flags():
+@pytest.mark.parametrize("suite", [SMALL_STANDARD, SMALL_RAPID], ids=["standard", "rapid"])
+def test_a_saturated_model_raises_the_zero_gradient_and_large_eps_flags(suite):
     model, x = Saturated(linear_model(5, PIXELS, bias=False)), _points()
     with torch.no_grad():
         y = model(x).argmax(1)
     torch.manual_seed(0)
-    masking = _quiet(model, (x, y), suite=SMALL_STANDARD, eps=[0.02])["masking"]
-    assert {"zero_gradients", "large_eps"} <= set(masking["flags"]), masking
+    report = _quiet(model, (x, y), suite=suite, eps=[0.02])
+    assert {"zero_gradients", "large_eps"} <= set(report["masking"]["flags"]), report["masking"]
+    if suite is SMALL_RAPID:
+        assert report["rapid"][0]["square_on"] == "all"
 
 
 def test_a_linear_model_raises_no_flag():
@@ -173,6 +202,10 @@ def test_a_linear_model_raises_no_flag():
     torch.manual_seed(0)
     report = _quiet(model, (x, y), suite=SMALL_STANDARD, eps=[8 / 255])
     assert report["masking"]["flags"] == [], report["masking"]
+    # Rapid: no flag, so Square runs only as the probe on the check subset at the main ε.
+    report = _quiet(model, (x, y), suite=SMALL_RAPID, eps=[0.0, 0.02, 8 / 255])
+    assert report["masking"]["flags"] == [], report["masking"]
+    assert [row["square_on"] for row in report["rapid"]] == ["none", "none", "subset"]
     # With two classes the CE gradient points along w₁ − w₀ everywhere, so PGD-5 reaches the
     # corner that breaks a point whenever one exists (with more classes CE-PGD may aim at the
     # wrong class, which Square's margin loss does not: a weaker attack, not masking).
@@ -213,6 +246,91 @@ def test_suite_arguments_are_checked():
         evaluate(three, (x.float(), y % 3), suite=SMALL_STANDARD, eps=[0.02])
 
 
+def test_convergence_restarts_count_the_suites_own_run():
+    # With factor 1 the suite's own run of its main attack is the only restart: nothing more runs
+    # and what it left robust stays so.
+    model, x = linear_model(5, PIXELS, bias=False), _points()
+    y = _labels(model, x)
+    one = StandardSuite(steps=10, fab_steps=10, square_queries=100, checks=MaskingChecks(subset=16, factor=1))
+    torch.manual_seed(0)
+    check = _quiet(model, (x, y), suite=one, eps=[0.02])["masking"]["checks"]["convergence"]
+    assert check["acc_more_restarts"] == check["acc"] and check["factor"] == 1
+
+
+def test_malt_scores_are_the_exact_boundary_distances_of_a_linear_model():
+    # z = Wx: (z_t − z_y)/‖w_t − w_y‖_* is the signed distance to the boundary between y and t (dual
+    # norm L1 for L∞, L2 for L2); only the top `candidates` other logits get one.
+    model, x = linear_model(6, PIXELS, bias=False), _points(10)
+    y = _labels(model, x, wrong=0)
+    weight = model[1].weight.detach()
+    with torch.no_grad():
+        z = model(x)
+    for norm, dual in (("linf", 1), ("l2", 2)):
+        scores = malt_scores(model, norm, candidates=3)(x, y, z)
+        expected = (z - z.gather(1, y[:, None])) / (weight[None] - weight[y][:, None, :]).norm(p=dual, dim=2)
+        scored = torch.isfinite(scores)
+        assert scored.sum(1).tolist() == [3] * len(y)
+        others = z.scatter(1, y[:, None], -torch.inf)
+        assert torch.equal(scored, others >= others.topk(3, dim=1).values[:, -1:])
+        torch.testing.assert_close(scores[scored], expected[scored], rtol=1e-12, atol=0)
+
+
+class Counting(nn.Module):
+    """Counts the images of every forward pass (a gradient is one forward and one backward)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.images = 0
+
+    def forward(self, x):
+        self.images += x.shape[0]
+        return self.inner(x)
+
+
+def test_rapid_matches_standard_with_a_fraction_of_its_forward_passes():
+    # Both at their full defaults (masking checks included) on a small trained 10-class CNN at a
+    # radius that leaves about half of the correct points robust. Measured: equal accuracies
+    # (0.234), rapid at 0.22× standard's forward images. The accuracy may differ by one point of
+    # 64 (the two protocols draw different random starts); the bound on the passes leaves room
+    # for that point too.
+    model, x, y = template_cnn(classes=10, held_out=64)
+    counted = {}
+    acc = {}
+    for name in ("standard", "rapid"):
+        wrapped = Counting(model)
+        torch.manual_seed(0)
+        report = _quiet(wrapped, (x, y), suite=name, eps=[0.02])
+        counted[name], acc[name] = wrapped.images, report[name][0]["acc"]
+        assert report["masking"]["flags"] == [], report["masking"]
+    assert 0 < acc["standard"] < report["clean_acc"], "the test needs robust and broken points"
+    assert abs(acc["rapid"] - acc["standard"]) <= 1 / len(y), acc
+    assert counted["rapid"] <= 0.3 * counted["standard"], counted
+
+
+def test_a_suite_is_one_class_and_evaluate_runs_a_new_one():
+    # A suite from outside the library: one count per batch, its own part of the report, no checks.
+    class Misclassified(Suite):
+        name = "misclassified"
+
+        def batch(self, run, x, y, logits, correct, offset, add):
+            add("misclassified:n", ~correct)
+
+        def keys(self, run):
+            return ["misclassified:n"]
+
+        def report(self, run, totals, n):
+            return {"share": totals["misclassified:n"] / n}
+
+    model, x = linear_model(5, PIXELS, bias=False), _points(16)
+    y = _labels(model, x)
+    report = evaluate(model, (x, y), suite=Misclassified(), eps=[0.0], batch_size=5)
+    assert report["suite"] == "misclassified" and "masking" not in report
+    assert report["misclassified"]["share"] == 1 - report["clean_acc"] == 4 / 16
+    assert list(SUITES) == ["quick", "standard", "paper", "rapid"] and "rapid" in SUITES
+    assert list(ATTACKS) == ["pgd", "apgd-ce", "apgd-dlr"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Against torchattacks' AutoAttack, where it is installed
 
@@ -241,6 +359,7 @@ def test_standard_suite_is_at_least_as_strong_as_torchattacks_autoattack():
 
 def test_cli_eval_suite_option_reaches_evaluate_and_prints_the_flags(tmp_path, monkeypatch, capsys):
     assert vars(cli.build_parser().parse_args(["eval", "--suite", "standard"]))["suite"] == "standard"
+    assert vars(cli.build_parser().parse_args(["eval", "--suite", "rapid"]))["suite"] == "rapid"
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["eval", "--suite", "standrad"])
     seen = []

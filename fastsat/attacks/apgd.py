@@ -18,6 +18,7 @@ on its boundary). ε is in pixel space; models that normalise inputs do it insid
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -193,6 +194,10 @@ class APGDT(APGD):
     :class:`fastsat.ops.StepStats` of that run's last step (of the first target's gradient at x
     for the clean x). Costs one forward and one gradient at x, then ``steps`` gradients per
     run; one host sync per run (to select the points still robust).
+
+    target_score: (x, y, clean logits) → (B, K) scores that rank the targets instead of the clean
+    logits, highest first (e.g. MALT's linearised margins,
+    :func:`fastsat.evaluate.suites.malt_scores`).
     """
 
     losses = ("dlr_targeted",)
@@ -206,6 +211,7 @@ class APGDT(APGD):
         norm: str = "linf",
         restarts: int = 1,
         n_target_classes: int = 9,
+        target_score: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         rho: float = 0.75,
         mode: str | None = "eval",
         clip: tuple[float, float] = (0.0, 1.0),
@@ -216,10 +222,12 @@ class APGDT(APGD):
             clip=clip, backend=backend,
         )
         self.n_target_classes = positive_int(n_target_classes, "n_target_classes")
+        self.target_score = target_score
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, *, need_success: bool) -> AttackResult:
         logits = self._clean_logits(x, y)
-        targets = top_other_classes(logits, y, self.n_target_classes)
+        score = logits if self.target_score is None else self.target_score(x, y, logits)
+        targets = top_other_classes(score, y, self.n_target_classes)
         start = self._grad(x, self.loss, first=True, y=y, target=targets[:, 0])
         align = ops.alignment_stats(x, start.grad, backend=self.backend)
         best = Candidate(
