@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> Path:
     md = args.out / f"eval-cost-{stamp}.md"
     md.write_text("\n".join([
         "# Evaluation cost: fastsat's suites and the official AutoAttack (bench/bench_eval.py)", "",
-        f"Generated {meta['generated']} on {meta['device']} ({meta['machine']}), torch {meta['torch']}; {points} digits "
-        f"test points per model; wall time {meta['wall_s']:.0f} s; load average at the end {meta['load'][0]:.2f}.", "",
+        (f"Generated {meta['generated']} on {meta['device']} ({meta['machine']}), torch {meta['torch']}; {points} digits "
+         f"test points per model; wall time {meta['wall_s']:.0f} s; load average at the end {meta['load'][0]:.2f}."), "",
         markdown_table(columns, rows), ""]))
     print(f"wrote {md}")
     return md

@@ -378,3 +378,12 @@ def test_cli_eval_suite_option_reaches_evaluate_and_prints_the_flags(tmp_path, m
     assert report["suite"] == "paper" and len(report["paper"]["pgd"]) == 8
     printed = capsys.readouterr().out
     assert "paper-pgd5" in printed and "gradient-masking flags:" in printed and "cw-l2" in printed
+
+
+def test_a_suite_runs_alone_with_no_attacks_but_quick_needs_one():
+    model, x = linear_model(5, PIXELS, bias=False), _points(16)
+    y = _labels(model, x)
+    report = _quiet(model, (x, y), suite=SMALL_STANDARD, eps=[0.02], attacks=())
+    assert report["attacks"] == {} and len(report["standard"]) == 1
+    with pytest.raises(ValueError, match="attacks: expected a non-empty list"):
+        evaluate(model, (x, y), eps=[0.02], attacks=())

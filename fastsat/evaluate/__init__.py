@@ -143,7 +143,8 @@ def evaluate(
         eps: distinct radii in pixel units (e.g. 8/255), default (2, 4, 8)/255; 0 gives clean
             accuracy. The radii of ``attacks`` and of the standard and rapid suites.
         attacks: distinct names from :data:`ATTACKS`: "pgd" (L∞/L2 PGD, random start), "apgd-ce",
-            "apgd-dlr" (Croce & Hein), run at every ε of ``eps`` with every suite.
+            "apgd-dlr" (Croce & Hein), run at every ε of ``eps`` with every suite; empty (``()``)
+            with a suite other than quick runs that suite alone.
         steps: iterations per attack of ``attacks`` (default 10). step_size: PGD step in pixels,
             default ε/4. restarts: random restarts (per-sample best kept).
         norm: "linf" (default) or "l2", of ``attacks`` and of the standard and rapid suites (the
@@ -196,7 +197,9 @@ def evaluate(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
     suite = _suite(suite)
-    attacks = distinct(attacks, "attacks", "attack names", lambda a, name: choice(a, name, tuple(ATTACKS)))
+    # With a suite other than quick, attacks=() runs the suite alone.
+    attacks = distinct(attacks, "attacks", "attack names", lambda a, name: choice(a, name, tuple(ATTACKS)),
+                       allow_empty=suite.name != "quick")
     eps = distinct(eps, "eps", "radii (pixel units)", lambda e, name: number(e, name, minimum=0))
     steps = positive_int(steps, "steps")
     step_size = number(step_size, "step_size", minimum=0, exclusive_min=True, allow_none=True)

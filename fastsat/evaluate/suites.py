@@ -50,13 +50,14 @@ MEANINGS = {
 GRADIENT_MASKING = ("gradient_free", "large_eps", "zero_gradients")
 
 
-def distinct(values: object, name: str, what: str, check: Callable[[object, str], object]) -> list:
-    """``values`` checked one by one with ``check(value, name)``: a non-empty list without repeats
-    (a repeat would be counted twice into the same row)."""
+def distinct(values: object, name: str, what: str, check: Callable[[object, str], object], *,
+             allow_empty: bool = False) -> list:
+    """``values`` checked one by one with ``check(value, name)``: a list without repeats (a repeat
+    would be counted twice into the same row), non-empty unless ``allow_empty``."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"{name}: expected a list of {what}, got {describe(values)}")
     checked = [check(v, name) for v in values]
-    if not checked or len(set(checked)) != len(checked):
+    if (not checked and not allow_empty) or len(set(checked)) != len(checked):
         raise ValueError(f"{name}: expected a non-empty list of distinct {what}, got {describe(checked)}")
     return checked
 
