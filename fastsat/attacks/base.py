@@ -188,10 +188,13 @@ class Attack(abc.ABC):
     def _project_onto_ball(self, v: torch.Tensor, x: torch.Tensor, zeros: torch.Tensor | None = None) -> torch.Tensor:
         """v projected onto the ε-ball around x in the attack's norm, then clipped, in place: a
         zero-step :func:`fastsat.ops.pgd_step`. ``zeros``: a zero tensor like v to reuse across
-        calls (a new one otherwise)."""
+        calls (a new one otherwise). x is the call's batch or rows of it, checked inside the box
+        (so finite) by :meth:`__call__`: pgd_step's finiteness check, a host sync for every new
+        tensor (each compaction makes one), is skipped."""
         zeros = torch.zeros_like(v) if zeros is None else zeros
-        return ops.pgd_step(v, zeros, x, step_size=0.0, eps=self.eps, norm=self.norm, clip=self.clip, out=v,
-                            backend=self.backend)
+        with no_host_checks():
+            return ops.pgd_step(v, zeros, x, step_size=0.0, eps=self.eps, norm=self.norm, clip=self.clip, out=v,
+                                backend=self.backend)
 
     def _grad(
         self, x: torch.Tensor, objective: str, *, first: bool, checked: bool = False, **objective_args
