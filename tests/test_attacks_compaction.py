@@ -183,6 +183,21 @@ def test_one_host_read_per_compaction_not_per_step(trained, make, runs):
     assert _reads(make(model, 12), x, y) - _reads(make(model, 2), x, y) == 2 * runs
 
 
+def test_apgd_perturb_does_not_compact_and_stays_free_of_syncs(trained):
+    # The training path: the whole batch for all steps, the batch of an uncompacted call.
+    model, x, y = trained
+    counts = []
+    for steps in (2, 12):
+        with Syncs() as counter:
+            APGD(model, eps=1e-4, steps=steps).perturb(x, y)
+        counts.append(counter.count)
+    assert counts[0] == counts[1], counts
+    torch.manual_seed(0)
+    x_adv = APGD(model, eps=EPS, steps=12).perturb(x, y)
+    torch.manual_seed(0)
+    assert torch.equal(x_adv, APGD(model, eps=EPS, steps=12, compact_every=None)(x, y).x_adv)
+
+
 def test_square_linf_query_changes_only_its_window():
     # 8×8 images, p_init 0.3: the first query's window has side round(√(0.3·64)) = 4. Outside it the
     # query's input is bitwise the start; inside, each value is x ± ε (clipped).

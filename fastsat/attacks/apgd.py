@@ -77,7 +77,8 @@ class APGD(Attack):
         rho: oscillation threshold ρ for halving the step size (default 0.75).
         compact_every: every this many steps (default 5) the points already misclassified leave
             the batch, at one host sync; None runs every point for all ``steps``. Later restarts
-            then run on the points still robust only (as in AutoAttack).
+            then run on the points still robust only (as in AutoAttack). :meth:`perturb`
+            (training) never compacts: it stays free of host syncs.
         mode: model mode during the attack ("eval" default; None = as found); always restored.
         clip: valid input box (lo, hi), default (0, 1). backend: fastsat.ops backend.
 
@@ -123,19 +124,20 @@ class APGD(Attack):
         return (grad * per_sample(scale.to(grad.dtype), grad)).to(x.dtype)
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, *, need_success: bool) -> AttackResult:
+        every = self.compact_every if need_success else None
         best = None
         for restart in range(self.restarts):
             start = ops.random_start(x, eps=self.eps, norm=self.norm, clip=self.clip, backend=self.backend)
             if best is None:
-                best = self._single_run(x, y, start, first=True)
-            elif self.compact_every is None:
-                best = best.merge(self._single_run(x, y, start, first=False))
+                best = self._single_run(x, y, start, first=True, every=every)
+            elif every is None:
+                best = best.merge(self._single_run(x, y, start, first=False, every=every))
             else:
                 # Later restarts run on the points still robust only (as AutoAttack's): one host sync.
                 rows = (~best.success).nonzero().squeeze(1)
                 if rows.numel() == 0:
                     break
-                best = best.merge_rows(rows, self._single_run(x[rows], y[rows], start[rows], first=False))
+                best = best.merge_rows(rows, self._single_run(x[rows], y[rows], start[rows], first=False, every=every))
         return AttackResult(x_adv=best.x_adv, success=best.success, delta_norm=None, stats=best.stats)
 
     def _single_run(
@@ -145,15 +147,16 @@ class APGD(Attack):
         start: torch.Tensor,
         *,
         first: bool,
+        every: int | None,
         target: torch.Tensor | None = None,
         groups: int = 1,
     ) -> Candidate:
         """One run from ``start`` (B, ...), a point of the ε-ball around x; ``target`` (B,) are the
-        target classes of the targeted loss. Every ``compact_every`` steps the points already
-        misclassified leave the batch (:class:`Compaction`; ``groups`` as there); their result is
-        then the iterate they reached."""
+        target classes of the targeted loss. Every ``every`` steps the points already misclassified
+        leave the batch (:class:`Compaction`; ``groups`` as there); their result is then the
+        iterate they reached."""
         marks = set(checkpoints(self.steps))
-        compaction = Compaction(x.shape[0], self.compact_every, x.device, groups)
+        compaction = Compaction(x.shape[0], every, x.device, groups)
         x_all, y_all, target_all = x, y, target
 
         x_adv = start
@@ -215,7 +218,7 @@ class APGD(Attack):
                         keep, x, y, target, zeros, x_adv, x_prev, grad, last_grad, ever_adv, x_last_adv, x_best,
                         grad_best, loss_best, step, loss_best_at_check, reduced_at_check)
                     losses = list(take_rows(keep, *losses))
-        else:
+        else:  # ran to the end (a break has settled already)
             settle()
 
         success, value = self._final(x_out, y_all, self.loss, target=target_all)
@@ -311,7 +314,7 @@ class APGDT(APGD):
             repeat = (len(batch),) + (1,) * (x.dim() - 1)
             run = self._single_run(
                 x[robust].repeat(repeat), y[robust].repeat(len(batch)), torch.cat(starts), first=False,
-                target=torch.cat([targets[robust, k] for k in batch]), groups=len(batch),
+                every=self.compact_every, target=torch.cat([targets[robust, k] for k in batch]), groups=len(batch),
             )
             best = best.merge_rows(robust, run.first_of(len(batch)))
         return AttackResult(x_adv=best.x_adv, success=best.success, delta_norm=None, stats=best.stats)
