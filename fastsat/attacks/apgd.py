@@ -284,7 +284,7 @@ class APGDT(APGD):
         targets come from the logits, the first target's loss and gradient from the same graph."""
         x_in = x.detach().requires_grad_(True)
         logits = self.model(x_in)
-        self._check_clean_logits(logits.detach(), y)
+        self._check_clean_logits(logits, y, x.shape[0])
         targets = top_other_classes(logits.detach(), y, self.n_target_classes)
         with no_host_checks():  # y's range was just checked; the targets are in range by construction
             check_objective_args(self.loss, tuple(logits.shape), y=y, target=targets[:, 0])

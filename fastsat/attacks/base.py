@@ -244,12 +244,12 @@ class Attack(abc.ABC):
         (host syncs; none inside no_host_checks)."""
         with torch.no_grad():
             logits = self.model(x)
-        self._check_clean_logits(logits, y)
+        self._check_clean_logits(logits, y, x.shape[0])
         return logits
 
-    def _check_clean_logits(self, logits: torch.Tensor, y: torch.Tensor | None) -> None:
-        """The checks of :meth:`_clean_logits`, on logits the caller computed."""
-        check_logits(logits, logits.shape[0], classes=2, finite=True)
+    def _check_clean_logits(self, logits: torch.Tensor, y: torch.Tensor | None, batch: int) -> None:
+        """The checks of :meth:`_clean_logits`, on the model's output for a batch of ``batch``."""
+        check_logits(logits, batch, classes=2, finite=True)
         check_objective_args("logit", tuple(logits.shape), y=y)
 
     def _misclassified(self, logits: torch.Tensor, y: torch.Tensor, targeted: bool = False) -> torch.Tensor:
