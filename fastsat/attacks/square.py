@@ -133,17 +133,18 @@ class Square(Attack):
         bits = torch.randint(0, 2, (batch, channels, 1, width), device=like.device)
         return (2 * bits - 1).to(like.dtype)
 
-    def _grid(self, height: int) -> list[int]:
-        """Corners (rows and columns alike) of the L2 start's grid of s × s cells, s = ⌊H/5⌋."""
+    def _cells(self, height: int, width: int) -> tuple[int, list[tuple[int, int]]]:
+        """Side s = ⌊H/5⌋ (at least 1) and top-left corners of the L2 start's grid of s × s cells."""
         size = max(height // 5, 1)
         offset = (height - 5 * size) // 2
-        return list(range(offset, height - size + 1, size))
+        rows, cols = range(offset, height - size + 1, size), range(offset, width - size + 1, size)
+        return size, [(row, col) for row in rows for col in cols]
 
     def _plan(self, x: torch.Tensor) -> tuple[list[bool], list[_Window]]:
         """The run's shared random choices, drawn at once on the CPU and read in one go (no device
         sync): the L2 start's transpositions per cell and every query's windows."""
         height, width = x.shape[2:]
-        cells = len(self._grid(height)) * len(self._grid(width)) if self.norm == "l2" else 0
+        cells = len(self._cells(height, width)[1]) if self.norm == "l2" else 0
         draws = torch.rand(cells + 5 * (self.n_queries - 1)).tolist()
         coins, draws = [u > 0.5 for u in draws[:cells]], draws[cells:]
         windows = []
@@ -163,9 +164,8 @@ class Square(Attack):
         batch, channels, height, width = x.shape
         if self.norm == "linf":
             return self._project_onto_ball(x + self.eps * self._random_signs(batch, channels, width, x), x)
-        size = max(height // 5, 1)
+        size, cells = self._cells(height, width)
         delta = torch.zeros_like(x)
-        cells = [(row, col) for row in self._grid(height) for col in self._grid(width)]
         for (row, col), transposed in zip(cells, coins, strict=True):
             pattern = _square_pattern(size, x.dtype, x.device)
             signs = self._random_signs(batch, channels, 1, x)
