@@ -480,16 +480,18 @@ def test_no_tensor_growth_over_100_calls(make):
     lambda m, s: PGD(m, eps=0.1, steps=s, restarts=2),
     lambda m, s: PGD(m, eps=0.1, steps=s, loss="cw", targeted=True),
     lambda m, s: PGD(m, eps=0.5, step_size=0.1, steps=s, norm="l2", loss="dlr"),
-    lambda m, s: APGD(m, eps=0.1, steps=s, loss="dlr"),
-    lambda m, s: APGD(m, eps=0.5, steps=s, norm="l2"),
+    lambda m, s: APGD(m, eps=0.1, steps=s, loss="dlr", compact_every=None),
+    lambda m, s: APGD(m, eps=0.5, steps=s, norm="l2", compact_every=None),
     lambda m, s: TradesAttack(m, 0.1, 0.02, s),
-    lambda m, s: APGDT(m, eps=0.1, steps=s, n_target_classes=2),
+    lambda m, s: APGDT(m, eps=0.1, steps=s, n_target_classes=2, compact_every=None),
     lambda m, s: FAB(m, eps=None, steps=s, n_target_classes=2),
+    lambda m, s: FAB(m, eps=0.1, steps=s, n_target_classes=2, compact_every=None),
     lambda m, s: CW(m, steps=s, binary_search_steps=2, abort_early=False),
 ])
 def test_step_loops_do_not_sync_with_the_host(make):
     # Argument checks and the output audit sync a fixed number of times per call; the step loop
-    # must not (each sync stalls a GPU). So the count must not grow from 2 to 12 steps.
+    # must not (each sync stalls a GPU). So the count must not grow from 2 to 12 steps. (With
+    # compaction, one sync per compaction: tests/test_attacks_compaction.py.)
     model = _guarded_model().eval()
     x = torch.rand(4, 1, 4, 4)
     y = torch.randint(0, 4, (4,))
@@ -741,11 +743,18 @@ def test_apgd_follows_the_paper_schedule(trained, norm, eps):
     torch.manual_seed(11)
     start = ops.random_start(x64, eps=eps, norm=norm)
     torch.manual_seed(11)
-    result = APGD(model64, eps=eps, steps=30, norm=norm)(x64, y[:16])
+    result = APGD(model64, eps=eps, steps=30, norm=norm, compact_every=None)(x64, y[:16])
     expected = _reference_apgd(model64, x64, y[:16], start, eps, 30, norm)
     # Same float64 arithmetic up to summation order (batched vs per-sample forward).
     worst = (result.x_adv - expected).abs().flatten(1).amax(1)
     assert (worst <= 1e-9).all(), f"samples {(worst > 1e-9).nonzero().flatten().tolist()} differ by {worst.max():.3g}"
+    # Compacted (the default), the broken points stop early; the others follow the same schedule.
+    torch.manual_seed(11)
+    compacted = APGD(model64, eps=eps, steps=30, norm=norm)(x64, y[:16])
+    robust = ~result.success
+    assert robust.any() and (~robust).any(), "the test needs both kinds of points"
+    assert torch.equal(compacted.success, result.success)
+    assert (compacted.x_adv - expected)[robust].abs().max() <= 1e-9
 
 
 def test_apgd_checkpoints_for_100_iterations_are_the_papers():

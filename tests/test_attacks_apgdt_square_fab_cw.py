@@ -81,12 +81,13 @@ def test_apgdt_runs_the_top_other_classes_in_order_on_the_points_still_robust(mo
     runs = []
     real_run = APGDT._single_run
 
-    def recording(self, x_sub, y_sub, first, target=None):
-        runs.append((x_sub, target))
-        return real_run(self, x_sub, y_sub, first, target)
+    def recording(self, x_sub, y_sub, start, **kwargs):
+        runs.append((x_sub, kwargs["target"]))
+        return real_run(self, x_sub, y_sub, start, **kwargs)
 
     monkeypatch.setattr(APGDT, "_single_run", recording)
-    result = APGDT(model, eps=0.05, steps=10, n_target_classes=3, clip=WIDE)(x, y)
+    # max_rows=1: one run at a time (the batched runs are compared with these in test_attacks_compaction.py).
+    result = APGDT(model, eps=0.05, steps=10, n_target_classes=3, max_rows=1, clip=WIDE)(x, y)
     assert 2 <= len(runs) <= 3, "the test needs points that survive the first target"
     rows = []
     for k, (x_sub, target) in enumerate(runs):
@@ -102,7 +103,7 @@ def test_apgdt_runs_the_top_other_classes_in_order_on_the_points_still_robust(mo
     # Points misclassified at x are returned unchanged and successful, without a run.
     runs.clear()
     y_wrong = (y + 1) % 6
-    wrong = apgdt(model, x, y_wrong, eps=0.05, steps=5, clip=WIDE)
+    wrong = apgdt(model, x, y_wrong, eps=0.05, steps=5, max_rows=1, clip=WIDE)
     assert wrong.success.all() and torch.equal(wrong.x_adv, x) and not runs
     with pytest.raises(ValueError, match="dlr_targeted.*4 classes"):
         APGDT(linear_model(3, PIXELS), steps=2)(x, _labels(linear_model(3, PIXELS), x))

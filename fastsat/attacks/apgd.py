@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from fastsat import ops
-from fastsat._checks import choice, number, positive_int
-from fastsat.attacks.base import Attack, AttackResult, Candidate, per_sample, top_other_classes
+from fastsat._checks import choice, no_host_checks, number, positive_int
+from fastsat.attacks.base import Attack, AttackResult, Candidate, Compaction, per_sample, take_rows, top_other_classes
+from fastsat.grad import check_objective_args, objective_value
 
 __all__ = ["APGD", "APGDT", "apgd", "apgdt", "checkpoints", "halve_step"]
 
@@ -75,13 +76,18 @@ class APGD(Attack):
             first, then the highest loss).
         loss: "ce" (APGD-CE, default) or "dlr" (APGD-DLR, needs K ≥ 3).
         rho: oscillation threshold ρ for halving the step size (default 0.75).
+        compact_every: every this many steps (default 5) the points already misclassified leave
+            the batch, at one host sync; None runs every point for all ``steps``. Later restarts
+            then run on the points still robust only (as in AutoAttack). :meth:`perturb`
+            (training) never compacts: it stays free of host syncs.
         mode: model mode during the attack ("eval" default; None = as found); always restored.
         clip: valid input box (lo, hi), default (0, 1). backend: fastsat.ops backend.
 
-    Per sample the result is the last misclassified iterate if there was one, else the
-    iterate of highest loss. ``stats`` is a :class:`fastsat.ops.StepStats`: the alignment
-    statistics of the clean x and the gradient of the last step (⟨x, g⟩, ‖g‖, ‖x‖) and ‖δ‖ of
-    the returned point.
+    Per sample the result is the last misclassified iterate if there was one (up to the step at
+    which the point left the batch), else the iterate of highest loss. The points still robust
+    get exactly what ``compact_every=None`` gives them. ``stats`` is a
+    :class:`fastsat.ops.StepStats`: the alignment statistics of the clean x and the gradient of
+    the point's last step (⟨x, g⟩, ‖g‖, ‖x‖) and ‖δ‖ of the returned point.
     """
 
     losses: tuple[str, ...] = ("ce", "dlr")
@@ -96,6 +102,7 @@ class APGD(Attack):
         restarts: int = 1,
         loss: str = "ce",
         rho: float = 0.75,
+        compact_every: int | None = 5,
         mode: str | None = "eval",
         clip: tuple[float, float] = (0.0, 1.0),
         backend: str | None = None,
@@ -105,6 +112,7 @@ class APGD(Attack):
         self.restarts = positive_int(restarts, "restarts")
         self.loss = choice(loss, "loss", self.losses)
         self.rho = number(rho, "rho", minimum=0, maximum=1)
+        self.compact_every = None if compact_every is None else positive_int(compact_every, "compact_every")
 
     def _direction(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """Unit step direction in the dtype of x: sign(g) for L∞, g/‖g‖₂ per sample for L2 (zero
@@ -117,20 +125,42 @@ class APGD(Attack):
         return (grad * per_sample(scale.to(grad.dtype), grad)).to(x.dtype)
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, *, need_success: bool) -> AttackResult:
+        every = self.compact_every if need_success else None
         best = None
         for restart in range(self.restarts):
-            candidate = self._single_run(x, y, first=restart == 0)
-            best = candidate if best is None else best.merge(candidate)
+            start = ops.random_start(x, eps=self.eps, norm=self.norm, clip=self.clip, backend=self.backend)
+            if best is None:
+                best = self._single_run(x, y, start, first=True, every=every)
+            elif every is None:
+                best = best.merge(self._single_run(x, y, start, first=False, every=every))
+            else:
+                # Later restarts run on the points still robust only (as AutoAttack's): one host sync.
+                rows = (~best.success).nonzero().squeeze(1)
+                if rows.numel() == 0:
+                    break
+                best = best.merge_rows(rows, self._single_run(x[rows], y[rows], start[rows], first=False, every=every))
         return AttackResult(x_adv=best.x_adv, success=best.success, delta_norm=None, stats=best.stats)
 
     def _single_run(
-        self, x: torch.Tensor, y: torch.Tensor, first: bool, target: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        start: torch.Tensor,
+        *,
+        first: bool,
+        every: int | None,
+        target: torch.Tensor | None = None,
+        groups: int = 1,
     ) -> Candidate:
-        """One run from a random start; ``target`` (B,) are the target classes of the targeted loss."""
+        """One run from ``start`` (B, ...), a point of the ε-ball around x; ``target`` (B,) are the
+        target classes of the targeted loss. Every ``every`` steps the points already misclassified
+        leave the batch (:class:`Compaction`; ``groups`` as there); their result is then the
+        iterate they reached."""
         marks = set(checkpoints(self.steps))
-        zeros = torch.zeros_like(x)
+        compaction = Compaction(x.shape[0], every, x.device, groups)
+        x_all, y_all, target_all = x, y, target
 
-        x_adv = ops.random_start(x, eps=self.eps, norm=self.norm, clip=self.clip, backend=self.backend)
+        x_adv = start
         result = self._grad(x_adv, self.loss, first=first, y=y, target=target)
         grad = result.grad  # float32 for float16/bfloat16 x: its small entries keep their sign
         ever_adv = self._misclassified(result.logits, y)
@@ -142,6 +172,13 @@ class APGD(Attack):
         loss_best_at_check = loss_best.clone()
         reduced_at_check = torch.ones_like(ever_adv)
         last_grad = grad
+        zeros = torch.zeros_like(x)
+        # Per row of the whole batch: the point returned and the gradient of its last step.
+        x_out, grad_out = torch.empty_like(x), torch.empty_like(grad)
+
+        def settle() -> None:
+            x_out.index_copy_(0, compaction.rows, torch.where(per_sample(ever_adv, x_best), x_last_adv, x_best))
+            grad_out.index_copy_(0, compaction.rows, last_grad)
 
         for i in range(self.steps):
             z = self._project_onto_ball(x_adv + per_sample(step, x) * self._direction(x, grad), x, zeros)
@@ -171,10 +208,23 @@ class APGD(Attack):
                 grad = torch.where(per_sample(reduce, x), grad_best, grad)
                 losses = [value]
 
-        x_out = torch.where(per_sample(ever_adv, x), x_last_adv, x_best)
-        success, value = self._final(x_out, y, self.loss, target=target)
-        align = ops.alignment_stats(x, last_grad, backend=self.backend)
-        delta_norm = self._distance(x, x_out).to(align.dot.dtype)
+            if compaction.due(i + 1, self.steps):
+                settle()
+                keep = compaction.keep(ever_adv)
+                if keep.numel() == 0:
+                    break
+                if keep.numel() < x.shape[0]:
+                    (x, y, target, zeros, x_adv, x_prev, grad, last_grad, ever_adv, x_last_adv, x_best, grad_best,
+                     loss_best, step, loss_best_at_check, reduced_at_check) = take_rows(
+                        keep, x, y, target, zeros, x_adv, x_prev, grad, last_grad, ever_adv, x_last_adv, x_best,
+                        grad_best, loss_best, step, loss_best_at_check, reduced_at_check)
+                    losses = list(take_rows(keep, *losses))
+        else:  # ran to the end (a break has settled already)
+            settle()
+
+        success, value = self._final(x_out, y_all, self.loss, target=target_all)
+        align = ops.alignment_stats(x_all, grad_out, backend=self.backend)
+        delta_norm = self._distance(x_all, x_out).to(align.dot.dtype)
         stats = ops.StepStats(dot=align.dot, grad_norm=align.grad_norm, x_norm=align.x_norm, delta_norm=delta_norm)
         return Candidate(x_out, success, value, stats)
 
@@ -189,11 +239,20 @@ class APGDT(APGD):
     ``success`` is untargeted, as in AutoAttack: the prediction differs from y (whichever class
     it moved to). Points misclassified at x are returned unchanged, successful.
 
-    Arguments as :class:`APGD` (no ``loss``). Per sample the result is the first successful run's
-    point, else the highest-loss point over all runs (the clean x if no run beat it), with the
-    :class:`fastsat.ops.StepStats` of that run's last step (of the first target's gradient at x
-    for the clean x). Costs one forward and one gradient at x, then ``steps`` gradients per
-    run; one host sync per run (to select the points still robust).
+    Arguments as :class:`APGD` (no ``loss``), and ``max_rows``: the runs (targets × restarts)
+    go in batches of (points still robust) × (runs) rows, at most ``max_rows`` (default 1024;
+    at least one run at a time). A batch returns what the runs one after another would: a point
+    counts as broken if any run breaks it, with the point of the first run in order that did, and
+    a point broken by one run stops in the later ones at the next compaction. Batching saves the
+    per-call overheads of small batches (GPU: fuller kernels); on the CPU, where the work is
+    proportional to the rows, it gains little.
+
+    Per sample the result is the first successful run's point, else the highest-loss point over
+    all runs (the clean x if no run beat it), with the :class:`fastsat.ops.StepStats` of that
+    run's last step (of the first target's gradient at x for the clean x). Costs one forward and
+    one gradient at x, then ``steps`` gradients per run and point still running; one host sync
+    per batch of runs (to select the points still robust) and per compaction. Each run starts
+    from its own random draw over the whole batch, so the draws do not depend on the batching.
 
     target_score: (x, y, clean logits) → (B, K) scores that rank the targets instead of the clean
     logits, highest first (e.g. MALT's linearised margins,
@@ -213,38 +272,59 @@ class APGDT(APGD):
         n_target_classes: int = 9,
         target_score: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         rho: float = 0.75,
+        compact_every: int | None = 5,
+        max_rows: int = 1024,
         mode: str | None = "eval",
         clip: tuple[float, float] = (0.0, 1.0),
         backend: str | None = None,
     ):
         super().__init__(
-            model, eps=eps, steps=steps, norm=norm, restarts=restarts, loss="dlr_targeted", rho=rho, mode=mode,
-            clip=clip, backend=backend,
+            model, eps=eps, steps=steps, norm=norm, restarts=restarts, loss="dlr_targeted", rho=rho,
+            compact_every=compact_every, mode=mode, clip=clip, backend=backend,
         )
         self.n_target_classes = positive_int(n_target_classes, "n_target_classes")
         self.target_score = target_score
+        self.max_rows = positive_int(max_rows, "max_rows")
+
+    def _clean_start(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Candidate]:
+        """(targets (B, T), the clean x as a candidate) from one forward and one backward at x: the
+        targets come from the logits, the first target's loss and gradient from the same graph."""
+        x_in = x.detach().requires_grad_(True)
+        logits = self.model(x_in)
+        self._check_clean_logits(logits, y, x.shape[0])
+        score = logits.detach() if self.target_score is None else self.target_score(x, y, logits.detach())
+        targets = top_other_classes(score, y, self.n_target_classes)
+        with no_host_checks():  # y's range was just checked; the targets are in range by construction
+            check_objective_args(self.loss, tuple(logits.shape), y=y, target=targets[:, 0])
+        value = objective_value(logits, self.loss, y=y, target=targets[:, 0])
+        (grad,) = torch.autograd.grad(value.sum(), x_in)
+        grad = grad.to(ops.accumulation_dtype(x.dtype))
+        self._warn_suspicious(logits.detach(), grad)
+        align = ops.alignment_stats(x, grad, backend=self.backend)
+        stats = ops.StepStats(
+            dot=align.dot, grad_norm=align.grad_norm, x_norm=align.x_norm, delta_norm=torch.zeros_like(align.dot)
+        )
+        return targets, Candidate(x.clone(), self._misclassified(logits.detach(), y), value.detach(), stats)
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, *, need_success: bool) -> AttackResult:
-        logits = self._clean_logits(x, y)
-        score = logits if self.target_score is None else self.target_score(x, y, logits)
-        targets = top_other_classes(score, y, self.n_target_classes)
-        start = self._grad(x, self.loss, first=True, y=y, target=targets[:, 0])
-        align = ops.alignment_stats(x, start.grad, backend=self.backend)
-        best = Candidate(
-            x_adv=x.clone(),
-            success=self._misclassified(start.logits, y),
-            value=start.value,
-            stats=ops.StepStats(
-                dot=align.dot, grad_norm=align.grad_norm, x_norm=align.x_norm, delta_norm=torch.zeros_like(align.dot)
-            ),
-        )
-        for k in range(targets.shape[1]):
-            for _ in range(self.restarts):
-                robust = (~best.success).nonzero().squeeze(1)
-                if robust.numel() == 0:
-                    return AttackResult(x_adv=best.x_adv, success=best.success, delta_norm=None, stats=best.stats)
-                run = self._single_run(x[robust], y[robust], first=False, target=targets[robust, k])
-                best = best.merge_rows(robust, run)
+        targets, best = self._clean_start(x, y)
+        runs = [k for k in range(targets.shape[1]) for _ in range(self.restarts)]  # each run's target
+        done = 0
+        while done < len(runs):
+            robust = (~best.success).nonzero().squeeze(1)  # host sync
+            if robust.numel() == 0:
+                break
+            batch = runs[done : done + max(1, self.max_rows // robust.numel())]
+            done += len(batch)
+            # Drawn over the whole batch, run by run: the same draws however the runs are batched.
+            starts = [ops.random_start(x, eps=self.eps, norm=self.norm, clip=self.clip, backend=self.backend)[robust]
+                      for _ in batch]
+            repeat = (len(batch),) + (1,) * (x.dim() - 1)
+            run = self._single_run(
+                x[robust].repeat(repeat), y[robust].repeat(len(batch)), torch.cat(starts), first=False,
+                every=self.compact_every, target=torch.cat([targets[robust, k] for k in batch]), groups=len(batch),
+            )
+            best = best.merge_rows(robust, run.first_of(len(batch)))
         return AttackResult(x_adv=best.x_adv, success=best.success, delta_norm=None, stats=best.stats)
 
 

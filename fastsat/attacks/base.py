@@ -188,16 +188,21 @@ class Attack(abc.ABC):
     def _project_onto_ball(self, v: torch.Tensor, x: torch.Tensor, zeros: torch.Tensor | None = None) -> torch.Tensor:
         """v projected onto the ε-ball around x in the attack's norm, then clipped, in place: a
         zero-step :func:`fastsat.ops.pgd_step`. ``zeros``: a zero tensor like v to reuse across
-        calls (a new one otherwise)."""
+        calls (a new one otherwise). x is the call's batch or rows of it, checked inside the box
+        (so finite) by :meth:`__call__`: pgd_step's finiteness check, a host sync for every new
+        tensor (each compaction makes one), is skipped."""
         zeros = torch.zeros_like(v) if zeros is None else zeros
-        return ops.pgd_step(v, zeros, x, step_size=0.0, eps=self.eps, norm=self.norm, clip=self.clip, out=v,
-                            backend=self.backend)
+        with no_host_checks():
+            return ops.pgd_step(v, zeros, x, step_size=0.0, eps=self.eps, norm=self.norm, clip=self.clip, out=v,
+                                backend=self.backend)
 
-    def _grad(self, x: torch.Tensor, objective: str, *, first: bool, **objective_args) -> InputGrad:
+    def _grad(
+        self, x: torch.Tensor, objective: str, *, first: bool, checked: bool = False, **objective_args
+    ) -> InputGrad:
         """Input gradient of ``objective`` at x. The first call of a run checks the labels against
-        the number of classes and warns about suspicious models (one host sync); the others are
-        sync-free."""
-        result = raw_input_grad(self.model, x, objective, check=first, **objective_args)
+        the number of classes (unless ``checked``: :meth:`_clean_logits` did) and warns about
+        suspicious models (host syncs); the others are sync-free."""
+        result = raw_input_grad(self.model, x, objective, check=first and not checked, **objective_args)
         if first:
             self._warn_suspicious(result.logits, result.grad)
         return result
@@ -239,9 +244,13 @@ class Attack(abc.ABC):
         (host syncs; none inside no_host_checks)."""
         with torch.no_grad():
             logits = self.model(x)
-        check_logits(logits, x.shape[0], classes=2, finite=True)
-        check_objective_args("logit", tuple(logits.shape), y=y)
+        self._check_clean_logits(logits, y, x.shape[0])
         return logits
+
+    def _check_clean_logits(self, logits: torch.Tensor, y: torch.Tensor | None, batch: int) -> None:
+        """The checks of :meth:`_clean_logits`, on the model's output for a batch of ``batch``."""
+        check_logits(logits, batch, classes=2, finite=True)
+        check_objective_args("logit", tuple(logits.shape), y=y)
 
     def _misclassified(self, logits: torch.Tensor, y: torch.Tensor, targeted: bool = False) -> torch.Tensor:
         pred = logits.argmax(dim=1)
@@ -349,6 +358,44 @@ def top_other_classes(logits: torch.Tensor, y: torch.Tensor, n: int) -> torch.Te
     return logits.scatter(1, y[:, None], float("-inf")).topk(count, dim=1).indices
 
 
+def take_rows(keep: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Each tensor's rows ``keep`` (int64 indices), in order; None stays None."""
+    return tuple(None if t is None else t.index_select(0, keep) for t in tensors)
+
+
+class Compaction:
+    """The rows of a batch an attack still runs on, shrunk every ``every`` iterations so that a
+    broken point costs nothing more; each shrink is one host sync, the marks between need none.
+
+    Per-sample independence makes this exact: a row's iterates do not depend on which other rows
+    share its batch. With ``groups`` > 1 the batch is ``groups`` consecutive blocks of the same
+    points (one per target and restart, in run order), and a point broken in one block also stops
+    in the blocks after it — those runs would not have run on it one after another.
+    """
+
+    def __init__(self, batch: int, every: int | None, device: torch.device, groups: int = 1):
+        """batch: rows at the start. every: iterations between shrinks (None: never)."""
+        self.every = every
+        self.groups = groups
+        self.rows = torch.arange(batch, device=device)  # (R,) int64: the batch rows still running
+        self._broken = torch.zeros(batch, dtype=torch.bool, device=device) if groups > 1 else None
+
+    def due(self, iteration: int, total: int) -> bool:
+        """Whether to shrink after ``iteration`` (1-based) of ``total``: every ``every``, not after the last."""
+        return self.every is not None and iteration % self.every == 0 and iteration < total
+
+    def keep(self, broken: torch.Tensor) -> torch.Tensor:
+        """Positions in :attr:`rows` of the rows that go on, given which of them are broken ((R,)
+        bool, once true always true); :attr:`rows` shrinks to them. One host sync."""
+        done = broken
+        if self._broken is not None:
+            self._broken.index_copy_(0, self.rows, broken)
+            done = (self._broken.view(self.groups, -1).cumsum(0) > 0).flatten()[self.rows]
+        keep = (~done).nonzero().squeeze(1)
+        self.rows = self.rows[keep]
+        return keep
+
+
 @dataclass
 class Candidate:
     """One restart's outcome, compared per sample: success first, then the objective value."""
@@ -366,6 +413,21 @@ class Candidate:
             success=self.success | other.success,
             value=torch.where(better, other.value, self.value),
             stats=merge_stats(better, other.stats, self.stats),
+        )
+
+    def first_of(self, groups: int) -> Candidate:
+        """Of ``groups`` consecutive blocks of candidates for the same P points (runs in order,
+        batched), per point the one that running them one after another keeps: the first success,
+        else the first highest value. Returns P candidates."""
+        success, value = self.success.view(groups, -1), self.value.view(groups, -1)
+        points = success.shape[1]
+        pick = torch.where(success.any(0), success.to(torch.uint8).argmax(0), value.argmax(0))  # argmax: first of ties
+        index = pick * points + torch.arange(points, device=pick.device)
+        return Candidate(
+            x_adv=self.x_adv.index_select(0, index),
+            success=success.any(0),
+            value=self.value.index_select(0, index),
+            stats=StepStats(*(getattr(self.stats, f.name).index_select(0, index) for f in dataclasses.fields(StepStats))),
         )
 
     def merge_rows(self, rows: torch.Tensor, other: Candidate) -> Candidate:

@@ -20,7 +20,15 @@ from torch import nn
 
 from fastsat import ops
 from fastsat._checks import number, positive_int
-from fastsat.attacks.base import Attack, AttackResult, per_sample, sample_norms, top_other_classes
+from fastsat.attacks.base import (
+    Attack,
+    AttackResult,
+    Compaction,
+    per_sample,
+    sample_norms,
+    take_rows,
+    top_other_classes,
+)
 
 __all__ = ["FAB", "fab", "project_onto_hyperplane"]
 
@@ -84,6 +92,14 @@ class FAB(Attack):
         alpha_max: largest weight α of the clean point's projection (default 0.1).
         eta: overshoot of each projection (default 1.05). beta: pull-back factor towards x after
             an adversarial iterate (default 0.9).
+        compact_every: with ε, every this many steps (default 5) the points with an adversarial
+            point within ε leave the run, at one host sync (their ‖δ‖ is then the smallest found
+            so far); None runs every point for all ``steps``.
+        max_rows: the runs (targets × restarts) go in batches of (points not yet broken) × (runs)
+            rows, at most ``max_rows`` (default 1024; at least one run at a time), with the result
+            of the runs one after another: per point the first run in order that found a point
+            within ε, else the smallest found. Batching saves the per-call overheads of small
+            batches (GPU); on the CPU, where the work is proportional to the rows, it gains little.
         mode: model mode during the attack ("eval" default; None = as found); always restored.
         clip: valid input box (lo, hi) with lo < hi, default (0, 1). backend: fastsat.ops backend
             (random starts).
@@ -93,7 +109,8 @@ class FAB(Attack):
     x, returned unchanged); ``delta_norm`` is the norm of the smallest adversarial perturbation
     found, inf where none was — it may exceed ε, the minimal-norm attack's measurement; ``stats``
     None. Only points not yet broken are attacked, target after target. Each iteration costs one
-    gradient (of Ψ^t − Ψ^y) and one forward; one host sync per target and restart.
+    gradient (of Ψ^t − Ψ^y) and one forward per point still running; one host sync per batch of
+    runs and per compaction.
     """
 
     def __init__(
@@ -108,6 +125,8 @@ class FAB(Attack):
         alpha_max: float = 0.1,
         eta: float = 1.05,
         beta: float = 0.9,
+        compact_every: int | None = 5,
+        max_rows: int = 1024,
         mode: str | None = "eval",
         clip: tuple[float, float] = (0.0, 1.0),
         backend: str | None = None,
@@ -123,21 +142,24 @@ class FAB(Attack):
         self.alpha_max = number(alpha_max, "alpha_max", minimum=0, maximum=1)
         self.eta = number(eta, "eta", minimum=1)
         self.beta = number(beta, "beta", minimum=0, maximum=1, exclusive_max=True)
+        self.compact_every = None if compact_every is None else positive_int(compact_every, "compact_every")
+        self.max_rows = positive_int(max_rows, "max_rows")
 
     def _single_run(
-        self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor, *, random_start: bool, first: bool
+        self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor, start: torch.Tensor, *, first: bool, groups: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(smallest adversarial point, its norm (inf where none)) of one run towards ``target``."""
+        """(smallest adversarial point, its norm (inf where none)) of one run towards ``target``
+        from ``start`` (B, ...). With ε, every ``compact_every`` steps the points with one within ε
+        leave the batch (:class:`Compaction`, ``groups`` as there)."""
         lo, hi = self.clip
         acc = ops.accumulation_dtype(x.dtype)
-        x0 = x.to(acc).flatten(1)
-        if random_start:
-            x1 = ops.random_start(x, eps=self.eps / 2, norm=self.norm, clip=self.clip, backend=self.backend)
-        else:
-            x1 = x.clone()
+        every = None if self.eps is None else self.compact_every  # unbounded: every point minimises to the end
+        compaction = Compaction(x.shape[0], every, x.device, groups)
+        x0, x1 = x.to(acc).flatten(1), start
         best, best_norm = x.clone(), torch.full((x.shape[0],), torch.inf, dtype=acc, device=x.device)
+        best_a, best_norm_a = best, best_norm
         for step in range(self.steps):
-            g = self._grad(x1, "logit_diff", first=first and step == 0, target=target, other=y)
+            g = self._grad(x1, "logit_diff", first=first and step == 0, checked=True, target=target, other=y)
             x1a, w = x1.to(acc).flatten(1), g.grad.flatten(1)
             b = (w * x1a).sum(1) - g.value  # the linearised boundary Ψ^t − Ψ^y = 0: ⟨w, z⟩ = b
             d1 = project_onto_hyperplane(x1a, w, b, self.norm, self.clip)
@@ -150,11 +172,21 @@ class FAB(Attack):
                 adversarial = self._misclassified(self.model(x1), y)
             delta = x1.to(acc) - x.to(acc)
             dist = sample_norms(delta, self.norm)
-            better = adversarial & (dist < best_norm)
-            best = torch.where(per_sample(better, x), x1, best)
-            best_norm = torch.where(better, dist, best_norm)
+            better = adversarial & (dist < best_norm_a)
+            best_a = torch.where(per_sample(better, x), x1, best_a)
+            best_norm_a = torch.where(better, dist, best_norm_a)
             pulled = (x + self.beta * delta).to(x.dtype)
             x1 = torch.where(per_sample(adversarial, x), pulled, x1)
+            if compaction.due(step + 1, self.steps):
+                best.index_copy_(0, compaction.rows, best_a)
+                best_norm.index_copy_(0, compaction.rows, best_norm_a)
+                keep = compaction.keep(best_norm_a <= self.eps)
+                if keep.numel() == 0:
+                    return best, best_norm
+                if keep.numel() < x.shape[0]:
+                    x, y, target, x0, x1, best_a, best_norm_a = take_rows(keep, x, y, target, x0, x1, best_a, best_norm_a)
+        best.index_copy_(0, compaction.rows, best_a)
+        best_norm.index_copy_(0, compaction.rows, best_norm_a)
         return best, best_norm
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, *, need_success: bool) -> AttackResult:
@@ -164,21 +196,35 @@ class FAB(Attack):
         misclassified = self._misclassified(logits, y)
         min_norm = torch.where(misclassified, 0.0, torch.inf).to(acc)
         x_best = x.clone()
-        first = True
-        for k in range(targets.shape[1]):
-            for restart in range(self.restarts):
-                done = misclassified if self.eps is None else min_norm <= self.eps
-                todo = (~done).nonzero().squeeze(1)  # host sync
-                if todo.numel() == 0:
-                    break
-                found, norms = self._single_run(
-                    x[todo], y[todo], targets[todo, k], random_start=restart > 0, first=first
-                )
-                first = False
-                better = norms < min_norm[todo]
-                # torch.where, not a boolean index: no second host sync per run.
-                x_best.index_copy_(0, todo, torch.where(per_sample(better, found), found, x_best[todo]))
-                min_norm[todo] = torch.minimum(norms, min_norm[todo])
+        runs = [(k, restart) for k in range(targets.shape[1]) for restart in range(self.restarts)]
+        done = 0
+        while done < len(runs):
+            broken = misclassified if self.eps is None else min_norm <= self.eps
+            todo = (~broken).nonzero().squeeze(1)  # host sync
+            if todo.numel() == 0:
+                break
+            batch = runs[done : done + max(1, self.max_rows // todo.numel())]
+            # Random starts drawn over the whole batch, run by run: the same however runs are batched.
+            starts = [x if restart == 0 else
+                      ops.random_start(x, eps=self.eps / 2, norm=self.norm, clip=self.clip, backend=self.backend)
+                      for _, restart in batch]
+            repeat = (len(batch),) + (1,) * (x.dim() - 1)
+            found, norms = self._single_run(
+                x[todo].repeat(repeat), y[todo].repeat(len(batch)), torch.cat([targets[todo, k] for k, _ in batch]),
+                torch.cat([s[todo] for s in starts]), first=done == 0, groups=len(batch),
+            )
+            done += len(batch)
+            # Per point, what the runs one after another keep: the first within ε, else the
+            # smallest (argmax/argmin: the first of ties, as the strict < below keeps the earlier).
+            norms = norms.view(len(batch), -1)
+            within = torch.zeros_like(norms, dtype=torch.bool) if self.eps is None else norms <= self.eps
+            pick = torch.where(within.any(0), within.to(torch.uint8).argmax(0), norms.argmin(0))
+            index = pick * todo.numel() + torch.arange(todo.numel(), device=x.device)
+            found, norms = found.index_select(0, index), norms.flatten().index_select(0, index)
+            better = norms < min_norm[todo]
+            # torch.where, not a boolean index: no second host sync per batch of runs.
+            x_best.index_copy_(0, todo, torch.where(per_sample(better, found), found, x_best[todo]))
+            min_norm[todo] = torch.minimum(norms, min_norm[todo])
         success = torch.isfinite(min_norm) if self.eps is None else min_norm <= self.eps
         x_adv = torch.where(per_sample(success, x), x_best, x)
         return AttackResult(x_adv=x_adv, success=success, delta_norm=min_norm, stats=None)

@@ -11,25 +11,41 @@ L∞: start from vertical stripes x ± ε (a random sign per sample, channel and
 the window to x ± ε. L2: start from a grid of the paper's centred "square" patterns; a query moves
 the perturbation mass of a second window into the first (total norm ε). Only points not yet
 misclassified are queried; a point stops at its first misclassification. ε is in pixel space; the
-L∞ projection and clip go through :func:`fastsat.ops.pgd_step`. Random numbers come from torch's
-global generators (``torch.manual_seed`` makes a run reproducible).
+L∞ start's projection and clip go through :func:`fastsat.ops.pgd_step`, a query's window is x ± ε
+clipped, as that projection gives it. Random numbers come from torch's global generators
+(``torch.manual_seed`` makes a run reproducible).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from fastsat import ops
 from fastsat._checks import number, positive_int
-from fastsat.attacks.base import Attack, AttackResult, per_sample
+from fastsat.attacks.base import Attack, AttackResult, Compaction, per_sample, take_rows
 from fastsat.grad import objective_value
 
 __all__ = ["Square", "p_schedule", "square"]
 
 # Queries (out of 10,000) after which p halves once more (the authors' p_selection).
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+class _Window(NamedTuple):
+    """One query's windows, shared by the batch: side, top-left corner, the L2 second window's
+    corner and whether the L2 pattern is transposed."""
+
+    size: int
+    row: int
+    col: int
+    row2: int
+    col2: int
+    transposed: bool
 
 
 def p_schedule(query: int, n_queries: int, p_init: float) -> float:
@@ -39,9 +55,11 @@ def p_schedule(query: int, n_queries: int, p_init: float) -> float:
     return p_init / 2 ** sum(scaled > q for q in _HALVINGS)
 
 
+@functools.lru_cache(maxsize=64)
 def _square_pattern(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The L2 update pattern of the paper (s × s, unit L2 norm): nested centred squares with
-    weights 1/(k+1)² on each half, the halves of opposite sign; transposed with probability 1/2."""
+    weights 1/(k+1)² on each half, the halves of opposite sign. Cached per size (a query
+    transposes it with probability 1/2); read-only."""
 
     def rectangles(rows: int, cols: int) -> torch.Tensor:
         pattern = torch.zeros(rows, cols, dtype=dtype, device=device)
@@ -52,8 +70,7 @@ def _square_pattern(size: int, dtype: torch.dtype, device: torch.device) -> torc
         return pattern / pattern.norm()
 
     pattern = torch.cat([rectangles(size // 2, size), -rectangles(size - size // 2, size)])
-    pattern = pattern / pattern.norm()
-    return pattern.t() if torch.rand(()) > 0.5 else pattern
+    return pattern / pattern.norm()
 
 
 class Square(Attack):
@@ -67,14 +84,17 @@ class Square(Attack):
         p_init: initial fraction of pixels per window (default 0.8, the paper's L∞ setting for
             5000 queries on CIFAR-10; 0.1 is theirs for L2 on ImageNet).
         restarts: runs, each on the points still correctly classified (default 1).
+        compact_every: every this many queries (default 20) the points already misclassified
+            leave the batch, at one host sync; None queries every point to the end (a fooled
+            point's queries then change nothing). The result is the same either way.
         mode: model mode during the attack ("eval" default; None = as found); always restored.
         clip: valid input box (lo, hi), default (0, 1). backend: fastsat.ops backend.
 
     Returns :class:`AttackResult` with ``stats`` None (no gradient). Points misclassified at x
     are returned unchanged, successful; the others get their first misclassified point, or the
-    lowest-margin point found (x if no query lowered the clean margin). Each query
-    costs one forward pass on the points still correctly classified and one host sync (to select
-    them and to stop once none is left).
+    lowest-margin point found (x if no query lowered the clean margin). Each query costs one
+    forward pass on the points still in the batch; host syncs: one per restart and per compaction
+    (the windows are drawn on the CPU, one read per run).
     """
 
     def __init__(
@@ -86,6 +106,7 @@ class Square(Attack):
         norm: str = "linf",
         p_init: float = 0.8,
         restarts: int = 1,
+        compact_every: int | None = 20,
         mode: str | None = "eval",
         clip: tuple[float, float] = (0.0, 1.0),
         backend: str | None = None,
@@ -94,6 +115,7 @@ class Square(Attack):
         self.n_queries = positive_int(n_queries, "n_queries")
         self.p_init = number(p_init, "p_init", minimum=0, maximum=1, exclusive_min=True)
         self.restarts = positive_int(restarts, "restarts")
+        self.compact_every = None if compact_every is None else positive_int(compact_every, "compact_every")
 
     def _check_inputs(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         super()._check_inputs(x, y)
@@ -111,17 +133,43 @@ class Square(Attack):
         bits = torch.randint(0, 2, (batch, channels, 1, width), device=like.device)
         return (2 * bits - 1).to(like.dtype)
 
-    def _start(self, x: torch.Tensor) -> torch.Tensor:
+    def _cells(self, height: int, width: int) -> tuple[int, list[tuple[int, int]]]:
+        """Side s = ⌊H/5⌋ (at least 1) and top-left corners of the L2 start's grid of s × s cells."""
+        size = max(height // 5, 1)
+        offset = (height - 5 * size) // 2
+        rows, cols = range(offset, height - size + 1, size), range(offset, width - size + 1, size)
+        return size, [(row, col) for row in rows for col in cols]
+
+    def _plan(self, x: torch.Tensor) -> tuple[list[bool], list[_Window]]:
+        """The run's shared random choices, drawn at once on the CPU and read in one go (no device
+        sync): the L2 start's transpositions per cell and every query's windows."""
+        height, width = x.shape[2:]
+        cells = len(self._cells(height, width)[1]) if self.norm == "l2" else 0
+        draws = torch.rand(cells + 5 * (self.n_queries - 1)).tolist()
+        coins, draws = [u > 0.5 for u in draws[:cells]], draws[cells:]
+        windows = []
+        for query in range(self.n_queries - 1):
+            p = p_schedule(query, self.n_queries, self.p_init)
+            size = max(round(math.sqrt(p * height * width)), 1)
+            if self.norm == "l2":
+                size = max(size, 3)
+                size += 1 - size % 2  # odd, so the pattern has a centre
+            size = min(size, height, width)
+            u = draws[5 * query : 5 * query + 5]
+            rows, cols = height - size + 1, width - size + 1
+            windows.append(_Window(size, int(u[0] * rows), int(u[1] * cols), int(u[2] * rows), int(u[3] * cols), u[4] > 0.5))
+        return coins, windows
+
+    def _start(self, x: torch.Tensor, coins: list[bool]) -> torch.Tensor:
         batch, channels, height, width = x.shape
         if self.norm == "linf":
             return self._project_onto_ball(x + self.eps * self._random_signs(batch, channels, width, x), x)
-        size = max(height // 5, 1)
-        offset = (height - 5 * size) // 2
+        size, cells = self._cells(height, width)
         delta = torch.zeros_like(x)
-        for row in range(offset, height - size + 1, size):
-            for col in range(offset, width - size + 1, size):
-                signs = self._random_signs(batch, channels, 1, x)
-                delta[:, :, row : row + size, col : col + size] += _square_pattern(size, x.dtype, x.device) * signs
+        for (row, col), transposed in zip(cells, coins, strict=True):
+            pattern = _square_pattern(size, x.dtype, x.device)
+            signs = self._random_signs(batch, channels, 1, x)
+            delta[:, :, row : row + size, col : col + size] += (pattern.t() if transposed else pattern) * signs
         return self._l2_point(x, delta)
 
     def _l2_point(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -131,31 +179,20 @@ class Square(Attack):
         scale = torch.where(norm > 0, self.eps / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
         return (x + per_sample(scale, x) * delta).clamp(lo, hi)
 
-    def _window(self, query: int, x: torch.Tensor) -> tuple[int, int, int]:
-        """Side s and top-left corner of this query's window (drawn on the CPU: no sync)."""
-        height, width = x.shape[2:]
-        p = p_schedule(query, self.n_queries, self.p_init)
-        size = max(round(math.sqrt(p * height * width)), 1)
-        if self.norm == "l2":
-            size = max(size, 3)
-            size += 1 - size % 2  # odd, so the pattern has a centre
-        size = min(size, height, width)
-        row = int(torch.randint(0, height - size + 1, ()))
-        col = int(torch.randint(0, width - size + 1, ()))
-        return size, row, col
+    def _propose_linf(self, x: torch.Tensor, window: tuple, signs: torch.Tensor) -> torch.Tensor:
+        """The new values of the window: x ± ε there (the corner of the ball), clipped, computed in
+        the accumulation dtype as :func:`fastsat.ops.pgd_step`'s projection would."""
+        lo, hi = self.clip
+        acc = ops.accumulation_dtype(x.dtype)
+        return (x[window].to(acc) + self.eps * signs.to(acc)).clamp(lo, hi).to(x.dtype)
 
-    def _propose(self, query: int, x: torch.Tensor, x_best: torch.Tensor) -> torch.Tensor:
-        batch, channels = x.shape[:2]
-        size, row, col = self._window(query, x)
-        window = (slice(None), slice(None), slice(row, row + size), slice(col, col + size))
-        if self.norm == "linf":
-            step = torch.zeros_like(x_best)
-            step[window] = 2 * self.eps * self._random_signs(batch, channels, 1, x)
-            return self._project_onto_ball(x_best + step, x)
-        # L2: the mass of window 1 and of a second window 2 is redistributed into window 1 along a
+    def _propose_l2(self, x: torch.Tensor, x_best: torch.Tensor, plan: _Window, signs: torch.Tensor) -> torch.Tensor:
+        # The mass of window 1 and of a second window 2 is redistributed into window 1 along a
         # fresh pattern added to window 1's normalised old perturbation; window 2 is emptied.
-        _, row2, col2 = self._window(query, x)
-        window2 = (slice(None), slice(None), slice(row2, row2 + size), slice(col2, col2 + size))
+        channels = x.shape[1]
+        size = plan.size
+        window = (slice(None), slice(None), slice(plan.row, plan.row + size), slice(plan.col, plan.col + size))
+        window2 = (slice(None), slice(None), slice(plan.row2, plan.row2 + size), slice(plan.col2, plan.col2 + size))
         delta = x_best - x
         old = delta[window]
         old_norm = old.flatten(2).norm(dim=2)[..., None, None]
@@ -165,31 +202,59 @@ class Square(Attack):
         windows_norm = (delta * mask).flatten(2).norm(dim=2)[..., None, None]
         total_norm = delta.flatten(1).norm(dim=1)
         spare = (self.eps**2 - total_norm**2).clamp_min(0) / channels
-        new = _square_pattern(size, x.dtype, x.device) * self._random_signs(batch, channels, 1, x)
+        pattern = _square_pattern(size, x.dtype, x.device)
+        new = (pattern.t() if plan.transposed else pattern) * signs
         new = new + old / (old_norm + 1e-12)
         new_norm = new.flatten(2).norm(dim=2)[..., None, None]
         new = new / (new_norm + 1e-12) * (per_sample(spare, new) + windows_norm**2).sqrt()
-        delta = delta.clone()
         delta[window2] = 0
         delta[window] = new
         return self._l2_point(x, delta)
 
     def _single_run(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x_best, its margin, fooled) after ``n_queries`` queries on points correctly classified at x."""
-        x_best = self._start(x)
+        """(x_best, its margin, fooled) after ``n_queries`` queries on points correctly classified
+        at x. Every ``compact_every`` queries the fooled points leave the batch (one host sync);
+        until then their queries change nothing. Each query draws its signs for the whole batch,
+        so a point's draws do not depend on which points are still running."""
+        batch, channels = x.shape[:2]
+        coins, windows = self._plan(x)
+        compaction = Compaction(batch, self.compact_every, x.device)
+        x_best = self._start(x, coins)
         margin, fooled = self._margin(x_best, y)
-        for query in range(self.n_queries - 1):
-            active = (~fooled).nonzero().squeeze(1)  # host sync
-            if active.numel() == 0:
-                break
-            x_a, x_best_a = x[active], x_best[active]
-            x_new = self._propose(query, x_a, x_best_a)
-            margin_new, fooled_new = self._margin(x_new, y[active])
-            improved = (margin_new < margin[active]) | fooled_new
-            x_best[active] = torch.where(per_sample(improved, x_new), x_new, x_best_a)
-            margin[active] = torch.where(improved, margin_new, margin[active])
-            fooled[active] = torch.where(improved, fooled_new, False)
-        return x_best, margin, fooled
+        x_out, margin_out, fooled_out = torch.empty_like(x_best), torch.empty_like(margin), torch.empty_like(fooled)
+
+        def settle() -> None:
+            x_out.index_copy_(0, compaction.rows, x_best)
+            margin_out.index_copy_(0, compaction.rows, margin)
+            fooled_out.index_copy_(0, compaction.rows, fooled)
+
+        for query, plan in enumerate(windows):
+            if compaction.due(query + 1, self.n_queries):
+                settle()
+                keep = compaction.keep(fooled)
+                if keep.numel() == 0:
+                    return x_out, margin_out, fooled_out
+                if keep.numel() < x.shape[0]:
+                    x, y, x_best, margin, fooled = take_rows(keep, x, y, x_best, margin, fooled)
+            signs = self._random_signs(batch, channels, 1, x)[compaction.rows]
+            if self.norm == "linf":
+                window = (slice(None), slice(None), slice(plan.row, plan.row + plan.size),
+                          slice(plan.col, plan.col + plan.size))
+                patch = self._propose_linf(x, window, signs)
+                x_new = x_best.clone()
+                x_new[window] = patch
+            else:
+                x_new = self._propose_l2(x, x_best, plan, signs)
+            margin_new, fooled_new = self._margin(x_new, y)
+            improved = ((margin_new < margin) | fooled_new) & ~fooled  # a fooled point is finished
+            if self.norm == "linf":  # only the window changed
+                x_best[window] = torch.where(per_sample(improved, patch), patch, x_best[window])
+            else:
+                x_best = torch.where(per_sample(improved, x_new), x_new, x_best)
+            margin = torch.where(improved, margin_new, margin)
+            fooled = fooled | (improved & fooled_new)
+        settle()
+        return x_out, margin_out, fooled_out
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, *, need_success: bool) -> AttackResult:
         logits = self._clean_logits(x, y)
@@ -201,12 +266,12 @@ class Square(Attack):
             if robust.numel() == 0:
                 break
             x_run, margin_run, fooled = self._single_run(x[robust], y[robust])
-            # Per point the run's result if it broke the point or lowered its margin further.
+            # Per point the run's result if it broke the point or lowered its margin further
+            # (torch.where and index_copy_, not boolean indexing: no more host syncs).
             keep = fooled | (margin_run < margin[robust])
-            take = robust[keep]
-            x_adv[take] = x_run[keep]
-            margin[take] = margin_run[keep]
-            success[robust[fooled]] = True
+            x_adv.index_copy_(0, robust, torch.where(per_sample(keep, x_run), x_run, x_adv[robust]))
+            margin.index_copy_(0, robust, torch.where(keep, margin_run, margin[robust]))
+            success.index_copy_(0, robust, fooled)
         return AttackResult(x_adv=x_adv, success=success, delta_norm=None, stats=None)
 
 
