@@ -13,11 +13,12 @@ at two L∞ radii: a small one on the 8x8 digits, and the smallest radius of a g
 (Wong et al.'s step 1.25ε) collapses, found first by a sweep (one seed; its per-epoch PGD accuracy
 is the collapse curve). The large radius runs on the digits resized to 16x16 (bilinear) for 20
 epochs: on the 8x8 images no FGSM-RS run collapsed, up to the radii where PGD-AT itself no longer
-learns (0.2-0.4, also with width 64, step 2ε or a constant learning rate; bench/results/
-fast-at-methods-2026-12-07-cpu.md), and catastrophic overfitting is known to need more input
-dimensions. A run *collapsed* when its test PGD-10 accuracy ends at a quarter of its peak or less,
-after a peak of at least 0.05 (a run that never became robust cannot collapse); the rule was
-written before the sweep's results. Every arm but "FGSM-RS + guard" runs with the guard off
+learns (0.2-0.4: bench/results/fast-at-methods-2026-12-07-cpu-8px.md; single-seed hand runs at
+width 64, step 2ε or a constant learning rate, not committed, collapsed neither), and catastrophic
+overfitting is known to need more input dimensions. A run *collapsed* when its test PGD-10
+accuracy ends at a quarter of its peak or less, after a peak of at least 0.05 (a run that never
+became robust cannot collapse); the rule was written after single-seed exploratory runs at 16x16
+(not committed) and before this script's sweep ran. Every arm but "FGSM-RS + guard" runs with the guard off
 (``early_stop_drop=None``), so a collapse shows.
 
 Reported per arm and radius, over the seeds (paired: a seed fixes the initial weights and the data

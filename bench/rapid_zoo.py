@@ -15,7 +15,8 @@ counted around the model; times are wall times on the machine named in the resul
 
 Usage::
 
-    python bench/rapid_zoo.py             # CPU
+    python bench/rapid_zoo.py             # CPU, whole test splits, 2 worker processes
+    python bench/rapid_zoo.py --points 200
     python bench/rapid_zoo.py --quick     # 2 models, few points: the pipeline, not the numbers
 
 Writes ``bench/results/rapid-zoo-<date>-<device>[-quick].md`` and ``.json``; trained weights are
@@ -26,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -56,33 +59,53 @@ def run(model: Counted, x: torch.Tensor, y: torch.Tensor, eps: float, suite: str
             "clean": report["clean_acc"]}
 
 
+def validate_one(index: int, radius: int, points: int | None) -> dict:
+    """One zoo member at one of its radii: both suites on its first ``points`` test points (None:
+    all). Runs in a worker process on one thread; the zoo is read from the cache."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    name, testbed, net, masked = zoo(CACHE)[index]
+    _, test = testbed.load()
+    points = len(test) if points is None else min(points, len(test))
+    x, y = test.images[:points].float().div(255), test.labels[:points]
+    model = Counted(net).eval()
+    eps = testbed.radii[radius]
+    standard, rapid = run(model, x, y, eps, "standard"), run(model, x, y, eps, "rapid")
+    within = abs(rapid["acc"] - standard["acc"]) <= TOLERANCE + 1e-12
+    return {"model": name, "ε": round(eps, 4), "points": points, "clean": standard["clean"],
+            "standard": standard["acc"], "rapid": rapid["acc"], "rapid − standard": rapid["acc"] - standard["acc"],
+            "within 0.5 pt": within, "forward ratio": rapid["forward"] / standard["forward"],
+            "time ratio": rapid["seconds"] / standard["seconds"], "standard s": standard["seconds"],
+            "rapid s": rapid["seconds"], "standard flags": ", ".join(standard["flags"]) or "none",
+            "rapid flags": ", ".join(rapid["flags"]) or "none", "masked": masked}
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 models, 16 points: checks the pipeline")
+    parser.add_argument("--points", type=int, default=None, help="test points per model (default: the whole split)")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder (default bench/results)")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
     started = time.perf_counter()
+    members = zoo(CACHE)  # trains what the cache lacks, once, before the workers read it
+    indices = [0, len(members) - 1] if args.quick else range(len(members))
+    points = 16 if args.quick else args.points
+    stamp = f"{datetime.now(timezone.utc):%Y-%m-%d}-cpu{'-quick' if args.quick else ''}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial = args.out / f"rapid-zoo-{stamp}.jsonl"  # one line per finished row: a cut-off run keeps its rows
+    partial.write_text("")
     rows = []
-    members = zoo(CACHE)
-    if args.quick:
-        members = [members[0], members[-1]]
-    for name, testbed, net, masked in members:
-        _, test = testbed.load()
-        points = 16 if args.quick else len(test)
-        x, y = test.images[:points].float().div(255), test.labels[:points]
-        model = Counted(net).eval()
-        for eps in testbed.radii:
-            standard, rapid = run(model, x, y, eps, "standard"), run(model, x, y, eps, "rapid")
-            within = abs(rapid["acc"] - standard["acc"]) <= TOLERANCE + 1e-12
-            row = {"model": name, "ε": round(eps, 4), "points": points, "clean": standard["clean"],
-                   "standard": standard["acc"], "rapid": rapid["acc"], "rapid − standard": rapid["acc"] - standard["acc"],
-                   "within 0.5 pt": within, "forward ratio": rapid["forward"] / standard["forward"],
-                   "time ratio": rapid["seconds"] / standard["seconds"], "standard s": standard["seconds"],
-                   "rapid s": rapid["seconds"], "standard flags": ", ".join(standard["flags"]) or "none",
-                   "rapid flags": ", ".join(rapid["flags"]) or "none", "masked": masked}
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [pool.submit(validate_one, i, r, points) for i in indices for r in (0, 1)]
+        for job in as_completed(jobs):
+            row = job.result()
             rows.append(row)
+            with open(partial, "a") as f:
+                f.write(json.dumps(row) + "\n")
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    order = {name: k for k, (name, *_rest) in enumerate(members)}
+    rows.sort(key=lambda r: (order[r["model"]], r["ε"]))
     plain = [r for r in rows if not r["masked"]]
     masked_ok = all(r["rapid flags"] != "none" for r in rows if r["masked"])
     outside = [f"{r['model']} at ε = {r['ε']}" for r in plain if not r["within 0.5 pt"]]
@@ -93,8 +116,6 @@ def main(argv: list[str] | None = None) -> Path:
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
             "torch": torch.__version__, "quick": args.quick, "wall_s": time.perf_counter() - started,
             "load": os.getloadavg(), "verdict": verdict}
-    stamp = f"{datetime.now(timezone.utc):%Y-%m-%d}-cpu{'-quick' if args.quick else ''}"
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rapid-zoo-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     ratios = [r["time ratio"] for r in plain]
     md = args.out / f"rapid-zoo-{stamp}.md"
