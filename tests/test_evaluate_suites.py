@@ -330,6 +330,13 @@ def test_a_suite_is_one_class_and_evaluate_runs_a_new_one():
     assert list(SUITES) == ["quick", "standard", "paper", "rapid"] and "rapid" in SUITES
     assert list(ATTACKS) == ["pgd", "apgd-ce", "apgd-dlr"]
 
+    # Masking checks rerun the suite's main attack: a suite with checks but none is refused up front.
+    class Checked(Misclassified):
+        checks = MaskingChecks()
+
+    with pytest.raises(TypeError, match="suite: Checked has masking checks but no main_attack"):
+        evaluate(model, (x, y), suite=Checked(), eps=[0.0], batch_size=5)
+
 
 # ---------------------------------------------------------------------------------------------
 # Against torchattacks' AutoAttack, where it is installed

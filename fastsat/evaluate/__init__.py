@@ -64,6 +64,9 @@ __all__ = ["ATTACKS", "MEANINGS", "SUITES", "MaskingChecks", "PaperSuite", "Rapi
 def _suite(suite: object) -> Suite:
     """The suite's settings object from a name (its defaults) or a :class:`Suite`."""
     if isinstance(suite, Suite):
+        if suite.checks is not None and not callable(getattr(suite, "main_attack", None)):
+            raise TypeError(f"suite: {type(suite).__name__} has masking checks but no main_attack(run, eps, *, "
+                            "steps_factor, restarts), the attack they rerun; define it or set checks=None")
         return suite
     if not isinstance(suite, str):
         raise TypeError(f"suite: expected one of {tuple(SUITES)} or a Suite (e.g. StandardSuite), got {describe(suite)}")

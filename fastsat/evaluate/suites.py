@@ -28,7 +28,7 @@ from torch import nn
 from fastsat import _dist
 from fastsat._checks import describe, number, positive_int
 from fastsat._stats import binomial_lower_bound
-from fastsat.attacks import APGD, APGDT, CW, FAB, PGD, Attack, Square
+from fastsat.attacks import APGD, APGDT, CW, FAB, PGD, Square
 from fastsat.attacks.base import top_other_classes
 
 __all__ = ["MEANINGS", "SUITES", "MaskingChecks", "PaperSuite", "QuickSuite", "RapidSuite", "StandardSuite", "Suite",
@@ -117,9 +117,11 @@ class Suite:
     4. :meth:`finish` with the raised flags (extra work that depends on them);
     5. :meth:`report`: the suite's part of the report, under its ``name``.
 
-    A suite with ``checks`` (a :class:`MaskingChecks`) also gives the checks its
-    :meth:`main_attack` and its gradient-free evidence (:meth:`probe_gradient_free`,
-    :meth:`gradient_free`)."""
+    A suite with ``checks`` (a :class:`MaskingChecks`) also defines
+    ``main_attack(run, eps, *, steps_factor=1, restarts=1) -> Attack``: its main gradient attack at
+    ``eps`` with ``steps_factor``× its steps and ``restarts`` random starts (with the defaults at
+    ``run.main_eps``, exactly the suite's own run of it). The checks also read its gradient-free
+    evidence (:meth:`probe_gradient_free`, :meth:`gradient_free`)."""
 
     name: ClassVar[str]
     checks: MaskingChecks | None = None
@@ -155,10 +157,6 @@ class Suite:
         no part)."""
         return None
 
-    def main_attack(self, run: SuiteRun, eps: float, *, steps_factor: int = 1, restarts: int = 1) -> Attack:
-        """The suite's main gradient attack at ``eps``, ``steps_factor``× its steps, ``restarts``
-        random starts; with the defaults at ``run.main_eps`` exactly the suite's own run of it."""
-        raise NotImplementedError(f"suite {self.name!r} has no main attack (no masking checks)")
 
     def probe_gradient_free(self, run: SuiteRun, x: torch.Tensor, y: torch.Tensor, add: Add) -> None:
         """The gradient-free check's attack on the check subset's points ``x``, ``y`` the suite left
