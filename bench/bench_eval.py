@@ -55,8 +55,8 @@ except ImportError:  # run as a script: bench/ is on sys.path, not the repositor
     from eval_models import TESTBEDS, Counted, train_model
 
 # Written before this benchmark's first complete run but after the attacks were changed (not before
-# building, as the issue asked), from a 200-point digits probe of the standard chain before and after
-# compaction (PGD-trained CNN at ε = 0.1: 5,462 → 5,439 forward images per point):
+# building, as the issue asked), from an uncommitted probe of the standard chain's forward images
+# before and after compaction on a PGD-trained digits CNN (under 1% fewer):
 PREDICTION = ("On the PGD-trained model most points the protocol attacks stay robust, so compaction saves "
               "almost no passes (forward images ≈ 1.0× of AutoAttack's) and the standard suite's time can fall only "
               "by per-call overhead (Square's window-only steps, fewer host reads): predicted 0.8–0.95× of AutoAttack's "
