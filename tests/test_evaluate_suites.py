@@ -263,10 +263,11 @@ def test_malt_scores_are_the_exact_boundary_distances_of_a_linear_model():
     model, x = linear_model(6, PIXELS, bias=False), _points(10)
     y = _labels(model, x, wrong=0)
     weight = model[1].weight.detach()
-    with torch.no_grad():
-        z = model(x)
+    x_in = x.clone().requires_grad_(True)
+    logits = model(x_in)  # APGD-T hands the score its own clean forward, with the graph
+    z = logits.detach()
     for norm, dual in (("linf", 1), ("l2", 2)):
-        scores = malt_scores(model, norm, candidates=3)(x, y, z)
+        scores = malt_scores(norm, candidates=3)(x_in, y, logits)
         expected = (z - z.gather(1, y[:, None])) / (weight[None] - weight[y][:, None, :]).norm(p=dual, dim=2)
         scored = torch.isfinite(scores)
         assert scored.sum(1).tolist() == [3] * len(y)

@@ -254,9 +254,10 @@ class APGDT(APGD):
     per batch of runs (to select the points still robust) and per compaction. Each run starts
     from its own random draw over the whole batch, so the draws do not depend on the batching.
 
-    target_score: (x, y, clean logits) → (B, K) scores that rank the targets instead of the clean
+    target_score: (x_in, y, logits) → (B, K) scores that rank the targets instead of the clean
     logits, highest first (e.g. MALT's linearised margins,
-    :func:`fastsat.evaluate.suites.malt_scores`).
+    :func:`fastsat.evaluate.suites.malt_scores`); ``x_in`` is the clean x requiring grad and
+    ``logits`` its forward with the graph, which the score may differentiate (retaining the graph).
     """
 
     losses = ("dlr_targeted",)
@@ -292,7 +293,7 @@ class APGDT(APGD):
         x_in = x.detach().requires_grad_(True)
         logits = self.model(x_in)
         self._check_clean_logits(logits, y, x.shape[0])
-        score = logits.detach() if self.target_score is None else self.target_score(x, y, logits.detach())
+        score = logits.detach() if self.target_score is None else self.target_score(x_in, y, logits)
         targets = top_other_classes(score, y, self.n_target_classes)
         with no_host_checks():  # y's range was just checked; the targets are in range by construction
             check_objective_args(self.loss, tuple(logits.shape), y=y, target=targets[:, 0])
@@ -322,7 +323,8 @@ class APGDT(APGD):
             repeat = (len(batch),) + (1,) * (x.dim() - 1)
             run = self._single_run(
                 x[robust].repeat(repeat), y[robust].repeat(len(batch)), torch.cat(starts), first=False,
-                every=self.compact_every, target=torch.cat([targets[robust, k] for k in batch]), groups=len(batch),
+                every=self.compact_every if need_success else None,  # perturb() never compacts, as in APGD
+                target=torch.cat([targets[robust, k] for k in batch]), groups=len(batch),
             )
             best = best.merge_rows(robust, run.first_of(len(batch)))
         return AttackResult(x_adv=best.x_adv, success=best.success, delta_norm=None, stats=best.stats)

@@ -284,6 +284,11 @@ class QuickSuite(Suite):
     name: ClassVar[str] = "quick"
 
 
+
+def _apgd_ce(suite: Suite, run: SuiteRun, eps: float, steps_factor: int, restarts: int) -> APGD:
+    """The main attack of the suites that open with APGD-CE (standard, rapid): the checks rerun it."""
+    return APGD(run.model, eps=eps, steps=suite.steps * steps_factor, restarts=restarts, norm=run.norm, clip=run.clip)
+
 @dataclass(frozen=True)
 class StandardSuite(Suite):
     """AutoAttack's standard protocol (Croce & Hein 2020; RobustBench): APGD-CE (``steps``
@@ -338,8 +343,7 @@ class StandardSuite(Suite):
                 for e in run.eps]
 
     def main_attack(self, run, eps, *, steps_factor=1, restarts=1):
-        return APGD(run.model, eps=eps, steps=self.steps * steps_factor, restarts=restarts, norm=run.norm,
-                    clip=run.clip)
+        return _apgd_ce(self, run, eps, steps_factor, restarts)
 
     def probe_gradient_free(self, run, x, y, add):
         """Nothing: the suite's own Square, on all points, is the gradient-free check."""
@@ -429,32 +433,27 @@ class PaperSuite(Suite):
                    random_start=True, norm="linf", clip=run.clip)
 
 
-def malt_scores(model: nn.Module, norm: str, candidates: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
-                                                                           torch.Tensor]:
+def malt_scores(norm: str, candidates: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """MALT's target ranking (Melamed et al. 2024, arXiv 2407.02240) as an APGD-T ``target_score``:
-    ``score(x, y, logits) -> (B, K)``, for the ``candidates`` highest other logits at x the
+    ``score(x_in, y, logits) -> (B, K)`` (``logits = model(x_in)`` with its graph, ``x_in``
+    requiring grad: APGD-T's own clean forward), for the ``candidates`` highest other logits the
     linearised signed distance to that class's boundary, (z_t − z_y)/‖∇ₓ(z_t − z_y)‖_* (the dual
     norm of ``norm``: L1 for L∞, L2 for L2; ≤ 0 for a correctly classified x, nearest highest),
-    and −inf for the other classes. Costs one forward and ``candidates`` + 1 backward passes; on
-    a linear model it is the exact distance."""
+    and −inf for the other classes. Costs ``candidates`` backward passes through the given
+    forward's graph (retained); on a linear model it is the exact distance."""
     dual = 1 if norm == "linf" else 2
 
-    def score(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        classes = top_other_classes(logits, y, candidates)
-        x_in = x.detach().requires_grad_(True)
-        z = model(x_in)
-
-        def grad_of(values: torch.Tensor) -> torch.Tensor:  # per sample: no sample couples to another
-            return torch.autograd.grad(values.sum(), x_in, retain_graph=True)[0]
-
-        z_y = z.gather(1, y[:, None])
-        grad_y = grad_of(z_y)
+    def score(x_in: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        classes = top_other_classes(logits.detach(), y, candidates)
+        z_y = logits.gather(1, y[:, None])
         scores = torch.full_like(logits, -math.inf)
         for j in range(classes.shape[1]):
             t = classes[:, j : j + 1]
-            z_t = z.gather(1, t)
-            size = (grad_of(z_t) - grad_y).flatten(1).norm(p=dual, dim=1)
-            gap = (z_t - z_y).detach().squeeze(1)
+            gap = logits.gather(1, t) - z_y
+            # The sum's gradient is each sample's own: no sample couples to another.
+            (grad,) = torch.autograd.grad(gap.sum(), x_in, retain_graph=True)
+            size = grad.flatten(1).norm(p=dual, dim=1)
+            gap = gap.detach().squeeze(1)
             scores.scatter_(1, t, (gap / size.clamp_min(torch.finfo(size.dtype).tiny)).to(scores.dtype)[:, None])
         return scores
 
@@ -503,7 +502,7 @@ class RapidSuite(Suite):
     def attacks(self, model, eps, norm, clip):
         """Per ε > 0 ``{"apgd-ce": APGD, "apgd-t": APGDT, "square": Square}`` and the probe
         (``{"probe": Square}`` at the main ε)."""
-        ranking = malt_scores(model, norm, self.candidates)
+        ranking = malt_scores(norm, self.candidates)
         built = {e: {
             "apgd-ce": APGD(model, eps=e, steps=self.steps, norm=norm, loss="ce", clip=clip),
             "apgd-t": APGDT(model, eps=e, steps=self.target_steps, norm=norm, n_target_classes=self.n_target_classes,
@@ -570,8 +569,7 @@ class RapidSuite(Suite):
         return rows
 
     def main_attack(self, run, eps, *, steps_factor=1, restarts=1):
-        return APGD(run.model, eps=eps, steps=self.steps * steps_factor, restarts=restarts, norm=run.norm,
-                    clip=run.clip)
+        return _apgd_ce(self, run, eps, steps_factor, restarts)
 
     def probe_gradient_free(self, run, x, y, add):
         """Nothing: the suite's own probe (in :meth:`batch`) is the gradient-free check."""
