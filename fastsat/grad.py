@@ -263,6 +263,7 @@ def raw_input_grad(
     objective: str,
     *,
     check: bool,
+    finite: bool = False,
     create_graph: bool = False,
     **objective_args: torch.Tensor | None,
 ) -> InputGrad:
@@ -270,13 +271,14 @@ def raw_input_grad(
     objective, one backward to the input. The caller holds :func:`frozen` (and autograd on).
 
     check: whether to check the logits and ``objective_args``; False needs no host sync, for
-    attack loops that checked once.
+    attack loops that checked once. finite: with ``check``, also refuse NaN/inf logits (one host
+    read) before the backward.
     """
     x_in = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
     logits = model(x_in)
     if check:
         # K is only known after the forward, which is then reused for the gradient.
-        check_logits(logits, x.shape[0])
+        check_logits(logits, x.shape[0], finite=finite)
         check_objective_args(objective, tuple(logits.shape), **objective_args)
     value = objective_value(logits, objective, **objective_args)
     (grad,) = torch.autograd.grad(value.sum(), x_in, create_graph=create_graph)
@@ -318,10 +320,9 @@ def input_grad(
         raise TypeError(f"clean_logits: expected a (B, K) tensor, got {describe(clean_logits)}")
     with frozen(model, mode, freeze_params=not create_graph), torch.enable_grad():
         result = raw_input_grad(
-            model, x, objective, check=True, create_graph=create_graph,
-            target=target, other=other, y=y, clean_logits=clean_logits,
+            model, x, objective, check=True, finite=True,  # a gradient of NaN logits would be a made-up map
+            create_graph=create_graph, target=target, other=other, y=y, clean_logits=clean_logits,
         )
-    check_logits(result.logits, x.shape[0], finite=True)  # a gradient of NaN logits would be a made-up map
     return result
 
 

@@ -26,7 +26,7 @@ def _declare_torchvision_ops_its_extension_cannot_load() -> None:
         for library in glob.glob(os.path.join(os.path.dirname(spec.origin), "_C*.so")):
             torch.ops.load_library(library)
         return
-    except OSError:
+    except (OSError, RuntimeError):  # a build for another torch: missing libraries or schemas
         pass
     for name in ("nms", "qnms"):
         if not hasattr(torch.ops.torchvision, name):

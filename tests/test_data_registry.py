@@ -9,10 +9,11 @@ import torch
 from fastsat import data
 
 
-def test_create_shapes_is_the_seeded_pair():
+def test_create_shapes_is_the_seeded_pair(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTSAT_CACHE", str(tmp_path))  # not the user's cache; the reference is generated uncached
     train, test = data.create("shapes", size=12, n_train=6, n_test=4, num_classes=3, seed=5)
-    assert torch.equal(train.images, data.shapes(6, size=12, num_classes=3, seed=5).images)
-    assert torch.equal(test.images, data.shapes(4, size=12, num_classes=3, seed=6).images)
+    assert torch.equal(train.images, data.generate_shapes(6, size=12, num_classes=3, seed=5).images)
+    assert torch.equal(test.images, data.generate_shapes(4, size=12, num_classes=3, seed=6).images)
 
 
 def test_create_reads_both_splits_from_data_dir(tmp_path):

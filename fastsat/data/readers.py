@@ -38,6 +38,7 @@ Test splits report the training statistics too.
 from __future__ import annotations
 
 import codecs
+import functools
 import io
 import os
 import pickle
@@ -315,6 +316,7 @@ def _dtype_without_objects(*args: object) -> np.dtype:
     return dtype
 
 
+@functools.cache
 def _cifar_globals() -> dict[tuple[str, str], object]:
     """What the CIFAR python batches may reference, by (module, name): numpy arrays and dtypes
     under numpy 1's and numpy 2's module names (the published files were written by Python 2's
@@ -746,7 +748,7 @@ def digits(
             ``pip install fastsat[paper]``).
     """
     test_fraction = number(test_fraction, "test_fraction", minimum=0, maximum=1, exclusive_min=True, exclusive_max=True)
-    ink = number(ink, "ink", minimum=0, maximum=1, exclusive_min=True)
+    ink = number(ink, "ink", minimum=1 / 255, maximum=1)  # below one grey level every pixel would be ink
     seed = check_seed(seed)
     try:
         from sklearn.datasets import load_digits  # optional dependency: imported only when this reader is used
