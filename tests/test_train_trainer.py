@@ -436,3 +436,18 @@ def test_num_workers_decode_file_data_without_changing_the_run(tmp_path):
         trainer.fit()
         runs[workers] = _weights(model)
     _assert_same_weights(runs[0], runs[2], "0 vs 2 loader workers")
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_with_its_default(tmp_path):
+    # pgd gained awp_gamma (default 0: what older runs ran with); their checkpoints lack it.
+    options = {**{k: v for k, v in FIT.items() if k != "recipe_options"}, "epochs": 1}
+    T.fit(tiny_model(), train, recipe="pgd", recipe_options={"steps": 1}, out_dir=tmp_path, **options)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    older = {k: v for k, v in state["config"]["recipe_options"].items() if k != "awp_gamma"}
+    atomic_save({**state, "config": {**state["config"], "recipe_options": older}}, path)
+    resumed = T.fit(tiny_model(), train, recipe="pgd", recipe_options={"steps": 1}, out_dir=tmp_path, resume=True,
+                    **options)
+    assert [row["epoch"] for row in resumed.history] == [1]
+    with pytest.raises(ValueError, match=r"different settings \['recipe_options'\]"):  # recorded options still count
+        T.fit(tiny_model(), train, recipe="pgd", recipe_options={"steps": 2}, out_dir=tmp_path, resume=True, **options)

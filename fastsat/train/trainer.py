@@ -624,7 +624,9 @@ class Trainer:
         if "robust_acc" in record and record["robust_acc"] < best["robust_acc"] - drop:
             return (f"catastrophic overfitting: PGD accuracy fell from {best['robust_acc']:.3f} (epoch {best['epoch']}) "
                     f"to {record['robust_acc']:.3f} (epoch {record['epoch']}); {restored}")
-        peak = max(self.history[:-1], key=lambda row: row["train_pgd_acc"], default=None)
+        # Rows of epochs run before the guard existed (a resumed older run) have no guard numbers.
+        guarded = (row for row in self.history[:-1] if "train_pgd_acc" in row)
+        peak = max(guarded, key=lambda row: row["train_pgd_acc"], default=None)
         if peak is not None and record["train_pgd_acc"] < peak["train_pgd_acc"] - drop \
                 and record["train_fgsm_acc"] > peak["train_fgsm_acc"]:
             return (f"catastrophic overfitting: on the guard's training minibatch PGD accuracy fell from "
@@ -698,7 +700,7 @@ class Trainer:
             kind = "best.pt (the best epoch's weights alone)" if ckpt.is_best_file(state) else f"a file without {missing}"
             raise ValueError(f"resume: {source} is {kind}; expected a checkpoint.pt written by the trainer (it "
                              "holds the optimizer, schedule and random state a resume needs)")
-        saved = state[ckpt.CONFIG_KEY]
+        saved = _with_new_option_defaults(state[ckpt.CONFIG_KEY], self.recipe)
         differing = [k for k in self.run_config if k in saved and saved[k] != self.run_config[k]]
         if differing:
             raise ValueError(f"resume: {source} was written with different settings {differing}: "
@@ -728,6 +730,17 @@ def _guard_source(train_data: object, config: TrainConfig, device: torch.device)
         train_data = torch.utils.data.Subset(train_data, range(min(config.batch_size, len(train_data))))
     return as_batches(train_data, batch_size=config.batch_size, shuffle=False, seed=config.seed, device=device,
                       rank=0, world_size=1)
+
+
+def _with_new_option_defaults(saved: dict, recipe: Recipe) -> dict:
+    """A checkpoint's recorded settings, its recipe's options completed with the defaults of options
+    added since it was written (what that run ran with: e.g. ``awp_gamma`` 0 for pgd and trades)."""
+    options = saved.get("recipe_options")
+    if saved.get("recipe") != recipe.name or not isinstance(options, dict):
+        return saved
+    defaults = {f.name: f.default for f in dataclasses.fields(recipe)
+                if f.init and f.default is not dataclasses.MISSING and f.name not in recipe.from_run}
+    return {**saved, "recipe_options": {**defaults, **options}}
 
 
 def fit(model: nn.Module, train_data: object, config: TrainConfig | None = None, *, eval_data: object = None,
