@@ -168,6 +168,13 @@ def test_a_weights_file_with_another_class_count_keeps_all_but_the_fresh_classif
 
 
 @needs_timm
+def test_model_args_that_make_timm_read_files_are_refused(tmp_path):
+    for key in ("checkpoint_path", "pretrained_cfg_overlay"):
+        with pytest.raises(ValueError, match=rf"model_args: \['{key}'\] would make timm read weights files"):
+            models.create("timm:resnet18", num_classes=3, **{key: str(tmp_path / "w.pth")})
+
+
+@needs_timm
 def test_a_weights_file_that_does_not_fit_is_refused_naming_it(tmp_path):
     import timm
 

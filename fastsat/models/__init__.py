@@ -194,6 +194,11 @@ def _timm_model(arch: str, num_classes: int, in_channels: int, pretrained: bool 
         raise ImportError(f"name: 'timm:{arch}' needs timm, which did not import ({type(err).__name__}: {err}); "
                           "install it with pip install 'fastsat[timm]' (timm and a torchvision matching your "
                           "torch)") from err
+    # A run's config.yaml carries model_args: none of them may make timm open a file with its own loader.
+    reads_files = sorted(set(kw) & {"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained"})
+    if reads_files:
+        raise ValueError(f"model_args: {reads_files} would make timm read weights files itself; pass pretrained=PATH "
+                         "(--pretrained), which fastsat reads as tensors only")
     net = timm.create_model(arch, pretrained=pretrained is True, num_classes=num_classes, in_chans=in_channels, **kw)
     if isinstance(pretrained, str):
         _load_local_weights(net, pretrained)
