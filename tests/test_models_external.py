@@ -49,9 +49,12 @@ def test_a_factory_model_is_built_with_its_arguments_behind_the_datas_normalisat
                                              ("mart", {"steps": 1}), ("nfgsm", {}), ("gradalign", {}), ("sat", {}),
                                              ("free", {"replays": 2})])
 def test_a_factory_model_trains_with_the_recipes(recipe, options):
-    result = T.fit(_create(), TRAIN, recipe=recipe, recipe_options=options, epochs=1, batch_size=16, progress=False,
+    model = _create()
+    before = [p.detach().clone() for p in model.parameters()]
+    result = T.fit(model, TRAIN, recipe=recipe, recipe_options=options, epochs=1, batch_size=16, progress=False,
                    channels_last=True)
     assert len(result.history) == 1 and result.history[0]["train_loss"] > 0
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)), "no weight moved"
 
 
 class _Stop(Exception):
