@@ -240,6 +240,29 @@ def test_fast_early_stop_restores_the_best_epoch(tmp_path, monkeypatch):
     _assert_same_weights(best["model"], _weights(model), "model after early stop vs best epoch")
 
 
+@pytest.mark.parametrize("accuracies, stop_at", [
+    ([0.04, 0.08, 0.02, 0.02], 3),   # a quarter of a low peak: the relative rule stops it
+    ([0.04, 0.08, 0.03, 0.03], None),  # 0.03 > 0.08 / 4: not a collapse
+    ([0.02, 0.04, 0.00, 0.00], None),  # a best under early_stop_drop / 4 is noise: no stop
+    ([0.60, 0.70, 0.45, 0.45], 3),   # more than 0.2 below the best: the absolute rule, as before
+])
+def test_the_guard_catches_a_collapse_from_a_low_peak_on_eval_data(accuracies, stop_at, monkeypatch):
+    import fastsat.evaluate
+
+    scripted_accuracies = iter(accuracies)
+
+    def scripted(model, data, **kw):
+        return {"n": 16, "clean_acc": 0.9, "alignment": 1.0, "cosine": 0.1,
+                "attacks": {"pgd": [{"eps": 8 / 255, "acc": next(scripted_accuracies)}]}}
+
+    monkeypatch.setattr(fastsat.evaluate, "evaluate", scripted)
+    result = T.fit(tiny_model(), train, recipe="fast", **{**FIT, "epochs": 4, "recipe_options": None})
+    if stop_at is None:
+        assert result.stopped is None and len(result.history) == 4
+    else:
+        assert len(result.history) == stop_at and "fell from" in result.stopped and "restored epoch 2" in result.stopped
+
+
 def _scripted_guard(monkeypatch, pgd, fgsm):
     rows = iter(zip(pgd, fgsm))
     monkeypatch.setattr(T.Trainer, "check_overfitting", lambda self: dict(zip(("train_pgd_acc", "train_fgsm_acc"), next(rows))))
@@ -262,6 +285,14 @@ def test_the_guard_stops_a_collapse_without_eval_data_and_restores_the_best_epoc
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["epoch"] == 2
     _assert_same_weights(best["model"], _weights(model), "model after the guard's stop vs best epoch")
+
+
+def test_the_guard_catches_a_low_peak_collapse_on_its_training_batch(monkeypatch):
+    # PGD accuracy on the guard's batch peaks at 0.08 and falls to 0.01 while FGSM accuracy rises:
+    # no 0.2 drop is possible from there, the relative rule stops it.
+    _scripted_guard(monkeypatch, pgd=[0.06, 0.08, 0.01, 0.01], fgsm=[0.20, 0.30, 0.70, 0.70])
+    result = T.fit(tiny_model(), train, recipe="fast", **{**FIT, "epochs": 4, "recipe_options": None, "eval_data": None})
+    assert len(result.history) == 3 and "from 0.080 (epoch 2) to 0.010" in result.stopped
 
 
 def test_the_guard_does_not_stop_when_single_step_accuracy_falls_too(monkeypatch):

@@ -120,8 +120,9 @@ class TrainConfig:
                                   check=positive_int)
     early_stop_drop: float | None = option(
         0.2, "single-step recipes (fast, nfgsm, gradalign): stop and restore the best epoch when PGD accuracy falls "
-        "this much below its best (accuracy, 0-1) on eval_data, or on a fixed training batch while FGSM accuracy "
-        "rises (catastrophic overfitting; checked every epoch); None: never stop early",
+        "this much below its best (accuracy, 0-1), or to a quarter of a best of at least a quarter of this, on "
+        "eval_data, or on a fixed training batch while FGSM accuracy rises (catastrophic overfitting; checked every "
+        "epoch); None: never stop early",
         check=functools.partial(number, minimum=0, maximum=1, exclusive_min=True, allow_none=True))
     out_dir: str | None = option(
         None, "run directory: checkpoint.pt (every epoch), best.pt, metrics.jsonl/.csv, TensorBoard logs; "

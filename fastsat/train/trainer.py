@@ -44,6 +44,8 @@ __all__ = ["BEST_NAME", "CHECKPOINT_NAME", "FitResult", "Trainer", "data_record"
 
 log = logging.getLogger("fastsat.train")
 
+# The guard's relative rule (Trainer.collapsed): PGD accuracy at a quarter of its best or below is a collapse.
+COLLAPSE_SHARE = 0.25
 _LOG_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "seconds", "images_per_s", "clean_acc", "robust_acc", "alignment", "cosine",
                "train_pgd_acc", "train_fgsm_acc")
 
@@ -616,24 +618,32 @@ class Trainer:
 
     def overfitting(self, record: dict) -> str | None:
         """Why the epoch ``record`` shows catastrophic overfitting, else None: PGD accuracy on
-        eval_data fell more than ``early_stop_drop`` below the best epoch's; or on the guard's
-        training minibatch PGD accuracy fell more than ``early_stop_drop`` below its peak while the
-        single-step (FGSM) accuracy rose above its value at that peak — the collapse's signature."""
-        drop, best = self.config.early_stop_drop, self.best
+        eval_data fell from the best epoch's (:meth:`collapsed`); or on the guard's training
+        minibatch PGD accuracy fell from its peak while the single-step (FGSM) accuracy rose above
+        its value at that peak — the collapse's signature."""
+        best = self.best
         restored = f"restored epoch {best['epoch']}'s weights"
-        if "robust_acc" in record and record["robust_acc"] < best["robust_acc"] - drop:
+        if "robust_acc" in record and self.collapsed(record["robust_acc"], best["robust_acc"]):
             return (f"catastrophic overfitting: PGD accuracy fell from {best['robust_acc']:.3f} (epoch {best['epoch']}) "
                     f"to {record['robust_acc']:.3f} (epoch {record['epoch']}); {restored}")
         # Rows of epochs run before the guard existed (a resumed older run) have no guard numbers.
         guarded = (row for row in self.history[:-1] if "train_pgd_acc" in row)
         peak = max(guarded, key=lambda row: row["train_pgd_acc"], default=None)
-        if peak is not None and record["train_pgd_acc"] < peak["train_pgd_acc"] - drop \
+        if peak is not None and self.collapsed(record["train_pgd_acc"], peak["train_pgd_acc"]) \
                 and record["train_fgsm_acc"] > peak["train_fgsm_acc"]:
             return (f"catastrophic overfitting: on the guard's training minibatch PGD accuracy fell from "
                     f"{peak['train_pgd_acc']:.3f} (epoch {peak['epoch']}) to {record['train_pgd_acc']:.3f} (epoch "
                     f"{record['epoch']}) while FGSM accuracy rose from {peak['train_fgsm_acc']:.3f} to "
                     f"{record['train_fgsm_acc']:.3f}; {restored}")
         return None
+
+    def collapsed(self, accuracy: float, best: float) -> bool:
+        """Whether PGD accuracy ``accuracy`` (0-1) is a collapse from ``best``: more than
+        ``early_stop_drop`` below it, or at most :data:`COLLAPSE_SHARE` of it where ``best`` is at
+        least ``early_stop_drop``·COLLAPSE_SHARE — a collapse from a low peak (a large radius, a
+        hard data set), which an absolute drop cannot see, while a best below that floor is noise."""
+        drop = self.config.early_stop_drop
+        return accuracy < best - drop or (best >= drop * COLLAPSE_SHARE and accuracy <= best * COLLAPSE_SHARE)
 
     def restore_best(self) -> None:
         """Load the best epoch's weights into ``model`` (from memory, or best.pt after a resume)."""
