@@ -2,7 +2,8 @@
 
 :class:`Counted` wraps a classifier and counts the images it sees: every forward image, and the
 ones whose input gradient is wanted (the input requires grad under autograd). That is the work an
-evaluation spends, whichever library runs it.
+evaluation spends, whichever library runs it. It also times the network's own passes (CPU time):
+what is left of an evaluation's time is the library's.
 
 :func:`zoo` trains the validation zoo of ``suite="rapid"`` (issue "Evaluation at a fraction of
 AutoAttack's cost"): digits and shapes x standard, gradnorm, pgd, trades, fast, sat+pgd, each
@@ -13,6 +14,7 @@ evaluated at two radii, plus two gradient-masking models built from the digits s
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,22 +28,35 @@ RECIPES = ("standard", "gradnorm", "pgd", "trades", "fast", "sat+pgd")
 
 
 class Counted(nn.Module):
-    """``net`` counting its forward images and the input-gradient images among them."""
+    """``net`` counting its forward images and the input-gradient images among them, and the
+    process CPU time (seconds) spent in its forward passes and in the backward passes through it
+    (from the gradient reaching its output to the gradient reaching its input, timed by tensor
+    hooks, so any library's backward call is timed alike)."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
-        self.forward_images = 0
-        self.gradient_images = 0
+        self.reset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.forward_images += x.shape[0]
+        started = time.process_time()
+        out = self.net(x)
+        self.network_seconds += time.process_time() - started
         if torch.is_grad_enabled() and x.requires_grad:
             self.gradient_images += x.shape[0]
-        return self.net(x)
+            backward_started = []
+            out.register_hook(lambda grad: backward_started.append(time.process_time()))
+            x.register_hook(lambda grad: self._backward_done(backward_started))
+        return out
+
+    def _backward_done(self, started: list) -> None:
+        if started:  # the gradient reached the input through this forward's output
+            self.network_seconds += time.process_time() - started.pop()
 
     def reset(self) -> None:
         self.forward_images = self.gradient_images = 0
+        self.network_seconds = 0.0
 
 
 class Quantised(nn.Module):
