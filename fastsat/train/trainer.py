@@ -328,8 +328,8 @@ class Trainer:
 
     def _setup_record(self, optimizer: torch.optim.Optimizer | None) -> None:
         """``run_config``: what a checkpoint records and a resume compares (the options that change the results)."""
-        self.run_config = {**self.config.recorded(), **device_defaults(self.config, self.device),
-                           "steps_per_epoch": self.steps_per_epoch}
+        self.run_config = {**self.config.recorded(), "precision": self.precision, "channels_last": self.channels_last,
+                           "compile": self.compile, "steps_per_epoch": self.steps_per_epoch}
         if optimizer is not None:
             self.run_config["optimizer"] = type(optimizer).__name__
 
