@@ -148,18 +148,8 @@ def test_compaction_cuts_the_images_spent_on_points_that_break_early(trained, na
     assert grad <= ratio * full_grad or full_grad == 0, f"gradient images {grad} vs {full_grad} uncompacted"
 
 
-class Syncs(HostReads):
-    """HostReads plus aten.nonzero, whose output size must come back to the host (a sync on a GPU;
-    on the CPU it reads nothing through the dispatcher that HostReads sees)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.nonzero.default:
-            self._record(func.name())
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-
 def _reads(attack, x, y) -> int:
-    with warnings.catch_warnings(), Syncs() as counter:
+    with warnings.catch_warnings(), HostReads() as counter:
         warnings.simplefilter("ignore")
         attack(x, y)
     return counter.count
@@ -188,7 +178,7 @@ def test_apgd_perturb_does_not_compact_and_stays_free_of_syncs(trained):
     model, x, y = trained
     counts = []
     for steps in (2, 12):
-        with Syncs() as counter:
+        with HostReads() as counter:
             APGD(model, eps=1e-4, steps=steps).perturb(x, y)
         counts.append(counter.count)
     assert counts[0] == counts[1], counts

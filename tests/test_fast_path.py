@@ -68,6 +68,22 @@ def test_the_sync_counter_sees_a_sync_per_step():
     assert reads.count >= 1
 
 
+@pytest.mark.parametrize("read, name", [
+    (lambda x: x.sum().item(), "aten::_local_scalar_dense"),
+    (lambda x: (x > 0).nonzero(), "aten::nonzero"),
+    (lambda x: x[x > 0], "aten::index.Tensor"),  # a boolean mask: a nonzero inside the op
+    (lambda x: x.masked_select(x > 0), "aten::masked_select"),
+    (lambda x: x.unique(), "aten::_unique2"),
+    (lambda x: x.tolist(), "tolist"),
+])
+def test_the_sync_counter_sees_value_reads_and_value_dependent_sizes(read, name):
+    x = torch.randn(8)
+    with HostReads() as reads:
+        x[torch.tensor([0, 2])]  # an integer index: no read
+        read(x)
+    assert reads.reads == [name]
+
+
 class NaNAt(T.Standard):
     """standard, with a NaN loss at one batch (epoch 1 — the second —, batch 2)."""
 
