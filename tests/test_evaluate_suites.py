@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from _models import linear_model, template_cnn
 from torch import nn
 
+from bench.eval_models import Quantised, Saturated  # the masked models the benchmarks' zoo also attacks
 from fastsat import cli
 from fastsat.attacks import APGD, APGDT, FAB, Square
 from fastsat.evaluate import (
@@ -139,28 +140,6 @@ def test_paper_suite_pgd_is_sound_and_cw_norms_are_never_below_the_analytic_mini
     assert cw["mean_l2"] >= l2[correct].mean().item() * (1 - 1e-9)
     assert cw["found"] == 1.0
     assert cw["acc"] >= (l2.clamp_min(0) > cw["eps"]).double().mean().item()
-
-
-class Quantised(nn.Module):
-    """A linear model of the input rounded to 1/64: its input gradient is zero everywhere."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return self.inner(torch.round(x * 64) / 64)
-
-
-class Saturated(nn.Module):
-    """softmax(10⁴·Wx) as the output: saturated, its gradient vanishes on most points."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return torch.softmax(self.inner(x) * 1e4, dim=1)
 
 
 @pytest.mark.parametrize("suite", [SMALL_STANDARD, SMALL_PAPER, SMALL_RAPID], ids=["standard", "paper", "rapid"])
