@@ -19,8 +19,8 @@ import pytest
 import torch
 from _host_reads import HostReads
 from _models import template_cnn, tiny_cnn
-from torch import nn
 
+from bench.eval_models import Counted  # counting the images as the benchmarks do
 from fastsat.attacks import APGD, APGDT, FAB, Square
 from fastsat.attacks.square import p_schedule
 
@@ -31,26 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def trained():
     """The 4-class CNN of the attack tests (clean accuracy ≈ 0.9) and 48 held-out 1×8×8 images."""
     return template_cnn(classes=4, held_out=48)
-
-
-class Counted(nn.Module):
-    """The model, counting the images of its forward passes and of the input gradients taken
-    through it (a hook on the input): the work an attack really spends."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.forward_images = 0
-        self.grad_images = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.forward_images += x.shape[0]
-        if x.requires_grad:
-            x.register_hook(self._count_grad)
-        return self.model(x)
-
-    def _count_grad(self, grad: torch.Tensor) -> None:
-        self.grad_images += grad.shape[0]
 
 
 EPS = 0.06
@@ -141,7 +121,7 @@ def test_compaction_cuts_the_images_spent_on_points_that_break_early(trained, na
     for every in (None, 3):
         counted = Counted(model)
         result = _run(lambda m, every=every, **_: make(m, every), counted, x, y)
-        spent[every] = (counted.forward_images, counted.grad_images)
+        spent[every] = (counted.forward_images, counted.gradient_images)
     assert result.success.float().mean() > 0.8, "the test needs a model that breaks nearly everywhere"
     (full_fwd, full_grad), (fwd, grad) = spent[None], spent[3]
     assert fwd <= ratio * full_fwd, f"forward images {fwd} vs {full_fwd} uncompacted"
