@@ -64,7 +64,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from fastsat import data, models
-from fastsat._stats import t_quantile
+from fastsat._stats import holm, t_cdf, t_quantile
 from fastsat.evaluate import MaskingChecks, StandardSuite, evaluate
 from fastsat.report import markdown_table
 from fastsat.train import fit, make_recipe
@@ -211,10 +211,23 @@ def find_collapse(sizes: dict, pool: ProcessPoolExecutor) -> tuple[float, list[d
     return (min(hits) if hits else max(sizes["collapse_grid"])), runs
 
 
+def paired_p(differences: list[float]) -> float:
+    """Two-sided p of a paired t-test that the mean of ``differences`` is 0 (NaN below 2 seeds)."""
+    if len(differences) < 2:
+        return math.nan
+    spread = statistics.stdev(differences)
+    if spread == 0:
+        return 0.0 if statistics.fmean(differences) else 1.0
+    t = statistics.fmean(differences) / (spread / math.sqrt(len(differences)))
+    return 2 * (1 - t_cdf(abs(t), len(differences) - 1))
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per (ε, arm): mean ± t-interval over seeds of each metric, and the paired difference from PGD-AT."""
+    """Per (ε, arm): mean ± t-interval over seeds of each metric, and the paired difference from
+    PGD-AT with its two-sided paired-t p-value, Holm-adjusted over the arms compared at that ε."""
     table = []
     for eps in sorted({r["eps"] for r in rows}):
+        first = len(table)
         at = {(r["arm"], r["seed"]): r for r in rows if r["eps"] == eps}
         standard = {seed: r["epoch_s"] for (arm, seed), r in at.items() if arm == "standard"}
         for arm, (recipe, options, _) in ARMS.items():
@@ -229,6 +242,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                 if arm != "PGD-AT" and paired:
                     diff, diff_half = interval(paired)
                     out[f"{label} − PGD-AT"] = f"{diff:+.3f}" + (f" ± {diff_half:.3f}" if math.isfinite(diff_half) else "")
+                    out[f"{label} p"] = paired_p(paired)
             out["fwd/step"] = runs[0]["forwards_per_step"]
             out["bwd/step"] = BACKWARDS["pgd+awp" if options.get("awp_gamma") else recipe]
             out["epoch time / standard"] = statistics.fmean(r["epoch_s"] / standard[r["seed"]] for r in runs
@@ -237,6 +251,10 @@ def summarise(rows: list[dict]) -> list[dict]:
             out["stopped early"] = sum(bool(r["stopped"]) for r in runs)
             out["masking flags"] = ", ".join(sorted({f for r in runs for f in r["masking_flags"]})) or "none"
             table.append(out)
+        for label in ("clean", "PGD-50", "AutoAttack"):  # Holm over this ε's comparisons with PGD-AT
+            compared = [row for row in table[first:] if f"{label} p" in row]
+            for row, adjusted in zip(compared, holm([row.pop(f"{label} p") for row in compared]), strict=True):
+                row[f"{label} − PGD-AT Holm p"] = adjusted
     return table
 
 
@@ -268,8 +286,8 @@ def write_results(prefix: Path, meta: dict, rows: list[dict], table: list[dict],
                                                       indent=1, default=str))
     sweep_rows = [{"ε": r["eps"], "peak PGD-10": max(v for v in r["curve"] if v is not None),
                    "last PGD-10": r["curve"][-1], "collapsed": r["collapsed"]} for r in sweep]
-    columns = ["ε", "arm", "seeds", "clean", "clean ±", "PGD-50", "PGD-50 ±", "PGD-50 − PGD-AT", "AutoAttack",
-               "AutoAttack ±", "AutoAttack − PGD-AT", "fwd/step", "bwd/step", "epoch time / standard", "collapsed", "stopped early",
+    columns = ["ε", "arm", "seeds", "clean", "clean ±", "PGD-50", "PGD-50 ±", "PGD-50 − PGD-AT", "PGD-50 − PGD-AT Holm p",
+               "AutoAttack", "AutoAttack ±", "AutoAttack − PGD-AT", "AutoAttack − PGD-AT Holm p", "fwd/step", "bwd/step", "epoch time / standard", "collapsed", "stopped early",
                "masking flags"]
     lines = [
         "# Fast adversarial-training methods on scikit-learn's digits (bench/fast_at_methods.py)", "",
@@ -281,6 +299,9 @@ def write_results(prefix: Path, meta: dict, rows: list[dict], table: list[dict],
                                                              " (no radius of the grid collapsed: the largest)") + ".", "",
         f"![collapse curves]({figure.name})", "",
         "## Results (mean ± 95% t-interval over seeds; differences paired by seed)", "",
+        ("The differences from PGD-AT are tested two-sided with a paired t-test over the seeds; their p-values are "
+         "Holm-adjusted over the arms compared at each ε (one family per metric and ε). A difference counts at an "
+         "adjusted p < 0.05; the intervals beside them are unadjusted."), "",
         markdown_table(columns, table), "",
         "## The FastAT benchmark's table (theirs: CIFAR-10 ResNet-18, 100 epochs, 3 seeds, fp32 eager; not measured here)",
         "", markdown_table(["method", "AutoAttack", "time"], THEIRS), "",
